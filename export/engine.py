@@ -1,0 +1,97 @@
+"""Engine build: the optimized artifact a target actually runs.
+
+* ``ort-cpu``: ONNX Runtime's graph-optimized model saved to disk
+  (``optimized_model_filepath``) with the session options recorded.
+* ``tensorrt``: Polygraphy ``EngineBytesFromNetwork(NetworkFromOnnxPath(...))``
+  with an optimization profile min/opt/max over batch, a timing cache and a
+  saved ``.plan``. TensorRT 10: ``BuilderFlag.FP16`` (weak typing) for fp16.
+  TensorRT 11 removed weak typing, so the network is strongly typed and fp16
+  comes from an fp16 ONNX (:func:`export.onnx.to_fp16`).
+* ``torch-*``: no engine; the student weights are the artifact.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from export.onnx import INPUT_NAME
+from export.runners import OrtCpuRunner, Runner, TrtRunner
+from export.target import Target, import_tensorrt, trt_major
+from pipeline.errors import UserError
+from pipeline.io import atomic_path, atomic_write_bytes
+
+
+@dataclass
+class Engine:
+    backend: str
+    path: Optional[Path]  # the engine artifact (None for torch targets)
+    onnx_path: Path  # the ONNX the engine was built from
+    options: dict = field(default_factory=dict)
+
+    def runner(self, target: Target, model=None, sample_shape=None) -> Runner:
+        if self.backend == "ort-cpu":
+            return OrtCpuRunner(self.path, target.threads, "disable")  # already optimized offline
+        if self.backend == "tensorrt":
+            return TrtRunner(self.path)
+        from export.runners import TorchRunner
+
+        return TorchRunner(model, sample_shape, "cuda" if self.backend == "torch-cuda" else "cpu", target.threads,
+                           half=target.precision == "fp16")
+
+
+def build_ort_engine(onnx_path: str | os.PathLike, out_path: str | os.PathLike, target: Target) -> Engine:
+    """Save ORT's optimized graph for this CPU (level ``target.opt_level``)."""
+    out_path = Path(out_path)
+    with atomic_path(out_path) as tmp:
+        runner = OrtCpuRunner(onnx_path, target.threads, target.opt_level, optimized_path=tmp)
+        with runner:
+            options = runner.recorded_options()
+    return Engine("ort-cpu", out_path, Path(onnx_path), options)
+
+
+def build_trt_engine(onnx_path: str | os.PathLike, out_path: str | os.PathLike, target: Target,
+                     sample_shape: tuple[int, ...], timing_cache: str | os.PathLike | None = None) -> Engine:
+    """Build and save a TensorRT plan with a batch optimization profile."""
+    trt = import_tensorrt()
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+
+    major = trt_major()
+    fp16 = target.precision == "fp16"
+    if fp16 and major >= 11 and not _onnx_is_fp16(onnx_path):
+        raise UserError("export", f"TensorRT {trt.__version__} is strongly typed: fp16 needs an fp16 ONNX, "
+                        f"and '{onnx_path}' is fp32", "export with target.precision=fp16 (vitrim converts the ONNX)")
+    max_batch = target.max_batch or 2 * target.batch
+    profile = Profile().add(INPUT_NAME, min=(1, *sample_shape), opt=(target.batch, *sample_shape),
+                            max=(max_batch, *sample_shape))
+    cache = Path(timing_cache) if timing_cache else None
+    config = CreateConfig(fp16=True if (fp16 and major < 11) else None, profiles=[profile],
+                          load_timing_cache=str(cache) if cache and cache.is_file() else None,
+                          profiling_verbosity=trt.ProfilingVerbosity.DETAILED)
+    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True if major >= 11 else None)
+    data = EngineBytesFromNetwork(network, config=config, save_timing_cache=str(cache) if cache else None)()
+    out_path = Path(out_path)
+    atomic_write_bytes(out_path, bytes(data))
+    return Engine("tensorrt", out_path, Path(onnx_path),
+                  {"tensorrt": trt.__version__, "precision": target.precision, "strongly_typed": major >= 11,
+                   "profile": {"min": 1, "opt": target.batch, "max": max_batch},
+                   "timing_cache": str(cache) if cache else None})
+
+
+def _onnx_is_fp16(path) -> bool:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return any(i.data_type == onnx.TensorProto.FLOAT16 for i in m.graph.initializer)
+
+
+def build_engine(onnx_path, out_dir, target: Target, sample_shape: tuple[int, ...]) -> Engine:
+    """Build the target's engine from an ONNX file into ``out_dir``."""
+    out_dir = Path(out_dir)
+    if target.backend == "ort-cpu":
+        return build_ort_engine(onnx_path, out_dir / "model.ort.onnx", target)
+    if target.backend == "tensorrt":
+        return build_trt_engine(onnx_path, out_dir / "model.plan", target, sample_shape,
+                                timing_cache=out_dir / "timing.cache")
+    return Engine(target.backend, None, Path(onnx_path), {"eager": True})

@@ -1,0 +1,124 @@
+"""ONNX export of CompactViT and timm teachers.
+
+Uses the dynamo exporter (``torch.onnx.export(..., dynamo=True)``): the legacy
+TorchScript exporter fails on timm's Attention (it passes a tensor as
+``is_causal``). Opset >= 17, a dynamic batch dim, ``onnx.checker``, an optional
+simplifier (onnxslim) and an fp16 conversion (onnxconverter-common) for
+TensorRT 11's strong typing, where fp16 precision means an fp16 ONNX.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.errors import UserError
+from pipeline.io import atomic_path
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The dynamo exporter prints progress lines; keep the CLI output readable."""
+    buf = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
+        warnings.simplefilter("ignore")
+        level = logging.getLogger("torch.onnx").level
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            logging.getLogger("torch.onnx").setLevel(level)
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[int, ...], opset: int = 18,
+                dynamic_batch: bool = True, example_batch: int = 2, simplify: bool = False,
+                check: bool = True) -> Path:
+    """Export ``model`` (input ``[B, *input_shape]``) to ``path``, atomically.
+
+    Args:
+        input_shape: per-sample shape, e.g. ``(1, 28, 28)`` for an image model or
+            ``(N, E)`` for a block micro-model.
+        dynamic_batch: make dim 0 symbolic (``batch``).
+    """
+    if opset < 17:
+        raise UserError("export", f"opset {opset} is too old", "use export.opset >= 17")
+    path = Path(path)
+    model = model.eval()
+    x = torch.randn(example_batch, *input_shape)
+    dyn = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}} if dynamic_batch else None
+    arg = _forward_arg_name(model)
+    if dyn is not None and arg != "x":
+        dyn = {arg: dyn["x"]}
+    with atomic_path(path) as tmp, _quiet():
+        tmp_onnx = tmp.with_suffix(".onnx")
+        try:
+            prog = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+                                     output_names=[OUTPUT_NAME], dynamic_shapes=dyn, verbose=False)
+            prog.save(str(tmp_onnx))
+            os.replace(tmp_onnx, tmp)
+        finally:
+            tmp_onnx.unlink(missing_ok=True)
+        if simplify:
+            _simplify(tmp)
+        if check:
+            import onnx
+
+            onnx.checker.check_model(str(tmp), full_check=True)
+    return path
+
+
+def _forward_arg_name(model: nn.Module) -> str:
+    import inspect
+
+    params = [p for p in inspect.signature(model.forward).parameters.values() if p.name != "self"]
+    return params[0].name if params else "x"
+
+
+def _simplify(path: Path) -> None:
+    try:
+        import onnxslim
+    except ImportError:
+        raise UserError("export", "export.simplify=true needs the onnxslim package",
+                        "pip install onnxslim (or the 'simplify' extra), or set export.simplify=false") from None
+    import onnx
+
+    model = onnxslim.slim(onnx.load(str(path)))
+    onnx.save(model, str(path))
+
+
+def to_fp16(src: str | os.PathLike, dst: str | os.PathLike, keep_io_types: bool = True) -> Path:
+    """Convert an fp32 ONNX to fp16 (weights and compute), fp32 inputs/outputs kept.
+
+    TensorRT 11 removed weak typing (no ``BuilderFlag.FP16``), so an fp16 engine
+    is built from an fp16 ONNX. ORT-CPU runs it too (slowly), which is how the
+    fp16 tolerances are checked without a GPU.
+    """
+    import onnx
+    from onnxconverter_common import float16
+
+    model = onnx.load(str(src))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        half = float16.convert_float_to_float16(model, keep_io_types=keep_io_types)
+    dst = Path(dst)
+    with atomic_path(dst) as tmp:
+        onnx.save(half, str(tmp))
+        onnx.checker.check_model(str(tmp))
+    return dst
+
+
+def onnx_io(path: str | os.PathLike) -> tuple[list[str], list[str]]:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+    return [i.name for i in m.graph.input if i.name not in inits], [o.name for o in m.graph.output]

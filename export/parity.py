@@ -1,0 +1,143 @@
+"""The accuracy-parity gate: does the engine compute what PyTorch computes?
+
+Two levels (Polygraphy's comparator plus timm's "argmax is still owl" check):
+
+1. Error statistics per output on real validation batches, through Polygraphy's
+   ``Comparator`` with per-precision ``atol``/``rtol``.
+2. Top-1 agreement and the accuracy delta over a whole split.
+
+Silent divergence happens (TensorRT #4333, #4482: wrong SDPA outputs), so a
+failure raises :class:`ParityError` naming the output and the statistic; the
+caller then writes no manifest.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from typing import Iterable
+
+import numpy as np
+
+from pipeline.errors import VitrimError
+
+
+class ParityError(VitrimError):
+    """The engine diverges from PyTorch beyond the configured tolerances."""
+
+    def __init__(self, message: str, report: dict):
+        self.report = report
+        super().__init__(message)
+
+
+@dataclass
+class Tolerances:
+    atol: float
+    rtol: float
+    min_top1_agreement: float = 0.99
+    max_acc_delta: float = 0.5  # points
+
+    @classmethod
+    def for_precision(cls, export_cfg, precision: str) -> "Tolerances":
+        if precision == "fp16":
+            return cls(export_cfg.atol_fp16, export_cfg.rtol_fp16, export_cfg.min_top1_agreement, export_cfg.max_acc_delta)
+        return cls(export_cfg.atol_fp32, export_cfg.rtol_fp32, export_cfg.min_top1_agreement, export_cfg.max_acc_delta)
+
+
+@dataclass
+class ParityReport:
+    passed: bool
+    precision: str
+    tolerances: dict
+    outputs: dict = field(default_factory=dict)  # per output: max/mean/median abs and rel error, worst batch
+    top1_agreement: float = 0.0
+    torch_top1: float = 0.0
+    engine_top1: float = 0.0
+    acc_delta: float = 0.0
+    images: int = 0
+    failures: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _poly_runner(runner, name: str, input_name: str, output_name: str):
+    """Adapt a vitrim runner to Polygraphy's ``BaseRunner`` for the Comparator."""
+    from polygraphy.backend.base import BaseRunner
+    from polygraphy.common import TensorMetadata
+
+    class _Adapter(BaseRunner):
+        def __init__(self):
+            super().__init__(name=name)
+
+        def activate_impl(self):
+            pass
+
+        def deactivate_impl(self):
+            pass
+
+        def get_input_metadata_impl(self):
+            return TensorMetadata().add(input_name, np.float32, (-1, *runner.sample_shape()))
+
+        def infer_impl(self, feed_dict):
+            return OrderedDict([(output_name, runner.infer(feed_dict[input_name]))])
+
+    return _Adapter()
+
+
+def compare_outputs(reference, engine, batches: Iterable[np.ndarray], tol: Tolerances,
+                    input_name: str = "input", output_name: str = "logits") -> tuple[dict, list[str]]:
+    """Level 1: Polygraphy ``Comparator`` over real batches. Returns (stats, failures)."""
+    from polygraphy.comparator import Comparator, CompareFunc
+
+    runners = [_poly_runner(reference, "torch", input_name, output_name),
+               _poly_runner(engine, "engine", input_name, output_name)]
+    feeds = [{input_name: np.ascontiguousarray(b, dtype=np.float32)} for b in batches]
+    results = Comparator.run(runners, data_loader=feeds)
+    acc = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=tol.atol, rtol=tol.rtol))
+    stats: dict = {}
+    failures: list[str] = []
+    for _pair, iterations in acc.items():
+        for it, per_output in enumerate(iterations):
+            for out_name, r in per_output.items():
+                s = stats.setdefault(out_name, {"max_absdiff": 0.0, "max_reldiff": 0.0, "mean_absdiff": [],
+                                                "median_absdiff": [], "batches_failed": 0, "worst_batch": None})
+                if r.max_absdiff >= s["max_absdiff"]:
+                    s["worst_batch"] = it
+                s["max_absdiff"] = max(s["max_absdiff"], r.max_absdiff)
+                s["max_reldiff"] = max(s["max_reldiff"], r.max_reldiff)
+                s["mean_absdiff"].append(r.mean_absdiff)
+                s["median_absdiff"].append(r.median_absdiff)
+                if not bool(r):
+                    s["batches_failed"] += 1
+    for out_name, s in stats.items():
+        s["mean_absdiff"] = float(np.mean(s["mean_absdiff"]))
+        s["median_absdiff"] = float(np.median(s["median_absdiff"]))
+        if s["batches_failed"]:
+            failures.append(f"output '{out_name}': max_absdiff {s['max_absdiff']:.3g} (atol {tol.atol:g}) and "
+                            f"max_reldiff {s['max_reldiff']:.3g} (rtol {tol.rtol:g}) in {s['batches_failed']} of "
+                            f"{len(feeds)} batches (worst: batch {s['worst_batch']})")
+    return stats, failures
+
+
+def check_parity(reference, engine, images: np.ndarray, labels: np.ndarray, tol: Tolerances, precision: str,
+                 parity_batches: int = 4, batch_size: int = 64) -> ParityReport:
+    """Run both levels; return the report (``passed`` tells the verdict)."""
+    n = len(images)
+    batches = [images[i:i + batch_size] for i in range(0, min(n, parity_batches * batch_size), batch_size)]
+    stats, failures = compare_outputs(reference, engine, batches, tol)
+    ref_pred, eng_pred = [], []
+    for i in range(0, n, batch_size):
+        x = images[i:i + batch_size]
+        ref_pred.append(reference.infer(x).argmax(1))
+        eng_pred.append(engine.infer(x).argmax(1))
+    rp, ep = np.concatenate(ref_pred), np.concatenate(eng_pred)
+    agree = float((rp == ep).mean())
+    t_acc, e_acc = 100.0 * float((rp == labels).mean()), 100.0 * float((ep == labels).mean())
+    delta = e_acc - t_acc
+    if agree < tol.min_top1_agreement:
+        failures.append(f"output 'logits': top-1 agreement {100 * agree:.2f}% < {100 * tol.min_top1_agreement:.2f}% over {n} images")
+    if abs(delta) > tol.max_acc_delta:
+        failures.append(f"output 'logits': accuracy delta {delta:+.2f} pt exceeds ±{tol.max_acc_delta} pt")
+    return ParityReport(passed=not failures, precision=precision, tolerances=asdict(tol), outputs=stats,
+                        top1_agreement=agree, torch_top1=t_acc, engine_top1=e_acc, acc_delta=delta, images=n,
+                        failures=failures)

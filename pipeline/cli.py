@@ -1,0 +1,175 @@
+"""The ``vitrim`` command line: one subcommand per stage, one YAML config.
+
+Every subcommand takes the config path and ``--set section.key=value``
+overrides. User errors print one message naming the input and the fix, and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+DEFAULT_CONFIG = "configs/fmnist_cpu.yaml"
+
+
+def _cfg(args):
+    from pipeline.config import load_config
+
+    return load_config(args.config, args.set)
+
+
+def _common(p: argparse.ArgumentParser, config_required: bool = False) -> None:
+    if config_required:
+        p.add_argument("config", help="YAML config")
+    else:
+        p.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set search.budget_fraction=0.4 (repeatable)")
+
+
+def cmd_train_teacher(args) -> int:
+    from pipeline.teacher import load_teacher, train_teacher
+
+    cfg = _cfg(args)
+    if args.force:
+        train_teacher(cfg)
+    else:
+        _, info = load_teacher(cfg)
+        if "test_top1" in info:
+            print(f"[teacher] test top-1 {info['test_top1']:.2f}% (trained in {info.get('train_s', 0):.0f}s)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from pipeline.data import build_splits
+    from pipeline.evaluate import top1
+    from pipeline.slicing import load_compact
+    from pipeline.teacher import load_teacher
+
+    cfg = _cfg(args)
+    splits = build_splits(cfg.data)
+    if args.student:
+        model, what = load_compact(args.student), f"student {args.student}"
+    else:
+        model, _ = load_teacher(cfg, splits, train_if_missing=False)
+        what = f"teacher {cfg.model.arch}"
+    ds = getattr(splits, args.split)
+    acc = top1(model, ds, cfg.data.eval_batch_size)
+    print(f"{what}: {args.split} top-1 {acc:.2f}% on {len(ds)} images")
+    return 0
+
+
+def cmd_slice(args) -> int:
+    from pipeline.plan import Plan
+    from pipeline.slicing import save_compact, slice_model
+    from pipeline.teacher import load_teacher
+
+    cfg = _cfg(args)
+    if args.teacher:
+        cfg.model.checkpoint = args.teacher
+    teacher, _ = load_teacher(cfg, train_if_missing=False)
+    plan = Plan.load(args.plan)
+    student = slice_model(teacher, plan)
+    save_compact(student, plan, args.out)
+    n_t = sum(p.numel() for p in teacher.parameters())
+    n_s = sum(p.numel() for p in student.parameters())
+    print(f"sliced {n_t / 1e6:.3f}M -> {n_s / 1e6:.3f}M params; wrote {args.out}/student.safetensors and plan.json")
+    print(plan.summary())
+    return 0
+
+
+def _teacher_and_spec(cfg, splits=None, train_if_missing=True):
+    from pipeline.models import describe
+    from pipeline.teacher import load_teacher
+
+    teacher, info = load_teacher(cfg, splits, train_if_missing=train_if_missing)
+    return teacher, describe(teacher, cfg.model.arch, cfg.model.kwargs), info
+
+
+def cmd_profile(args) -> int:
+    from pipeline.stages import lut_path, stage_profile
+    from profiling.lut import LatencyTable
+
+    cfg = _cfg(args)
+    if args.action == "show":
+        if args.lut:
+            path = Path(args.lut)
+        else:
+            _, spec, _ = _teacher_and_spec(cfg, train_if_missing=False)
+            from export.target import Target
+
+            path = lut_path(cfg, spec, Target.from_config(cfg.target))
+        print(LatencyTable.load(path).summary())
+        return 0
+    teacher, spec, _ = _teacher_and_spec(cfg)
+    lut, path = stage_profile(cfg, spec, rebuild=args.rebuild)
+    if args.action == "build":
+        print(lut.summary())
+        print(f"LUT: {path}")
+        return 0
+    from export.target import Target
+    from pipeline.models import canonical_state
+    from profiling.validate import validate_lut
+
+    out = Path(args.out or cfg.out_dir)
+    n = args.plans if args.plans is not None else cfg.profile.validate_plans
+    rep = validate_lut(lut, canonical_state(teacher), Target.from_config(cfg.target), n, out, seed=cfg.profile.seed,
+                       warmup=cfg.profile.warmup, repeats=cfg.profile.repeats, rounds=cfg.profile.rounds,
+                       align=cfg.search.align)
+    print(f"wrote {out / 'lut_validation.json'} and {out / 'lut_validation.png'}")
+    return 0 if rep["n_plans"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vitrim", description="Make Vision Transformers fast on a chosen target: "
+                                "profile -> search -> slice -> fine-tune -> export & verify.")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("train-teacher", help="train (or reuse) the embedded default's teacher ViT")
+    _common(s)
+    s.add_argument("--force", action="store_true", help="retrain even if a cached teacher exists")
+    s.set_defaults(fn=cmd_train_teacher)
+
+    s = sub.add_parser("eval", help="print top-1 of the teacher (or a student) on a split")
+    _common(s)
+    s.add_argument("--split", choices=["train", "val", "test"], default="test")
+    s.add_argument("--student", help="a student directory (plan.json + student.safetensors)")
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("slice", help="physically slice the teacher with a plan into a smaller dense model")
+    _common(s)
+    s.add_argument("--teacher", help="teacher checkpoint (.safetensors/.pth); default: the config's teacher")
+    s.add_argument("--plan", required=True, help="plan.json")
+    s.add_argument("--out", required=True, help="output directory")
+    s.set_defaults(fn=cmd_slice)
+
+    s = sub.add_parser("profile", help="build, validate or show the latency lookup table (LUT) for the target")
+    s.add_argument("action", choices=["build", "validate", "show"])
+    _common(s)
+    s.add_argument("--rebuild", action="store_true", help="measure again even if a matching LUT exists")
+    s.add_argument("--plans", type=int, help="validate: number of random plans (default profile.validate_plans)")
+    s.add_argument("--out", help="validate: output directory (default out_dir)")
+    s.add_argument("--lut", help="show: a LUT file")
+    s.set_defaults(fn=cmd_profile)
+
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except UserError as e:
+        print(f"vitrim: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vitrim: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

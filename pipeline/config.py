@@ -1,0 +1,300 @@
+"""Configs: one dataclass per stage, loaded from one YAML file.
+
+``load_config(path, overrides=["search.budget_fraction=0.4"])`` reads the YAML,
+applies ``--set`` style overrides, and checks every key and type. Unknown keys
+and wrong types raise :class:`~pipeline.errors.UserError` naming the dotted key.
+The resolved config is written next to the outputs (timm writes ``args.yaml``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from pipeline.errors import UserError
+
+FMNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are split."""
+
+    name: str = "fmnist"  # fmnist | imagefolder
+    root: Optional[str] = None  # fmnist: $VITRIM_FMNIST_DIR or the Debian package dir
+    val_size: int = 5000  # held out of train, used for search / fine-tune decisions
+    split_seed: int = 0
+    batch_size: int = 256
+    eval_batch_size: int = 512
+    workers: int = 0
+    train_limit: Optional[int] = None  # tiny slices for tests and smoke runs
+    val_limit: Optional[int] = None
+    test_limit: Optional[int] = None
+
+
+@dataclass
+class ModelConfig:
+    """The teacher: any timm ViT by name, with constructor overrides."""
+
+    arch: str = "vit_tiny_patch16_224"
+    kwargs: dict = field(default_factory=dict)  # e.g. img_size, patch_size, embed_dim, depth
+    checkpoint: Optional[str] = None  # .safetensors or .pth (weights_only)
+    pretrained: bool = False  # timm hub download; needs network
+
+
+@dataclass
+class TeacherConfig:
+    """Training of the embedded default's teacher (``vitrim train-teacher``)."""
+
+    epochs: int = 6
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.5
+    label_smoothing: float = 0.1
+    seed: int = 0
+    cache: Optional[str] = None  # checkpoint path; reused when present
+
+
+@dataclass
+class TargetConfig:
+    """The engine the model is made fast for."""
+
+    backend: str = "ort-cpu"  # ort-cpu | tensorrt | torch-cpu | torch-cuda
+    precision: str = "fp32"  # fp32 | fp16
+    batch: int = 64
+    threads: int = 2  # ort-cpu / torch-cpu intra-op threads
+    opt_level: str = "all"  # ort graph optimization: basic | extended | all
+    max_batch: Optional[int] = None  # TensorRT profile max (default: 2x batch)
+
+
+@dataclass
+class ProfileConfig:
+    """Latency LUT build and validation."""
+
+    lut: Optional[str] = None  # path; default <cache>/lut-<signature>.json, reused when it matches
+    embed_points: int = 3  # grid points over the embedding dim (full dim included)
+    head_points: int = 0  # 0: every head count 1..H
+    qk_points: int = 3
+    v_points: int = 3
+    mlp_points: int = 5
+    warmup: int = 10
+    repeats: int = 30
+    rounds: int = 3  # interleaved rounds; the median over rounds is kept
+    checks: int = 4  # whole-block measurements that check the separable model
+    validate_plans: int = 20
+    seed: int = 0
+
+
+@dataclass
+class SearchConfig:
+    """Latency-aware structural search (NViT)."""
+
+    strategy: str = "knapsack"  # knapsack | nvit | uniform | magnitude
+    budget_ms: Optional[float] = None
+    budget_fraction: Optional[float] = 0.5  # of the teacher's predicted latency
+    flops_fraction: Optional[float] = None
+    params_fraction: Optional[float] = None
+    steps: int = 5
+    kd_iters: int = 60  # short KD between pruning steps
+    saliency_batches: int = 8
+    lr: float = 3e-4
+    eta: float = 1.0  # nvit: weight of the latency term (in normalized units)
+    align: int = 8
+    min_heads: int = 1
+    min_qk: int = 8
+    min_v: int = 8
+    min_mlp: int = 16
+    prune_embed: bool = True
+    prune_blocks: bool = True
+    min_blocks: int = 1
+    seed: int = 0
+
+
+@dataclass
+class FinetuneConfig:
+    """Knowledge-distillation fine-tune of the sliced student."""
+
+    epochs: int = 3
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.3
+    alpha: float = 1.0
+    temperature: float = 2.0
+    label_smoothing: float = 0.1
+    clip_grad: Optional[float] = 1.0
+    ema: Optional[float] = None
+    amp: str = "auto"  # auto | bf16 | fp16 | off (AMP only on CUDA)
+    seed: int = 0
+
+
+@dataclass
+class ExportConfig:
+    """ONNX export, engine build and the parity gate."""
+
+    opset: int = 18
+    simplify: bool = False
+    parity_batches: int = 4  # real validation batches for the error statistics
+    atol_fp32: float = 1e-4
+    rtol_fp32: float = 1e-3
+    atol_fp16: float = 2e-2
+    rtol_fp16: float = 2e-2
+    min_top1_agreement: float = 0.99
+    max_acc_delta: float = 0.5  # points
+
+
+@dataclass
+class RunConfig:
+    """Everything ``vitrim run`` needs."""
+
+    name: str = "run"
+    out_dir: str = "runs/run"
+    cache_dir: str = ".cache/vitrim"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp in (str, bool, dict, list):
+        return isinstance(value, tp)
+    if origin in (list, dict):
+        return isinstance(value, origin)
+    return isinstance(value, tp)
+
+
+def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
+    if not isinstance(data, dict):
+        raise UserError("config", f"{source}: '{prefix or '<root>'}' must be a mapping, got {type(data).__name__}",
+                        "check the indentation of that section")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise UserError("config", f"{source}: unknown key '{dotted}'",
+                            f"valid keys here: {', '.join(sorted(names))}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, dotted + ".", source)
+            continue
+        if not _type_ok(value, tp):
+            raise UserError("config", f"{source}: '{dotted}' must be {_tp_name(tp)}, got {value!r}",
+                            f"set '{dotted}' to a value of that type")
+        kwargs[key] = float(value) if tp is float or (typing.get_origin(tp) is typing.Union and float in typing.get_args(tp) and isinstance(value, int)) else value
+    return cls(**kwargs)
+
+
+def _tp_name(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Union:
+        return " or ".join(_tp_name(a) for a in typing.get_args(tp))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _apply_override(data: dict, item: str) -> None:
+    if "=" not in item:
+        raise UserError("config", f"override '{item}' is not of the form section.key=value",
+                        "use --set search.budget_fraction=0.4")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as e:
+        raise UserError("config", f"override '{item}': value is not valid YAML ({e})") from None
+    parts = key.strip().split(".")
+    node = data
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise UserError("config", f"override '{item}': '{p}' is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (or defaults when ``path`` is None) and apply overrides."""
+    data: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise UserError("config", f"config file '{p}' not found", "pass the path of a YAML file, e.g. configs/fmnist_cpu.yaml")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError("config", f"{p} is not valid YAML: {e}", "fix the syntax at the line shown") from None
+    for item in overrides or []:
+        _apply_override(data, item)
+    cfg = _build(RunConfig, data, "", source)
+    validate_config(cfg, source)
+    return cfg
+
+
+def validate_config(cfg: RunConfig, source: str = "<config>") -> None:
+    """Value checks that types alone cannot express."""
+    def bad(key: str, msg: str, fix: str) -> None:
+        raise UserError("config", f"{source}: '{key}' {msg}", fix)
+
+    if cfg.data.name not in ("fmnist", "imagefolder"):
+        bad("data.name", f"is '{cfg.data.name}'", "use fmnist or imagefolder")
+    if cfg.target.backend not in ("ort-cpu", "tensorrt", "torch-cpu", "torch-cuda"):
+        bad("target.backend", f"is '{cfg.target.backend}'", "use ort-cpu, tensorrt, torch-cpu or torch-cuda")
+    if cfg.target.precision not in ("fp32", "fp16"):
+        bad("target.precision", f"is '{cfg.target.precision}'", "use fp32 or fp16")
+    if cfg.target.batch < 1:
+        bad("target.batch", "must be >= 1", "use a positive batch size")
+    if cfg.search.strategy not in ("knapsack", "nvit", "uniform", "magnitude"):
+        bad("search.strategy", f"is '{cfg.search.strategy}'", "use knapsack, nvit, uniform or magnitude")
+    budgets = [k for k in ("budget_ms", "flops_fraction", "params_fraction") if getattr(cfg.search, k) is not None]
+    if len(budgets) > 1:
+        bad("search", f"sets several budgets ({', '.join(budgets)})", "set exactly one budget")
+    for k in ("budget_fraction", "flops_fraction", "params_fraction"):
+        v = getattr(cfg.search, k)
+        if v is not None and not 0.0 < v <= 1.0:
+            bad(f"search.{k}", f"is {v}", "use a fraction in (0, 1]")
+    if cfg.search.budget_ms is not None and cfg.search.budget_ms <= 0:
+        bad("search.budget_ms", f"is {cfg.search.budget_ms}", "use a positive latency in ms")
+    if cfg.finetune.amp not in ("auto", "bf16", "fp16", "off"):
+        bad("finetune.amp", f"is '{cfg.finetune.amp}'", "use auto, bf16, fp16 or off")
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(obj: Any) -> str:
+    """A stable hash of a config (or a section of one), for stage caching."""
+    d = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def save_resolved(cfg: RunConfig, out_dir: str | os.PathLike) -> Path:
+    """Write ``resolved_config.yaml`` atomically into ``out_dir``."""
+    from pipeline.io import atomic_write_text
+
+    path = Path(out_dir) / "resolved_config.yaml"
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return path

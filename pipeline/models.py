@@ -1,0 +1,252 @@
+"""The timm adapter: the only module that knows timm's ViT module names.
+
+It creates a timm ViT by name, loads local checkpoints, and describes a teacher
+as plain data (:func:`describe`) plus a canonical state dict in CompactViT naming
+(:func:`canonical_state`). Everything downstream (slicing, search, export) works
+on those two, never on timm modules.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.config import ModelConfig
+from pipeline.errors import UserError
+
+
+def create_model(cfg: ModelConfig, **overrides: Any) -> nn.Module:
+    """Create a timm ViT by name with constructor overrides, then load weights.
+
+    ``cfg.kwargs`` (and ``overrides``) are passed to ``timm.create_model``; they
+    override the architecture's defaults (num_classes, img_size, in_chans,
+    patch_size, embed_dim, depth, num_heads, ...).
+    """
+    import timm
+
+    kwargs = {**cfg.kwargs, **overrides}
+    if cfg.arch not in timm.list_models():
+        raise UserError("model", f"'{cfg.arch}' is not a timm model name",
+                        "use a ViT name from timm.list_models('*vit*') or timm.list_models('deit*')")
+    try:
+        model = timm.create_model(cfg.arch, pretrained=cfg.pretrained, **kwargs)
+    except TypeError as e:
+        raise UserError("model", f"timm rejected model.kwargs {kwargs} for '{cfg.arch}': {e}",
+                        "remove or rename the offending key in model.kwargs") from None
+    except (OSError, RuntimeError, ConnectionError) as e:
+        if cfg.pretrained:
+            raise UserError("model", f"could not fetch pretrained weights for '{cfg.arch}' ({type(e).__name__}: {e})",
+                            "this machine is offline: set model.pretrained=false and model.checkpoint to a local "
+                            ".safetensors/.pth file") from None
+        raise
+    if cfg.checkpoint:
+        load_weights(model, cfg.checkpoint)
+    return model
+
+
+def read_state_dict(path: str | os.PathLike, stage: str = "model") -> dict[str, torch.Tensor]:
+    """Read a ``.safetensors`` or ``.pth`` (``weights_only=True``) state dict."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(stage, f"checkpoint '{p}' not found", "check the path, or train/produce it first")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(p))
+        else:
+            obj = torch.load(str(p), map_location="cpu", weights_only=True)
+            sd = obj
+            for key in ("model", "state_dict", "model_ema"):
+                if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+                    sd = sd[key]
+                    break
+    except Exception as e:  # safetensors / pickle raise many types for a corrupt file
+        raise UserError(stage, f"checkpoint '{p}' could not be read ({type(e).__name__}: {e})",
+                        "the file is corrupt or not a state dict; re-create it") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(stage, f"checkpoint '{p}' does not hold a flat state dict of tensors",
+                        "save it with model.state_dict() (safetensors or torch.save)")
+    return sd
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, stage: str = "model") -> None:
+    sd = read_state_dict(path, stage)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shape_bad = [k for k in own if k in sd and own[k].shape != sd[k].shape]
+    if missing or unexpected or shape_bad:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
+        if shape_bad:
+            k = shape_bad[0]
+            parts.append(f"shape of '{k}' is {tuple(sd[k].shape)}, model wants {tuple(own[k].shape)}")
+        raise UserError(stage, f"checkpoint '{path}' does not match the model: " + "; ".join(parts),
+                        "use the checkpoint made for this architecture and model.kwargs")
+    model.load_state_dict(sd)
+
+
+def save_weights(model_or_sd: nn.Module | dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """Save a state dict as ``.safetensors``, atomically."""
+    from safetensors.torch import save_file
+
+    from pipeline.io import atomic_save
+
+    sd = model_or_sd.state_dict() if isinstance(model_or_sd, nn.Module) else model_or_sd
+    sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    atomic_save(path, lambda tmp: save_file(sd, str(tmp), metadata=metadata))
+
+
+# ---------------------------------------------------------------------------
+# Describing a timm ViT as data
+
+
+def _refuse(arch: str, what: str) -> None:
+    raise UserError("model", f"'{arch}': {what} is not supported by vitrim's slicer",
+                    "use a plain ViT/DeiT variant (cls or avg pooling, optional dist token, LayerScale, qkv_bias on/off)")
+
+
+def describe(model: nn.Module, arch: str = "", kwargs: dict | None = None) -> dict:
+    """Describe a timm VisionTransformer as plain data (the Plan's ``spec``).
+
+    Supported: DeiT / ViT with a class token, distilled DeiT (dist token, two
+    heads), qkv_bias on/off, LayerScale (DeiT-III), ``no_embed_class``,
+    ``global_pool`` 'token' or 'avg' (with fc_norm), pre-norm.
+    Refused with a clear error: register tokens, attention pooling ('map'),
+    qk_norm, attention gates, norms inside attn/mlp, patch-embed norm, non-GELU
+    MLPs, non-standard blocks, dynamic image size.
+    """
+    from timm.layers import LayerScale, Mlp
+    from timm.models.vision_transformer import Attention, Block, VisionTransformer
+
+    arch = arch or type(model).__name__
+    if not isinstance(model, VisionTransformer):
+        _refuse(arch, f"model class {type(model).__name__}")
+    if getattr(model, "reg_token", None) is not None:
+        _refuse(arch, "register tokens")
+    if getattr(model, "attn_pool", None) is not None or model.global_pool not in ("token", "avg"):
+        _refuse(arch, f"global_pool='{model.global_pool}'")
+    if getattr(model, "dynamic_img_size", False):
+        _refuse(arch, "dynamic_img_size")
+    if model.pos_embed is None:
+        _refuse(arch, "no absolute position embedding")
+    if not isinstance(model.patch_embed.norm, nn.Identity):
+        _refuse(arch, "a norm inside the patch embedding")
+    distilled = getattr(model, "dist_token", None) is not None
+    blocks = list(model.blocks)
+    E = model.embed_dim
+    first = blocks[0]
+    H = first.attn.num_heads
+    hd = first.attn.head_dim
+    M = first.mlp.fc1.out_features
+    eps = model.norm.eps if isinstance(model.norm, nn.LayerNorm) else model.fc_norm.eps
+    for i, b in enumerate(blocks):
+        if type(b) is not Block or type(b.attn) is not Attention or type(b.mlp) is not Mlp:
+            _refuse(arch, f"block {i} of type {type(b).__name__}/{type(b.attn).__name__}/{type(b.mlp).__name__}")
+        a = b.attn
+        if not isinstance(a.q_norm, nn.Identity) or not isinstance(a.k_norm, nn.Identity):
+            _refuse(arch, "qk_norm")
+        if getattr(a, "gate", None) is not None:
+            _refuse(arch, "attention output gates")
+        if not isinstance(getattr(a, "norm", nn.Identity()), nn.Identity) or not isinstance(b.mlp.norm, nn.Identity):
+            _refuse(arch, "a norm inside attention or the MLP")
+        act = b.mlp.act
+        if not (isinstance(act, nn.GELU) and act.approximate == "none"):
+            _refuse(arch, f"MLP activation {act}")
+        if a.num_heads != H or a.head_dim != hd or b.mlp.fc1.out_features != M:
+            _refuse(arch, "blocks of unequal width")
+        if a.head_dim * a.num_heads != getattr(a, "attn_dim", E) or a.head_dim * a.num_heads != E:
+            _refuse(arch, "attention dim different from the embedding dim")
+        for ls in (b.ls1, b.ls2):
+            if not isinstance(ls, (nn.Identity, LayerScale)):
+                _refuse(arch, f"layer scale {type(ls).__name__}")
+        for ln in (b.norm1, b.norm2):
+            if not isinstance(ln, nn.LayerNorm):
+                _refuse(arch, f"block norm {type(ln).__name__}")
+    layer_scale = isinstance(first.ls1, LayerScale)
+    if any(isinstance(b.ls1, LayerScale) != layer_scale for b in blocks):
+        _refuse(arch, "LayerScale in some blocks only")
+    pe = model.patch_embed
+    return {
+        "arch": arch,
+        "kwargs": dict(kwargs or {}),
+        "img_size": list(pe.img_size),
+        "patch_size": list(pe.patch_size),
+        "in_chans": pe.proj.in_channels,
+        "num_classes": model.num_classes,
+        "embed_dim": E,
+        "depth": len(blocks),
+        "num_heads": H,
+        "head_dim": hd,
+        "mlp_hidden": M,
+        "qkv_bias": first.attn.qkv.bias is not None,
+        "patch_bias": pe.proj.bias is not None,
+        "class_token": model.cls_token is not None,
+        "dist_token": distilled,
+        "no_embed_class": bool(model.no_embed_class),
+        "pre_norm": isinstance(model.norm_pre, nn.LayerNorm),
+        "final_norm": isinstance(model.norm, nn.LayerNorm),
+        "fc_norm": isinstance(model.fc_norm, nn.LayerNorm),
+        "global_pool": model.global_pool,
+        "layer_scale": layer_scale,
+        "norm_eps": eps,
+        "scale_head_dim": hd,  # the attention scale stays head_dim**-0.5 of the teacher (NViT)
+    }
+
+
+def canonical_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The teacher's weights in CompactViT naming (keep-everything, teacher order).
+
+    The fused ``qkv`` keeps timm's [q; k; v] row order, so a keep-everything
+    CompactViT computes exactly timm's ops on exactly timm's tensors.
+    """
+    describe(model)  # refuse unsupported variants first
+    sd: dict[str, torch.Tensor] = {}
+    pe = model.patch_embed.proj
+    sd["patch_embed.weight"] = pe.weight
+    if pe.bias is not None:
+        sd["patch_embed.bias"] = pe.bias
+    if model.cls_token is not None:
+        sd["cls_token"] = model.cls_token
+    if getattr(model, "dist_token", None) is not None:
+        sd["dist_token"] = model.dist_token
+    sd["pos_embed"] = model.pos_embed
+    if isinstance(model.norm_pre, nn.LayerNorm):
+        sd["norm_pre.weight"], sd["norm_pre.bias"] = model.norm_pre.weight, model.norm_pre.bias
+    for i, b in enumerate(model.blocks):
+        p = f"blocks.{i}."
+        sd[p + "norm1.weight"], sd[p + "norm1.bias"] = b.norm1.weight, b.norm1.bias
+        sd[p + "attn.qkv.weight"] = b.attn.qkv.weight
+        if b.attn.qkv.bias is not None:
+            sd[p + "attn.qkv.bias"] = b.attn.qkv.bias
+        sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"] = b.attn.proj.weight, b.attn.proj.bias
+        sd[p + "norm2.weight"], sd[p + "norm2.bias"] = b.norm2.weight, b.norm2.bias
+        sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"] = b.mlp.fc1.weight, b.mlp.fc1.bias
+        sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"] = b.mlp.fc2.weight, b.mlp.fc2.bias
+        if not isinstance(b.ls1, nn.Identity):
+            sd[p + "ls1"], sd[p + "ls2"] = b.ls1.gamma, b.ls2.gamma
+    for name in ("norm", "fc_norm"):
+        m = getattr(model, name)
+        if isinstance(m, nn.LayerNorm):
+            sd[name + ".weight"], sd[name + ".bias"] = m.weight, m.bias
+    sd["head.weight"], sd["head.bias"] = model.head.weight, model.head.bias
+    if getattr(model, "head_dist", None) is not None:
+        sd["head_dist.weight"], sd["head_dist.bias"] = model.head_dist.weight, model.head_dist.bias
+    return {k: v.detach().clone() for k, v in sd.items()}
+
+
+def teacher_scale(spec: dict) -> float:
+    return spec["scale_head_dim"] ** -0.5
+
+
+def num_tokens(spec: dict) -> int:
+    grid = math.prod(s // p for s, p in zip(spec["img_size"], spec["patch_size"]))
+    return grid + int(spec["class_token"]) + int(spec["dist_token"])

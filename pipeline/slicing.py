@@ -1,0 +1,149 @@
+"""Physical slicing: teacher weights + Plan -> a dense, smaller CompactViT.
+
+Masks don't make a model faster (UVC and ViT-Slim only masked); NViT removed
+weights. The slicer owns every derived attribute (heads, head dims, scale,
+embed dim: Torch-Pruning #101/#340 broke ViT metadata by not doing so): they are
+all computed from the Plan by :class:`~pipeline.compact.CompactViT`.
+
+Embedding pruning selects channels along the whole residual stream: the
+patch-embed conv output, cls/dist tokens, pos_embed, every LayerNorm, every
+residual-side Linear (rows of proj/fc2, columns of qkv/fc1), LayerScale, the
+final norm and the head input.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.compact import CompactViT
+from pipeline.errors import UserError
+from pipeline.plan import Plan
+
+
+def _qkv_rows(H: int, hd: int, heads: list[int], qk: list[int], v: list[int]) -> torch.Tensor:
+    """Rows of the teacher's fused qkv ([q; k; v], head-major) that a block keeps."""
+    A = H * hd
+    q = [h * hd + d for h in heads for d in qk]
+    k = [A + h * hd + d for h in heads for d in qk]
+    vv = [2 * A + h * hd + d for h in heads for d in v]
+    return torch.tensor(q + k + vv, dtype=torch.long)
+
+
+def slice_state(state: dict[str, torch.Tensor], plan: Plan) -> dict[str, torch.Tensor]:
+    """Slice a canonical (teacher-shaped) state dict to the plan's CompactViT state dict."""
+    s = plan.spec
+    H, hd = s["num_heads"], s["head_dim"]
+    e = torch.tensor(plan.embed_keep, dtype=torch.long)
+    out: dict[str, torch.Tensor] = {}
+
+    def take(name: str, dst: str | None = None, **dims: torch.Tensor) -> None:
+        if name not in state:
+            return
+        t = state[name]
+        for dim, idx in dims.items():
+            t = t.index_select(int(dim[1:]), idx)
+        out[dst or name] = t.clone()
+
+    take("patch_embed.weight", d0=e)
+    take("patch_embed.bias", d0=e)
+    for name in ("cls_token", "dist_token", "pos_embed"):
+        take(name, d2=e)
+    for name in ("norm_pre", "norm", "fc_norm"):
+        take(f"{name}.weight", d0=e)
+        take(f"{name}.bias", d0=e)
+    for name in ("head", "head_dist"):
+        take(f"{name}.weight", d1=e)
+        take(f"{name}.bias")
+    for j, i in enumerate(plan.kept_blocks):
+        b = plan.blocks[i]
+        src, dst = f"blocks.{i}.", f"blocks.{j}."
+        rows = _qkv_rows(H, hd, b.heads, b.qk, b.v)
+        vcols = torch.tensor([h * hd + d for h in b.heads for d in b.v], dtype=torch.long)
+        m = torch.tensor(b.mlp, dtype=torch.long)
+        for ln in ("norm1", "norm2"):
+            take(src + ln + ".weight", dst + ln + ".weight", d0=e)
+            take(src + ln + ".bias", dst + ln + ".bias", d0=e)
+        take(src + "attn.qkv.weight", dst + "attn.qkv.weight", d0=rows, d1=e)
+        take(src + "attn.qkv.bias", dst + "attn.qkv.bias", d0=rows)
+        take(src + "attn.proj.weight", dst + "attn.proj.weight", d0=e, d1=vcols)
+        take(src + "attn.proj.bias", dst + "attn.proj.bias", d0=e)
+        take(src + "mlp.fc1.weight", dst + "mlp.fc1.weight", d0=m, d1=e)
+        take(src + "mlp.fc1.bias", dst + "mlp.fc1.bias", d0=m)
+        take(src + "mlp.fc2.weight", dst + "mlp.fc2.weight", d0=e, d1=m)
+        take(src + "mlp.fc2.bias", dst + "mlp.fc2.bias", d0=e)
+        take(src + "ls1", dst + "ls1", d0=e)
+        take(src + "ls2", dst + "ls2", d0=e)
+    return out
+
+
+def slice_model(teacher: nn.Module | dict, plan: Plan) -> CompactViT:
+    """``slice(teacher, plan) -> CompactViT``: copy every kept parameter.
+
+    ``teacher`` is a timm ViT, or a canonical (teacher-shaped) state dict such as
+    the search's adapted weights.
+    """
+    from pipeline.models import canonical_state
+
+    plan.validate()
+    state = teacher if isinstance(teacher, dict) else canonical_state(teacher)
+    check_source(state, plan.spec)
+    model = CompactViT(plan)
+    sliced = slice_state(state, plan)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sliced))
+    if missing:
+        raise UserError("slice", f"teacher weights lack {missing[:3]} needed by the plan",
+                        "slice with the teacher the plan was made from")
+    for k, v in sliced.items():
+        if own[k].shape != v.shape:
+            raise UserError("slice", f"'{k}': sliced shape {tuple(v.shape)} != plan shape {tuple(own[k].shape)}",
+                            "the plan's spec does not match this teacher; re-run search on it")
+    model.load_state_dict(sliced)
+    return model.eval()
+
+
+def check_source(state: dict[str, torch.Tensor], spec: dict) -> None:
+    """Refuse teacher weights whose shapes differ from the plan's spec."""
+    with torch.device("meta"):
+        want = {k: v.shape for k, v in CompactViT(Plan.full(spec)).state_dict().items()}
+    bad = [k for k in want if k not in state or state[k].shape != want[k]]
+    extra = [k for k in state if k not in want]
+    if bad or extra:
+        k = (bad or extra)[0]
+        got = tuple(state[k].shape) if k in state else "missing"
+        raise UserError("slice", f"the plan's spec does not match these teacher weights ('{k}': teacher {got}, "
+                        f"spec {tuple(want[k]) if k in want else 'absent'})",
+                        "slice with the teacher the plan was searched on, or re-run search on this teacher")
+
+
+def full_size_compact(teacher: nn.Module) -> tuple[CompactViT, Plan]:
+    """A keep-everything CompactViT of a timm teacher, and its plan."""
+    from pipeline.models import describe
+
+    plan = Plan.full(describe(teacher))
+    return slice_model(teacher, plan), plan
+
+
+def save_compact(model: CompactViT, plan: Plan, out_dir: str | os.PathLike) -> None:
+    """Write ``student.safetensors`` and ``plan.json`` (each atomically)."""
+    from pipeline.models import save_weights
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plan.save(out / "plan.json")
+    save_weights(model, out / "student.safetensors", metadata={"format": "vitrim.compact", "schema": "1"})
+
+
+def load_compact(path: str | os.PathLike) -> CompactViT:
+    """Rebuild a CompactViT from ``DIR/plan.json`` + ``DIR/student.safetensors``, no teacher needed."""
+    from pipeline.models import load_weights
+
+    d = Path(path)
+    plan = Plan.load(d / "plan.json")
+    model = CompactViT(plan)
+    load_weights(model, d / "student.safetensors", stage="slice")
+    model.plan = plan  # type: ignore[attr-defined]
+    return model.eval()

@@ -1,0 +1,97 @@
+"""Teacher: train (or reuse) the embedded default's timm ViT, and load any teacher.
+
+The teacher checkpoint is cached under ``cache_dir`` keyed by a hash of the model,
+teacher-training and data configs, so reruns reuse it.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.config import RunConfig, config_hash
+from pipeline.data import Splits, build_splits
+from pipeline.errors import UserError
+from pipeline.evaluate import top1
+from pipeline.io import atomic_write_json
+from pipeline.models import create_model, describe, save_weights
+from pipeline.trainer import TrainSpec, train
+
+
+def teacher_key(cfg: RunConfig) -> str:
+    d = cfg.data
+    return config_hash({"model": cfg.model, "teacher": {k: v for k, v in vars(cfg.teacher).items() if k != "cache"},
+                        "data": {"name": d.name, "root": d.root, "val_size": d.val_size, "split_seed": d.split_seed,
+                                 "train_limit": d.train_limit, "batch_size": d.batch_size}})
+
+
+def teacher_path(cfg: RunConfig) -> Path:
+    if cfg.teacher.cache:
+        return Path(cfg.teacher.cache)
+    return Path(cfg.cache_dir) / f"teacher-{teacher_key(cfg)}.safetensors"
+
+
+def load_teacher(cfg: RunConfig, splits: Splits | None = None, train_if_missing: bool = True,
+                 log=print) -> tuple[nn.Module, dict]:
+    """The teacher model and its info (accuracy, training time).
+
+    Order: ``model.checkpoint`` if set; else ``model.pretrained``; else the cached
+    trained teacher; else train one now (when ``train_if_missing``).
+    """
+    if cfg.model.checkpoint or cfg.model.pretrained:
+        model = create_model(cfg.model).eval()
+        describe(model, cfg.model.arch, cfg.model.kwargs)
+        return model, {"source": cfg.model.checkpoint or "timm-pretrained"}
+    path = teacher_path(cfg)
+    info_path = path.with_suffix(".json")
+    if path.is_file():
+        model = create_model(cfg.model)
+        from pipeline.models import load_weights
+
+        load_weights(model, path, stage="teacher")
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        info["source"] = str(path)
+        log(f"[teacher] reusing cached teacher {path}")
+        return model.eval(), info
+    if not train_if_missing:
+        raise UserError("teacher", f"no trained teacher at '{path}'", "run `vitrim train-teacher CONFIG` first")
+    return train_teacher(cfg, splits, log=log)
+
+
+def train_teacher(cfg: RunConfig, splits: Splits | None = None, log=print) -> tuple[nn.Module, dict]:
+    """Train the teacher from scratch on the config's data and cache it."""
+    splits = splits or build_splits(cfg.data)
+    torch.manual_seed(cfg.teacher.seed)
+    model = create_model(cfg.model)
+    describe(model, cfg.model.arch, cfg.model.kwargs)  # refuse unsupported variants before spending time
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"[teacher] training {cfg.model.arch} {cfg.model.kwargs} ({n_params / 1e6:.2f}M params) "
+        f"for {cfg.teacher.epochs} epochs on {len(splits.train)} images")
+    crit = nn.CrossEntropyLoss(label_smoothing=cfg.teacher.label_smoothing)
+    spec = TrainSpec(epochs=cfg.teacher.epochs, batch_size=cfg.data.batch_size, lr=cfg.teacher.lr, min_lr=1e-5,
+                     weight_decay=cfg.teacher.weight_decay, warmup_epochs=cfg.teacher.warmup_epochs, clip_grad=1.0,
+                     seed=cfg.teacher.seed, hflip=cfg.data.name == "fmnist")
+    path = teacher_path(cfg)
+    work = path.parent / f".{path.stem}.work"
+    t0 = time.time()
+    res = train(model, lambda m, x, y: crit(m(x), y), splits.train, spec, work,
+                val_fn=lambda m: top1(m, splits.val, cfg.data.eval_batch_size), resume=True, desc="teacher")
+    wall = time.time() - t0
+    model.eval()
+    test_acc = top1(model, splits.test, cfg.data.eval_batch_size)
+    info = {"arch": cfg.model.arch, "kwargs": cfg.model.kwargs, "params": n_params, "epochs": cfg.teacher.epochs,
+            "train_s": round(wall, 1), "val_top1": res.history[-1]["val_top1"] if res.history else None,
+            "test_top1": test_acc, "history": res.history, "key": teacher_key(cfg)}
+    save_weights(model, path)
+    atomic_write_json(path.with_suffix(".json"), info)
+    (work / "checkpoint.pt").unlink(missing_ok=True)
+    try:
+        work.rmdir()
+    except OSError:
+        pass
+    log(f"[teacher] test top-1 {test_acc:.2f}% after {wall:.0f}s; saved {path}")
+    info["source"] = str(path)
+    return model, info

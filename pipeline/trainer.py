@@ -1,0 +1,295 @@
+"""One training loop for the teacher and the KD fine-tune.
+
+AdamW, linear warm-up then cosine decay (per step), gradient clipping, optional
+EMA of the weights, AMP (bf16/fp16) on CUDA, and PyTorch's own distributed engine:
+the same call runs single-process or under ``torchrun --nproc_per_node N`` (DDP
+with a DistributedSampler; logging and checkpoints on rank 0 only).
+
+Checkpoints are written atomically once per epoch, and on SIGTERM/SIGINT at the
+current step. ``resume=True`` restores the model, optimizer, scheduler, scaler,
+EMA, RNG states and the epoch/step position, so an interrupted run finishes with
+the same weights as an uninterrupted one (bit-identical on CPU).
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Dataset
+
+from pipeline.data import make_loader, set_epoch
+from pipeline.errors import UserError
+
+CKPT_NAME = "checkpoint.pt"
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TrainSpec:
+    epochs: int
+    batch_size: int
+    lr: float
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.0
+    clip_grad: Optional[float] = 1.0
+    ema: Optional[float] = None
+    amp: str = "auto"
+    seed: int = 0
+    hflip: bool = False
+    max_steps_per_epoch: Optional[int] = None  # for quick checks
+
+
+@dataclass
+class TrainResult:
+    history: list = field(default_factory=list)
+    wall_s: float = 0.0
+    resumed_from: Optional[int] = None
+    interrupted: bool = False
+
+
+class Interrupted(Exception):
+    """Raised after a checkpoint was saved because of SIGTERM/SIGINT."""
+
+    def __init__(self, signum: int, path: Path):
+        self.signum, self.path = signum, path
+        super().__init__(f"stopped by signal {signum}; checkpoint saved to {path} (resume with --resume)")
+
+
+def dist_info() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def init_distributed(device: str) -> tuple[int, int]:
+    rank, world, local = dist_info()
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if device.startswith("cuda"):
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend=backend)
+    return rank, world
+
+
+def _lr_lambda(spec: TrainSpec, steps_per_epoch: int) -> Callable[[int], float]:
+    total = max(1, spec.epochs * steps_per_epoch)
+    warm = int(spec.warmup_epochs * steps_per_epoch)
+    floor = spec.min_lr / spec.lr if spec.lr > 0 else 0.0
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+def _rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _fingerprint(model: nn.Module) -> dict:
+    return {k: list(v.shape) for k, v in model.state_dict().items()}
+
+
+def _amp_ctx(spec: TrainSpec, device: str):
+    if not device.startswith("cuda") or spec.amp == "off":
+        return nullcontext(), None
+    dtype = torch.float16 if spec.amp == "fp16" else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return torch.autocast("cuda", dtype=dtype), scaler
+
+
+def load_checkpoint(path: Path, model: nn.Module) -> dict:
+    """Read a training checkpoint and check it belongs to ``model``."""
+    try:
+        ck = torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError("finetune", f"checkpoint '{path}' is corrupt ({type(e).__name__}: {e})",
+                        "delete it and train from scratch (drop --resume)") from None
+    if not isinstance(ck, dict) or "model" not in ck or "fingerprint" not in ck:
+        raise UserError("finetune", f"'{path}' is not a vitrim training checkpoint", "delete it or point --out elsewhere")
+    if ck["fingerprint"] != _fingerprint(model):
+        raise UserError("finetune", f"checkpoint '{path}' was made for a different model (shapes differ)",
+                        "resume with the same plan/config, or use a fresh output directory")
+    return ck
+
+
+def train(model: nn.Module, loss_fn: LossFn, train_ds: Dataset, spec: TrainSpec, out_dir: str | os.PathLike,
+          val_fn: Optional[Callable[[nn.Module], float]] = None, resume: bool = False, device: str = "cpu",
+          desc: str = "train", log: Callable[[str], None] = print) -> TrainResult:
+    """Train ``model`` in place; checkpoints go to ``out_dir/checkpoint.pt``."""
+    from pipeline.io import atomic_save
+
+    rank, world = init_distributed(device)
+    out = Path(out_dir)
+    ckpt_path = out / CKPT_NAME
+    torch.manual_seed(spec.seed)
+    random.seed(spec.seed)
+    np.random.seed(spec.seed)
+    model.to(device)
+    ddp_model: nn.Module = model
+    if world > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[int(os.environ.get("LOCAL_RANK", 0))] if device.startswith("cuda") else None)
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1 and "pos_embed" not in n and "token" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and not (p.ndim > 1 and "pos_embed" not in n and "token" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr)
+    loader = make_loader(train_ds, spec.batch_size, shuffle=True, seed=spec.seed, drop_last=True, distributed=world > 1)
+    steps_per_epoch = len(loader) if spec.max_steps_per_epoch is None else min(len(loader), spec.max_steps_per_epoch)
+    if steps_per_epoch == 0:
+        raise UserError("train", f"{len(train_ds)} training images are fewer than one batch of {spec.batch_size}",
+                        "lower the batch size or use more data")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(spec, steps_per_epoch))
+    autocast, scaler = _amp_ctx(spec, device)
+    ema = None
+    if spec.ema:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(spec.ema))
+    result = TrainResult()
+    start_epoch, start_step = 0, 0
+    if resume and ckpt_path.is_file():
+        ck = load_checkpoint(ckpt_path, model)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        if scaler is not None and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        if ema is not None and ck.get("ema"):
+            ema.load_state_dict(ck["ema"])
+        _set_rng_state(ck["rng"][min(rank, len(ck["rng"]) - 1)])
+        start_epoch, start_step = ck["epoch"], ck["step"]
+        result.history = ck.get("history", [])
+        result.resumed_from = start_epoch
+        if rank == 0:
+            log(f"[{desc}] resumed from {ckpt_path} at epoch {start_epoch}, step {start_step}")
+    elif resume and rank == 0:
+        log(f"[{desc}] no checkpoint at {ckpt_path}; starting fresh")
+
+    def save(epoch: int, step: int) -> None:
+        rngs = [_rng_state()]
+        if world > 1:
+            gathered: list = [None] * world
+            dist.all_gather_object(gathered, rngs[0])
+            rngs = gathered
+        if rank != 0:
+            return
+        ck = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+              "scaler": scaler.state_dict() if scaler is not None else None,
+              "ema": ema.state_dict() if ema is not None else None, "rng": rngs, "epoch": epoch, "step": step,
+              "history": result.history, "spec": asdict(spec), "fingerprint": _fingerprint(model)}
+        atomic_save(ckpt_path, lambda tmp: torch.save(ck, str(tmp)))
+
+    stop = {"sig": None}
+
+    def handler(signum, frame):  # noqa: ARG001
+        stop["sig"] = signum
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)} if _main_thread() else {}
+    t0 = time.time()
+    try:
+        from tqdm import tqdm
+
+        for epoch in range(start_epoch, spec.epochs):
+            ddp_model.train()
+            set_epoch(loader, epoch, spec.seed)
+            it = iter(loader.batch_sampler if hasattr(loader, "batch_sampler") and loader.batch_sampler is not None else loader)
+            skip = start_step if epoch == start_epoch else 0
+            bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"[{desc}] epoch {epoch + 1}/{spec.epochs}",
+                       disable=rank != 0 or not sys.stderr.isatty(), leave=False)
+            losses = []
+            ep_t0 = time.time()
+            for step, batch in enumerate(loader):
+                if step >= steps_per_epoch:
+                    break
+                if step < skip:  # data position on resume: the epoch's order is seeded
+                    continue
+                x, y = batch[0].to(device), batch[1].to(device)
+                if spec.hflip:
+                    flip = torch.rand(x.shape[0], device=x.device) < 0.5
+                    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+                with autocast:
+                    loss = loss_fn(ddp_model, x, y)
+                opt.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(opt)
+                else:
+                    loss.backward()
+                if spec.clip_grad:
+                    nn.utils.clip_grad_norm_(model.parameters(), spec.clip_grad)
+                if scaler is not None:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+                sched.step()
+                if ema is not None:
+                    ema.update_parameters(model)
+                losses.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                if _stop_requested(stop, world):
+                    save(epoch, step + 1)
+                    raise Interrupted(stop["sig"] or signal.SIGTERM, ckpt_path)
+            bar.close()
+            del it
+            eval_model = ema.module if ema is not None else model
+            val = val_fn(eval_model) if (val_fn is not None and rank == 0) else None
+            rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else None,
+                   "val_top1": val, "lr": sched.get_last_lr()[0], "epoch_s": round(time.time() - ep_t0, 1)}
+            result.history.append(rec)
+            if rank == 0:
+                msg = f"[{desc}] epoch {epoch + 1}/{spec.epochs}  loss {rec['train_loss']:.4f}"
+                if val is not None:
+                    msg += f"  val top-1 {val:.2f}%"
+                log(msg + f"  ({rec['epoch_s']}s)")
+            save(epoch + 1, 0)
+            if _stop_requested(stop, world):
+                raise Interrupted(stop["sig"] or signal.SIGTERM, ckpt_path)
+        if ema is not None:
+            model.load_state_dict(ema.module.state_dict())
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    result.wall_s = time.time() - t0
+    return result
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _stop_requested(stop: dict, world: int) -> bool:
+    flag = stop["sig"] is not None
+    if world > 1:  # every rank must stop at the same step
+        t = torch.tensor([int(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        flag = bool(t.item())
+    return flag

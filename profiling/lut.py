@@ -1,0 +1,386 @@
+"""Latency lookup tables (LUTs): measured per-block latency on the target engine.
+
+NViT ("Global Vision Transformer Pruning with Hessian-Aware Saliency", Yang et
+al. 2023) regularises its search with a latency table measured on the target
+GPU; HELP (Lee et al. 2021) shows layer-wise FLOPs rank architectures poorly.
+vitrim measures the table itself, keys it by a :class:`DeviceSignature`, and
+reports how well it predicts (``profiling.validate``).
+
+Model of latency (separable, as in DESIGN.md)::
+
+    latency(plan) = shell(E) + sum over kept blocks [attn(E, H, QK, V) + mlp(E, M) + c]
+
+* ``attn`` is a 4-D grid of ``x + attn(LN(x))`` micro-models, ``mlp`` a 2-D
+  grid of ``x + mlp(LN(x))``, ``shell`` the stem + head (a CompactViT with no
+  blocks), all multilinearly interpolated between grid points.
+* ``c`` is the block correction: whole-block micro-models measured at check
+  points minus the sum of their halves (it absorbs the per-run overhead that
+  two half-models count twice). The check residuals are stored in the table.
+
+Measurement: each micro-model is exported with the same exporter as the real
+model and timed on the target runner: warm-up, then interleaved rounds of
+repeats (sessions kept open in small chunks so a burst of load on a shared
+2-core CPU hits all entries alike), and the median of all samples is kept.
+Partial results are saved after every chunk, so an interrupted build resumes.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import itertools
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+
+from export.target import DeviceSignature, Target, check_compatible
+from pipeline.config import ProfileConfig
+from pipeline.errors import UserError
+from pipeline.io import atomic_write_json
+from pipeline.plan import Floors, Plan
+
+LUT_SCHEMA = 1
+DIMS = ("heads", "qk", "v", "mlp", "embed", "block")
+
+
+def _points(lo: int, hi: int, n: int, align: int) -> list[int]:
+    """``n`` points from ``lo`` to ``hi`` (inclusive) on multiples of ``align``; n<=0: all."""
+    lo, hi = max(1, lo), max(1, hi)
+    if lo >= hi:
+        return [hi]
+    if n <= 0:
+        pts = list(range(lo, hi + 1, align)) + [hi]
+    else:
+        pts = [hi] + [int(round((lo + (hi - lo) * i / (n - 1)) / align) * align) for i in range(n - 1)]
+    return sorted({min(hi, max(lo, p)) for p in pts})
+
+
+@dataclass
+class Grid:
+    embed: list[int]
+    heads: list[int]
+    qk: list[int]
+    v: list[int]
+    mlp: list[int]
+
+    @classmethod
+    def for_spec(cls, spec: dict, pcfg: ProfileConfig, floors: Floors, align: int) -> "Grid":
+        E, H, hd, M = spec["embed_dim"], spec["num_heads"], spec["head_dim"], spec["mlp_hidden"]
+        e_min = max(align, int(np.ceil(E / 4 / align)) * align)
+        return cls(embed=_points(e_min, E, pcfg.embed_points, align),
+                   heads=_points(floors.heads, H, pcfg.head_points, 1),
+                   qk=_points(min(floors.qk, hd), hd, pcfg.qk_points, align),
+                   v=_points(min(floors.v, hd), hd, pcfg.v_points, align),
+                   mlp=_points(min(floors.mlp, M), M, pcfg.mlp_points, align))
+
+    def size(self) -> dict:
+        return {"attn": len(self.embed) * len(self.heads) * len(self.qk) * len(self.v),
+                "mlp": len(self.embed) * len(self.mlp), "shell": len(self.embed)}
+
+
+def _interp(axes: list[list[int]], values: np.ndarray, point: Iterable[float]) -> float:
+    """Multilinear interpolation (linear extrapolation outside the grid)."""
+    from scipy.interpolate import RegularGridInterpolator
+
+    pts = [np.asarray(a, dtype=np.float64) for a in axes]
+    keep = [i for i, a in enumerate(pts) if len(a) > 1]  # singleton axes: nothing to interpolate
+    vals = values.reshape([len(a) for a in pts])
+    idx = tuple(slice(None) if i in keep else 0 for i in range(len(pts)))
+    vals = vals[idx]
+    point = list(point)
+    if not keep:
+        return float(vals)
+    f = RegularGridInterpolator([pts[i] for i in keep], vals, method="linear", bounds_error=False, fill_value=None)
+    return float(f([[point[i] for i in keep]])[0])
+
+
+@dataclass
+class LatencyTable:
+    """A measured LUT. Load with :meth:`load`; build with :func:`build_lut`."""
+
+    signature: DeviceSignature
+    spec: dict
+    grid: Grid
+    attn: np.ndarray  # [E, H, QK, V] ms
+    mlp: np.ndarray  # [E, M] ms
+    shell: np.ndarray  # [E] ms
+    block_correction_ms: float = 0.0
+    checks: list = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+    # -- prediction ----------------------------------------------------------
+    def block_ms(self, E: int, H: int, QK: int, V: int, M: int) -> float:
+        g = self.grid
+        a = _interp([g.embed, g.heads, g.qk, g.v], self.attn, (E, H, QK, V))
+        m = _interp([g.embed, g.mlp], self.mlp, (E, M))
+        return a + m + self.block_correction_ms
+
+    def shell_ms(self, E: int) -> float:
+        return _interp([self.grid.embed], self.shell, (E,))
+
+    def check_plan(self, plan: Plan) -> None:
+        s = plan.spec
+        for k in ("embed_dim", "num_heads", "head_dim", "mlp_hidden", "depth"):
+            if s[k] != self.spec[k]:
+                raise UserError("profile", f"the LUT was built for a teacher with {k}={self.spec[k]}, the plan's "
+                                f"teacher has {k}={s[k]}", "build a LUT for this teacher (`vitrim profile build`)")
+        if plan.num_tokens != self.signature.tokens:
+            raise UserError("profile", f"the LUT was measured at {self.signature.tokens} tokens, the plan has "
+                            f"{plan.num_tokens}", "build a LUT for this image/patch size")
+
+    def predict(self, plan: Plan, signature: Optional[DeviceSignature] = None) -> float:
+        """Predicted latency of a plan in ms: shell(E) + sum of kept blocks."""
+        if signature is not None:
+            check_compatible(self.signature, signature)
+        self.check_plan(plan)
+        E = plan.embed_dim
+        return self.shell_ms(E) + sum(self.block_ms(E, *b.dims) for b in plan.blocks if b.keep)
+
+    def breakdown(self, plan: Plan) -> dict:
+        E = plan.embed_dim
+        return {"shell": self.shell_ms(E),
+                "blocks": [self.block_ms(E, *b.dims) if b.keep else 0.0 for b in plan.blocks]}
+
+    def marginal(self, plan: Plan, block: Optional[int], dim: str, groups: int = 1, group_size: int = 1) -> float:
+        """Latency saved (ms) by removing ``groups`` groups of ``group_size`` units.
+
+        ``dim`` is one of heads, qk, v, mlp (per block), embed (global; ``block``
+        ignored) or block (skip the whole block).
+        """
+        if dim not in DIMS:
+            raise UserError("search", f"unknown dim '{dim}'", f"use one of {', '.join(DIMS)}")
+        E = plan.embed_dim
+        if dim == "embed":
+            E2 = E - groups * group_size
+            before = self.shell_ms(E) + sum(self.block_ms(E, *b.dims) for b in plan.blocks if b.keep)
+            after = self.shell_ms(E2) + sum(self.block_ms(E2, *b.dims) for b in plan.blocks if b.keep)
+            return before - after
+        b = plan.blocks[block]
+        if not b.keep:
+            return 0.0
+        dims = list(b.dims)
+        cur = self.block_ms(E, *dims)
+        if dim == "block":
+            return cur
+        i = ("heads", "qk", "v", "mlp").index(dim)
+        dims[i] -= groups * group_size
+        return cur - self.block_ms(E, *dims)
+
+    # -- (de)serialisation ---------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"schema": LUT_SCHEMA, "signature": self.signature.to_dict(), "key": self.signature.key(),
+                "spec": self.spec, "grid": asdict(self.grid), "attn_ms": self.attn.tolist(),
+                "mlp_ms": self.mlp.tolist(), "shell_ms": self.shell.tolist(),
+                "block_correction_ms": self.block_correction_ms, "checks": self.checks, "meta": self.meta}
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, expect: Optional[DeviceSignature] = None) -> "LatencyTable":
+        p = Path(path)
+        if not p.is_file():
+            raise UserError("profile", f"LUT file '{p}' not found", "build it with `vitrim profile build CONFIG`")
+        try:
+            d = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError("profile", f"LUT '{p}' is not valid JSON ({e})", "delete it and rebuild with `vitrim profile build`") from None
+        if not isinstance(d, dict) or d.get("schema") != LUT_SCHEMA:
+            got = d.get("schema") if isinstance(d, dict) else None
+            raise UserError("profile", f"LUT '{p}' has schema {got!r}; this vitrim reads schema {LUT_SCHEMA}",
+                            "rebuild it with `vitrim profile build`")
+        try:
+            grid = Grid(**d["grid"])
+            t = cls(signature=DeviceSignature.from_dict(d["signature"]), spec=d["spec"], grid=grid,
+                    attn=np.asarray(d["attn_ms"], dtype=np.float64), mlp=np.asarray(d["mlp_ms"], dtype=np.float64),
+                    shell=np.asarray(d["shell_ms"], dtype=np.float64),
+                    block_correction_ms=float(d["block_correction_ms"]), checks=d.get("checks", []),
+                    meta=d.get("meta", {}))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError("profile", f"LUT '{p}' is malformed ({type(e).__name__}: {e})",
+                            "delete it and rebuild with `vitrim profile build`") from None
+        want = (len(grid.embed), len(grid.heads), len(grid.qk), len(grid.v))
+        if t.attn.shape != want or t.mlp.shape != (len(grid.embed), len(grid.mlp)) or t.shell.shape != (len(grid.embed),):
+            raise UserError("profile", f"LUT '{p}' tables do not match its grid", "delete it and rebuild")
+        if not (np.isfinite(t.attn).all() and np.isfinite(t.mlp).all() and np.isfinite(t.shell).all()):
+            raise UserError("profile", f"LUT '{p}' holds non-finite latencies", "delete it and rebuild")
+        if expect is not None:
+            check_compatible(t.signature, expect)
+        return t
+
+    def summary(self) -> str:
+        g = self.grid
+        full = Plan.full(self.spec)
+        lines = [f"LUT for {self.signature}", f"  key {self.signature.key()}",
+                 f"  grid: embed {g.embed}, heads {g.heads}, qk {g.qk}, v {g.v}, mlp {g.mlp}",
+                 f"  entries: {self.grid.size()}  block correction {self.block_correction_ms:+.3f} ms",
+                 f"  teacher predicted: {self.predict(full):.3f} ms (shell {self.shell_ms(full.embed_dim):.3f} ms, "
+                 f"block {self.block_ms(full.embed_dim, *full.blocks[0].dims):.3f} ms)"]
+        if self.checks:
+            errs = [abs(c["err_pct"]) for c in self.checks]
+            lines.append(f"  whole-block checks: {len(errs)}, median |err| {np.median(errs):.1f}%, max {max(errs):.1f}%")
+        if "reproducibility_pct" in self.meta:
+            lines.append(f"  same entry measured twice: {self.meta['reproducibility_pct']:.1f}% apart")
+        if "build_s" in self.meta:
+            lines.append(f"  built in {self.meta['build_s']:.0f}s")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Measurement
+
+
+@dataclass
+class Item:
+    key: str
+    kind: str  # attn | mlp | block | shell
+    dims: tuple  # (E,) or (E, H, QK, V, M)
+
+
+def _export_item(item: Item, spec: dict, tokens: int, path: Path):
+    from export.onnx import export_onnx
+    from profiling.micro import make_part, sample_shape
+
+    E = item.dims[0]
+    if item.kind == "shell":
+        model = make_part("shell", spec, E)
+    else:
+        model = make_part(item.kind, spec, *item.dims)
+    shape = sample_shape(item.kind, spec, E, tokens)
+    return model, shape
+
+
+def measure_items(items: list[Item], spec: dict, target: Target, tokens: int, pcfg: ProfileConfig,
+                  workdir: Path, done: dict, on_chunk: Callable[[dict], None], progress: bool = True,
+                  chunk: int = 6) -> dict:
+    """Time every item not already in ``done`` on the target; returns key -> timing dict."""
+    from tqdm import tqdm
+
+    from export.onnx import export_onnx, to_fp16
+    from export.runners import make_runner
+
+    todo = [it for it in items if it.key not in done]
+    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="[profile] LUT entries", disable=not progress)
+    for c in range(0, len(todo), chunk):
+        part = todo[c:c + chunk]
+        runners = []
+        for it in part:
+            model, shape = _export_item(it, spec, tokens, workdir)
+            if target.backend in ("torch-cpu", "torch-cuda"):
+                runners.append(make_runner(target.backend, model=model, sample_shape=shape, threads=target.threads,
+                                           precision=target.precision))
+                continue
+            onnx_path = workdir / f"{it.key}.onnx"
+            export_onnx(model, onnx_path, shape)
+            if target.backend == "ort-cpu":
+                runners.append(make_runner("ort-cpu", onnx_path=onnx_path, threads=target.threads,
+                                           opt_level=target.opt_level))
+            else:  # tensorrt: build an engine per micro-model (slow; hence chunked, resumable saves)
+                from export.engine import build_trt_engine
+                from export.target import trt_major
+
+                src = onnx_path
+                if target.precision == "fp16" and trt_major() >= 11:
+                    src = to_fp16(onnx_path, workdir / f"{it.key}.fp16.onnx")
+                eng = build_trt_engine(src, workdir / f"{it.key}.plan", target, shape, workdir / "timing.cache")
+                runners.append(make_runner("tensorrt", engine_path=eng.path))
+        samples: dict[str, list[float]] = {it.key: [] for it in part}
+        for r in runners:
+            r.activate()
+        try:
+            per_round = max(1, pcfg.repeats // max(1, pcfg.rounds))
+            for rnd in range(max(1, pcfg.rounds)):
+                for it, r in zip(part, runners):
+                    samples[it.key] += r.time_samples(target.batch, per_round, warmup=pcfg.warmup if rnd == 0 else 2)
+        finally:
+            for r in runners:
+                r.deactivate()
+        for it in part:
+            a = np.asarray(samples[it.key])
+            done[it.key] = {"median_ms": float(np.median(a)), "p90_ms": float(np.percentile(a, 90)), "n": len(a)}
+            bar.update(1)
+        on_chunk(done)
+    bar.close()
+    return done
+
+
+def build_lut(spec: dict, target: Target, pcfg: ProfileConfig, floors: Floors, align: int, out_path: str | os.PathLike,
+              progress: bool = True, log: Callable[[str], None] = print) -> LatencyTable:
+    """Measure a LUT for ``spec`` on ``target`` and save it to ``out_path``.
+
+    Resumable: finished entries are kept in ``<out_path>.partial`` and reused
+    when the build is restarted with the same signature and grid.
+    """
+    from pipeline.plan import Plan
+
+    t0 = time.time()
+    tokens = Plan.full(spec).num_tokens
+    sig = target.signature(tokens)
+    grid = Grid.for_spec(spec, pcfg, floors, max(align, target.align))
+    out_path = Path(out_path)
+    partial = out_path.with_name(out_path.name + ".partial")
+    header = {"signature": sig.to_dict(), "grid": asdict(grid), "spec": spec,
+              "measure": {"warmup": pcfg.warmup, "repeats": pcfg.repeats, "rounds": pcfg.rounds}}
+    done: dict = {}
+    if partial.is_file():
+        try:
+            prev = json.loads(partial.read_text())
+            if prev.get("header") == json.loads(json.dumps(header)):
+                done = prev["entries"]
+                log(f"[profile] resuming: {len(done)} entries already measured in {partial}")
+        except (json.JSONDecodeError, KeyError):
+            pass
+    g = grid
+    H_full, hd, M_full = spec["num_heads"], spec["head_dim"], spec["mlp_hidden"]
+    items = [Item(f"shell_e{E}", "shell", (E,)) for E in g.embed]
+    items += [Item(f"attn_e{E}_h{H}_q{q}_v{v}", "attn", (E, H, q, v, M_full))
+              for E, H, q, v in itertools.product(g.embed, g.heads, g.qk, g.v)]
+    items += [Item(f"mlp_e{E}_m{M}", "mlp", (E, 1, 8, 8, M)) for E, M in itertools.product(g.embed, g.mlp)]
+    rng = np.random.default_rng(pcfg.seed)
+    check_dims = [(g.embed[-1], g.heads[-1], g.qk[-1], g.v[-1], g.mlp[-1])]
+    for _ in range(max(0, pcfg.checks - 1)):
+        check_dims.append((int(rng.choice(g.embed)), int(rng.choice(g.heads)), int(rng.choice(g.qk)),
+                           int(rng.choice(g.v)), int(rng.choice(g.mlp))))
+    items += [Item(f"block{i}_e{E}_h{H}_q{q}_v{v}_m{M}", "block", (E, H, q, v, M))
+              for i, (E, H, q, v, M) in enumerate(check_dims)]
+    # the same entry again, in another chunk: how reproducible is one measurement?
+    items.append(Item("repeat_" + items[len(g.embed)].key, items[len(g.embed)].kind, items[len(g.embed)].dims))
+    log(f"[profile] measuring {len(items)} micro-models on [{sig}]")
+    with tempfile.TemporaryDirectory(prefix="vitrim-lut-") as tmp:
+        measure_items(items, spec, target, tokens, pcfg, Path(tmp), done,
+                      lambda d: atomic_write_json(partial, {"header": header, "entries": d}), progress=progress)
+    med = {k: v["median_ms"] for k, v in done.items()}
+    attn = np.array([med[f"attn_e{E}_h{H}_q{q}_v{v}"] for E, H, q, v in itertools.product(g.embed, g.heads, g.qk, g.v)])
+    attn = attn.reshape(len(g.embed), len(g.heads), len(g.qk), len(g.v))
+    mlp = np.array([med[f"mlp_e{E}_m{M}"] for E, M in itertools.product(g.embed, g.mlp)]).reshape(len(g.embed), len(g.mlp))
+    shell = np.array([med[f"shell_e{E}"] for E in g.embed])
+    table = LatencyTable(sig, spec, grid, attn, mlp, shell)
+    resid = []
+    checks = []
+    for i, (E, H, q, v, M) in enumerate(check_dims):
+        measured = med[f"block{i}_e{E}_h{H}_q{q}_v{v}_m{M}"]
+        halves = table.block_ms(E, H, q, v, M)  # correction still 0 here
+        resid.append(measured - halves)
+        checks.append({"dims": [E, H, q, v, M], "measured_ms": measured, "halves_ms": halves})
+    table.block_correction_ms = float(np.median(resid))
+    for c in checks:
+        pred = table.block_ms(*c["dims"])
+        c["predicted_ms"] = pred
+        c["err_pct"] = 100.0 * (pred - c["measured_ms"]) / c["measured_ms"]
+    table.checks = checks
+    first = items[len(g.embed)].key
+    a, b = med[first], med["repeat_" + first]
+    table.meta = {"build_s": round(time.time() - t0, 1), "entries": len(items),
+                  "reproducibility_pct": 100.0 * abs(a - b) / min(a, b), "repeat_entry": first,
+                  "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                  **header["measure"]}
+    table.save(out_path)
+    partial.unlink(missing_ok=True)
+    log(f"[profile] LUT saved to {out_path} in {table.meta['build_s']:.0f}s; block correction "
+        f"{table.block_correction_ms:+.3f} ms; whole-block check errors "
+        + ", ".join(f"{c['err_pct']:+.1f}%" for c in checks))
+    return table

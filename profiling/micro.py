@@ -1,0 +1,75 @@
+"""Micro-models for the LUT: one CompactViT block, or one of its halves, or the shell.
+
+Each is built from the *same* modules the sliced model uses (CompactBlock,
+CompactViT's stem and head), so the exported graph of a micro-model is the
+graph of that part of a real student.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.compact import CompactBlock, CompactViT
+from pipeline.plan import BlockPlan, Plan
+
+
+def _init(m: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            base = 1.0 if ("norm" in name and name.endswith("weight")) else 0.0
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02 + base)
+    return m.eval()
+
+
+class AttnPart(nn.Module):
+    """``x + attn(norm1(x))`` of a CompactBlock."""
+
+    def __init__(self, blk: CompactBlock):
+        super().__init__()
+        self.blk = blk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.blk.attn(self.blk.norm1(x))
+        if self.blk.ls1 is not None:
+            a = a * self.blk.ls1
+        return x + a
+
+
+class MlpPart(nn.Module):
+    """``x + mlp(norm2(x))`` of a CompactBlock."""
+
+    def __init__(self, blk: CompactBlock):
+        super().__init__()
+        self.blk = blk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.blk.mlp(self.blk.norm2(x))
+        if self.blk.ls2 is not None:
+            m = m * self.blk.ls2
+        return x + m
+
+
+def make_block(spec: dict, E: int, H: int, QK: int, V: int, M: int) -> CompactBlock:
+    return _init(CompactBlock(E, H, QK, V, M, spec["qkv_bias"], spec["scale_head_dim"], spec["norm_eps"],
+                              spec["layer_scale"]))
+
+
+def make_part(kind: str, spec: dict, E: int, H: int = 1, QK: int = 8, V: int = 8, M: int = 16) -> nn.Module:
+    """``attn`` | ``mlp`` | ``block`` (input [B, N, E]) or ``shell`` (image in, logits out)."""
+    if kind == "shell":
+        return make_shell(spec, E)
+    blk = make_block(spec, E, H, QK, V, M)
+    return {"attn": AttnPart, "mlp": MlpPart}[kind](blk) if kind != "block" else blk
+
+
+def make_shell(spec: dict, E: int) -> CompactViT:
+    """Stem (patch embed, tokens, pos_embed) and head (final norm, pool, classifier), no blocks."""
+    plan = Plan(spec=spec, embed_keep=list(range(E)), blocks=[BlockPlan(False) for _ in range(spec["depth"])])
+    return _init(CompactViT(plan))  # CompactViT does not require kept blocks; Plan.validate would
+
+
+def sample_shape(kind: str, spec: dict, E: int, tokens: int) -> tuple[int, ...]:
+    if kind == "shell":
+        return (spec["in_chans"], *spec["img_size"])
+    return (tokens, E)

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny models and tiny real-data slices.
+
+Real Fashion-MNIST comes from the Debian package (make test installs it); a test
+that needs it is skipped, with the reason, only where it truly is absent.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import FMNIST_DEFAULT_DIR
+
+torch.set_num_threads(2)
+
+TINY_KW = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
+
+
+def fmnist_root() -> str | None:
+    d = os.environ.get("VITRIM_FMNIST_DIR") or FMNIST_DEFAULT_DIR
+    return d if Path(d, "train-images-idx3-ubyte.gz").is_file() else None
+
+
+@pytest.fixture(scope="session")
+def fmnist_dir() -> str:
+    d = fmnist_root()
+    if d is None:
+        pytest.skip("Fashion-MNIST IDX files absent (apt-get install -y dataset-fashion-mnist, or set VITRIM_FMNIST_DIR)")
+    return d
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, fmnist_dir):
+    """A RunConfig for a tiny ViT on a small real data slice, writing to tmp_path."""
+    from pipeline.config import load_config
+
+    return load_config(None, [
+        f"out_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", f"data.root={fmnist_dir}",
+        "data.train_limit=1024", "data.val_limit=256", "data.test_limit=256", "data.val_size=1000",
+        "data.batch_size=64", "model.arch=vit_tiny_patch16_224",
+        "model.kwargs={img_size: 28, patch_size: 7, in_chans: 1, num_classes: 10, embed_dim: 32, depth: 2, num_heads: 2, mlp_ratio: 2.0}",
+        "teacher.epochs=2", "teacher.lr=0.003", "target.batch=8",
+    ])
+
+
+def random_init(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
+    """Random non-trivial weights (timm inits LayerScale/bias to constants)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            base = 1.0 if ("norm" in name and name.endswith("weight")) else 0.0
+            p.copy_(torch.randn(p.shape, generator=g) * std + base)
+    return model.eval()

@@ -1,0 +1,69 @@
+import pytest
+import yaml
+
+from pipeline.config import load_config, save_resolved
+from pipeline.errors import UserError
+
+
+def write(tmp_path, data) -> str:
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return str(p)
+
+
+def test_defaults_and_yaml_values(tmp_path):
+    cfg = load_config(write(tmp_path, {"search": {"budget_fraction": 0.4}, "target": {"batch": 16}}))
+    assert cfg.search.budget_fraction == 0.4
+    assert cfg.target.batch == 16
+    assert cfg.target.backend == "ort-cpu"
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(UserError, match=r"unknown key 'search\.budgett'"):
+        load_config(write(tmp_path, {"search": {"budgett": 0.4}}))
+    with pytest.raises(UserError, match=r"unknown key 'serach'"):
+        load_config(write(tmp_path, {"serach": {}}))
+
+
+def test_wrong_type_is_named(tmp_path):
+    with pytest.raises(UserError, match=r"'target\.batch' must be int"):
+        load_config(write(tmp_path, {"target": {"batch": "big"}}))
+    with pytest.raises(UserError, match=r"'search' must be a mapping"):
+        load_config(write(tmp_path, {"search": 3}))
+
+
+def test_bad_values_and_yaml(tmp_path):
+    with pytest.raises(UserError, match="target.backend"):
+        load_config(write(tmp_path, {"target": {"backend": "tpu"}}))
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(write(tmp_path, "search: [1, 2"))
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_set_overrides(tmp_path):
+    cfg = load_config(write(tmp_path, {}), ["search.budget_fraction=0.3", "model.kwargs={depth: 3}", "data.root=/x"])
+    assert cfg.search.budget_fraction == 0.3
+    assert cfg.model.kwargs == {"depth": 3}
+    assert cfg.data.root == "/x"
+    with pytest.raises(UserError, match="search.nope"):
+        load_config(None, ["search.nope=1"])
+    with pytest.raises(UserError, match="of the form"):
+        load_config(None, ["search.budget_fraction"])
+
+
+def test_int_accepted_for_float_and_resolved_written(tmp_path):
+    cfg = load_config(None, ["teacher.lr=1"])
+    assert isinstance(cfg.teacher.lr, float) and cfg.teacher.lr == 1.0
+    path = save_resolved(cfg, tmp_path)
+    again = load_config(path)
+    assert again == cfg
+
+
+def test_shipped_configs_load():
+    import glob
+
+    paths = sorted(glob.glob("configs/*.yaml"))
+    assert "configs/fmnist_cpu.yaml" in paths
+    for p in paths:
+        load_config(p)

@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from pipeline.config import ModelConfig
+from pipeline.errors import UserError
+from pipeline.models import create_model, describe, load_weights, save_weights
+from tests.conftest import TINY_KW, random_init
+
+
+def test_create_with_overrides():
+    m = create_model(ModelConfig(arch="deit_tiny_patch16_224", kwargs=dict(TINY_KW)))
+    spec = describe(m, "deit_tiny_patch16_224")
+    assert spec["embed_dim"] == 32 and spec["depth"] == 2 and spec["num_heads"] == 2
+    assert spec["img_size"] == [28, 28] and spec["in_chans"] == 1 and spec["num_classes"] == 10
+    assert m(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_unknown_arch_and_kwargs():
+    with pytest.raises(UserError, match="not a timm model"):
+        create_model(ModelConfig(arch="vit_nonexistent"))
+    with pytest.raises(UserError, match="model.kwargs"):
+        create_model(ModelConfig(arch="deit_tiny_patch16_224", kwargs={"bogus_arg": 1}))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_checkpoint_round_trip_exact(tmp_path, suffix):
+    cfg = ModelConfig(arch="deit_tiny_patch16_224", kwargs=dict(TINY_KW))
+    m = random_init(create_model(cfg), seed=3)
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".pth":
+        torch.save({"model": m.state_dict()}, path)
+    else:
+        save_weights(m, path)
+    cfg.checkpoint = str(path)
+    m2 = create_model(cfg).eval()
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(m(x), m2(x))
+
+
+def test_corrupt_and_mismatched_checkpoint(tmp_path):
+    cfg = ModelConfig(arch="deit_tiny_patch16_224", kwargs=dict(TINY_KW))
+    m = create_model(cfg)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(UserError, match="could not be read"):
+        load_weights(m, bad)
+    other = create_model(ModelConfig(arch="deit_tiny_patch16_224", kwargs={**TINY_KW, "embed_dim": 64}))
+    save_weights(other, tmp_path / "other.safetensors")
+    with pytest.raises(UserError, match="does not match the model"):
+        load_weights(m, tmp_path / "other.safetensors")
+    with pytest.raises(UserError, match="not found"):
+        load_weights(m, tmp_path / "nope.pth")
+
+
+def test_pretrained_offline_is_clear(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="offline"):
+        create_model(ModelConfig(arch="deit_tiny_patch16_224", pretrained=True))
+
+
+def test_unsupported_variants_refused():
+    import timm
+
+    m = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, qk_norm=True)
+    with pytest.raises(UserError, match="qk_norm"):
+        describe(m)
+    m = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, reg_tokens=4)
+    with pytest.raises(UserError, match="register tokens"):
+        describe(m)
+    m = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, global_pool="map")
+    with pytest.raises(UserError, match="global_pool"):
+        describe(m)

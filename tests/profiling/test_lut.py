@@ -1,0 +1,126 @@
+"""LUT build on a tiny grid (real ORT-CPU sessions), interpolation, signatures, bad files."""
+import dataclasses
+import json
+import random
+
+import numpy as np
+import pytest
+import timm
+
+from export.target import DeviceSignature, Target
+from pipeline.config import ProfileConfig
+from pipeline.errors import UserError
+from pipeline.models import describe
+from pipeline.plan import Floors, Plan
+from profiling.lut import Item, LatencyTable, build_lut, measure_items
+from tests.conftest import TINY_KW
+
+PCFG = ProfileConfig(embed_points=2, head_points=0, qk_points=1, v_points=1, mlp_points=2, warmup=2, repeats=6,
+                     rounds=2, checks=2)
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return describe(timm.create_model("vit_tiny_patch16_224", **TINY_KW), "vit_tiny_patch16_224")
+
+
+@pytest.fixture(scope="module")
+def built(spec, tmp_path_factory):
+    path = tmp_path_factory.mktemp("lut") / "lut.json"
+    lut = build_lut(spec, Target(batch=4, threads=1), PCFG, Floors(), 8, path, progress=False)
+    return lut, path
+
+
+def test_build_save_reload(built, spec):
+    lut, path = built
+    assert path.is_file() and not path.with_name(path.name + ".partial").exists()
+    again = LatencyTable.load(path, expect=lut.signature)
+    assert np.array_equal(again.attn, lut.attn) and np.array_equal(again.mlp, lut.mlp)
+    assert lut.grid.embed == [8, 32] and lut.grid.heads == [1, 2] and lut.grid.mlp == [16, 64]
+    assert (lut.attn > 0).all() and (lut.mlp > 0).all() and (lut.shell > 0).all()
+    full = Plan.full(spec)
+    t = lut.predict(full)
+    assert t > 0 and np.isfinite(t)
+    # a smaller plan is predicted faster; skipping a block saves exactly its block latency
+    half = Plan.full(spec)
+    half.blocks[1].keep = False
+    assert lut.predict(half) == pytest.approx(t - lut.block_ms(32, 2, 16, 16, 64))
+    assert lut.marginal(full, 1, "block") == pytest.approx(t - lut.predict(half))
+    assert len(lut.checks) == 2 and "reproducibility_pct" in lut.meta
+
+
+def test_interpolation_reproduces_grid_points(built):
+    lut, _ = built
+    g = lut.grid
+    for i, E in enumerate(g.embed):
+        assert lut.shell_ms(E) == pytest.approx(lut.shell[i], rel=1e-12)
+        for j, H in enumerate(g.heads):
+            for m, M in enumerate(g.mlp):
+                want = lut.attn[i, j, 0, 0] + lut.mlp[i, m] + lut.block_correction_ms
+                assert lut.block_ms(E, H, g.qk[0], g.v[0], M) == pytest.approx(want, rel=1e-12)
+    # between grid points: between the neighbours
+    mid = lut.shell_ms(20)
+    assert min(lut.shell) - 1e-9 <= mid <= max(lut.shell) + 1e-9
+
+
+def test_signature_mismatch_is_refused(built, spec, tmp_path):
+    lut, path = built
+    other = dataclasses.replace(lut.signature, batch=64)
+    with pytest.raises(UserError, match="differs in: batch") as e:
+        lut.predict(Plan.full(spec), signature=other)
+    assert str(lut.signature) in str(e.value) and str(other) in str(e.value)
+    with pytest.raises(UserError, match="measured for"):
+        LatencyTable.load(path, expect=dataclasses.replace(lut.signature, device="Some Other CPU"))
+    # a plan from another teacher is refused too
+    big = describe(timm.create_model("vit_tiny_patch16_224", **{**TINY_KW, "embed_dim": 64}))
+    with pytest.raises(UserError, match="embed_dim"):
+        lut.predict(Plan.full(big))
+
+
+def test_corrupt_and_old_schema_files(built, tmp_path):
+    _, path = built
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"schema": 1, "signature": ')
+    with pytest.raises(UserError, match="not valid JSON"):
+        LatencyTable.load(bad)
+    d = json.loads(path.read_text())
+    d["schema"] = 0
+    bad.write_text(json.dumps(d))
+    with pytest.raises(UserError, match="schema 0"):
+        LatencyTable.load(bad)
+    d = json.loads(path.read_text())
+    d["attn_ms"] = d["attn_ms"][:1]
+    bad.write_text(json.dumps(d))
+    with pytest.raises(UserError, match="do not match its grid"):
+        LatencyTable.load(bad)
+    with pytest.raises(UserError, match="not found"):
+        LatencyTable.load(tmp_path / "none.json")
+
+
+def test_measurement_resumes_from_partial(spec, tmp_path):
+    items = [Item("shell_e8", "shell", (8,)), Item("shell_e16", "shell", (16,))]
+    sentinel = {"median_ms": -1.0, "p90_ms": -1.0, "n": 0}
+    done = {"shell_e8": sentinel}
+    saves = []
+    measure_items(items, spec, Target(batch=2, threads=1), 17, PCFG, tmp_path, done, lambda d: saves.append(dict(d)),
+                  progress=False)
+    assert done["shell_e8"] is sentinel  # reused, not re-measured
+    assert done["shell_e16"]["median_ms"] > 0 and done["shell_e16"]["n"] == 6
+    assert len(saves) == 1 and set(saves[0]) == {"shell_e8", "shell_e16"}
+
+
+def test_validation_reports_error_and_rank(built, spec, tmp_path):
+    from pipeline.models import canonical_state
+    from profiling.validate import validate_lut
+    from tests.conftest import random_init
+
+    lut, _ = built
+    teacher = random_init(timm.create_model("vit_tiny_patch16_224", **TINY_KW))
+    rep = validate_lut(lut, canonical_state(teacher), Target(batch=4, threads=1), 3, tmp_path, warmup=2, repeats=6,
+                       rounds=2, progress=False)
+    assert rep["n_plans"] == 4 and len(rep["rows"]) == 4
+    assert rep["rows"][0]["plan"] == "teacher"
+    assert all(r["measured_ms"] > 0 and r["predicted_ms"] > 0 for r in rep["rows"])
+    assert -1.0 <= rep["spearman"] <= 1.0
+    assert (tmp_path / "lut_validation.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "lut_validation.json").read_text())["n_plans"] == 4
