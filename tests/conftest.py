@@ -53,3 +53,29 @@ def random_init(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torc
             base = 1.0 if ("norm" in name and name.endswith("weight")) else 0.0
             p.copy_(torch.randn(p.shape, generator=g) * std + base)
     return model.eval()
+
+
+TINY_PCFG = dict(embed_points=2, head_points=0, qk_points=1, v_points=1, mlp_points=2, warmup=2, repeats=6, rounds=2,
+                 checks=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_spec():
+    import timm
+
+    from pipeline.models import describe
+
+    return describe(timm.create_model("vit_tiny_patch16_224", **TINY_KW), "vit_tiny_patch16_224", dict(TINY_KW))
+
+
+@pytest.fixture(scope="session")
+def tiny_lut(tiny_spec, tmp_path_factory):
+    """A real ORT-CPU LUT on a tiny grid (batch 4, 1 thread), measured once per session."""
+    from export.target import Target
+    from pipeline.config import ProfileConfig
+    from pipeline.plan import Floors
+    from profiling.lut import build_lut
+
+    path = tmp_path_factory.mktemp("lut") / "lut.json"
+    lut = build_lut(tiny_spec, Target(batch=4, threads=1), ProfileConfig(**TINY_PCFG), Floors(), 8, path, progress=False)
+    return lut, path

@@ -13,22 +13,19 @@ from pipeline.errors import UserError
 from pipeline.models import describe
 from pipeline.plan import Floors, Plan
 from profiling.lut import Item, LatencyTable, build_lut, measure_items
-from tests.conftest import TINY_KW
+from tests.conftest import TINY_KW, TINY_PCFG
 
-PCFG = ProfileConfig(embed_points=2, head_points=0, qk_points=1, v_points=1, mlp_points=2, warmup=2, repeats=6,
-                     rounds=2, checks=2)
-
-
-@pytest.fixture(scope="module")
-def spec():
-    return describe(timm.create_model("vit_tiny_patch16_224", **TINY_KW), "vit_tiny_patch16_224")
+PCFG = ProfileConfig(**TINY_PCFG)
 
 
 @pytest.fixture(scope="module")
-def built(spec, tmp_path_factory):
-    path = tmp_path_factory.mktemp("lut") / "lut.json"
-    lut = build_lut(spec, Target(batch=4, threads=1), PCFG, Floors(), 8, path, progress=False)
-    return lut, path
+def spec(tiny_spec):
+    return tiny_spec
+
+
+@pytest.fixture(scope="module")
+def built(tiny_lut):
+    return tiny_lut
 
 
 def test_build_save_reload(built, spec):

@@ -1,0 +1,102 @@
+"""Group saliency for structural pruning (NViT, Hessian-aware).
+
+NViT (Yang et al., CVPR 2023) scores a group S of weights by
+``(sum_{s in S} dL/dw_s * w_s)^2``, accumulated over batches: a Fisher
+(Hessian-aware) estimate of the loss change when the whole group is removed.
+For a group whose weights all feed one activation ``a`` (a head's output, a QK
+or V channel shared by the block's heads, an MLP neuron, a residual channel, a
+block's residual branches), ``sum_s dL/dw_s * w_s = dL/dg * a`` summed over the
+batch, where ``g`` is a gate multiplying ``a`` at ``g = 1``. So we attach gates
+(ones) to every prunable unit, backpropagate, and square each gate gradient per
+batch. All scores are then estimates of the same quantity, a change in loss, so
+heads, QK/V dims, MLP neurons, embedding channels and blocks are comparable
+without per-type rescaling; groups of several units add their unit scores.
+
+``magnitude_scores`` gives the L1 baseline (mean |w| of each unit's weights).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from pipeline.compact import CompactViT
+
+KINDS = ("heads", "qk", "v", "mlp")
+
+
+def attach_gates(model: CompactViT, masks: dict | None = None) -> dict:
+    """Put gate tensors on every prunable unit; returns {name: tensor}.
+
+    Names: ``embed``, ``b{j}.heads|qk|v|mlp|block`` (j = index into model.blocks).
+    ``masks`` (same names, 0/1 tensors) sets pruned units to 0.
+    """
+    gates = {"embed": torch.ones(model.embed_dim)}
+    model.gate_embed = gates["embed"]
+    for j, blk in enumerate(model.blocks):
+        a = blk.attn
+        gates[f"b{j}.heads"] = a.gate_head = torch.ones(a.heads)
+        gates[f"b{j}.qk"] = a.gate_qk = torch.ones(a.qk)
+        gates[f"b{j}.v"] = a.gate_v = torch.ones(a.v)
+        gates[f"b{j}.mlp"] = blk.mlp.gate = torch.ones(blk.mlp.fc1.out_features)
+        gates[f"b{j}.block"] = blk.gate = torch.ones(1)
+    if masks:
+        for k, m in masks.items():
+            gates[k].copy_(m)
+    return gates
+
+
+def detach_gates(model: CompactViT) -> None:
+    model.gate_embed = None
+    for blk in model.blocks:
+        blk.attn.gate_head = blk.attn.gate_qk = blk.attn.gate_v = None
+        blk.mlp.gate = None
+        blk.gate = None
+
+
+def hessian_scores(model: CompactViT, gates: dict, loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+                   batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """Accumulate ``(dL/dg)^2`` per unit over batches (NViT saliency)."""
+    scores = {k: torch.zeros_like(g) for k, g in gates.items()}
+    for g in gates.values():
+        g.requires_grad_(True)
+    model.eval()  # saliency without dropout-style noise; CompactViT has none anyway
+    try:
+        for x, y in batches:
+            for g in gates.values():
+                g.grad = None
+            model.zero_grad(set_to_none=True)
+            loss = loss_fn(model, x, y)
+            grads = torch.autograd.grad(loss, list(gates.values()), allow_unused=True)
+            for (k, _), gr in zip(gates.items(), grads):
+                if gr is not None:
+                    scores[k] += gr.detach() ** 2
+    finally:
+        for g in gates.values():
+            g.requires_grad_(False)
+    return scores
+
+
+def magnitude_scores(model: CompactViT) -> dict:
+    """L1 baseline: mean |w| of the weights that belong to each unit."""
+    out = {}
+    E = model.embed_dim
+    emb = torch.zeros(E)
+    n_emb = 0
+    for j, blk in enumerate(model.blocks):
+        a = blk.attn
+        H, QK, V = a.heads, a.qk, a.v
+        W = a.qkv.weight.detach().abs()
+        q, k, v = W[:H * QK].view(H, QK, E), W[H * QK:2 * H * QK].view(H, QK, E), W[2 * H * QK:].view(H, V, E)
+        P = a.proj.weight.detach().abs().view(E, H, V)
+        out[f"b{j}.heads"] = (q.mean((1, 2)) + k.mean((1, 2)) + v.mean((1, 2)) + P.mean((0, 2))) / 4
+        out[f"b{j}.qk"] = (q.mean((0, 2)) + k.mean((0, 2))) / 2
+        out[f"b{j}.v"] = (v.mean((0, 2)) + P.mean((0, 1))) / 2
+        f1, f2 = blk.mlp.fc1.weight.detach().abs(), blk.mlp.fc2.weight.detach().abs()
+        out[f"b{j}.mlp"] = (f1.mean(1) + f2.mean(0)) / 2
+        out[f"b{j}.block"] = torch.stack([a.proj.weight.detach().abs().mean(), f2.mean()]).mean().view(1)
+        emb += W.mean(0) + a.proj.weight.detach().abs().mean(1) + f1.mean(0) + f2.mean(1)
+        n_emb += 4
+    out["embed"] = emb / max(1, n_emb)
+    return out

@@ -1,0 +1,406 @@
+"""Latency-aware structural search (NViT-style), with UVC block skipping.
+
+Loop: score every prunable group with Hessian-aware saliency
+(:mod:`pipeline.saliency`), remove the cheapest groups until the step's latency
+target is met, fine-tune briefly with KD so the weights keep adapting, repeat
+until ``cost(plan) <= budget``. Latency comes from a measured LUT
+(:mod:`profiling.lut`); FLOPs/params budgets are supported for comparison with
+UVC and ViT-Slim.
+
+Groups: heads (1 at a time), QK and V dims shared across a block's heads,
+MLP neurons and embedding channels (``align`` units at a time, so widths stay
+multiples of 8 for the target's fast kernels), and whole blocks (UVC).
+
+Selection strategies (same interface):
+
+* ``knapsack`` (HALP, Shen et al. 2022): remove the group with the least
+  importance per ms saved.
+* ``nvit``: remove the group with the lowest ``S/mean(S) - eta * dLat/mean(dLat)``
+  (NViT's latency-regularised score).
+* ``magnitude``: the knapsack loop with L1 weight magnitude instead of saliency.
+* ``uniform``: one width fraction for every block (units ranked by L1), no skipping.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from pipeline.compact import CompactViT
+from pipeline.config import SearchConfig
+from pipeline.data import make_loader
+from pipeline.errors import UserError
+from pipeline.plan import BlockPlan, Floors, Plan
+from pipeline.saliency import attach_gates, detach_gates, hessian_scores, magnitude_scores
+
+DIMS = ("heads", "qk", "v", "mlp")
+
+
+# ---------------------------------------------------------------------------
+# Costs: latency (LUT), MACs, params
+
+
+class Cost:
+    """What the budget is measured in. ``predict(plan)`` and ``saved(plan, removal)``."""
+
+    unit = ""
+
+    def predict(self, plan: Plan) -> float:
+        raise NotImplementedError
+
+    def saved(self, plan: Plan, block: Optional[int], dim: str, n: int) -> float:
+        after = apply_removal(plan, block, dim, n)
+        return self.predict(plan) - self.predict(after)
+
+
+class LatencyCost(Cost):
+    unit = "ms"
+
+    def __init__(self, lut):
+        self.lut = lut
+
+    def predict(self, plan: Plan) -> float:
+        return self.lut.predict(plan)
+
+    def saved(self, plan: Plan, block: Optional[int], dim: str, n: int) -> float:
+        return self.lut.marginal(plan, block, dim, groups=1, group_size=n if dim != "block" else 1)
+
+
+class MacsCost(Cost):
+    unit = "MMACs"
+
+    def predict(self, plan: Plan) -> float:
+        return plan.macs() / 1e6
+
+
+class ParamsCost(Cost):
+    unit = "Mparams"
+
+    def predict(self, plan: Plan) -> float:
+        return plan.num_params() / 1e6
+
+
+def resolve_budget(cfg: SearchConfig, lut) -> tuple[Cost, float, str]:
+    """(cost model, budget in its unit, description)."""
+    full = Plan.full(lut.spec)
+    if cfg.flops_fraction is not None:
+        c = MacsCost()
+        return c, cfg.flops_fraction * c.predict(full), f"{cfg.flops_fraction:.0%} of the teacher's MACs"
+    if cfg.params_fraction is not None:
+        c = ParamsCost()
+        return c, cfg.params_fraction * c.predict(full), f"{cfg.params_fraction:.0%} of the teacher's params"
+    c = LatencyCost(lut)
+    if cfg.budget_ms is not None:
+        return c, cfg.budget_ms, f"{cfg.budget_ms:.3f} ms"
+    if cfg.budget_fraction is None:
+        raise UserError("search", "no budget set", "set search.budget_fraction, budget_ms, flops_fraction or params_fraction")
+    return c, cfg.budget_fraction * c.predict(full), f"{cfg.budget_fraction:.0%} of the teacher's predicted latency"
+
+
+# ---------------------------------------------------------------------------
+# Plan surgery
+
+
+def apply_removal(plan: Plan, block: Optional[int], dim: str, n: int, units: Optional[list[int]] = None) -> Plan:
+    """A copy of ``plan`` without ``units`` of ``dim`` (any ``n`` of them when ``units`` is None)."""
+    p = plan.copy()
+    if dim == "embed":
+        keep = p.embed_keep
+        drop = set(units) if units is not None else set(keep[-n:])
+        p.embed_keep = [i for i in keep if i not in drop]
+        return p
+    b = p.blocks[block]
+    if dim == "block":
+        p.blocks[block] = BlockPlan(False)
+        return p
+    cur = getattr(b, dim)
+    drop = set(units) if units is not None else set(cur[-n:])
+    setattr(b, dim, [i for i in cur if i not in drop])
+    return p
+
+
+def floor_plan(spec: dict, fl: Floors, e_min: int, min_blocks: int, align: int) -> Plan:
+    """The smallest plan the search may reach (latency lower bound)."""
+    def aligned(floor: int, full: int) -> int:
+        return min(full, max(floor, align))
+
+    blocks = []
+    for i in range(spec["depth"]):
+        if i < min_blocks:
+            blocks.append(BlockPlan(True, list(range(fl.heads)), list(range(aligned(fl.qk, spec["head_dim"]))),
+                                    list(range(aligned(fl.v, spec["head_dim"]))),
+                                    list(range(aligned(fl.mlp, spec["mlp_hidden"])))))
+        else:
+            blocks.append(BlockPlan(False))
+    return Plan(spec=dict(spec), embed_keep=list(range(e_min)), blocks=blocks)
+
+
+def masks_from_plan(plan: Plan) -> dict:
+    s = plan.spec
+    m = {"embed": torch.zeros(s["embed_dim"])}
+    m["embed"][plan.embed_keep] = 1
+    for i, b in enumerate(plan.blocks):
+        for dim, n in (("heads", s["num_heads"]), ("qk", s["head_dim"]), ("v", s["head_dim"]), ("mlp", s["mlp_hidden"])):
+            t = torch.zeros(n)
+            if b.keep:
+                t[getattr(b, dim)] = 1
+            m[f"b{i}.{dim}"] = t
+        m[f"b{i}.block"] = torch.ones(1) if b.keep else torch.zeros(1)
+    return m
+
+
+# ---------------------------------------------------------------------------
+# Selection
+
+
+@dataclass
+class Candidate:
+    block: Optional[int]
+    dim: str
+    units: list[int]
+    saliency: float
+    saved: float = 0.0
+
+
+def candidates(plan: Plan, scores: dict, fl: Floors, e_min: int, min_blocks: int, align: int,
+               allow_embed: bool, allow_blocks: bool) -> list[Candidate]:
+    """The cheapest group of every (block, dim), plus whole blocks and embedding channels."""
+    out = []
+    floors = {"heads": fl.heads, "qk": fl.qk, "v": fl.v, "mlp": fl.mlp}
+    kept = plan.kept_blocks
+    for i in kept:
+        b = plan.blocks[i]
+        for dim in DIMS:
+            alive = getattr(b, dim)
+            step = 1 if dim == "heads" else (len(alive) % align or align)
+            if len(alive) - step < floors[dim]:
+                continue
+            sc = scores[f"b{i}.{dim}"]
+            units = sorted(alive, key=lambda u: (float(sc[u]), u))[:step]
+            out.append(Candidate(i, dim, sorted(units), float(sum(sc[u] for u in units))))
+        if allow_blocks and len(kept) > min_blocks:
+            out.append(Candidate(i, "block", [], float(scores[f"b{i}.block"].sum())))
+    if allow_embed:
+        alive = plan.embed_keep
+        step = len(alive) % align or align
+        if len(alive) - step >= e_min:
+            sc = scores["embed"]
+            units = sorted(alive, key=lambda u: (float(sc[u]), u))[:step]
+            out.append(Candidate(None, "embed", sorted(units), float(sum(sc[u] for u in units))))
+    return out
+
+
+def prune_to(plan: Plan, scores: dict, cost: Cost, target: float, strategy: str, cfg: SearchConfig, e_min: int,
+             log: Callable[[str], None] = print) -> tuple[Plan, list[Candidate]]:
+    """Greedily remove groups until ``cost.predict(plan) <= target``."""
+    fl = Floors(cfg.min_heads, cfg.min_qk, cfg.min_v, cfg.min_mlp)
+    removed: list[Candidate] = []
+    norm_s = norm_l = None
+    while cost.predict(plan) > target:
+        cands = candidates(plan, scores, fl, e_min, cfg.min_blocks, cfg.align, cfg.prune_embed, cfg.prune_blocks)
+        if not cands:
+            break
+        for c in cands:
+            c.saved = cost.saved(plan, c.block, c.dim, len(c.units) or 1)
+        if strategy == "nvit":
+            if norm_s is None:
+                norm_s = sum(c.saliency for c in cands) / len(cands) or 1.0
+                norm_l = sum(max(c.saved, 0.0) for c in cands) / len(cands) or 1.0
+            key = lambda c: c.saliency / norm_s - cfg.eta * c.saved / norm_l  # noqa: E731
+        else:  # knapsack (HALP): least importance per unit of latency saved
+            key = lambda c: c.saliency / max(c.saved, 1e-9)  # noqa: E731
+        best = min(cands, key=lambda c: (key(c), c.block if c.block is not None else -1, c.dim))
+        if best.saved <= 0 and strategy != "nvit":
+            best = max(cands, key=lambda c: c.saved)  # nothing cheap left: take the biggest saving
+            if best.saved <= 0:
+                break
+        plan = apply_removal(plan, best.block, best.dim, len(best.units), best.units or None)
+        removed.append(best)
+    return plan, removed
+
+
+def uniform_plan(teacher_state_model: CompactViT, spec: dict, cost: Cost, budget: float, cfg: SearchConfig) -> Plan:
+    """One width fraction for every block's heads, QK, V and MLP (units ranked by L1)."""
+    mags = magnitude_scores(teacher_state_model)
+    fl = Floors(cfg.min_heads, cfg.min_qk, cfg.min_v, cfg.min_mlp)
+    a = cfg.align
+
+    def width(full: int, f: float, floor: int, align: int) -> int:
+        w = max(floor, int(round(full * f / align)) * align)
+        return min(full, max(w, align if full >= align else 1))
+
+    def make(f: float) -> Plan:
+        blocks = []
+        for i in range(spec["depth"]):
+            dims = {"heads": width(spec["num_heads"], f, fl.heads, 1), "qk": width(spec["head_dim"], f, fl.qk, a),
+                    "v": width(spec["head_dim"], f, fl.v, a), "mlp": width(spec["mlp_hidden"], f, fl.mlp, a)}
+            kept = {}
+            for dim, n in dims.items():
+                sc = mags[f"b{i}.{dim}"]
+                kept[dim] = sorted(sorted(range(len(sc)), key=lambda u: (-float(sc[u]), u))[:n])
+            blocks.append(BlockPlan(True, kept["heads"], kept["qk"], kept["v"], kept["mlp"]))
+        return Plan(spec=dict(spec), embed_keep=list(range(spec["embed_dim"])), blocks=blocks)
+
+    if cost.predict(make(0.0)) > budget:
+        raise UserError("search", f"uniform width scaling cannot reach the budget {budget:.3f} {cost.unit} "
+                        f"(smallest uniform plan: {cost.predict(make(0.0)):.3f})", "raise the budget or use strategy knapsack")
+    lo, hi = 0.0, 1.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if cost.predict(make(mid)) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return make(lo)
+
+
+# ---------------------------------------------------------------------------
+# The search loop
+
+
+@dataclass
+class SearchResult:
+    plan: Plan
+    state: dict  # adapted full-size weights (canonical naming), sliceable with the plan
+    log: list = field(default_factory=list)
+    budget: float = 0.0
+    unit: str = "ms"
+    budget_desc: str = ""
+    wall_s: float = 0.0
+
+
+def _val_top1(model: nn.Module, val_ds, n: int = 2000) -> float:
+    from pipeline.data import TensorImages
+    from pipeline.evaluate import top1
+
+    ds = val_ds.subset(torch.arange(min(n, len(val_ds)))) if isinstance(val_ds, TensorImages) else val_ds
+    return top1(model, ds, 512)
+
+
+def run_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchConfig, train_ds, val_ds,
+               batch_size: int = 128, kd_alpha: float = 1.0, kd_T: float = 2.0,
+               log: Callable[[str], None] = print) -> SearchResult:
+    """Search a plan for ``student`` (a keep-everything CompactViT of ``teacher``) under the budget."""
+    from pipeline.distill import make_kd_fn
+
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    spec = lut.spec
+    cost, budget, desc = resolve_budget(cfg, lut)
+    e_min = lut.grid.embed[0] if cfg.prune_embed else spec["embed_dim"]
+    fl = Floors(cfg.min_heads, cfg.min_qk, cfg.min_v, cfg.min_mlp)
+    lower = cost.predict(floor_plan(spec, fl, e_min, cfg.min_blocks if cfg.prune_blocks else spec["depth"], cfg.align))
+    full = Plan.full(spec)
+    start = cost.predict(full)
+    if budget < lower:
+        raise UserError("search", f"budget {budget:.3f} {cost.unit} ({desc}) is below the smallest reachable "
+                        f"{lower:.3f} {cost.unit} (floors: heads>={fl.heads}, QK>={fl.qk}, V>={fl.v}, MLP>={fl.mlp}, "
+                        f"embed>={e_min}, blocks>={cfg.min_blocks})",
+                        f"raise the budget above {lower:.3f} {cost.unit} or lower the floors")
+    log(f"[search] {cfg.strategy}: teacher {start:.3f} {cost.unit} -> budget {budget:.3f} {cost.unit} ({desc})")
+    rec = {"step": 0, "cost": start, "val_top1": None, "removed": 0, "s": 0.0}
+    history = [rec]
+    if cfg.strategy == "uniform":
+        plan = uniform_plan(student, spec, cost, budget, cfg)
+        history.append({"step": 1, "cost": cost.predict(plan), "val_top1": None, "removed": None,
+                        "s": round(time.time() - t0, 1)})
+        plan.meta = {"strategy": "uniform", "budget": budget, "unit": cost.unit, "predicted": cost.predict(plan)}
+        return SearchResult(plan, {k: v.clone() for k, v in student.state_dict().items()}, history, budget, cost.unit,
+                            desc, time.time() - t0)
+    kd = make_kd_fn(teacher, kd_alpha, kd_T)
+    plan = full
+    opt = torch.optim.AdamW([p for p in student.parameters()], lr=cfg.lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(cfg.seed)
+    steps = max(1, cfg.steps)
+    epoch = 0
+    loader = make_loader(train_ds, batch_size, shuffle=True, seed=cfg.seed, drop_last=True, epoch=epoch)
+    it = iter(loader)
+
+    def next_batch():
+        nonlocal it, epoch, loader
+        try:
+            return next(it)
+        except StopIteration:
+            epoch += 1
+            loader = make_loader(train_ds, batch_size, shuffle=True, seed=cfg.seed, drop_last=True, epoch=epoch)
+            it = iter(loader)
+            return next(it)
+
+    for step in range(1, steps + 1):
+        target = start * (budget / start) ** (step / steps)
+        if step == steps:
+            target = budget
+        masks = masks_from_plan(plan)
+        gates = attach_gates(student, masks)
+        if cfg.strategy == "magnitude":
+            raw = magnitude_scores(student)
+            scores = {k: v / (v.mean() + 1e-12) for k, v in raw.items()}  # per-group relative magnitude
+        else:
+            batches = [next_batch() for _ in range(cfg.saliency_batches)]
+            scores = hessian_scores(student, gates, kd, batches)
+        plan, removed = prune_to(plan, scores, cost, target, "nvit" if cfg.strategy == "nvit" else "knapsack", cfg, e_min, log)
+        gates = attach_gates(student, masks_from_plan(plan))
+        student.train()
+        for _ in range(cfg.kd_iters):
+            x, y = next_batch()
+            loss = kd(student, x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            opt.step()
+        student.eval()
+        acc = _val_top1(student, val_ds)
+        c = cost.predict(plan)
+        counts = {}
+        for r in removed:
+            counts[r.dim] = counts.get(r.dim, 0) + 1
+        rec = {"step": step, "target": target, "cost": c, "val_top1": acc, "removed": counts, "s": round(time.time() - t0, 1)}
+        history.append(rec)
+        log(f"[search] step {step}/{steps}: {c:.3f} {cost.unit} (target {target:.3f}), removed {counts}, "
+            f"val top-1 {acc:.2f}%")
+    if cost.predict(plan) > budget + 1e-9:
+        raise UserError("search", f"could not reach the budget {budget:.3f} {cost.unit}; stopped at "
+                        f"{cost.predict(plan):.3f}", "raise the budget, lower the floors or allow block/embed pruning")
+    detach_gates(student)
+    # zero nothing: slicing drops pruned units; keep adapted weights for the slice stage
+    state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    plan.meta = {"strategy": cfg.strategy, "budget": budget, "unit": cost.unit, "predicted": cost.predict(plan),
+                 "budget_desc": desc}
+    return SearchResult(plan.validate(fl), state, history, budget, cost.unit, desc, time.time() - t0)
+
+
+def plot_widths(plan: Plan, path, title: str = "") -> None:
+    """NViT's 'parameter redistribution' picture: kept fraction per block and dim."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from pipeline.io import atomic_save
+
+    s = plan.spec
+    full = {"heads": s["num_heads"], "qk": s["head_dim"], "v": s["head_dim"], "mlp": s["mlp_hidden"]}
+    depth = len(plan.blocks)
+    x = np.arange(depth)
+    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=110)
+    w = 0.2
+    for k, dim in enumerate(DIMS):
+        vals = [len(getattr(b, dim)) / full[dim] if b.keep else 0.0 for b in plan.blocks]
+        ax.bar(x + (k - 1.5) * w, vals, w, label=f"{dim} (of {full[dim]})")
+    for i, b in enumerate(plan.blocks):
+        if not b.keep:
+            ax.text(i, 0.02, "skipped", rotation=90, ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x, [str(i) for i in range(depth)])
+    ax.set_xlabel("block")
+    ax.set_ylabel("kept fraction")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title or f"kept widths per block (embed {plan.embed_dim}/{s['embed_dim']})", fontsize=9)
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.22))
+    fig.tight_layout()
+    atomic_save(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)

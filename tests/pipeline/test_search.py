@@ -1,0 +1,135 @@
+"""Search on a tiny model with a tiny measured LUT."""
+import copy
+
+import pytest
+import timm
+import torch
+
+from pipeline.config import SearchConfig
+from pipeline.data import build_splits
+from pipeline.distill import make_kd_fn
+from pipeline.errors import UserError
+from pipeline.plan import Plan
+from pipeline.saliency import attach_gates, hessian_scores
+from pipeline.search import LatencyCost, prune_to, run_search
+from pipeline.slicing import full_size_compact
+from tests.conftest import TINY_KW, random_init
+
+
+@pytest.fixture(scope="module")
+def data(fmnist_dir):
+    from pipeline.config import DataConfig
+
+    return build_splits(DataConfig(root=fmnist_dir, train_limit=512, val_limit=128, test_limit=128))
+
+
+def teacher(seed=0):
+    return random_init(timm.create_model("vit_tiny_patch16_224", **TINY_KW), seed=seed, std=0.15)
+
+
+def scores_for(t, data):
+    student, _ = full_size_compact(t)
+    gates = attach_gates(student)
+    kd = make_kd_fn(copy.deepcopy(t), 1.0, 2.0)
+    batches = [data.train[list(range(i * 64, (i + 1) * 64))] for i in range(2)]
+    return hessian_scores(student, gates, kd, batches)
+
+
+def cfg(**kw):
+    base = dict(steps=2, kd_iters=3, saliency_batches=2, budget_fraction=0.6, lr=1e-4)
+    base.update(kw)
+    return SearchConfig(**base)
+
+
+def test_planted_dead_head_goes_first(data, tiny_lut):
+    lut, _ = tiny_lut
+    t = teacher()
+    hd = 16
+    with torch.no_grad():  # head 1 of block 0 computes nothing
+        blk = t.blocks[0].attn
+        for part in range(3):
+            rows = slice(part * 32 + hd, part * 32 + 2 * hd)
+            blk.qkv.weight[rows] = 0
+            blk.qkv.bias[rows] = 0
+        blk.proj.weight[:, hd:2 * hd] = 0
+    sc = scores_for(t, data)
+    assert sc["b0.heads"][1].item() == 0.0
+    assert sc["b0.heads"][0].item() > 0 and (sc["b1.heads"] > 0).all()
+    full = Plan.full(lut.spec)
+    cost = LatencyCost(lut)
+    plan, removed = prune_to(full, sc, cost, cost.predict(full) - 1e-6, "knapsack", cfg(), e_min=8)
+    assert (removed[0].block, removed[0].dim, removed[0].units) == (0, "heads", [1])
+    assert plan.blocks[0].heads == [0]
+
+
+def test_planted_identity_block_is_skipped(data, tiny_lut):
+    lut, _ = tiny_lut
+    t = teacher(seed=1)
+    with torch.no_grad():
+        for lin in (t.blocks[1].attn.proj, t.blocks[1].mlp.fc2):
+            lin.weight.zero_()
+            lin.bias.zero_()
+    sc = scores_for(t, data)
+    assert sc["b1.block"].item() == 0.0 and sc["b0.block"].item() > 0
+    full = Plan.full(lut.spec)
+    cost = LatencyCost(lut)
+    plan, removed = prune_to(full, sc, cost, cost.predict(full) - 1e-6, "knapsack", cfg(), e_min=8)
+    assert removed[0].dim == "block" and removed[0].block == 1
+    assert not plan.blocks[1].keep and plan.blocks[0].keep
+
+
+@pytest.mark.parametrize("strategy", ["knapsack", "nvit", "magnitude", "uniform"])
+def test_search_meets_budget_floors_alignment(data, tiny_lut, strategy):
+    lut, _ = tiny_lut
+    t = teacher(seed=2)
+    student, _ = full_size_compact(t)
+    frac = 0.85 if strategy == "uniform" else 0.55  # uniform keeps every block and the full embedding
+    c = cfg(strategy=strategy, budget_fraction=frac)
+    res = run_search(t, student, lut, c, data.train, data.val, batch_size=64, log=lambda m: None)
+    plan = res.plan
+    assert lut.predict(plan) <= res.budget + 1e-9
+    assert res.budget == pytest.approx(frac * lut.predict(Plan.full(lut.spec)))
+    assert plan.embed_dim % 8 == 0 and plan.embed_dim >= 8
+    for b in plan.blocks:
+        if b.keep:
+            H, QK, V, M = b.dims
+            assert H >= 1 and QK >= 8 and V >= 8 and M >= 16
+            assert QK % 8 == 0 and V % 8 == 0 and M % 8 == 0
+    assert len(res.log) >= 2 and res.log[-1]["cost"] == pytest.approx(lut.predict(plan))
+
+
+def test_same_seed_same_plan(data, tiny_lut):
+    lut, _ = tiny_lut
+    plans = []
+    for _ in range(2):
+        t = teacher(seed=3)
+        student, _ = full_size_compact(t)
+        plans.append(run_search(t, student, lut, cfg(), data.train, data.val, batch_size=64, log=lambda m: None).plan)
+    assert plans[0].to_dict() == plans[1].to_dict()
+
+
+def test_uniform_refuses_unreachable_budget(data, tiny_lut):
+    lut, _ = tiny_lut
+    t = teacher()
+    student, _ = full_size_compact(t)
+    with pytest.raises(UserError, match="uniform width scaling cannot reach"):
+        run_search(t, student, lut, cfg(strategy="uniform", budget_fraction=0.6), data.train, data.val, batch_size=64,
+                   log=lambda m: None)
+
+
+def test_impossible_budget_is_refused(data, tiny_lut):
+    lut, _ = tiny_lut
+    t = teacher()
+    student, _ = full_size_compact(t)
+    with pytest.raises(UserError, match="below the smallest reachable"):
+        run_search(t, student, lut, cfg(budget_fraction=None, budget_ms=1e-4), data.train, data.val, batch_size=64,
+                   log=lambda m: None)
+
+
+def test_flops_budget(data, tiny_lut):
+    lut, _ = tiny_lut
+    t = teacher(seed=4)
+    student, _ = full_size_compact(t)
+    res = run_search(t, student, lut, cfg(budget_fraction=None, flops_fraction=0.5), data.train, data.val,
+                     batch_size=64, log=lambda m: None)
+    assert res.plan.macs() <= 0.5 * Plan.full(lut.spec).macs() + 1
