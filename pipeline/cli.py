@@ -123,6 +123,48 @@ def cmd_profile(args) -> int:
     return 0 if rep["n_plans"] else 1
 
 
+def cmd_search(args) -> int:
+    from pipeline.data import build_splits
+    from pipeline.stages import stage_profile, stage_search
+
+    cfg = _cfg(args)
+    splits = build_splits(cfg.data)
+    teacher, spec, _ = _teacher_and_spec(cfg, splits)
+    lut, _ = stage_profile(cfg, spec)
+    out = Path(args.out or cfg.out_dir)
+    res = stage_search(cfg, teacher, lut, splits, out)
+    print(res.plan.summary())
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from pipeline.data import build_splits
+    from pipeline.finetune import finetune
+    from pipeline.slicing import load_compact
+    from pipeline.stages import check_plan_matches_teacher
+    from pipeline.teacher import load_teacher
+    from pipeline.trainer import Interrupted, dist_info
+
+    cfg = _cfg(args)
+    splits = build_splits(cfg.data)
+    teacher, _ = load_teacher(cfg, splits, train_if_missing=False)
+    student = load_compact(args.student)
+    check_plan_matches_teacher(student.plan, teacher, cfg)
+    try:
+        res = finetune(cfg, teacher, student, student.plan, splits, args.out, resume=args.resume,
+                       stop_after=args.stop_after)
+    except Interrupted as e:
+        if dist_info()[0] == 0:
+            print(f"vitrim: {e}", file=sys.stderr)
+        return 128 + int(e.signum)
+    if dist_info()[0] == 0:
+        if res.interrupted:
+            print(f"stopped after {args.stop_after} epoch(s); continue with --resume")
+        else:
+            print(f"fine-tuned in {res.wall_s:.0f}s; wrote {args.out}/student.safetensors and plan.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vitrim", description="Make Vision Transformers fast on a chosen target: "
                                 "profile -> search -> slice -> fine-tune -> export & verify.")
@@ -155,6 +197,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="validate: output directory (default out_dir)")
     s.add_argument("--lut", help="show: a LUT file")
     s.set_defaults(fn=cmd_profile)
+
+    s = sub.add_parser("search", help="latency-aware structural search (writes plan.json)")
+    _common(s)
+    s.add_argument("--out", help="output directory (default out_dir)")
+    s.set_defaults(fn=cmd_search)
+
+    s = sub.add_parser("finetune", help="KD fine-tune a sliced student (single process or under torchrun)")
+    _common(s)
+    s.add_argument("--student", required=True, help="directory with plan.json + student.safetensors (from slice)")
+    s.add_argument("--out", required=True, help="output directory (checkpoints in OUT/finetune/)")
+    s.add_argument("--resume", action="store_true", help="continue from OUT/finetune/checkpoint.pt")
+    s.add_argument("--stop-after", type=int, help="stop after N epochs in this invocation (resume later)")
+    s.set_defaults(fn=cmd_finetune)
 
     return p
 

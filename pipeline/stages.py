@@ -65,3 +65,40 @@ def copy_into(src: Path, dst: Path) -> Path:
     with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
     return dst
+
+
+def stage_search(cfg: RunConfig, teacher, lut, splits, out_dir: Path, log: Callable[[str], None] = print):
+    """Search a plan; writes plan.json, search_log.json, widths.png and search_state.safetensors."""
+    from pipeline.io import atomic_write_json
+    from pipeline.models import save_weights
+    from pipeline.search import plot_widths, run_search
+    from pipeline.slicing import full_size_compact
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    student, _ = full_size_compact(teacher)
+    res = run_search(teacher, student, lut, cfg.search, splits.train, splits.val, batch_size=cfg.data.batch_size,
+                     kd_alpha=cfg.finetune.alpha, kd_T=cfg.finetune.temperature, log=log)
+    res.plan.spec = dict(lut.spec)
+    res.plan.save(out_dir / "plan.json")
+    atomic_write_json(out_dir / "search_log.json", {"strategy": cfg.search.strategy, "budget": res.budget,
+                                                     "unit": res.unit, "budget_desc": res.budget_desc,
+                                                     "wall_s": round(res.wall_s, 1), "steps": res.log})
+    save_weights(res.state, out_dir / "search_state.safetensors")
+    plot_widths(res.plan, out_dir / "widths.png", f"{cfg.search.strategy}: kept widths per block "
+                f"(embed {res.plan.embed_dim}/{lut.spec['embed_dim']})")
+    log(f"[search] done in {res.wall_s:.0f}s: predicted {lut.predict(res.plan):.3f} ms, "
+        f"{res.plan.num_params() / 1e6:.3f}M params; wrote {out_dir / 'plan.json'}")
+    return res
+
+
+def check_plan_matches_teacher(plan, teacher, cfg: RunConfig) -> None:
+    from pipeline.models import describe
+
+    t = describe(teacher, cfg.model.arch, cfg.model.kwargs)
+    keys = [k for k in t if k not in ("arch", "kwargs")]
+    bad = [k for k in keys if plan.spec.get(k) != t[k]]
+    if bad:
+        raise UserError("finetune", f"the student's plan was made for another teacher ({bad[0]}: plan "
+                        f"{plan.spec.get(bad[0])!r}, teacher {t[bad[0]]!r})",
+                        "use the config of the teacher the plan was searched on")

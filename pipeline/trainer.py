@@ -141,8 +141,12 @@ def load_checkpoint(path: Path, model: nn.Module) -> dict:
 
 def train(model: nn.Module, loss_fn: LossFn, train_ds: Dataset, spec: TrainSpec, out_dir: str | os.PathLike,
           val_fn: Optional[Callable[[nn.Module], float]] = None, resume: bool = False, device: str = "cpu",
-          desc: str = "train", log: Callable[[str], None] = print) -> TrainResult:
-    """Train ``model`` in place; checkpoints go to ``out_dir/checkpoint.pt``."""
+          desc: str = "train", log: Callable[[str], None] = print, stop_after: Optional[int] = None) -> TrainResult:
+    """Train ``model`` in place; checkpoints go to ``out_dir/checkpoint.pt``.
+
+    ``stop_after`` ends this invocation after that many epochs (a checkpoint is
+    written; ``resume=True`` continues). Useful for job-chunked clusters.
+    """
     from pipeline.io import atomic_save
 
     rank, world = init_distributed(device)
@@ -271,6 +275,10 @@ def train(model: nn.Module, loss_fn: LossFn, train_ds: Dataset, spec: TrainSpec,
             save(epoch + 1, 0)
             if _stop_requested(stop, world):
                 raise Interrupted(stop["sig"] or signal.SIGTERM, ckpt_path)
+            if stop_after is not None and epoch + 1 - start_epoch >= stop_after and epoch + 1 < spec.epochs:
+                result.interrupted = True
+                result.wall_s = time.time() - t0
+                return result
         if ema is not None:
             model.load_state_dict(ema.module.state_dict())
     finally:

@@ -1,0 +1,54 @@
+"""Fine-tune a sliced student with knowledge distillation from the original.
+
+A sliced model recovers accuracy only by fine-tuning with distillation (NViT,
+UVC and ViT-Slim all do). The loss is :func:`pipeline.distill.kd_loss`; the
+loop is :func:`pipeline.trainer.train` (AdamW + cosine, clipping, optional EMA,
+AMP on CUDA, torchrun/DDP, atomic per-epoch checkpoints, exact resume,
+SIGTERM-safe). Output: ``student.safetensors`` + ``plan.json``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from pipeline.compact import CompactViT
+from pipeline.config import RunConfig
+from pipeline.distill import make_kd_fn
+from pipeline.evaluate import top1
+from pipeline.io import atomic_write_json
+from pipeline.plan import Plan
+from pipeline.slicing import save_compact
+from pipeline.trainer import TrainResult, TrainSpec, dist_info, train
+
+
+def finetune(cfg: RunConfig, teacher: torch.nn.Module, student: CompactViT, plan: Plan, splits, out_dir: str | os.PathLike,
+             resume: bool = False, device: Optional[str] = None, log: Callable[[str], None] = print,
+             stop_after: Optional[int] = None) -> TrainResult:
+    """KD fine-tune ``student`` in place and write the student artifacts (rank 0)."""
+    f = cfg.finetune
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    teacher.to(device)
+    if student.head_dist is not None:
+        student.distilled_training = True  # train both heads
+    kd = make_kd_fn(teacher, f.alpha, f.temperature, f.label_smoothing)
+    spec = TrainSpec(epochs=f.epochs, batch_size=cfg.data.batch_size, lr=f.lr, min_lr=f.min_lr,
+                     weight_decay=f.weight_decay, warmup_epochs=f.warmup_epochs, clip_grad=f.clip_grad, ema=f.ema,
+                     amp=f.amp, seed=f.seed, hflip=False)
+    out = Path(out_dir)
+
+    def val_fn(m):
+        return top1(m, splits.val, cfg.data.eval_batch_size, device)
+
+    res = train(student, kd, splits.train, spec, out / "finetune", val_fn=val_fn, resume=resume, device=device,
+                desc="finetune", log=log, stop_after=stop_after)
+    student.distilled_training = False
+    rank, _, _ = dist_info()
+    if rank == 0 and not res.interrupted:
+        student.to("cpu").eval()
+        save_compact(student, plan, out)
+        atomic_write_json(out / "finetune_log.json", {"history": res.history, "wall_s": round(res.wall_s, 1),
+                                                       "resumed_from": res.resumed_from, "epochs": f.epochs})
+    return res
