@@ -79,7 +79,12 @@ def _poly_runner(runner, name: str, input_name: str, output_name: str):
             return TensorMetadata().add(input_name, np.float32, (-1, *runner.sample_shape()))
 
         def infer_impl(self, feed_dict):
-            return OrderedDict([(output_name, runner.infer(feed_dict[input_name]))])
+            import time
+
+            t = time.perf_counter()
+            out = runner.infer(feed_dict[input_name])
+            self.inference_time = time.perf_counter() - t
+            return OrderedDict([(output_name, out)])
 
     return _Adapter()
 
@@ -96,7 +101,9 @@ def compare_outputs(reference, engine, batches: Iterable[np.ndarray], tol: Toler
     acc = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=tol.atol, rtol=tol.rtol))
     stats: dict = {}
     failures: list[str] = []
-    for _pair, iterations in acc.items():
+    # Polygraphy >= 0.50 returns a list of AccuracyResult (one per compare func); older ones a single dict.
+    acc_list = [acc] if hasattr(acc, "items") else list(acc)
+    for _pair, iterations in (kv for a in acc_list for kv in a.items()):
         for it, per_output in enumerate(iterations):
             for out_name, r in per_output.items():
                 s = stats.setdefault(out_name, {"max_absdiff": 0.0, "max_reldiff": 0.0, "mean_absdiff": [],

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, VitrimError
 
 DEFAULT_CONFIG = "configs/fmnist_cpu.yaml"
 
@@ -165,6 +165,66 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from pipeline.data import build_splits
+    from pipeline.slicing import load_compact
+    from pipeline.stages import copy_into, stage_export, stage_profile
+    from pipeline.teacher import load_teacher
+
+    cfg = _cfg(args)
+    splits = build_splits(cfg.data)
+    out = Path(args.out or cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lut = plan = None
+    if args.teacher:
+        model, _ = load_teacher(cfg, splits, train_if_missing=False)
+        name = f"teacher {cfg.model.arch}"
+    else:
+        if not args.student:
+            raise UserError("export", "nothing to export", "pass --student DIR (plan.json + student.safetensors) or --teacher")
+        model = load_compact(args.student)
+        plan = model.plan
+        name = f"student {args.student}"
+        for f in ("student.safetensors", "plan.json"):
+            copy_into(Path(args.student) / f, out / f)
+        if not args.no_lut:
+            lut = _find_lut(cfg, plan.spec, build=args.profile)
+            if lut is not None:
+                copy_into(lut.path, out / "lut.json")
+    stage_export(cfg, model, out, splits, plan=plan, lut=lut, onnx_path=Path(args.onnx) if args.onnx else None,
+                 name=name)
+    return 0
+
+
+def _find_lut(cfg, spec, build: bool = False):
+    """The matching LUT (built when ``build``), or None with a note when there is none."""
+    from export.target import Target
+    from pipeline.stages import lut_path, stage_profile
+    from profiling.lut import LatencyTable
+
+    target = Target.from_config(cfg.target)
+    if build:
+        lut, path = stage_profile(cfg, spec)
+    else:
+        path = lut_path(cfg, spec, target)
+        if not path.is_file():
+            print(f"[export] no LUT at {path}: the manifest will have no predicted latency (use --profile to build one)")
+            return None
+        from pipeline.plan import Plan
+
+        lut = LatencyTable.load(path, expect=target.signature(Plan.full(spec).num_tokens))
+    lut.path = path
+    return lut
+
+
+def cmd_verify_manifest(args) -> int:
+    from export.manifest import verify_manifest
+
+    m = verify_manifest(args.dir)
+    print(f"manifest OK: {len(m['artifacts'])} artifacts verified in {args.dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vitrim", description="Make Vision Transformers fast on a chosen target: "
                                 "profile -> search -> slice -> fine-tune -> export & verify.")
@@ -211,6 +271,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stop-after", type=int, help="stop after N epochs in this invocation (resume later)")
     s.set_defaults(fn=cmd_finetune)
 
+    s = sub.add_parser("export", help="export ONNX, build the engine, gate on parity, measure, write manifest.json")
+    _common(s)
+    s.add_argument("--student", help="student directory (plan.json + student.safetensors)")
+    s.add_argument("--teacher", action="store_true", help="export the (unpruned) teacher instead")
+    s.add_argument("--out", help="output directory (default out_dir)")
+    s.add_argument("--onnx", help="verify this existing ONNX instead of exporting one")
+    s.add_argument("--profile", action="store_true", help="build the LUT if none matches (for the predicted latency)")
+    s.add_argument("--no-lut", action="store_true", help="do not look up a LUT for the predicted latency")
+    s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("verify-manifest", help="re-check the sha256 of every artifact in DIR/manifest.json")
+    s.add_argument("dir")
+    s.set_defaults(fn=cmd_verify_manifest)
+
     return p
 
 
@@ -221,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"vitrim: error: {e}", file=sys.stderr)
         return 2
+    except VitrimError as e:  # the parity gate and other deliberate failures
+        print(f"vitrim: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("vitrim: interrupted", file=sys.stderr)
         return 130

@@ -102,3 +102,112 @@ def check_plan_matches_teacher(plan, teacher, cfg: RunConfig) -> None:
         raise UserError("finetune", f"the student's plan was made for another teacher ({bad[0]}: plan "
                         f"{plan.spec.get(bad[0])!r}, teacher {t[bad[0]]!r})",
                         "use the config of the teacher the plan was searched on")
+
+
+def stage_export(cfg: RunConfig, model, out_dir: Path, splits, plan=None, lut=None, onnx_path: Optional[Path] = None,
+                 name: str = "student", log: Callable[[str], None] = print) -> dict:
+    """Export ONNX, build the target engine, gate on parity, measure, write the manifest.
+
+    Raises :class:`export.parity.ParityError` (after writing ``parity.json``) when
+    the engine diverges; no manifest is written then.
+    """
+    import numpy as np
+    import torch
+
+    from export.engine import build_engine
+    from export.manifest import write_manifest
+    from export.onnx import export_onnx, to_fp16
+    from export.parity import ParityError, Tolerances, check_parity
+    from export.runners import TorchRunner, make_runner
+    from pipeline.config import config_hash
+    from pipeline.io import atomic_write_json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = Target.from_config(cfg.target)
+    model = model.eval().cpu()
+    if plan is not None:
+        shape = (plan.spec["in_chans"], *plan.spec["img_size"])
+        tokens = plan.num_tokens
+    else:
+        from pipeline.models import describe
+        from pipeline.plan import Plan
+
+        spec = describe(model, cfg.model.arch, cfg.model.kwargs)
+        shape = (spec["in_chans"], *spec["img_size"])
+        tokens = Plan.full(spec).num_tokens
+    sig = target.signature(tokens)
+    for stale in ("manifest.json", "parity.json"):
+        (out / stale).unlink(missing_ok=True)
+    if onnx_path is None:
+        onnx_path = export_onnx(model, out / "model.onnx", shape, opset=cfg.export.opset, simplify=cfg.export.simplify)
+        log(f"[export] {onnx_path} ({onnx_path.stat().st_size / 1e6:.2f} MB)")
+    else:
+        onnx_path = Path(onnx_path)
+        if not onnx_path.is_file():
+            raise UserError("export", f"ONNX file '{onnx_path}' not found", "pass the path of an existing .onnx file")
+        log(f"[export] verifying the given ONNX {onnx_path}")
+    src = onnx_path
+    if target.precision == "fp16" and target.backend == "tensorrt":
+        from export.target import trt_major
+
+        if trt_major() >= 11:  # strongly typed: fp16 lives in the ONNX
+            src = to_fp16(onnx_path, out / "model.fp16.onnx")
+    engine = build_engine(src, out, target, shape)
+    log(f"[export] engine: {engine.backend} {engine.path or '(eager)'}")
+    # parity: torch on the CPU (fp32) against the engine, on real data
+    test = splits.test
+    xs, ys = [], []
+    from pipeline.data import make_loader
+
+    for x, y in make_loader(test, 1024):
+        xs.append(x.numpy())
+        ys.append(y.numpy())
+    images, labels = np.concatenate(xs), np.concatenate(ys)
+    tol = Tolerances.for_precision(cfg.export, target.precision)
+    reference = TorchRunner(model, shape, "cpu", threads=target.threads)
+    eng_runner = engine.runner(target, model, shape)
+    with reference, eng_runner:
+        report = check_parity(reference, eng_runner, images, labels, tol, target.precision,
+                              cfg.export.parity_batches, batch_size=target.batch)
+    rep = report.to_dict()
+    rep["onnx"] = str(onnx_path)
+    atomic_write_json(out / "parity.json", rep)
+    if not report.passed:
+        raise ParityError(f"[export] parity gate FAILED for {name} on {target.backend}/{target.precision}:\n  "
+                          + "\n  ".join(report.failures) + f"\n  details: {out / 'parity.json'}; no manifest written",
+                          rep)
+    log(f"[export] parity passed: top-1 agreement {100 * report.top1_agreement:.2f}% over {report.images} images, "
+        f"max |diff| {max(s['max_absdiff'] for s in report.outputs.values()):.2e}, "
+        f"top-1 torch {report.torch_top1:.2f}% / engine {report.engine_top1:.2f}%")
+    # latency with the same runner code as the LUT
+    if target.backend == "ort-cpu":
+        timer = make_runner("ort-cpu", onnx_path=src, threads=target.threads, opt_level=target.opt_level)
+    else:
+        timer = engine.runner(target, model, shape)
+    with timer:
+        t = timer.time(target.batch, warmup=cfg.profile.warmup, repeats=max(30, cfg.profile.repeats))
+    predicted = lut.predict(plan) if (lut is not None and plan is not None) else None
+    latency = {"batch": target.batch, "median_ms": t.median_ms, "p90_ms": t.p90_ms, "repeats": t.repeats,
+               "predicted_ms": predicted,
+               "images_per_s": 1000.0 * target.batch / t.median_ms}
+    log(f"[export] latency at batch {target.batch}: median {t.median_ms:.3f} ms, p90 {t.p90_ms:.3f} ms"
+        + (f" (LUT predicted {predicted:.3f} ms)" if predicted is not None else ""))
+    artifacts = {"onnx": onnx_path, "parity": out / "parity.json"}
+    if engine.path is not None:
+        artifacts["engine"] = engine.path
+    if src != onnx_path:
+        artifacts["onnx_fp16"] = src
+    for key, fname in (("student", "student.safetensors"), ("plan", "plan.json"), ("lut", "lut.json")):
+        if (out / fname).is_file():
+            artifacts[key] = out / fname
+    n_params = sum(p.numel() for p in model.parameters())
+    manifest = write_manifest(out, artifacts, parity=rep, signature=sig.to_dict(),
+                              accuracy={"split": "test", "images": report.images, "torch_top1": report.torch_top1,
+                                        "engine_top1": report.engine_top1},
+                              latency=latency, config_hash=config_hash(cfg),
+                              extra={"model": {"name": name, "params": n_params,
+                                               "macs": plan.macs() if plan is not None else None},
+                                     "engine_options": engine.options})
+    log(f"[export] manifest {manifest}")
+    return {"parity": rep, "latency": latency, "manifest": str(manifest), "params": n_params}

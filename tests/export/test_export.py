@@ -1,0 +1,144 @@
+"""Export stage: ONNX + ORT engine, parity gate, manifest, fp16, TensorRT (skipped without it)."""
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import timm
+import torch
+import yaml
+from onnx import numpy_helper
+
+from export.manifest import verify_manifest
+from export.onnx import export_onnx, to_fp16
+from export.parity import ParityError, Tolerances, check_parity
+from export.runners import OrtCpuRunner, TorchRunner
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.data import build_splits
+from pipeline.errors import UserError
+from pipeline.models import describe, save_weights
+from pipeline.slicing import load_compact, save_compact, slice_model
+from pipeline.stages import stage_export
+from tests.conftest import TINY_KW, random_init
+from tests.pipeline.test_slice import random_plan
+
+
+@pytest.fixture
+def env(tmp_path, fmnist_dir):
+    teacher = random_init(timm.create_model("vit_tiny_patch16_224", **TINY_KW), seed=0, std=0.2)
+    save_weights(teacher, tmp_path / "teacher.safetensors")
+    d = {"out_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"),
+         "data": {"root": fmnist_dir, "train_limit": 256, "val_limit": 128, "test_limit": 512},
+         "model": {"arch": "vit_tiny_patch16_224", "kwargs": dict(TINY_KW),
+                   "checkpoint": str(tmp_path / "teacher.safetensors")},
+         "target": {"batch": 16, "threads": 1}, "profile": {"warmup": 2, "repeats": 6}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
+    plan = random_plan(describe(teacher), random.Random(1), embed=True, skip=False)
+    save_compact(slice_model(teacher, plan), plan, tmp_path / "student")
+    cfg = load_config(tmp_path / "c.yaml")
+    return tmp_path, cfg, build_splits(cfg.data)
+
+
+def test_student_exports_passes_parity_and_manifest_verifies(env):
+    tmp_path, cfg, splits = env
+    out = tmp_path / "exp"
+    rc = main(["export", str(tmp_path / "c.yaml"), "--student", str(tmp_path / "student"), "--out", str(out)])
+    assert rc == 0
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["passed"] and parity["top1_agreement"] == 1.0 and parity["images"] == 512
+    assert parity["outputs"]["logits"]["max_absdiff"] <= 1e-4
+    m = json.loads((out / "manifest.json").read_text())
+    assert set(m["artifacts"]) >= {"onnx", "engine", "parity", "student", "plan"}
+    assert m["latency"]["median_ms"] > 0 and m["latency"]["p90_ms"] >= m["latency"]["median_ms"]
+    assert m["device_signature"]["backend"] == "ort-cpu" and m["device_signature"]["batch"] == 16
+    assert m["libraries"]["onnxruntime"] and len(m["config_hash"]) == 16
+    assert (out / "model.ort.onnx").is_file()
+    assert main(["verify-manifest", str(out)]) == 0
+    # tampering is detected
+    with open(out / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(UserError, match="model.onnx' has changed"):
+        verify_manifest(out)
+    assert main(["verify-manifest", str(out)]) == 2
+
+
+def test_corrupted_engine_fails_gate_and_writes_no_manifest(env):
+    tmp_path, cfg, splits = env
+    student = load_compact(tmp_path / "student")
+    good = export_onnx(student, tmp_path / "good.onnx", (1, 28, 28))
+    m = onnx.load(str(good))
+    init = max(m.graph.initializer, key=lambda t: int(np.prod(t.dims)))  # the largest weight matrix
+    arr = numpy_helper.to_array(init).copy()
+    arr.flat[0] += 5.0  # one perturbed weight
+    init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    onnx.save(m, str(tmp_path / "bad.onnx"))
+    out = tmp_path / "exp_bad"
+    rc = main(["export", str(tmp_path / "c.yaml"), "--student", str(tmp_path / "student"), "--out", str(out),
+               "--onnx", str(tmp_path / "bad.onnx")])
+    assert rc == 3
+    assert not (out / "manifest.json").exists()
+    rep = json.loads((out / "parity.json").read_text())
+    assert not rep["passed"] and "max_absdiff" in rep["failures"][0] and "'logits'" in rep["failures"][0]
+    with pytest.raises(ParityError, match="parity gate FAILED"):
+        stage_export(cfg, student, out, splits, plan=student.plan, onnx_path=tmp_path / "bad.onnx", log=lambda m: None)
+
+
+def test_fp16_onnx_within_fp16_tolerances(env):
+    tmp_path, cfg, splits = env
+    student = load_compact(tmp_path / "student")
+    fp32 = export_onnx(student, tmp_path / "s.onnx", (1, 28, 28))
+    fp16 = to_fp16(fp32, tmp_path / "s16.onnx")
+    inits = onnx.load(str(fp16)).graph.initializer
+    weight_bytes = lambda path: sum(len(i.raw_data) for i in onnx.load(str(path)).graph.initializer)  # noqa: E731
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in inits)
+    assert weight_bytes(fp16) < 0.6 * weight_bytes(fp32)
+    x, y = splits.test[list(range(256))]
+    tol = Tolerances.for_precision(cfg.export, "fp16")
+    with TorchRunner(student, (1, 28, 28)) as ref, OrtCpuRunner(fp16, threads=1) as eng:
+        rep = check_parity(ref, eng, x.numpy(), y.numpy(), tol, "fp16", parity_batches=2, batch_size=64)
+    assert rep.passed, rep.failures
+    assert rep.outputs["logits"]["max_absdiff"] > 0  # it really ran in half precision
+    strict = Tolerances(atol=1e-7, rtol=1e-7)
+    with TorchRunner(student, (1, 28, 28)) as ref, OrtCpuRunner(fp16, threads=1) as eng:
+        assert not check_parity(ref, eng, x.numpy(), y.numpy(), strict, "fp16", 1, 64).passed
+
+
+def test_teacher_exports(env):
+    tmp_path, cfg, splits = env
+    out = tmp_path / "teacher"
+    assert main(["export", str(tmp_path / "c.yaml"), "--teacher", "--out", str(out)]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["parity"]["top1_agreement"] == 1.0 and m["latency"]["predicted_ms"] is None
+
+
+def _has_trt() -> str | None:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "TensorRT is not installed (pip install 'vitrim[gpu]' on a CUDA machine)"
+    if not torch.cuda.is_available():
+        return "no CUDA device visible"
+    return None
+
+
+@pytest.mark.trt
+@pytest.mark.skipif(_has_trt() is not None, reason=str(_has_trt()))
+def test_tensorrt_engine_parity(env):
+    tmp_path, cfg, splits = env
+    from export.engine import build_trt_engine
+    from export.runners import TrtRunner
+    from export.target import Target
+
+    student = load_compact(tmp_path / "student")
+    onnx_path = export_onnx(student, tmp_path / "s.onnx", (1, 28, 28))
+    eng = build_trt_engine(onnx_path, tmp_path / "s.plan", Target(backend="tensorrt", batch=16), (1, 28, 28),
+                           tmp_path / "timing.cache")
+    x, y = splits.test[list(range(256))]
+    with TorchRunner(student, (1, 28, 28), "cuda") as ref, TrtRunner(eng.path) as trt_runner:
+        rep = check_parity(ref, trt_runner, x.numpy(), y.numpy(), Tolerances(1e-3, 1e-3), "fp32", 2, 16)
+        assert rep.passed, rep.failures
+        assert trt_runner.time(16, 5, 20).median_ms > 0
+        assert trt_runner.layer_profile(16, 3)
