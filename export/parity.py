@@ -96,9 +96,12 @@ def compare_outputs(reference, engine, batches: Iterable[np.ndarray], tol: Toler
 
     runners = [_poly_runner(reference, "torch", input_name, output_name),
                _poly_runner(engine, "engine", input_name, output_name)]
+    from polygraphy.logger import G_LOGGER
+
     feeds = [{input_name: np.ascontiguousarray(b, dtype=np.float32)} for b in batches]
-    results = Comparator.run(runners, data_loader=feeds)
-    acc = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=tol.atol, rtol=tol.rtol))
+    with G_LOGGER.verbosity(G_LOGGER.ERROR):  # vitrim prints its own one-line summary
+        results = Comparator.run(runners, data_loader=feeds)
+        acc = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=tol.atol, rtol=tol.rtol))
     stats: dict = {}
     failures: list[str] = []
     # Polygraphy >= 0.50 returns a list of AccuracyResult (one per compare func); older ones a single dict.

@@ -225,11 +225,23 @@ def cmd_verify_manifest(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from pipeline.run import run_pipeline
+
+    cfg = _cfg(args)
+    run_pipeline(cfg)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vitrim", description="Make Vision Transformers fast on a chosen target: "
                                 "profile -> search -> slice -> fine-tune -> export & verify.")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     sub.required = True
+
+    s = sub.add_parser("run", help="the whole pipeline from one YAML: profile, search, slice, fine-tune, export, report")
+    _common(s, config_required=True)
+    s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("train-teacher", help="train (or reuse) the embedded default's teacher ViT")
     _common(s)

@@ -58,6 +58,11 @@ def load_teacher(cfg: RunConfig, splits: Splits | None = None, train_if_missing:
         return model.eval(), info
     if not train_if_missing:
         raise UserError("teacher", f"no trained teacher at '{path}'", "run `vitrim train-teacher CONFIG` first")
+    if cfg.data.name != "fmnist":
+        raise UserError("teacher", f"no teacher weights for '{cfg.model.arch}' (model.checkpoint is empty and "
+                        "model.pretrained is false)", "set model.checkpoint to a local .safetensors/.pth file, or "
+                        "model.pretrained=true on a machine with network access; vitrim trains a teacher only for "
+                        "the embedded Fashion-MNIST default")
     return train_teacher(cfg, splits, log=log)
 
 

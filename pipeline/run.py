@@ -1,0 +1,195 @@
+"""``vitrim run CONFIG``: profile -> search -> slice -> fine-tune -> export -> parity -> manifest -> report.
+
+Every stage's inputs are hashed (config sections plus upstream hashes); a rerun
+skips a stage whose hash is unchanged and whose artifacts exist, and resumes an
+interrupted fine-tune from its checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from pipeline.config import RunConfig, config_hash, save_resolved
+from pipeline.io import atomic_write_json, atomic_write_text
+
+STAGES_FILE = "stages.json"
+
+
+class StageCache:
+    """``out/stages.json``: the input hash each stage last completed with."""
+
+    def __init__(self, out: Path):
+        self.path = out / STAGES_FILE
+        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def fresh(self, stage: str, h: str, outputs: list[Path]) -> bool:
+        return self.data.get(stage, {}).get("hash") == h and all(p.is_file() for p in outputs)
+
+    def done(self, stage: str, h: str, **info) -> None:
+        self.data[stage] = {"hash": h, **info}
+        atomic_write_json(self.path, self.data)
+
+    def mark(self, key: str, value) -> None:
+        self.data[key] = value
+        atomic_write_json(self.path, self.data)
+
+    def invalidate(self, stage: str) -> None:
+        self.data.pop(stage, None)
+        atomic_write_json(self.path, self.data)
+
+
+def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """Run every stage for one config; returns the summary written to ``summary.json``."""
+    from pipeline.data import build_splits
+    from pipeline.evaluate import top1
+    from pipeline.finetune import finetune
+    from pipeline.models import describe, read_state_dict
+    from pipeline.plan import Plan
+    from pipeline.slicing import load_compact, slice_model
+    from pipeline.stages import copy_into, stage_export, stage_profile, stage_search
+    from pipeline.teacher import load_teacher, teacher_key
+
+    t_start = time.time()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, out)
+    cache = StageCache(out)
+    timings: dict = {}
+    splits = build_splits(cfg.data)
+
+    t0 = time.time()
+    teacher, tinfo = load_teacher(cfg, splits, log=log)
+    spec = describe(teacher, cfg.model.arch, cfg.model.kwargs)
+    teacher_acc = tinfo.get("test_top1")
+    if teacher_acc is None or cfg.data.test_limit is not None:
+        teacher_acc = top1(teacher, splits.test, cfg.data.eval_batch_size)
+    log(f"[teacher] {cfg.model.arch}: test top-1 {teacher_acc:.2f}% ({sum(p.numel() for p in teacher.parameters()) / 1e6:.3f}M params)")
+    timings["teacher_s"] = round(time.time() - t0, 1)
+
+    t0 = time.time()
+    lut, lut_src = stage_profile(cfg, spec, progress=progress, log=log)
+    copy_into(lut_src, out / "lut.json")
+    timings["profile_s"] = round(time.time() - t0, 1)
+
+    data_key = {k: getattr(cfg.data, k) for k in ("name", "root", "val_size", "split_seed", "train_limit", "batch_size")}
+    t_hash = cfg.model.checkpoint or teacher_key(cfg)
+    h_search = config_hash({"teacher": t_hash, "lut": lut.signature.key(), "lut_created": lut.meta.get("created"),
+                            "search": cfg.search, "data": data_key, "kd": [cfg.finetune.alpha, cfg.finetune.temperature]})
+    search_out = out / "search"
+    t0 = time.time()
+    if cache.fresh("search", h_search, [search_out / "plan.json", search_out / "search_state.safetensors"]):
+        log("[search] inputs unchanged; reusing search/plan.json")
+        plan = Plan.load(search_out / "plan.json")
+    else:
+        cache.invalidate("finetune")
+        res = stage_search(cfg, teacher, lut, splits, search_out, log=log)
+        plan = res.plan
+        cache.done("search", h_search, wall_s=round(res.wall_s, 1))
+    timings["search_s"] = round(time.time() - t0, 1)
+
+    h_ft = config_hash({"search": h_search, "finetune": cfg.finetune, "data": data_key})
+    t0 = time.time()
+    if cache.fresh("finetune", h_ft, [out / "student.safetensors", out / "plan.json"]):
+        log("[finetune] inputs unchanged; reusing student.safetensors")
+        student = load_compact(out)
+    else:
+        state = read_state_dict(search_out / "search_state.safetensors", "slice")
+        student = slice_model(state, plan)
+        sliced_acc = top1(student, splits.val, cfg.data.eval_batch_size)
+        log(f"[slice] {plan.num_params() / 1e6:.3f}M params, val top-1 right after slicing {sliced_acc:.2f}%")
+        # an interrupted fine-tune with the same inputs resumes from its checkpoint
+        resume = (out / "finetune" / "checkpoint.pt").is_file() and cache.data.get("finetune_started") == h_ft
+        cache.mark("finetune_started", h_ft)
+        res = finetune(cfg, teacher, student, plan, splits, out, resume=resume, log=log)
+        cache.done("finetune", h_ft, wall_s=round(res.wall_s, 1), sliced_val_top1=sliced_acc)
+        (out / "finetune" / "checkpoint.pt").unlink(missing_ok=True)
+    timings["finetune_s"] = round(time.time() - t0, 1)
+
+    t0 = time.time()
+    h_exp = config_hash({"ft": h_ft, "export": cfg.export, "target": cfg.target, "test_limit": cfg.data.test_limit})
+    if cache.fresh("export", h_exp, [out / "manifest.json"]):
+        log("[export] inputs unchanged; reusing manifest.json")
+        exp = json.loads((out / "manifest.json").read_text())
+        student_exp = {"parity": exp["parity"], "latency": exp["latency"], "params": exp["model"]["params"]}
+        texp = json.loads((out / "teacher" / "manifest.json").read_text())
+        teacher_exp = {"parity": texp["parity"], "latency": texp["latency"], "params": texp["model"]["params"]}
+    else:
+        teacher_exp = stage_export(cfg, teacher, out / "teacher", splits, plan=None, lut=None,
+                                   name=f"teacher {cfg.model.arch}", log=log)
+        teacher_exp["latency"]["predicted_ms"] = lut.predict(Plan.full(spec))
+        student_exp = stage_export(cfg, student, out, splits, plan=plan, lut=lut, name="student", log=log)
+        cache.done("export", h_exp)
+    timings["export_s"] = round(time.time() - t0, 1)
+
+    summary = make_summary(cfg, spec, plan, lut, teacher_acc, teacher_exp, student_exp, out, timings)
+    summary["wall_s"] = round(time.time() - t_start, 1)
+    atomic_write_json(out / "summary.json", summary)
+    write_report(out, summary)
+    log(f"[run] teacher {summary['teacher']['measured_ms']:.2f} ms / {summary['teacher']['top1']:.2f}%  ->  "
+        f"student {summary['student']['measured_ms']:.2f} ms / {summary['student']['top1']:.2f}%  "
+        f"(measured speedup {summary['speedup']:.2f}x, {summary['delta_top1']:+.2f} pt); report: {out / 'report.md'}")
+    return summary
+
+
+def make_summary(cfg, spec, plan, lut, teacher_acc, teacher_exp, student_exp, out: Path, timings: dict) -> dict:
+    from pipeline.plan import Plan
+
+    full = Plan.full(spec)
+    t_ms, s_ms = teacher_exp["latency"]["median_ms"], student_exp["latency"]["median_ms"]
+    s_acc = student_exp["parity"]["torch_top1"]
+    search_log = json.loads((out / "search" / "search_log.json").read_text()) if (out / "search" / "search_log.json").is_file() else {}
+    return {
+        "name": cfg.name, "signature": lut.signature.to_dict(), "budget": search_log.get("budget_desc"),
+        "strategy": cfg.search.strategy,
+        "teacher": {"params": full.num_params(), "macs": full.macs(), "predicted_ms": lut.predict(full),
+                    "measured_ms": t_ms, "p90_ms": teacher_exp["latency"]["p90_ms"], "top1": teacher_acc,
+                    "engine_top1": teacher_exp["parity"]["engine_top1"],
+                    "parity_agreement": teacher_exp["parity"]["top1_agreement"]},
+        "student": {"params": plan.num_params(), "macs": plan.macs(), "predicted_ms": lut.predict(plan),
+                    "measured_ms": s_ms, "p90_ms": student_exp["latency"]["p90_ms"], "top1": s_acc,
+                    "engine_top1": student_exp["parity"]["engine_top1"],
+                    "parity_agreement": student_exp["parity"]["top1_agreement"],
+                    "parity_max_absdiff": max(o["max_absdiff"] for o in student_exp["parity"]["outputs"].values())},
+        "speedup": t_ms / s_ms, "delta_top1": s_acc - teacher_acc, "timings": timings,
+        "search_log": search_log.get("steps", []), "plan_summary": plan.summary(),
+    }
+
+
+def write_report(out: Path, s: dict) -> None:
+    t, st = s["teacher"], s["student"]
+    sig = s["signature"]
+    rows = [
+        ("params (M)", f"{t['params'] / 1e6:.3f}", f"{st['params'] / 1e6:.3f}"),
+        ("MACs / image (M)", f"{t['macs'] / 1e6:.1f}", f"{st['macs'] / 1e6:.1f}"),
+        ("predicted latency (ms, LUT)", f"{t['predicted_ms']:.3f}", f"{st['predicted_ms']:.3f}"),
+        ("measured latency (ms, median)", f"{t['measured_ms']:.3f}", f"{st['measured_ms']:.3f}"),
+        ("measured latency (ms, p90)", f"{t['p90_ms']:.3f}", f"{st['p90_ms']:.3f}"),
+        ("test top-1 (%, torch)", f"{t['top1']:.2f}", f"{st['top1']:.2f}"),
+        ("test top-1 (%, engine)", f"{t['engine_top1']:.2f}", f"{st['engine_top1']:.2f}"),
+        ("engine/torch top-1 agreement (%)", f"{100 * t['parity_agreement']:.2f}", f"{100 * st['parity_agreement']:.2f}"),
+    ]
+    lines = [f"# vitrim report: {s['name']}", "",
+             f"Target: `{sig['backend']}/{sig['precision']}` on **{sig['device']}** ({sig['engine_version']}), "
+             f"batch {sig['batch']}, {sig['tokens']} tokens, {sig['threads']} threads.  ",
+             f"Strategy `{s['strategy']}`, budget {s['budget']}.", "",
+             f"**Measured speedup {s['speedup']:.2f}x at {s['delta_top1']:+.2f} pt top-1.**", "",
+             "| | teacher | student |", "|---|---:|---:|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    lines += ["", "## Where the widths survived", "", "![widths](search/widths.png)", "",
+              "```", s["plan_summary"], "```", "", "## Search log", "",
+              "| step | predicted (ms) | val top-1 after short KD (%) | removed groups |", "|---:|---:|---:|---|"]
+    for r in s["search_log"]:
+        acc = "" if r.get("val_top1") is None else f"{r['val_top1']:.2f}"
+        lines.append(f"| {r['step']} | {r['cost']:.3f} | {acc} | {r.get('removed') or ''} |")
+    lines += ["", "## Predicted vs measured", "",
+              f"Teacher: predicted {t['predicted_ms']:.3f} ms, measured {t['measured_ms']:.3f} ms "
+              f"({100 * (t['predicted_ms'] - t['measured_ms']) / t['measured_ms']:+.1f}%).  ",
+              f"Student: predicted {st['predicted_ms']:.3f} ms, measured {st['measured_ms']:.3f} ms "
+              f"({100 * (st['predicted_ms'] - st['measured_ms']) / st['measured_ms']:+.1f}%).", "",
+              "## Stage times (s)", "", "| " + " | ".join(s["timings"]) + " |",
+              "|" + "---:|" * len(s["timings"]), "| " + " | ".join(str(v) for v in s["timings"].values()) + " |", "",
+              "Artifacts: `model.onnx`, `model.ort.onnx` (engine), `student.safetensors`, `plan.json`, `lut.json`, "
+              "`parity.json`, `manifest.json` (verify with `vitrim verify-manifest`), `resolved_config.yaml`."]
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")

@@ -1,0 +1,87 @@
+"""End to end: the README's `vitrim run configs/fmnist_cpu.yaml`, shrunk with --set to a tiny slice."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from export.manifest import verify_manifest
+from pipeline.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["data.train_limit=1024", "data.val_limit=256", "data.test_limit=512", "data.batch_size=64",
+        "model.kwargs={img_size: 28, patch_size: 7, in_chans: 1, num_classes: 10, embed_dim: 32, depth: 2, "
+        "num_heads: 2, mlp_ratio: 2.0, global_pool: avg, class_token: false}",
+        "teacher.epochs=2", "teacher.lr=0.003", "target.batch=8", "target.threads=1",
+        "profile.embed_points=2", "profile.head_points=0", "profile.qk_points=1", "profile.v_points=1",
+        "profile.mlp_points=2", "profile.warmup=2", "profile.repeats=6", "profile.rounds=2", "profile.checks=2",
+        "search.budget_fraction=0.7", "search.steps=2", "search.kd_iters=5", "search.saliency_batches=2",
+        "finetune.epochs=1"]
+
+
+def sets(tmp_path, extra=()):
+    out = []
+    for s in TINY + [f"out_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", *extra]:
+        out += ["--set", s]
+    return out
+
+
+@pytest.mark.slow
+def test_readme_run_end_to_end(tmp_path, fmnist_dir):
+    rc = main(["run", "configs/fmnist_cpu.yaml", *sets(tmp_path, [f"data.root={fmnist_dir}"])])
+    assert rc == 0
+    run = tmp_path / "run"
+    for f in ("lut.json", "plan.json", "student.safetensors", "model.onnx", "model.ort.onnx", "parity.json",
+              "manifest.json", "report.md", "resolved_config.yaml", "summary.json", "search/widths.png",
+              "search/search_log.json", "teacher/manifest.json"):
+        assert (run / f).is_file(), f
+    m = verify_manifest(run)
+    assert m["parity"]["passed"] and m["parity"]["top1_agreement"] >= 0.99
+    assert set(m["artifacts"]) >= {"onnx", "engine", "plan", "lut", "student", "parity"}
+    assert m["latency"]["predicted_ms"] > 0 and m["latency"]["median_ms"] > 0
+    s = json.loads((run / "summary.json").read_text())
+    assert s["student"]["predicted_ms"] <= 0.7 * s["teacher"]["predicted_ms"] + 1e-9
+    assert s["student"]["params"] < s["teacher"]["params"]
+    assert "Measured speedup" in (run / "report.md").read_text()
+    resolved = yaml.safe_load((run / "resolved_config.yaml").read_text())
+    assert resolved["search"]["budget_fraction"] == 0.7
+    # a rerun with unchanged inputs skips every stage
+    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "configs/fmnist_cpu.yaml",
+                        *sets(tmp_path, [f"data.root={fmnist_dir}"])], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    for stage in ("search", "finetune", "export"):
+        assert f"[{stage}] inputs unchanged" in p.stdout
+
+
+def test_unknown_key_exits_nonzero_naming_it(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("search:\n  budget_fractoin: 0.5\n")
+    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(bad)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2
+    assert "search.budget_fractoin" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_missing_dataset_exits_nonzero(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "configs/fmnist_cpu.yaml", "--set",
+                        f"data.root={tmp_path}", "--set", f"out_dir={tmp_path / 'o'}", "--set",
+                        f"cache_dir={tmp_path / 'c'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "dataset-fashion-mnist" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_impossible_budget_exits_nonzero_without_artifacts(tmp_path, fmnist_dir):
+    rc = main(["run", "configs/fmnist_cpu.yaml", *sets(tmp_path, [f"data.root={fmnist_dir}", "search.budget_ms=0.0001",
+                                                                 "search.budget_fraction=null"])])
+    assert rc == 2
+    run = tmp_path / "run"
+    assert not (run / "plan.json").exists() and not (run / "search" / "plan.json").exists()
+    assert not (run / "manifest.json").exists()
+
+
+def test_help_lists_subcommands():
+    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], cwd=ROOT, capture_output=True, text=True)
+    for cmd in ("run", "train-teacher", "eval", "profile", "search", "slice", "finetune", "export", "verify-manifest"):
+        assert cmd in p.stdout
