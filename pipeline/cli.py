@@ -233,6 +233,25 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_curve(args) -> int:
+    from pipeline.run import run_curve
+
+    cfg = _cfg(args)
+    try:
+        budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    except ValueError:
+        raise UserError("curve", f"--budgets '{args.budgets}' is not a comma-separated list of fractions",
+                        "use e.g. --budgets 0.8,0.6,0.5,0.4") from None
+    if not budgets or not all(0 < b <= 1 for b in budgets):
+        raise UserError("curve", f"--budgets {budgets} must be fractions in (0, 1]", "use e.g. --budgets 0.8,0.6,0.5,0.4")
+    baselines = [b for b in args.baselines.split(",") if b]
+    for b in baselines:
+        if b not in ("knapsack", "nvit", "uniform", "magnitude"):
+            raise UserError("curve", f"unknown baseline '{b}'", "use knapsack, nvit, uniform or magnitude")
+    run_curve(cfg, budgets, baselines)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vitrim", description="Make Vision Transformers fast on a chosen target: "
                                 "profile -> search -> slice -> fine-tune -> export & verify.")
@@ -242,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="the whole pipeline from one YAML: profile, search, slice, fine-tune, export, report")
     _common(s, config_required=True)
     s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("curve", help="latency-accuracy curve: the pipeline per budget, plus baselines")
+    _common(s, config_required=True)
+    s.add_argument("--budgets", default="0.8,0.6,0.5,0.4", help="latency fractions (default 0.8,0.6,0.5,0.4)")
+    s.add_argument("--baselines", default="uniform", help="comma-separated strategies to compare (default uniform)")
+    s.set_defaults(fn=cmd_curve)
 
     s = sub.add_parser("train-teacher", help="train (or reuse) the embedded default's teacher ViT")
     _common(s)

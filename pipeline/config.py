@@ -187,7 +187,7 @@ def _type_ok(value: Any, tp: Any) -> bool:
 
 def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
     if not isinstance(data, dict):
-        raise UserError("config", f"{source}: '{prefix or '<root>'}' must be a mapping, got {type(data).__name__}",
+        raise UserError("config", f"{source}: '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {type(data).__name__}",
                         "check the indentation of that section")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}

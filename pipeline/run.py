@@ -193,3 +193,48 @@ def write_report(out: Path, s: dict) -> None:
               "Artifacts: `model.onnx`, `model.ort.onnx` (engine), `student.safetensors`, `plan.json`, `lut.json`, "
               "`parity.json`, `manifest.json` (verify with `vitrim verify-manifest`), `resolved_config.yaml`."]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+
+
+def run_curve(cfg: RunConfig, budgets: list[float], baselines: list[str], log: Callable[[str], None] = print) -> list[dict]:
+    """Run the pipeline per budget (and per baseline strategy), sharing the teacher and the LUT.
+
+    Writes ``<out_dir>/curve.csv`` and ``curve.png``.
+    """
+    import copy
+
+    from profiling.curve import write_curve
+
+    base = Path(cfg.out_dir)
+    rows: list[dict] = []
+    teacher_row = None
+    for method in [cfg.search.strategy] + [b for b in baselines if b != cfg.search.strategy]:
+        for b in budgets:
+            c = copy.deepcopy(cfg)
+            c.search.strategy = method
+            c.search.budget_fraction, c.search.budget_ms = b, None
+            c.search.flops_fraction = c.search.params_fraction = None
+            c.out_dir = str(base / f"{method}_{b:g}")
+            c.name = f"{cfg.name}/{method}@{b:g}"
+            log(f"[curve] {method} at {b:g} of the teacher's latency -> {c.out_dir}")
+            try:
+                s = run_pipeline(c, log=log)
+            except Exception as e:  # one unreachable point (e.g. uniform at a tiny budget) must not sink the curve
+                from pipeline.errors import UserError
+
+                if not isinstance(e, UserError):
+                    raise
+                log(f"[curve] skipped {method}@{b:g}: {e}")
+                continue
+            rows.append({"method": method, "budget": b, "predicted_ms": s["student"]["predicted_ms"],
+                         "measured_ms": s["student"]["measured_ms"], "p90_ms": s["student"]["p90_ms"],
+                         "top1": s["student"]["top1"], "params": s["student"]["params"],
+                         "macs": s["student"]["macs"], "speedup": s["speedup"], "delta_top1": s["delta_top1"]})
+            t = s["teacher"]
+            teacher_row = {"method": "teacher", "budget": 1.0, "predicted_ms": t["predicted_ms"],
+                           "measured_ms": t["measured_ms"], "p90_ms": t["p90_ms"], "top1": t["top1"],
+                           "params": t["params"], "macs": t["macs"], "speedup": 1.0, "delta_top1": 0.0}
+    if teacher_row:
+        rows.insert(0, teacher_row)
+    csv_p, png_p = write_curve(rows, base, f"{cfg.name}: measured latency vs test top-1")
+    log(f"[curve] wrote {csv_p} and {png_p}")
+    return rows

@@ -21,16 +21,22 @@ TINY = ["data.train_limit=1024", "data.val_limit=256", "data.test_limit=512", "d
         "finetune.epochs=1"]
 
 
-def sets(tmp_path, extra=()):
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One teacher and one LUT for every end-to-end test in this module."""
+    return tmp_path_factory.mktemp("vitrim-cache")
+
+
+def sets(tmp_path, extra=(), cache_dir=None):
     out = []
-    for s in TINY + [f"out_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", *extra]:
+    for s in TINY + [f"out_dir={tmp_path / 'run'}", f"cache_dir={cache_dir or tmp_path / 'cache'}", *extra]:
         out += ["--set", s]
     return out
 
 
 @pytest.mark.slow
-def test_readme_run_end_to_end(tmp_path, fmnist_dir):
-    rc = main(["run", "configs/fmnist_cpu.yaml", *sets(tmp_path, [f"data.root={fmnist_dir}"])])
+def test_readme_run_end_to_end(tmp_path, fmnist_dir, cache):
+    rc = main(["run", "configs/fmnist_cpu.yaml", *sets(tmp_path, [f"data.root={fmnist_dir}"], cache)])
     assert rc == 0
     run = tmp_path / "run"
     for f in ("lut.json", "plan.json", "student.safetensors", "model.onnx", "model.ort.onnx", "parity.json",
@@ -49,7 +55,7 @@ def test_readme_run_end_to_end(tmp_path, fmnist_dir):
     assert resolved["search"]["budget_fraction"] == 0.7
     # a rerun with unchanged inputs skips every stage
     p = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "configs/fmnist_cpu.yaml",
-                        *sets(tmp_path, [f"data.root={fmnist_dir}"])], cwd=ROOT, capture_output=True, text=True,
+                        *sets(tmp_path, [f"data.root={fmnist_dir}"], cache)], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     for stage in ("search", "finetune", "export"):
@@ -72,9 +78,9 @@ def test_missing_dataset_exits_nonzero(tmp_path):
     assert p.returncode == 2 and "dataset-fashion-mnist" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_impossible_budget_exits_nonzero_without_artifacts(tmp_path, fmnist_dir):
+def test_impossible_budget_exits_nonzero_without_artifacts(tmp_path, fmnist_dir, cache):
     rc = main(["run", "configs/fmnist_cpu.yaml", *sets(tmp_path, [f"data.root={fmnist_dir}", "search.budget_ms=0.0001",
-                                                                 "search.budget_fraction=null"])])
+                                                                 "search.budget_fraction=null"], cache)])
     assert rc == 2
     run = tmp_path / "run"
     assert not (run / "plan.json").exists() and not (run / "search" / "plan.json").exists()
@@ -85,3 +91,24 @@ def test_help_lists_subcommands():
     p = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], cwd=ROOT, capture_output=True, text=True)
     for cmd in ("run", "train-teacher", "eval", "profile", "search", "slice", "finetune", "export", "verify-manifest"):
         assert cmd in p.stdout
+
+
+@pytest.mark.slow
+def test_curve_writes_csv_and_png(tmp_path, fmnist_dir, cache):
+    import csv
+
+    rc = main(["curve", "configs/fmnist_cpu.yaml", "--budgets", "0.9,0.7", "--baselines", "uniform",
+               *sets(tmp_path, [f"data.root={fmnist_dir}", "finetune.epochs=1", "search.steps=1"], cache)])
+    assert rc == 0
+    rows = list(csv.DictReader(open(tmp_path / "run" / "curve.csv")))
+    methods = [r["method"] for r in rows]
+    assert methods[0] == "teacher" and methods.count("knapsack") == 2 and "uniform" in methods
+    for r in rows[1:]:
+        assert float(r["measured_ms"]) > 0 and 0 <= float(r["top1"]) <= 100
+        assert float(r["predicted_ms"]) <= float(r["budget"]) * float(rows[0]["predicted_ms"]) + 1e-6
+    assert (tmp_path / "run" / "curve.png").stat().st_size > 2000
+
+
+def test_curve_rejects_bad_budgets(tmp_path):
+    assert main(["curve", "configs/fmnist_cpu.yaml", "--budgets", "0.5,abc"]) == 2
+    assert main(["curve", "configs/fmnist_cpu.yaml", "--budgets", "1.5"]) == 2
