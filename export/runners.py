@@ -120,13 +120,18 @@ class OrtCpuRunner(Runner):
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _ORT_LEVELS[self.opt_level])
         so.log_severity_level = 3
+        # No spin-waiting: on a shared 2-core machine the spinning intra-op threads of one session
+        # steal the cores of the next, and interleaved timings swing by +-30% (measured); with
+        # spinning off, interleaved medians repeat within a few percent.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self.optimized_path:
             so.optimized_model_filepath = str(self.optimized_path)
         return so
 
     def recorded_options(self) -> dict:
         return {"provider": "CPUExecutionProvider", "intra_op_num_threads": self.threads, "inter_op_num_threads": 1,
-                "execution_mode": "ORT_SEQUENTIAL", "graph_optimization_level": _ORT_LEVELS[self.opt_level]}
+                "execution_mode": "ORT_SEQUENTIAL", "graph_optimization_level": _ORT_LEVELS[self.opt_level],
+                "session.intra_op.allow_spinning": "0"}
 
     def activate(self) -> None:
         import onnxruntime as ort
@@ -323,6 +328,27 @@ class TrtRunner(Runner):
             self.stream.synchronize()
         self.context.profiler = None
         return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def time_interleaved(runners: list[Runner], batch: int, repeats: int = 30, rounds: int = 6, warmup: int = 10,
+                     discard: int = 1) -> list[Timing]:
+    """Time several (activated) runners round-robin, so drifts of a shared machine hit all alike.
+
+    Each of ``rounds`` visits runs ``discard`` untimed runs, then ``repeats // rounds``
+    timed ones; the median over all timed samples is reported per runner.
+    """
+    per_visit = max(1, repeats // max(1, rounds))
+    samples: list[list[float]] = [[] for _ in runners]
+    for r in runners:
+        r._prepare(batch)
+        for _ in range(warmup):
+            r._run_once()
+    for _ in range(max(1, rounds)):
+        for i, r in enumerate(runners):
+            for _ in range(discard):
+                r._run_once()
+            samples[i] += [r._run_once() for _ in range(per_visit)]
+    return [Timing.from_samples(s) for s in samples]
 
 
 def make_runner(backend: str, *, onnx_path=None, engine_path=None, model=None, sample_shape=None, threads: int = 2,

@@ -85,8 +85,8 @@ class ProfileConfig:
     v_points: int = 3
     mlp_points: int = 5
     warmup: int = 10
-    repeats: int = 30
-    rounds: int = 3  # interleaved rounds; the median over rounds is kept
+    repeats: int = 60  # timed runs per entry, spread over the rounds
+    rounds: int = 12  # round-robin visits over all entries (drift on a shared machine hits all alike)
     checks: int = 4  # whole-block measurements that check the separable model
     validate_plans: int = 20
     seed: int = 0

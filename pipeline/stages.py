@@ -46,15 +46,39 @@ def stage_profile(cfg: RunConfig, spec: dict, rebuild: bool = False, progress: b
 
     want = target.signature(Plan.full(spec).num_tokens)
     if path.is_file() and not rebuild:
-        lut = LatencyTable.load(path, expect=want)
-        if lut.spec != spec:
-            if cfg.profile.lut:
-                raise UserError("profile", f"LUT '{path}' was built for another teacher", "set profile.lut to null to build one")
-        else:
-            log(f"[profile] reusing LUT {path} ({want.key()})")
+        if cfg.profile.lut:  # the user's file: it must fit, or we say why
+            lut = LatencyTable.load(path, expect=want)
+            lut.check_plan(Plan.full(spec))
+            log(f"[profile] using LUT {path} ({want.key()})")
             return lut, path
+        stale = _stale_reason(path, cfg, spec, target, want)
+        if stale is None:
+            log(f"[profile] reusing LUT {path} ({want.key()})")
+            return LatencyTable.load(path, expect=want), path
+        log(f"[profile] rebuilding cached LUT {path}: {stale}")
     lut = build_lut(spec, target, cfg.profile, floors(cfg), cfg.search.align, path, progress=progress, log=log)
     return lut, path
+
+
+def _stale_reason(path: Path, cfg: RunConfig, spec: dict, target: Target, want) -> Optional[str]:
+    """Why a cached LUT no longer fits the config (None when it does)."""
+    from dataclasses import asdict
+
+    from profiling.lut import Grid, LatencyTable
+
+    try:
+        lut = LatencyTable.load(path, expect=want)
+    except UserError as e:
+        return str(e).splitlines()[0]
+    if lut.spec != spec:
+        return "built for another teacher"
+    grid = Grid.for_spec(spec, cfg.profile, floors(cfg), max(cfg.search.align, target.align))
+    if asdict(lut.grid) != asdict(grid):
+        return "the profile grid settings changed"
+    m = lut.meta
+    if (m.get("warmup"), m.get("repeats"), m.get("rounds")) != (cfg.profile.warmup, cfg.profile.repeats, cfg.profile.rounds):
+        return "the measurement settings changed"
+    return None
 
 
 def copy_into(src: Path, dst: Path) -> Path:

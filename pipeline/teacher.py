@@ -78,7 +78,7 @@ def train_teacher(cfg: RunConfig, splits: Splits | None = None, log=print) -> tu
     crit = nn.CrossEntropyLoss(label_smoothing=cfg.teacher.label_smoothing)
     spec = TrainSpec(epochs=cfg.teacher.epochs, batch_size=cfg.data.batch_size, lr=cfg.teacher.lr, min_lr=1e-5,
                      weight_decay=cfg.teacher.weight_decay, warmup_epochs=cfg.teacher.warmup_epochs, clip_grad=1.0,
-                     seed=cfg.teacher.seed, hflip=cfg.data.name == "fmnist")
+                     seed=cfg.teacher.seed, hflip=cfg.data.name == "fmnist")  # garments are mirror-symmetric
     path = teacher_path(cfg)
     work = path.parent / f".{path.stem}.work"
     t0 = time.time()

@@ -191,8 +191,6 @@ def train(model: nn.Module, loss_fn: LossFn, train_ds: Dataset, spec: TrainSpec,
         result.resumed_from = start_epoch
         if rank == 0:
             log(f"[{desc}] resumed from {ckpt_path} at epoch {start_epoch}, step {start_step}")
-    elif resume and rank == 0:
-        log(f"[{desc}] no checkpoint at {ckpt_path}; starting fresh")
 
     def save(epoch: int, step: int) -> None:
         rngs = [_rng_state()]

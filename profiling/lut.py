@@ -8,7 +8,7 @@ reports how well it predicts (``profiling.validate``).
 
 Model of latency (separable, as in DESIGN.md)::
 
-    latency(plan) = shell(E) + sum over kept blocks [attn(E, H, QK, V) + mlp(E, M) + c]
+    latency(plan) = shell(E) + k * sum over kept blocks [attn(E, H, QK, V) + mlp(E, M) + c]
 
 * ``attn`` is a 4-D grid of ``x + attn(LN(x))`` micro-models, ``mlp`` a 2-D
   grid of ``x + mlp(LN(x))``, ``shell`` the stem + head (a CompactViT with no
@@ -43,7 +43,7 @@ from pipeline.errors import UserError
 from pipeline.io import atomic_write_json
 from pipeline.plan import Floors, Plan
 
-LUT_SCHEMA = 1
+LUT_SCHEMA = 3  # 3: composition factor; 2: 2: entries net of the per-run overhead (null model), interleaved timing
 DIMS = ("heads", "qk", "v", "mlp", "embed", "block")
 
 
@@ -82,20 +82,27 @@ class Grid:
                 "mlp": len(self.embed) * len(self.mlp), "shell": len(self.embed)}
 
 
-def _interp(axes: list[list[int]], values: np.ndarray, point: Iterable[float]) -> float:
-    """Multilinear interpolation (linear extrapolation outside the grid)."""
-    from scipy.interpolate import RegularGridInterpolator
+class Interpolator:
+    """Multilinear interpolation over a grid (linear extrapolation outside it)."""
 
-    pts = [np.asarray(a, dtype=np.float64) for a in axes]
-    keep = [i for i, a in enumerate(pts) if len(a) > 1]  # singleton axes: nothing to interpolate
-    vals = values.reshape([len(a) for a in pts])
-    idx = tuple(slice(None) if i in keep else 0 for i in range(len(pts)))
-    vals = vals[idx]
-    point = list(point)
-    if not keep:
-        return float(vals)
-    f = RegularGridInterpolator([pts[i] for i in keep], vals, method="linear", bounds_error=False, fill_value=None)
-    return float(f([[point[i] for i in keep]])[0])
+    def __init__(self, axes: list[list[int]], values: np.ndarray):
+        from scipy.interpolate import RegularGridInterpolator
+
+        pts = [np.asarray(a, dtype=np.float64) for a in axes]
+        self.keep = [i for i, a in enumerate(pts) if len(a) > 1]  # singleton axes: nothing to interpolate
+        vals = values.reshape([len(a) for a in pts])[tuple(slice(None) if i in self.keep else 0 for i in range(len(pts)))]
+        self.const = float(vals) if not self.keep else None
+        self.f = None if not self.keep else RegularGridInterpolator(
+            [pts[i] for i in self.keep], vals, method="linear", bounds_error=False, fill_value=None)
+
+    def __call__(self, *point: float) -> float:
+        if self.f is None:
+            return self.const
+        return float(self.f([[point[i] for i in self.keep]])[0])
+
+
+def _interp(axes: list[list[int]], values: np.ndarray, point: Iterable[float]) -> float:
+    return Interpolator(axes, values)(*point)
 
 
 @dataclass
@@ -109,18 +116,24 @@ class LatencyTable:
     mlp: np.ndarray  # [E, M] ms
     shell: np.ndarray  # [E] ms
     block_correction_ms: float = 0.0
+    compose: float = 1.0
     checks: list = field(default_factory=list)
     meta: dict = field(default_factory=dict)
 
     # -- prediction ----------------------------------------------------------
+    def _interpolators(self):
+        if getattr(self, "_fi", None) is None:
+            g = self.grid
+            self._fi = (Interpolator([g.embed, g.heads, g.qk, g.v], self.attn), Interpolator([g.embed, g.mlp], self.mlp),
+                        Interpolator([g.embed], self.shell))
+        return self._fi
+
     def block_ms(self, E: int, H: int, QK: int, V: int, M: int) -> float:
-        g = self.grid
-        a = _interp([g.embed, g.heads, g.qk, g.v], self.attn, (E, H, QK, V))
-        m = _interp([g.embed, g.mlp], self.mlp, (E, M))
-        return a + m + self.block_correction_ms
+        fa, fm, _ = self._interpolators()
+        return fa(E, H, QK, V) + fm(E, M) + self.block_correction_ms
 
     def shell_ms(self, E: int) -> float:
-        return _interp([self.grid.embed], self.shell, (E,))
+        return self._interpolators()[2](E)
 
     def check_plan(self, plan: Plan) -> None:
         s = plan.spec
@@ -138,12 +151,12 @@ class LatencyTable:
             check_compatible(self.signature, signature)
         self.check_plan(plan)
         E = plan.embed_dim
-        return self.shell_ms(E) + sum(self.block_ms(E, *b.dims) for b in plan.blocks if b.keep)
+        return self.shell_ms(E) + self.compose * sum(self.block_ms(E, *b.dims) for b in plan.blocks if b.keep)
 
     def breakdown(self, plan: Plan) -> dict:
         E = plan.embed_dim
         return {"shell": self.shell_ms(E),
-                "blocks": [self.block_ms(E, *b.dims) if b.keep else 0.0 for b in plan.blocks]}
+                "blocks": [self.compose * self.block_ms(E, *b.dims) if b.keep else 0.0 for b in plan.blocks]}
 
     def marginal(self, plan: Plan, block: Optional[int], dim: str, groups: int = 1, group_size: int = 1) -> float:
         """Latency saved (ms) by removing ``groups`` groups of ``group_size`` units.
@@ -156,8 +169,8 @@ class LatencyTable:
         E = plan.embed_dim
         if dim == "embed":
             E2 = E - groups * group_size
-            before = self.shell_ms(E) + sum(self.block_ms(E, *b.dims) for b in plan.blocks if b.keep)
-            after = self.shell_ms(E2) + sum(self.block_ms(E2, *b.dims) for b in plan.blocks if b.keep)
+            before = self.shell_ms(E) + self.compose * sum(self.block_ms(E, *b.dims) for b in plan.blocks if b.keep)
+            after = self.shell_ms(E2) + self.compose * sum(self.block_ms(E2, *b.dims) for b in plan.blocks if b.keep)
             return before - after
         b = plan.blocks[block]
         if not b.keep:
@@ -165,17 +178,18 @@ class LatencyTable:
         dims = list(b.dims)
         cur = self.block_ms(E, *dims)
         if dim == "block":
-            return cur
+            return self.compose * cur
         i = ("heads", "qk", "v", "mlp").index(dim)
         dims[i] -= groups * group_size
-        return cur - self.block_ms(E, *dims)
+        return self.compose * (cur - self.block_ms(E, *dims))
 
     # -- (de)serialisation ---------------------------------------------------
     def to_dict(self) -> dict:
         return {"schema": LUT_SCHEMA, "signature": self.signature.to_dict(), "key": self.signature.key(),
                 "spec": self.spec, "grid": asdict(self.grid), "attn_ms": self.attn.tolist(),
                 "mlp_ms": self.mlp.tolist(), "shell_ms": self.shell.tolist(),
-                "block_correction_ms": self.block_correction_ms, "checks": self.checks, "meta": self.meta}
+                "block_correction_ms": self.block_correction_ms, "compose": self.compose, "checks": self.checks,
+                "meta": self.meta}
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_json(path, self.to_dict())
@@ -198,7 +212,8 @@ class LatencyTable:
             t = cls(signature=DeviceSignature.from_dict(d["signature"]), spec=d["spec"], grid=grid,
                     attn=np.asarray(d["attn_ms"], dtype=np.float64), mlp=np.asarray(d["mlp_ms"], dtype=np.float64),
                     shell=np.asarray(d["shell_ms"], dtype=np.float64),
-                    block_correction_ms=float(d["block_correction_ms"]), checks=d.get("checks", []),
+                    block_correction_ms=float(d["block_correction_ms"]), compose=float(d.get("compose", 1.0)),
+                    checks=d.get("checks", []),
                     meta=d.get("meta", {}))
         except (KeyError, TypeError, ValueError) as e:
             raise UserError("profile", f"LUT '{p}' is malformed ({type(e).__name__}: {e})",
@@ -217,7 +232,8 @@ class LatencyTable:
         full = Plan.full(self.spec)
         lines = [f"LUT for {self.signature}", f"  key {self.signature.key()}",
                  f"  grid: embed {g.embed}, heads {g.heads}, qk {g.qk}, v {g.v}, mlp {g.mlp}",
-                 f"  entries: {self.grid.size()}  block correction {self.block_correction_ms:+.3f} ms",
+                 f"  entries: {self.grid.size()}  block correction {self.block_correction_ms:+.3f} ms, "
+                 f"composition k={self.compose:.3f}",
                  f"  teacher predicted: {self.predict(full):.3f} ms (shell {self.shell_ms(full.embed_dim):.3f} ms, "
                  f"block {self.block_ms(full.embed_dim, *full.blocks[0].dims):.3f} ms)"]
         if self.checks:
@@ -241,71 +257,138 @@ class Item:
     dims: tuple  # (E,) or (E, H, QK, V, M)
 
 
-def _export_item(item: Item, spec: dict, tokens: int, path: Path):
-    from export.onnx import export_onnx
+def _make_item(item: Item, spec: dict, tokens: int):
     from profiling.micro import make_part, sample_shape
 
     E = item.dims[0]
-    if item.kind == "shell":
-        model = make_part("shell", spec, E)
-    else:
-        model = make_part(item.kind, spec, *item.dims)
-    shape = sample_shape(item.kind, spec, E, tokens)
-    return model, shape
+    model = make_part(item.kind, spec, *item.dims) if item.kind not in ("shell", "null") else make_part(item.kind, spec, E)
+    return model, sample_shape(item.kind, spec, E, tokens)
+
+
+def _open_runner(item: Item, spec: dict, target: Target, tokens: int, workdir: Path):
+    """Export the item's micro-model (and build its engine) and return a runner for it."""
+    from export.onnx import export_onnx, to_fp16
+    from export.runners import make_runner
+
+    model, shape = _make_item(item, spec, tokens)
+    if target.backend in ("torch-cpu", "torch-cuda"):
+        return make_runner(target.backend, model=model, sample_shape=shape, threads=target.threads,
+                           precision=target.precision)
+    onnx_path = workdir / f"{item.key}.onnx"
+    export_onnx(model, onnx_path, shape)
+    if target.backend == "ort-cpu":
+        return make_runner("ort-cpu", onnx_path=onnx_path, threads=target.threads, opt_level=target.opt_level)
+    from export.engine import build_trt_engine
+    from export.target import trt_major
+
+    src = onnx_path
+    if target.precision == "fp16" and trt_major() >= 11:  # strongly typed: fp16 comes from the ONNX
+        src = to_fp16(onnx_path, workdir / f"{item.key}.fp16.onnx")
+    eng = build_trt_engine(src, workdir / f"{item.key}.plan", target, shape, workdir / "timing.cache")
+    return make_runner("tensorrt", engine_path=eng.path)
 
 
 def measure_items(items: list[Item], spec: dict, target: Target, tokens: int, pcfg: ProfileConfig,
                   workdir: Path, done: dict, on_chunk: Callable[[dict], None], progress: bool = True,
-                  chunk: int = 6) -> dict:
-    """Time every item not already in ``done`` on the target; returns key -> timing dict."""
+                  chunk: int = 0) -> dict:
+    """Time every item not already in ``done`` on the target; returns key -> timing dict.
+
+    All micro-models of a chunk are exported first, then timed round-robin
+    (:func:`export.runners.time_interleaved`). ORT and torch sessions are small,
+    so one chunk holds everything; TensorRT engines are built and timed 8 at a
+    time, with the results saved after each chunk (builds are slow).
+    """
+    import gc
+
     from tqdm import tqdm
 
-    from export.onnx import export_onnx, to_fp16
-    from export.runners import make_runner
+    from export.runners import time_interleaved
 
     todo = [it for it in items if it.key not in done]
+    chunk = chunk or (8 if target.backend == "tensorrt" else max(1, len(todo)))
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="[profile] LUT entries", disable=not progress)
     for c in range(0, len(todo), chunk):
         part = todo[c:c + chunk]
         runners = []
         for it in part:
-            model, shape = _export_item(it, spec, tokens, workdir)
-            if target.backend in ("torch-cpu", "torch-cuda"):
-                runners.append(make_runner(target.backend, model=model, sample_shape=shape, threads=target.threads,
-                                           precision=target.precision))
-                continue
-            onnx_path = workdir / f"{it.key}.onnx"
-            export_onnx(model, onnx_path, shape)
-            if target.backend == "ort-cpu":
-                runners.append(make_runner("ort-cpu", onnx_path=onnx_path, threads=target.threads,
-                                           opt_level=target.opt_level))
-            else:  # tensorrt: build an engine per micro-model (slow; hence chunked, resumable saves)
-                from export.engine import build_trt_engine
-                from export.target import trt_major
-
-                src = onnx_path
-                if target.precision == "fp16" and trt_major() >= 11:
-                    src = to_fp16(onnx_path, workdir / f"{it.key}.fp16.onnx")
-                eng = build_trt_engine(src, workdir / f"{it.key}.plan", target, shape, workdir / "timing.cache")
-                runners.append(make_runner("tensorrt", engine_path=eng.path))
-        samples: dict[str, list[float]] = {it.key: [] for it in part}
+            runners.append(_open_runner(it, spec, target, tokens, workdir))
+            bar.update(0.5)
+        gc.collect()
         for r in runners:
             r.activate()
         try:
-            per_round = max(1, pcfg.repeats // max(1, pcfg.rounds))
-            for rnd in range(max(1, pcfg.rounds)):
-                for it, r in zip(part, runners):
-                    samples[it.key] += r.time_samples(target.batch, per_round, warmup=pcfg.warmup if rnd == 0 else 2)
+            timings = time_interleaved(runners, target.batch, pcfg.repeats, pcfg.rounds, pcfg.warmup)
         finally:
             for r in runners:
                 r.deactivate()
-        for it in part:
-            a = np.asarray(samples[it.key])
-            done[it.key] = {"median_ms": float(np.median(a)), "p90_ms": float(np.percentile(a, 90)), "n": len(a)}
-            bar.update(1)
+        for it, t in zip(part, timings):
+            done[it.key] = {"median_ms": t.median_ms, "p90_ms": t.p90_ms, "n": t.repeats}
+            bar.update(0.5)
         on_chunk(done)
     bar.close()
     return done
+
+
+def lut_items(spec: dict, grid: Grid, pcfg: ProfileConfig) -> tuple[list[Item], list[tuple]]:
+    """Every micro-model a LUT needs, and the whole-block check dims."""
+    g = grid
+    M_full = spec["mlp_hidden"]
+    items = [Item(f"shell_e{E}", "shell", (E,)) for E in g.embed]
+    items += [Item(f"null_e{E}", "null", (E,)) for E in g.embed]
+    items.append(Item("model_full", "model", (g.embed[-1],)))
+    items += [Item(f"attn_e{E}_h{H}_q{q}_v{v}", "attn", (E, H, q, v, M_full))
+              for E, H, q, v in itertools.product(g.embed, g.heads, g.qk, g.v)]
+    items += [Item(f"mlp_e{E}_m{M}", "mlp", (E, 1, 8, 8, M)) for E, M in itertools.product(g.embed, g.mlp)]
+    rng = np.random.default_rng(pcfg.seed)
+    check_dims = [(g.embed[-1], g.heads[-1], g.qk[-1], g.v[-1], g.mlp[-1])]
+    for _ in range(200):  # distinct random checks
+        if len(check_dims) >= max(1, pcfg.checks):
+            break
+        d = (int(rng.choice(g.embed)), int(rng.choice(g.heads)), int(rng.choice(g.qk)), int(rng.choice(g.v)),
+             int(rng.choice(g.mlp)))
+        if d not in check_dims:
+            check_dims.append(d)
+    items += [Item(_check_key(i, d), "block", d) for i, d in enumerate(check_dims)]
+    # the same entry again, in its own session: how reproducible is one measurement?
+    ref = next(it for it in items if it.kind == "attn" and it.dims[:4] == (g.embed[-1], g.heads[-1], g.qk[-1], g.v[-1]))
+    items.append(Item("repeat_" + ref.key, ref.kind, ref.dims))
+    return items, check_dims
+
+
+def _check_key(i: int, d: tuple) -> str:
+    return f"block{i}_e{d[0]}_h{d[1]}_q{d[2]}_v{d[3]}_m{d[4]}"
+
+
+def assemble(sig: DeviceSignature, spec: dict, grid: Grid, med: dict, check_dims: list[tuple]) -> LatencyTable:
+    """Turn per-item medians (ms) into a table: net entries, block correction, composition."""
+    from pipeline.plan import Plan
+
+    g = grid
+    null = {E: med[f"null_e{E}"] for E in g.embed}
+    # net of the per-run overhead: what the part adds inside a full model
+    attn = np.array([med[f"attn_e{E}_h{H}_q{q}_v{v}"] - null[E] for E, H, q, v in itertools.product(g.embed, g.heads, g.qk, g.v)])
+    attn = attn.reshape(len(g.embed), len(g.heads), len(g.qk), len(g.v))
+    mlp = np.array([med[f"mlp_e{E}_m{M}"] - null[E] for E, M in itertools.product(g.embed, g.mlp)])
+    mlp = mlp.reshape(len(g.embed), len(g.mlp))
+    shell = np.array([med[f"shell_e{E}"] for E in g.embed])
+    table = LatencyTable(sig, spec, grid, attn, mlp, shell)
+    resid, checks = [], []
+    for i, d in enumerate(check_dims):
+        measured = med[_check_key(i, d)] - null[d[0]]
+        halves = table.block_ms(*d)  # correction still 0 here
+        resid.append(measured - halves)
+        checks.append({"dims": list(d), "measured_ms": measured, "halves_ms": halves})
+    table.block_correction_ms = float(np.median(resid))
+    for c in checks:
+        pred = table.block_ms(*c["dims"])
+        c["predicted_ms"] = pred
+        c["err_pct"] = 100.0 * (pred - c["measured_ms"]) / c["measured_ms"]
+    table.checks = checks
+    full = Plan.full(spec)
+    blocks_sum = sum(table.block_ms(full.embed_dim, *b.dims) for b in full.blocks)
+    table.compose = float((med["model_full"] - table.shell_ms(full.embed_dim)) / blocks_sum) if blocks_sum > 0 else 1.0
+    table.meta = {"null_ms": [null[E] for E in g.embed], "model_full_ms": med["model_full"]}
+    return table
 
 
 def build_lut(spec: dict, target: Target, pcfg: ProfileConfig, floors: Floors, align: int, out_path: str | os.PathLike,
@@ -334,53 +417,22 @@ def build_lut(spec: dict, target: Target, pcfg: ProfileConfig, floors: Floors, a
                 log(f"[profile] resuming: {len(done)} entries already measured in {partial}")
         except (json.JSONDecodeError, KeyError):
             pass
-    g = grid
-    H_full, hd, M_full = spec["num_heads"], spec["head_dim"], spec["mlp_hidden"]
-    items = [Item(f"shell_e{E}", "shell", (E,)) for E in g.embed]
-    items += [Item(f"attn_e{E}_h{H}_q{q}_v{v}", "attn", (E, H, q, v, M_full))
-              for E, H, q, v in itertools.product(g.embed, g.heads, g.qk, g.v)]
-    items += [Item(f"mlp_e{E}_m{M}", "mlp", (E, 1, 8, 8, M)) for E, M in itertools.product(g.embed, g.mlp)]
-    rng = np.random.default_rng(pcfg.seed)
-    check_dims = [(g.embed[-1], g.heads[-1], g.qk[-1], g.v[-1], g.mlp[-1])]
-    for _ in range(max(0, pcfg.checks - 1)):
-        check_dims.append((int(rng.choice(g.embed)), int(rng.choice(g.heads)), int(rng.choice(g.qk)),
-                           int(rng.choice(g.v)), int(rng.choice(g.mlp))))
-    items += [Item(f"block{i}_e{E}_h{H}_q{q}_v{v}_m{M}", "block", (E, H, q, v, M))
-              for i, (E, H, q, v, M) in enumerate(check_dims)]
-    # the same entry again, in another chunk: how reproducible is one measurement?
-    items.append(Item("repeat_" + items[len(g.embed)].key, items[len(g.embed)].kind, items[len(g.embed)].dims))
+    items, check_dims = lut_items(spec, grid, pcfg)
     log(f"[profile] measuring {len(items)} micro-models on [{sig}]")
     with tempfile.TemporaryDirectory(prefix="vitrim-lut-") as tmp:
         measure_items(items, spec, target, tokens, pcfg, Path(tmp), done,
                       lambda d: atomic_write_json(partial, {"header": header, "entries": d}), progress=progress)
     med = {k: v["median_ms"] for k, v in done.items()}
-    attn = np.array([med[f"attn_e{E}_h{H}_q{q}_v{v}"] for E, H, q, v in itertools.product(g.embed, g.heads, g.qk, g.v)])
-    attn = attn.reshape(len(g.embed), len(g.heads), len(g.qk), len(g.v))
-    mlp = np.array([med[f"mlp_e{E}_m{M}"] for E, M in itertools.product(g.embed, g.mlp)]).reshape(len(g.embed), len(g.mlp))
-    shell = np.array([med[f"shell_e{E}"] for E in g.embed])
-    table = LatencyTable(sig, spec, grid, attn, mlp, shell)
-    resid = []
-    checks = []
-    for i, (E, H, q, v, M) in enumerate(check_dims):
-        measured = med[f"block{i}_e{E}_h{H}_q{q}_v{v}_m{M}"]
-        halves = table.block_ms(E, H, q, v, M)  # correction still 0 here
-        resid.append(measured - halves)
-        checks.append({"dims": [E, H, q, v, M], "measured_ms": measured, "halves_ms": halves})
-    table.block_correction_ms = float(np.median(resid))
-    for c in checks:
-        pred = table.block_ms(*c["dims"])
-        c["predicted_ms"] = pred
-        c["err_pct"] = 100.0 * (pred - c["measured_ms"]) / c["measured_ms"]
-    table.checks = checks
-    first = items[len(g.embed)].key
-    a, b = med[first], med["repeat_" + first]
-    table.meta = {"build_s": round(time.time() - t0, 1), "entries": len(items),
-                  "reproducibility_pct": 100.0 * abs(a - b) / min(a, b), "repeat_entry": first,
-                  "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                  **header["measure"]}
+    table = assemble(sig, spec, grid, med, check_dims)
+    ref = items[-1].key[len("repeat_"):]
+    a, b = med[ref], med[items[-1].key]
+    table.meta.update({"build_s": round(time.time() - t0, 1), "entries": len(items),
+                       "reproducibility_pct": 100.0 * abs(a - b) / min(a, b), "repeat_entry": ref,
+                       "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                       **header["measure"]})
     table.save(out_path)
     partial.unlink(missing_ok=True)
     log(f"[profile] LUT saved to {out_path} in {table.meta['build_s']:.0f}s; block correction "
-        f"{table.block_correction_ms:+.3f} ms; whole-block check errors "
-        + ", ".join(f"{c['err_pct']:+.1f}%" for c in checks))
+        f"{table.block_correction_ms:+.3f} ms, composition k={table.compose:.3f}; whole-block check errors "
+        + ", ".join(f"{c['err_pct']:+.1f}%" for c in table.checks))
     return table

@@ -50,15 +50,34 @@ class MlpPart(nn.Module):
         return x + m
 
 
+class NullPart(nn.Module):
+    """``x + b``: what any [B, N, E] micro-model costs besides its layers (run overhead, I/O copies).
+
+    Subtracted from the attn/MLP entries so a block inside a full model is not
+    charged the per-run overhead twice (measured: +30-70% error on small plans without it).
+    """
+
+    def __init__(self, E: int):
+        super().__init__()
+        self.b = nn.Parameter(torch.zeros(E))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.b
+
+
 def make_block(spec: dict, E: int, H: int, QK: int, V: int, M: int) -> CompactBlock:
     return _init(CompactBlock(E, H, QK, V, M, spec["qkv_bias"], spec["scale_head_dim"], spec["norm_eps"],
                               spec["layer_scale"]))
 
 
 def make_part(kind: str, spec: dict, E: int, H: int = 1, QK: int = 8, V: int = 8, M: int = 16) -> nn.Module:
-    """``attn`` | ``mlp`` | ``block`` (input [B, N, E]) or ``shell`` (image in, logits out)."""
+    """``attn`` | ``mlp`` | ``block`` | ``null`` (input [B, N, E]) or ``shell`` (image in, logits out)."""
     if kind == "shell":
         return make_shell(spec, E)
+    if kind == "null":
+        return NullPart(E).eval()
+    if kind == "model":  # the whole keep-everything model (the composition check)
+        return _init(CompactViT(Plan.full(spec)))
     blk = make_block(spec, E, H, QK, V, M)
     return {"attn": AttnPart, "mlp": MlpPart}[kind](blk) if kind != "block" else blk
 
@@ -70,6 +89,6 @@ def make_shell(spec: dict, E: int) -> CompactViT:
 
 
 def sample_shape(kind: str, spec: dict, E: int, tokens: int) -> tuple[int, ...]:
-    if kind == "shell":
+    if kind in ("shell", "model"):
         return (spec["in_chans"], *spec["img_size"])
     return (tokens, E)

@@ -41,7 +41,8 @@ def test_build_save_reload(built, spec):
     # a smaller plan is predicted faster; skipping a block saves exactly its block latency
     half = Plan.full(spec)
     half.blocks[1].keep = False
-    assert lut.predict(half) == pytest.approx(t - lut.block_ms(32, 2, 16, 16, 64))
+    assert lut.predict(half) == pytest.approx(t - lut.compose * lut.block_ms(32, 2, 16, 16, 64))
+    assert 0.5 < lut.compose < 2.0
     assert lut.marginal(full, 1, "block") == pytest.approx(t - lut.predict(half))
     assert len(lut.checks) == 2 and "reproducibility_pct" in lut.meta
 
@@ -114,10 +115,11 @@ def test_validation_reports_error_and_rank(built, spec, tmp_path):
     lut, _ = built
     teacher = random_init(timm.create_model("vit_tiny_patch16_224", **TINY_KW))
     rep = validate_lut(lut, canonical_state(teacher), Target(batch=4, threads=1), 3, tmp_path, warmup=2, repeats=6,
-                       rounds=2, progress=False)
+                       rounds=2, progress=False, same_session=True, pcfg=PCFG)
     assert rep["n_plans"] == 4 and len(rep["rows"]) == 4
     assert rep["rows"][0]["plan"] == "teacher"
     assert all(r["measured_ms"] > 0 and r["predicted_ms"] > 0 for r in rep["rows"])
     assert -1.0 <= rep["spearman"] <= 1.0
+    assert all(r["same_session_predicted_ms"] > 0 for r in rep["rows"]) and "spearman" in rep["same_session"]
     assert (tmp_path / "lut_validation.png").stat().st_size > 1000
     assert json.loads((tmp_path / "lut_validation.json").read_text())["n_plans"] == 4
