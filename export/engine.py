@@ -95,3 +95,26 @@ def build_engine(onnx_path, out_dir, target: Target, sample_shape: tuple[int, ..
         return build_trt_engine(onnx_path, out_dir / "model.plan", target, sample_shape,
                                 timing_cache=out_dir / "timing.cache")
     return Engine(target.backend, None, Path(onnx_path), {"eager": True})
+
+
+def runner_for_module(model, sample_shape: tuple[int, ...], target: Target, workdir, name: str) -> Runner:
+    """Export ``model`` (and build its engine) for ``target``; return an (inactive) runner.
+
+    The one path by which profiling times micro-models and whole plans, so both
+    go through the exporter and engine builder a release uses.
+    """
+    from export.onnx import export_onnx, to_fp16
+    from export.runners import make_runner
+
+    if target.backend in ("torch-cpu", "torch-cuda"):
+        return make_runner(target.backend, model=model, sample_shape=sample_shape, threads=target.threads,
+                           precision=target.precision)
+    workdir = Path(workdir)
+    onnx_path = export_onnx(model, workdir / f"{name}.onnx", sample_shape)
+    if target.backend == "ort-cpu":
+        return make_runner("ort-cpu", onnx_path=onnx_path, threads=target.threads, opt_level=target.opt_level)
+    src = onnx_path
+    if target.precision == "fp16" and trt_major() >= 11:  # strongly typed: fp16 comes from the ONNX
+        src = to_fp16(onnx_path, workdir / f"{name}.fp16.onnx")
+    eng = build_trt_engine(src, workdir / f"{name}.plan", target, sample_shape, workdir / "timing.cache")
+    return TrtRunner(eng.path)

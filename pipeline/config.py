@@ -113,6 +113,7 @@ class SearchConfig:
     min_mlp: int = 16
     prune_embed: bool = True
     prune_blocks: bool = True
+    refill: bool = True  # after the last step, put back removed groups that still fit the budget
     min_blocks: int = 1
     seed: int = 0
 

@@ -23,6 +23,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        if tmp.exists():  # mkstemp makes 0600 files; artifacts get the usual umask-based mode
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -60,3 +64,16 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
                 break
             h.update(b)
     return h.hexdigest()
+
+
+def read_json(path: str | os.PathLike, stage: str, what: str, fix: str) -> Any:
+    """Read a JSON file or raise a UserError naming it (missing / not JSON)."""
+    from pipeline.errors import UserError
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(stage, f"{what} '{p}' not found", fix)
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(stage, f"'{p}' is not valid JSON ({e})", fix) from None

@@ -203,14 +203,10 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Plan":
-        p = Path(path)
-        if not p.is_file():
-            raise UserError("plan", f"plan file '{p}' not found", "run `vitrim search` first or pass the right path")
-        try:
-            d = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError("plan", f"'{p}' is not valid JSON ({e})", "re-create it with `vitrim search`") from None
-        return cls.from_dict(d, source=str(p))
+        from pipeline.io import read_json
+
+        d = read_json(path, "plan", "plan file", "run `vitrim search` first (it writes plan.json), or pass the right path")
+        return cls.from_dict(d, source=str(path))
 
     def summary(self) -> str:
         rows = [f"embed {self.embed_dim}/{self.spec['embed_dim']}  params {self.num_params() / 1e6:.3f}M  MACs {self.macs() / 1e6:.1f}M"]

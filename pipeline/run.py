@@ -82,18 +82,20 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
     if cache.fresh("search", h_search, [search_out / "plan.json", search_out / "search_state.safetensors"]):
         log("[search] inputs unchanged; reusing search/plan.json")
         plan = Plan.load(search_out / "plan.json")
+        t0 = None
     else:
         cache.invalidate("finetune")
         res = stage_search(cfg, teacher, lut, splits, search_out, log=log)
         plan = res.plan
         cache.done("search", h_search, wall_s=round(res.wall_s, 1))
-    timings["search_s"] = round(time.time() - t0, 1)
+    timings["search_s"] = round(time.time() - t0, 1) if t0 else "cached"
 
     h_ft = config_hash({"search": h_search, "finetune": cfg.finetune, "data": data_key})
     t0 = time.time()
     if cache.fresh("finetune", h_ft, [out / "student.safetensors", out / "plan.json"]):
         log("[finetune] inputs unchanged; reusing student.safetensors")
         student = load_compact(out)
+        t0 = None
     else:
         state = read_state_dict(search_out / "search_state.safetensors", "slice")
         student = slice_model(state, plan)
@@ -105,7 +107,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
         res = finetune(cfg, teacher, student, plan, splits, out, resume=resume, log=log)
         cache.done("finetune", h_ft, wall_s=round(res.wall_s, 1), sliced_val_top1=sliced_acc)
         (out / "finetune" / "checkpoint.pt").unlink(missing_ok=True)
-    timings["finetune_s"] = round(time.time() - t0, 1)
+    timings["finetune_s"] = round(time.time() - t0, 1) if t0 else "cached"
 
     t0 = time.time()
     h_exp = config_hash({"ft": h_ft, "export": cfg.export, "target": cfg.target, "test_limit": cfg.data.test_limit})
@@ -115,19 +117,21 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
         student_exp = {"parity": exp["parity"], "latency": exp["latency"], "params": exp["model"]["params"]}
         texp = json.loads((out / "teacher" / "manifest.json").read_text())
         teacher_exp = {"parity": texp["parity"], "latency": texp["latency"], "params": texp["model"]["params"]}
+        t0 = None
     else:
         teacher_exp = stage_export(cfg, teacher, out / "teacher", splits, plan=None, lut=None,
                                    name=f"teacher {cfg.model.arch}", log=log)
         teacher_exp["latency"]["predicted_ms"] = lut.predict(Plan.full(spec))
         student_exp = stage_export(cfg, student, out, splits, plan=plan, lut=lut, name="student", log=log)
         cache.done("export", h_exp)
-    timings["export_s"] = round(time.time() - t0, 1)
+    timings["export_s"] = round(time.time() - t0, 1) if t0 else "cached"
     same = retime_pair(cfg, out / "teacher" / "model.onnx", out / "model.onnx", log)
 
     summary = make_summary(cfg, spec, plan, lut, teacher_acc, teacher_exp, student_exp, out, timings)
     if same is not None:  # the speedup is a ratio measured in one interleaved session
-        summary["teacher"]["measured_ms"], summary["student"]["measured_ms"] = same
-        summary["speedup"] = same[0] / same[1]
+        for key, t in zip(("teacher", "student"), same):
+            summary[key]["measured_ms"], summary[key]["p90_ms"] = t.median_ms, t.p90_ms
+        summary["speedup"] = same[0].median_ms / same[1].median_ms
         summary["latency_protocol"] = "teacher and student re-timed round-robin in one session"
     summary["wall_s"] = round(time.time() - t_start, 1)
     atomic_write_json(out / "summary.json", summary)
@@ -138,7 +142,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
     return summary
 
 
-def retime_pair(cfg: RunConfig, teacher_onnx: Path, student_onnx: Path, log) -> tuple[float, float] | None:
+def retime_pair(cfg: RunConfig, teacher_onnx: Path, student_onnx: Path, log):
     """Median latency of teacher and student timed round-robin in one session (ORT-CPU)."""
     if cfg.target.backend != "ort-cpu" or not (teacher_onnx.is_file() and student_onnx.is_file()):
         return None
@@ -155,7 +159,7 @@ def retime_pair(cfg: RunConfig, teacher_onnx: Path, student_onnx: Path, log) -> 
         for r in runners:
             r.deactivate()
     log(f"[run] interleaved timing at batch {cfg.target.batch}: teacher {t.median_ms:.3f} ms, student {s.median_ms:.3f} ms")
-    return t.median_ms, s.median_ms
+    return t, s
 
 
 def make_summary(cfg, spec, plan, lut, teacher_acc, teacher_exp, student_exp, out: Path, timings: dict) -> dict:

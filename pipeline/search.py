@@ -17,7 +17,8 @@ Selection strategies (same interface):
   importance per ms saved.
 * ``nvit``: remove the group with the lowest ``S/mean(S) - eta * dLat/mean(dLat)``
   (NViT's latency-regularised score).
-* ``magnitude``: the knapsack loop with L1 weight magnitude instead of saliency.
+* ``magnitude``: the knapsack loop with L1 weight magnitude instead of saliency
+  (width pruning only: L1 of a whole block has no comparable scale).
 * ``uniform``: one width fraction for every block (units ranked by L1), no skipping.
 """
 from __future__ import annotations
@@ -164,6 +165,7 @@ class Candidate:
     units: list[int]
     saliency: float
     saved: float = 0.0
+    snapshot: Optional[BlockPlan] = None  # a removed block's widths, to restore it
 
 
 def candidates(plan: Plan, scores: dict, fl: Floors, e_min: int, min_blocks: int, align: int,
@@ -218,9 +220,60 @@ def prune_to(plan: Plan, scores: dict, cost: Cost, target: float, strategy: str,
             best = max(cands, key=lambda c: c.saved)  # nothing cheap left: take the biggest saving
             if best.saved <= 0:
                 break
+        if best.dim == "block":
+            b = plan.blocks[best.block]
+            best.snapshot = BlockPlan(True, list(b.heads), list(b.qk), list(b.v), list(b.mlp))
         plan = apply_removal(plan, best.block, best.dim, len(best.units), best.units or None)
         removed.append(best)
     return plan, removed
+
+
+def apply_addition(plan: Plan, c: Candidate) -> Optional[Plan]:
+    """``plan`` with a removed group put back, or None when it cannot be (its block is gone)."""
+    p = plan.copy()
+    if c.dim == "embed":
+        if set(c.units) & set(p.embed_keep):
+            return None
+        p.embed_keep = sorted(p.embed_keep + c.units)
+        return p
+    b = p.blocks[c.block]
+    if c.dim == "block":
+        if b.keep or c.snapshot is None:
+            return None
+        s = c.snapshot
+        p.blocks[c.block] = BlockPlan(True, list(s.heads), list(s.qk), list(s.v), list(s.mlp))
+        return p
+    cur = getattr(b, c.dim)
+    if not b.keep or set(c.units) & set(cur):
+        return None
+    setattr(b, c.dim, sorted(cur + c.units))
+    return p
+
+
+def refill(plan: Plan, removed: list[Candidate], cost: Cost, budget: float) -> tuple[Plan, list[Candidate]]:
+    """Knapsack fill: greedy steps overshoot the budget (a whole block is a big item), so put
+    back removed groups, most importance per unit of added cost first, while the plan fits."""
+    pool = list(removed)
+    added: list[Candidate] = []
+    while pool:
+        cur = cost.predict(plan)
+        best = None
+        for c in pool:
+            p2 = apply_addition(plan, c)
+            if p2 is None:
+                continue
+            extra = cost.predict(p2) - cur
+            if cur + extra > budget:
+                continue
+            key = c.saliency / max(extra, 1e-9)
+            if best is None or key > best[0]:
+                best = (key, c, p2)
+        if best is None:
+            break
+        plan = best[2]
+        pool.remove(best[1])
+        added.append(best[1])
+    return plan, added
 
 
 def uniform_plan(teacher_state_model: CompactViT, spec: dict, cost: Cost, budget: float, cfg: SearchConfig) -> Plan:
@@ -290,6 +343,10 @@ def run_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchConfig, 
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     spec = lut.spec
+    if cfg.strategy == "magnitude" and cfg.prune_blocks:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, prune_blocks=False)
     cost, budget, desc = resolve_budget(cfg, lut)
     e_min = lut.grid.embed[0] if cfg.prune_embed else spec["embed_dim"]
     fl = Floors(cfg.min_heads, cfg.min_qk, cfg.min_v, cfg.min_mlp)
@@ -330,6 +387,7 @@ def run_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchConfig, 
             it = iter(loader)
             return next(it)
 
+    removed_all: list[Candidate] = []
     for step in range(1, steps + 1):
         target = start * (budget / start) ** (step / steps)
         if step == steps:
@@ -343,6 +401,10 @@ def run_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchConfig, 
             batches = [next_batch() for _ in range(cfg.saliency_batches)]
             scores = hessian_scores(student, gates, kd, batches)
         plan, removed = prune_to(plan, scores, cost, target, "nvit" if cfg.strategy == "nvit" else "knapsack", cfg, e_min, log)
+        removed_all += removed
+        added = []
+        if step == steps and cfg.refill:
+            plan, added = refill(plan, removed_all, cost, budget)
         gates = attach_gates(student, masks_from_plan(plan))
         student.train()
         for _ in range(cfg.kd_iters):
@@ -359,9 +421,11 @@ def run_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchConfig, 
         for r in removed:
             counts[r.dim] = counts.get(r.dim, 0) + 1
         rec = {"step": step, "target": target, "cost": c, "val_top1": acc, "removed": counts, "s": round(time.time() - t0, 1)}
+        if added:
+            rec["refilled"] = len(added)
         history.append(rec)
-        log(f"[search] step {step}/{steps}: {c:.3f} {cost.unit} (target {target:.3f}), removed {counts}, "
-            f"val top-1 {acc:.2f}%")
+        log(f"[search] step {step}/{steps}: {c:.3f} {cost.unit} (target {target:.3f}), removed {counts}"
+            + (f", put back {len(added)} groups to fill the budget" if added else "") + f", val top-1 {acc:.2f}%")
     if cost.predict(plan) > budget + 1e-9:
         raise UserError("search", f"could not reach the budget {budget:.3f} {cost.unit}; stopped at "
                         f"{cost.predict(plan):.3f}", "raise the budget, lower the floors or allow block/embed pruning")

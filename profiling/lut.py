@@ -196,13 +196,10 @@ class LatencyTable:
 
     @classmethod
     def load(cls, path: str | os.PathLike, expect: Optional[DeviceSignature] = None) -> "LatencyTable":
+        from pipeline.io import read_json
+
         p = Path(path)
-        if not p.is_file():
-            raise UserError("profile", f"LUT file '{p}' not found", "build it with `vitrim profile build CONFIG`")
-        try:
-            d = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError("profile", f"LUT '{p}' is not valid JSON ({e})", "delete it and rebuild with `vitrim profile build`") from None
+        d = read_json(p, "profile", "LUT file", "build it (again) with `vitrim profile build CONFIG`")
         if not isinstance(d, dict) or d.get("schema") != LUT_SCHEMA:
             got = d.get("schema") if isinstance(d, dict) else None
             raise UserError("profile", f"LUT '{p}' has schema {got!r}; this vitrim reads schema {LUT_SCHEMA}",
@@ -267,25 +264,10 @@ def _make_item(item: Item, spec: dict, tokens: int):
 
 def _open_runner(item: Item, spec: dict, target: Target, tokens: int, workdir: Path):
     """Export the item's micro-model (and build its engine) and return a runner for it."""
-    from export.onnx import export_onnx, to_fp16
-    from export.runners import make_runner
+    from export.engine import runner_for_module
 
     model, shape = _make_item(item, spec, tokens)
-    if target.backend in ("torch-cpu", "torch-cuda"):
-        return make_runner(target.backend, model=model, sample_shape=shape, threads=target.threads,
-                           precision=target.precision)
-    onnx_path = workdir / f"{item.key}.onnx"
-    export_onnx(model, onnx_path, shape)
-    if target.backend == "ort-cpu":
-        return make_runner("ort-cpu", onnx_path=onnx_path, threads=target.threads, opt_level=target.opt_level)
-    from export.engine import build_trt_engine
-    from export.target import trt_major
-
-    src = onnx_path
-    if target.precision == "fp16" and trt_major() >= 11:  # strongly typed: fp16 comes from the ONNX
-        src = to_fp16(onnx_path, workdir / f"{item.key}.fp16.onnx")
-    eng = build_trt_engine(src, workdir / f"{item.key}.plan", target, shape, workdir / "timing.cache")
-    return make_runner("tensorrt", engine_path=eng.path)
+    return runner_for_module(model, shape, target, workdir, item.key)
 
 
 def measure_items(items: list[Item], spec: dict, target: Target, tokens: int, pcfg: ProfileConfig,

@@ -54,33 +54,13 @@ def measure_plans(plans: list[Plan], state: dict, target: Target, warmup: int, r
     """
     from tqdm import tqdm
 
-    from export.onnx import export_onnx
-    from export.runners import make_runner
+    from export.engine import runner_for_module
     from pipeline.slicing import slice_model
 
     runners = []
     for i, plan in enumerate(tqdm(plans, desc="[profile] export plans", disable=not progress)):
-        model = slice_model(state, plan)
         shape = (plan.spec["in_chans"], *plan.spec["img_size"])
-        if target.backend in ("torch-cpu", "torch-cuda"):
-            runners.append(make_runner(target.backend, model=model, sample_shape=shape, threads=target.threads,
-                                       precision=target.precision))
-            continue
-        path = export_onnx(model, workdir / f"plan{i}.onnx", shape)
-        if target.backend == "ort-cpu":
-            runners.append(make_runner("ort-cpu", onnx_path=path, threads=target.threads, opt_level=target.opt_level))
-        else:
-            from export.engine import build_trt_engine
-            from export.onnx import to_fp16
-            from export.target import trt_major
-
-            src = to_fp16(path, workdir / f"plan{i}.fp16.onnx") if target.precision == "fp16" and trt_major() >= 11 else path
-            eng = build_trt_engine(src, workdir / f"plan{i}.plan", target, shape, workdir / "timing.cache")
-            runners.append(make_runner("tensorrt", engine_path=eng.path))
-    import gc
-
-    from export.runners import time_interleaved
-
+        runners.append(runner_for_module(slice_model(state, plan), shape, target, workdir, f"plan{i}"))
     runners += list(extra or [])
     gc.collect()
     for r in runners:

@@ -83,7 +83,7 @@ def test_search_meets_budget_floors_alignment(data, tiny_lut, strategy):
     lut, _ = tiny_lut
     t = teacher(seed=2)
     student, _ = full_size_compact(t)
-    frac = 0.85 if strategy == "uniform" else 0.55  # uniform keeps every block and the full embedding
+    frac = {"uniform": 0.85, "magnitude": 0.8}.get(strategy, 0.55)  # these keep every block
     c = cfg(strategy=strategy, budget_fraction=frac)
     res = run_search(t, student, lut, c, data.train, data.val, batch_size=64, log=lambda m: None)
     plan = res.plan
@@ -133,3 +133,22 @@ def test_flops_budget(data, tiny_lut):
     res = run_search(t, student, lut, cfg(budget_fraction=None, flops_fraction=0.5), data.train, data.val,
                      batch_size=64, log=lambda m: None)
     assert res.plan.macs() <= 0.5 * Plan.full(lut.spec).macs() + 1
+
+
+def test_refill_fills_the_budget_without_exceeding_it(tiny_lut):
+    from pipeline.search import Candidate, apply_removal, refill
+
+    lut, _ = tiny_lut
+    cost = LatencyCost(lut)
+    full = Plan.full(lut.spec)
+    b1 = full.blocks[1]
+    snap = type(b1)(True, list(b1.heads), list(b1.qk), list(b1.v), list(b1.mlp))
+    removed = [Candidate(1, "block", [], 1.0, snapshot=snap), Candidate(0, "mlp", list(range(56, 64)), 0.5)]
+    plan = apply_removal(apply_removal(full, 1, "block", 1), 0, "mlp", 8, list(range(56, 64)))
+    budget = cost.predict(plan) + 0.5 * (cost.predict(full) - cost.predict(plan))
+    refilled, added = refill(plan, removed, cost, budget)
+    assert cost.predict(refilled) <= budget + 1e-12
+    assert cost.predict(refilled) >= cost.predict(plan)
+    if cost.predict(apply_removal(full, 1, "block", 1)) <= budget:  # the MLP group fits: it must come back
+        assert refilled.blocks[0].mlp == list(range(64))
+    assert not refilled.blocks[1].keep  # the whole block does not fit
