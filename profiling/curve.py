@@ -1,7 +1,9 @@
 """Latency-accuracy curves from run results (it receives results; it never runs the pipeline).
 
 ``write_curve(rows, out_dir)`` writes ``curve.csv`` and ``curve.png``: measured
-latency against test top-1, one line per method, with the teacher point.
+latency relative to the teacher (1 / speedup, each ratio timed in one
+interleaved session, so machine drift between points cancels) against test
+top-1, one line per method, with the teacher point at 1.0.
 """
 from __future__ import annotations
 
@@ -36,13 +38,13 @@ def write_curve(rows: list[dict], out_dir: str | os.PathLike, title: str = "") -
         if r["method"] not in methods:
             methods.append(r["method"])
     for i, m in enumerate(methods):
-        pts = sorted((r["measured_ms"], r["top1"]) for r in rows if r["method"] == m)
+        pts = sorted((1.0 / float(r["speedup"]), float(r["top1"])) for r in rows if r["method"] == m)
         xs, ys = zip(*pts)
         if m == "teacher":
             ax.scatter(xs, ys, marker="*", s=120, color="k", label="teacher", zorder=3)
         else:
             ax.plot(xs, ys, marker="o", label=m, color=f"C{i}")
-    ax.set_xlabel("measured latency (ms, median)")
+    ax.set_xlabel("measured latency / teacher latency (same-session ratio)")
     ax.set_ylabel("test top-1 (%)")
     ax.grid(alpha=0.3)
     ax.set_title(title or "latency vs accuracy", fontsize=9)

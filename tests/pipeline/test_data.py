@@ -1,6 +1,7 @@
 import gzip
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -61,3 +62,24 @@ def test_corrupt_dataset_is_clear(tmp_path, fmnist_dir):
 def test_imagefolder_missing_root_is_clear(tmp_path):
     with pytest.raises(UserError, match="train/ and val/"):
         build_splits(DataConfig(name="imagefolder", root=str(tmp_path)))
+
+
+def test_imagefolder_layout_with_timm_transforms(tmp_path):
+    import timm
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 2)):
+        for cls in ("cat", "dog"):
+            d = tmp_path / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    model = timm.create_model("deit_tiny_patch16_224", num_classes=2)
+    s = build_splits(DataConfig(name="imagefolder", root=str(tmp_path), val_size=2), model)
+    assert (len(s.train), len(s.val), len(s.test)) == (10, 2, 4)
+    assert s.num_classes == 2 and s.in_chans == 3 and s.img_size == 224
+    x, y = s.test[0]
+    assert x.shape == (3, 224, 224) and y in (0, 1)
+    xb, yb = next(iter(make_loader(s.train, 4, shuffle=True)))
+    assert xb.shape == (4, 3, 224, 224)

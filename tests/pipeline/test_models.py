@@ -53,10 +53,20 @@ def test_corrupt_and_mismatched_checkpoint(tmp_path):
         load_weights(m, tmp_path / "nope.pth")
 
 
-def test_pretrained_offline_is_clear(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UserError, match="offline"):
-        create_model(ModelConfig(arch="deit_tiny_patch16_224", pretrained=True))
+def test_pretrained_offline_is_clear(tmp_path):
+    # a fresh process, so huggingface_hub reads HF_HUB_OFFLINE at import (as it would for a user)
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "train-teacher", "configs/fmnist_cpu.yaml", "--set",
+                        "model.arch=deit_tiny_patch16_224", "--set", "model.kwargs={}", "--set", "model.pretrained=true",
+                        "--set", f"cache_dir={tmp_path}"], cwd=root, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(root)))
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "offline" in p.stderr and "model.checkpoint" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_unsupported_variants_refused():

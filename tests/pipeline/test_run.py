@@ -51,6 +51,15 @@ def test_readme_run_end_to_end(tmp_path, fmnist_dir, cache):
     assert s["student"]["predicted_ms"] <= 0.7 * s["teacher"]["predicted_ms"] + 1e-9
     assert s["student"]["params"] < s["teacher"]["params"]
     assert "Measured speedup" in (run / "report.md").read_text()
+    # `vitrim eval --student` reports the same top-1 as the run's parity check
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["eval", "configs/fmnist_cpu.yaml", "--student", str(run),
+                     *sets(tmp_path, [f"data.root={fmnist_dir}"], cache)]) == 0
+    assert f"test top-1 {m['accuracy']['torch_top1']:.2f}%" in buf.getvalue()
     resolved = yaml.safe_load((run / "resolved_config.yaml").read_text())
     assert resolved["search"]["budget_fraction"] == 0.7
     # a rerun with unchanged inputs skips every stage
