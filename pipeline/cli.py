@@ -6,7 +6,6 @@ overrides. User errors print one message naming the input and the fix, and exit 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -168,7 +167,7 @@ def cmd_finetune(args) -> int:
 def cmd_export(args) -> int:
     from pipeline.data import build_splits
     from pipeline.slicing import load_compact
-    from pipeline.stages import copy_into, stage_export, stage_profile
+    from pipeline.stages import copy_into, stage_export
     from pipeline.teacher import load_teacher
 
     cfg = _cfg(args)

@@ -13,10 +13,8 @@ QK and V indices are dims *within* a head, shared by all the block's kept heads
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable
 
 from pipeline.errors import UserError

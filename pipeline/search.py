@@ -23,7 +23,6 @@ Selection strategies (same interface):
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -371,7 +370,6 @@ def run_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchConfig, 
     kd = make_kd_fn(teacher, kd_alpha, kd_T)
     plan = full
     opt = torch.optim.AdamW([p for p in student.parameters()], lr=cfg.lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(cfg.seed)
     steps = max(1, cfg.steps)
     epoch = 0
     loader = make_loader(train_ds, batch_size, shuffle=True, seed=cfg.seed, drop_last=True, epoch=epoch)

@@ -136,7 +136,6 @@ def stage_export(cfg: RunConfig, model, out_dir: Path, splits, plan=None, lut=No
     the engine diverges; no manifest is written then.
     """
     import numpy as np
-    import torch
 
     from export.engine import build_engine
     from export.manifest import write_manifest

@@ -14,7 +14,7 @@ import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 
@@ -52,9 +52,12 @@ def measure_plans(plans: list[Plan], state: dict, target: Target, warmup: int, r
     ``extra`` runners (e.g. the LUT's reference micro-model) are timed in the same rounds and
     their results appended after the plans'.
     """
+    import gc
+
     from tqdm import tqdm
 
     from export.engine import runner_for_module
+    from export.runners import time_interleaved
     from pipeline.slicing import slice_model
 
     runners = []

@@ -1,7 +1,6 @@
 """Export stage: ONNX + ORT engine, parity gate, manifest, fp16, TensorRT (skipped without it)."""
 import json
 import random
-from pathlib import Path
 
 import numpy as np
 import onnx

@@ -1,18 +1,17 @@
 """LUT build on a tiny grid (real ORT-CPU sessions), interpolation, signatures, bad files."""
 import dataclasses
 import json
-import random
 
 import numpy as np
 import pytest
 import timm
 
-from export.target import DeviceSignature, Target
+from export.target import Target
 from pipeline.config import ProfileConfig
 from pipeline.errors import UserError
 from pipeline.models import describe
-from pipeline.plan import Floors, Plan
-from profiling.lut import Item, LatencyTable, build_lut, measure_items
+from pipeline.plan import Plan
+from profiling.lut import Item, LatencyTable, measure_items
 from tests.conftest import TINY_KW, TINY_PCFG
 
 PCFG = ProfileConfig(**TINY_PCFG)
