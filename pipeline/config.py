@@ -31,7 +31,7 @@ class DataConfig:
     root: Optional[str] = None  # fmnist: $VITRIM_FMNIST_DIR or the Debian package dir
     val_size: int = 5000  # held out of train, used for search / fine-tune decisions
     split_seed: int = 0
-    batch_size: int = 256
+    batch_size: int = 128
     eval_batch_size: int = 512
     workers: int = 0
     train_limit: Optional[int] = None  # tiny slices for tests and smoke runs
@@ -53,7 +53,7 @@ class ModelConfig:
 class TeacherConfig:
     """Training of the embedded default's teacher (``vitrim train-teacher``)."""
 
-    epochs: int = 6
+    epochs: int = 8
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 0.5

@@ -98,7 +98,11 @@ def _lr_lambda(spec: TrainSpec, steps_per_epoch: int) -> Callable[[int], float]:
 
 
 def _rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    # plain types and tensors only, so checkpoints load with torch.load(weights_only=True)
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    st = {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                    int(has_gauss), float(cached)],
+          "python": random.getstate()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -106,7 +110,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(st: dict) -> None:
     torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
+    name, keys, pos, has_gauss, cached = st["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(st["python"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
@@ -127,7 +132,7 @@ def _amp_ctx(spec: TrainSpec, device: str):
 def load_checkpoint(path: Path, model: nn.Module) -> dict:
     """Read a training checkpoint and check it belongs to ``model``."""
     try:
-        ck = torch.load(str(path), map_location="cpu", weights_only=False)
+        ck = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError("finetune", f"checkpoint '{path}' is corrupt ({type(e).__name__}: {e})",
                         "delete it and train from scratch (drop --resume)") from None

@@ -137,6 +137,6 @@ def test_sigterm_mid_epoch_leaves_loadable_checkpoint(setup):
     assert "checkpoint saved" in err
     ck_dir = tmp_path / "sig" / "finetune"
     assert [f.name for f in ck_dir.iterdir()] == ["checkpoint.pt"]  # no partial temp file
-    ck = torch.load(ck_dir / "checkpoint.pt", weights_only=False)
+    ck = torch.load(ck_dir / "checkpoint.pt", weights_only=True)
     assert ck["epoch"] == 1 and 0 < ck["step"] < 512
     assert not (tmp_path / "sig" / "student.safetensors").exists()

@@ -226,3 +226,28 @@ def test_bad_plans_are_refused(tmp_path):
     other = timm.create_model("deit_tiny_patch16_224", **{**SMALL, "embed_dim": 96})
     with pytest.raises(UserError, match="spec does not match"):
         slice_model(other, Plan.full(spec))
+
+
+def test_slice_cli_writes_a_loadable_student(tmp_path):
+    import yaml
+
+    from pipeline.cli import main
+    from pipeline.models import save_weights
+    from tests.conftest import TINY_KW
+
+    teacher = random_init(timm.create_model("vit_tiny_patch16_224", **TINY_KW), seed=5)
+    save_weights(teacher, tmp_path / "t.safetensors")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"model": {"arch": "vit_tiny_patch16_224", "kwargs": dict(TINY_KW)},
+                                                     "cache_dir": str(tmp_path / "cache")}))
+    plan = random_plan(describe(teacher), random.Random(3), embed=True)
+    plan.save(tmp_path / "plan.json")
+    assert main(["slice", str(tmp_path / "c.yaml"), "--teacher", str(tmp_path / "t.safetensors"),
+                 "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "s")]) == 0
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(load_compact(tmp_path / "s")(x), slice_model(teacher, plan)(x))
+    # a corrupt teacher checkpoint is a user error, not a traceback
+    (tmp_path / "bad.safetensors").write_bytes(b"junk")
+    assert main(["slice", str(tmp_path / "c.yaml"), "--teacher", str(tmp_path / "bad.safetensors"),
+                 "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "s2")]) == 2
+    assert not (tmp_path / "s2").exists()

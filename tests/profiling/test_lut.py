@@ -122,3 +122,12 @@ def test_validation_reports_error_and_rank(built, spec, tmp_path):
     assert all(r["same_session_predicted_ms"] > 0 for r in rep["rows"]) and "spearman" in rep["same_session"]
     assert (tmp_path / "lut_validation.png").stat().st_size > 1000
     assert json.loads((tmp_path / "lut_validation.json").read_text())["n_plans"] == 4
+
+
+def test_profile_show_cli(built, capsys):
+    from pipeline.cli import main
+
+    _, path = built
+    assert main(["profile", "show", "--lut", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "LUT for ort-cpu/fp32" in out and "teacher predicted" in out and "whole-block checks: 2" in out
