@@ -14,7 +14,7 @@ from typing import Callable, Optional
 from export.target import Target
 from pipeline.config import RunConfig
 from pipeline.errors import UserError
-from pipeline.plan import Floors
+from pipeline.plan import Floors, Plan
 
 
 def floors(cfg: RunConfig) -> Floors:
@@ -29,8 +29,6 @@ def spec_hash(spec: dict) -> str:
 def lut_path(cfg: RunConfig, spec: dict, target: Target) -> Path:
     if cfg.profile.lut:
         return Path(cfg.profile.lut)
-    from pipeline.plan import Plan
-
     sig = target.signature(Plan.full(spec).num_tokens)
     return Path(cfg.cache_dir) / f"lut-{sig.key()}-{spec_hash(spec)}.json"
 
@@ -42,8 +40,6 @@ def stage_profile(cfg: RunConfig, spec: dict, rebuild: bool = False, progress: b
 
     target = Target.from_config(cfg.target)
     path = lut_path(cfg, spec, target)
-    from pipeline.plan import Plan
-
     want = target.signature(Plan.full(spec).num_tokens)
     if path.is_file() and not rebuild:
         if cfg.profile.lut:  # the user's file: it must fit, or we say why
@@ -154,7 +150,6 @@ def stage_export(cfg: RunConfig, model, out_dir: Path, splits, plan=None, lut=No
         tokens = plan.num_tokens
     else:
         from pipeline.models import describe
-        from pipeline.plan import Plan
 
         spec = describe(model, cfg.model.arch, cfg.model.kwargs)
         shape = (spec["in_chans"], *spec["img_size"])
