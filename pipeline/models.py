@@ -7,7 +7,6 @@ on those two, never on timm modules.
 """
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -241,12 +240,3 @@ def canonical_state(model: nn.Module) -> dict[str, torch.Tensor]:
     if getattr(model, "head_dist", None) is not None:
         sd["head_dist.weight"], sd["head_dist.bias"] = model.head_dist.weight, model.head_dist.bias
     return {k: v.detach().clone() for k, v in sd.items()}
-
-
-def teacher_scale(spec: dict) -> float:
-    return spec["scale_head_dim"] ** -0.5
-
-
-def num_tokens(spec: dict) -> int:
-    grid = math.prod(s // p for s, p in zip(spec["img_size"], spec["patch_size"]))
-    return grid + int(spec["class_token"]) + int(spec["dist_token"])

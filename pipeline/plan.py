@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from pipeline.errors import UserError
 
@@ -211,20 +211,3 @@ class Plan:
         for i, b in enumerate(self.blocks):
             rows.append(f"  block {i:2d}: " + ("skipped" if not b.keep else "H=%d QK=%d V=%d MLP=%d" % b.dims))
         return "\n".join(rows)
-
-
-def uniform_indices(n: int, k: int) -> list[int]:
-    """The first ``k`` of ``n`` indices (used for synthetic plans)."""
-    return list(range(min(k, n)))
-
-
-def plan_from_dims(spec: dict, embed: int, dims: Iterable[tuple[int, int, int, int] | None]) -> Plan:
-    """A plan keeping the *first* units of each group; ``None`` skips a block."""
-    blocks = []
-    for d in dims:
-        if d is None:
-            blocks.append(BlockPlan(False))
-        else:
-            H, QK, V, M = d
-            blocks.append(BlockPlan(True, list(range(H)), list(range(QK)), list(range(V)), list(range(M))))
-    return Plan(spec=dict(spec), embed_keep=list(range(embed)), blocks=blocks)

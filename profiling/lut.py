@@ -33,7 +33,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -101,10 +101,6 @@ class Interpolator:
         return float(self.f([[point[i] for i in self.keep]])[0])
 
 
-def _interp(axes: list[list[int]], values: np.ndarray, point: Iterable[float]) -> float:
-    return Interpolator(axes, values)(*point)
-
-
 @dataclass
 class LatencyTable:
     """A measured LUT. Load with :meth:`load`; build with :func:`build_lut`."""
@@ -152,11 +148,6 @@ class LatencyTable:
         self.check_plan(plan)
         E = plan.embed_dim
         return self.shell_ms(E) + self.compose * sum(self.block_ms(E, *b.dims) for b in plan.blocks if b.keep)
-
-    def breakdown(self, plan: Plan) -> dict:
-        E = plan.embed_dim
-        return {"shell": self.shell_ms(E),
-                "blocks": [self.compose * self.block_ms(E, *b.dims) if b.keep else 0.0 for b in plan.blocks]}
 
     def marginal(self, plan: Plan, block: Optional[int], dim: str, groups: int = 1, group_size: int = 1) -> float:
         """Latency saved (ms) by removing ``groups`` groups of ``group_size`` units.
