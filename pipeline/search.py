@@ -195,8 +195,8 @@ def candidates(plan: Plan, scores: dict, fl: Floors, e_min: int, min_blocks: int
     return out
 
 
-def prune_to(plan: Plan, scores: dict, cost: Cost, target: float, strategy: str, cfg: SearchConfig, e_min: int,
-             log: Callable[[str], None] = print) -> tuple[Plan, list[Candidate]]:
+def prune_to(plan: Plan, scores: dict, cost: Cost, target: float, strategy: str, cfg: SearchConfig,
+             e_min: int) -> tuple[Plan, list[Candidate]]:
     """Greedily remove groups until ``cost.predict(plan) <= target``."""
     fl = Floors(cfg.min_heads, cfg.min_qk, cfg.min_v, cfg.min_mlp)
     removed: list[Candidate] = []
@@ -398,7 +398,7 @@ def run_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchConfig, 
         else:
             batches = [next_batch() for _ in range(cfg.saliency_batches)]
             scores = hessian_scores(student, gates, kd, batches)
-        plan, removed = prune_to(plan, scores, cost, target, "nvit" if cfg.strategy == "nvit" else "knapsack", cfg, e_min, log)
+        plan, removed = prune_to(plan, scores, cost, target, "nvit" if cfg.strategy == "nvit" else "knapsack", cfg, e_min)
         removed_all += removed
         added = []
         if step == steps and cfg.refill:

@@ -99,7 +99,6 @@ def stage_search(cfg: RunConfig, teacher, lut, splits, out_dir: Path, log: Calla
     student, _ = full_size_compact(teacher)
     res = run_search(teacher, student, lut, cfg.search, splits.train, splits.val, batch_size=cfg.data.batch_size,
                      kd_alpha=cfg.finetune.alpha, kd_T=cfg.finetune.temperature, log=log)
-    res.plan.spec = dict(lut.spec)
     res.plan.save(out_dir / "plan.json")
     atomic_write_json(out_dir / "search_log.json", {"strategy": cfg.search.strategy, "budget": res.budget,
                                                      "unit": res.unit, "budget_desc": res.budget_desc,

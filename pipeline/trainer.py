@@ -224,7 +224,6 @@ def train(model: nn.Module, loss_fn: LossFn, train_ds: Dataset, spec: TrainSpec,
         for epoch in range(start_epoch, spec.epochs):
             ddp_model.train()
             set_epoch(loader, epoch, spec.seed)
-            it = iter(loader.batch_sampler if hasattr(loader, "batch_sampler") and loader.batch_sampler is not None else loader)
             skip = start_step if epoch == start_epoch else 0
             bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"[{desc}] epoch {epoch + 1}/{spec.epochs}",
                        disable=rank != 0 or not sys.stderr.isatty(), leave=False)
@@ -264,7 +263,6 @@ def train(model: nn.Module, loss_fn: LossFn, train_ds: Dataset, spec: TrainSpec,
                     save(epoch, step + 1)
                     raise Interrupted(stop["sig"] or signal.SIGTERM, ckpt_path)
             bar.close()
-            del it
             eval_model = ema.module if ema is not None else model
             val = val_fn(eval_model) if (val_fn is not None and rank == 0) else None
             rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else None,

@@ -248,9 +248,7 @@ class Item:
 def _make_item(item: Item, spec: dict, tokens: int):
     from profiling.micro import make_part, sample_shape
 
-    E = item.dims[0]
-    model = make_part(item.kind, spec, *item.dims) if item.kind not in ("shell", "null") else make_part(item.kind, spec, E)
-    return model, sample_shape(item.kind, spec, E, tokens)
+    return make_part(item.kind, spec, *item.dims), sample_shape(item.kind, spec, item.dims[0], tokens)
 
 
 def _open_runner(item: Item, spec: dict, target: Target, tokens: int, workdir: Path):

@@ -112,9 +112,18 @@ def test_uniform_refuses_unreachable_budget(data, tiny_lut):
     lut, _ = tiny_lut
     t = teacher()
     student, _ = full_size_compact(t)
+    # a budget between the global floor (one block, smallest embed) and the smallest uniform plan
+    # (every block at its floors, full embed), taken from the measured LUT so timing noise can't move it
+    from pipeline.plan import Floors
+    from pipeline.search import floor_plan
+
+    fl = Floors()
+    lower = lut.predict(floor_plan(lut.spec, fl, lut.grid.embed[0], 1, 8))
+    uniform_min = lut.predict(floor_plan(lut.spec, fl, lut.spec["embed_dim"], lut.spec["depth"], 8))
+    assert lower < uniform_min
     with pytest.raises(UserError, match="uniform width scaling cannot reach"):
-        run_search(t, student, lut, cfg(strategy="uniform", budget_fraction=0.6), data.train, data.val, batch_size=64,
-                   log=lambda m: None)
+        run_search(t, student, lut, cfg(strategy="uniform", budget_fraction=None, budget_ms=(lower + uniform_min) / 2),
+                   data.train, data.val, batch_size=64, log=lambda m: None)
 
 
 def test_impossible_budget_is_refused(data, tiny_lut):
