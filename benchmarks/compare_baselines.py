@@ -27,21 +27,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from export.onnx import export_onnx  # noqa: E402
-from export.runners import OrtCpuRunner  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.data import build_splits  # noqa: E402
-from pipeline.evaluate import top1  # noqa: E402
-from pipeline.io import atomic_write_json, atomic_write_text  # noqa: E402
-from pipeline.run import run_pipeline  # noqa: E402
+from vitrim.export.onnx import export_onnx
+from vitrim.export.runners import OrtCpuRunner
+from vitrim.pipeline.core.config import load_config
+from vitrim.pipeline.core.data import build_splits
+from vitrim.pipeline.core.evaluate import top1
+from vitrim.pipeline.core.io import atomic_write_json, atomic_write_text
+from vitrim.pipeline.stages.run import run_pipeline
 
 
 def speedup_vs(teacher_onnx: Path, onnx_path: Path, batch: int, threads: int) -> float:
     """Measured speedup of a model over the teacher, both timed round-robin in one session."""
-    from export.runners import time_interleaved
+    from vitrim.export.runners import time_interleaved
 
     runners = [OrtCpuRunner(teacher_onnx, threads), OrtCpuRunner(onnx_path, threads)]
     for r in runners:
@@ -58,8 +56,8 @@ def torch_pruning_baseline(cfg, teacher, splits, teacher_onnx: Path, target_spee
     import torch_pruning as tp
     from timm.models.vision_transformer import Attention
 
-    from pipeline.distill import make_kd_fn
-    from pipeline.trainer import TrainSpec, train
+    from vitrim.pipeline.stages.distill import make_kd_fn
+    from vitrim.pipeline.core.trainer import TrainSpec, train
 
     shape = (1, 28, 28) if cfg.data.name == "fmnist" else None
     x_cal = torch.stack([splits.train[i][0] for i in range(256)]) if not hasattr(splits.train, "images") else \
@@ -142,7 +140,7 @@ def main() -> int:
     first = next(iter(summaries.values()))
     teacher_onnx = Path(cfg.out_dir if not summaries else out / next(iter(summaries))) / "teacher" / "model.onnx"
     if args.torch_pruning:
-        from pipeline.teacher import load_teacher
+        from vitrim.pipeline.stages.teacher import load_teacher
 
         splits = build_splits(cfg.data)
         teacher, _ = load_teacher(cfg, splits)

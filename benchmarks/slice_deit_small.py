@@ -17,13 +17,12 @@ from pathlib import Path
 import timm
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.onnx import export_onnx  # noqa: E402
-from export.runners import OrtCpuRunner, time_interleaved  # noqa: E402
-from pipeline.models import describe  # noqa: E402
-from pipeline.plan import Plan  # noqa: E402
-from pipeline.slicing import slice_model  # noqa: E402
+from vitrim.export.onnx import export_onnx
+from vitrim.export.runners import OrtCpuRunner, time_interleaved
+from vitrim.pipeline.core.models import describe
+from vitrim.pipeline.core.plan import Plan
+from vitrim.pipeline.core.slicing import slice_model
 
 
 def main() -> int:

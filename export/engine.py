@@ -6,7 +6,7 @@
   with an optimization profile min/opt/max over batch, a timing cache and a
   saved ``.plan``. TensorRT 10: ``BuilderFlag.FP16`` (weak typing) for fp16.
   TensorRT 11 removed weak typing, so the network is strongly typed and fp16
-  comes from an fp16 ONNX (:func:`export.onnx.to_fp16`).
+  comes from an fp16 ONNX (:func:`vitrim.export.onnx.to_fp16`).
 * ``torch-*``: no engine; the student weights are the artifact.
 """
 from __future__ import annotations
@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from export.onnx import INPUT_NAME
-from export.runners import OrtCpuRunner, Runner, TrtRunner
-from export.target import Target, import_tensorrt, trt_major
-from pipeline.errors import UserError
-from pipeline.io import atomic_path, atomic_write_bytes
+from vitrim.export.onnx import INPUT_NAME
+from vitrim.export.runners import OrtCpuRunner, Runner, TrtRunner
+from vitrim.export.target import Target, import_tensorrt, trt_major
+from vitrim.pipeline.core.errors import UserError
+from vitrim.pipeline.core.io import atomic_path, atomic_write_bytes
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Engine:
             return OrtCpuRunner(self.path, target.threads, "disable")  # already optimized offline
         if self.backend == "tensorrt":
             return TrtRunner(self.path)
-        from export.runners import TorchRunner
+        from vitrim.export.runners import TorchRunner
 
         return TorchRunner(model, sample_shape, "cuda" if self.backend == "torch-cuda" else "cpu", target.threads,
                            half=target.precision == "fp16")
@@ -103,8 +103,8 @@ def runner_for_module(model, sample_shape: tuple[int, ...], target: Target, work
     The one path by which profiling times micro-models and whole plans, so both
     go through the exporter and engine builder a release uses.
     """
-    from export.onnx import export_onnx, to_fp16
-    from export.runners import make_runner
+    from vitrim.export.onnx import export_onnx, to_fp16
+    from vitrim.export.runners import make_runner
 
     if target.backend in ("torch-cpu", "torch-cuda"):
         return make_runner(target.backend, model=model, sample_shape=sample_shape, threads=target.threads,

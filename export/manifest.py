@@ -14,8 +14,8 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-from pipeline.errors import InternalError, UserError
-from pipeline.io import atomic_write_json, sha256_file
+from vitrim.pipeline.core.errors import InternalError, UserError
+from vitrim.pipeline.core.io import atomic_write_json, sha256_file
 
 MANIFEST_SCHEMA = 1
 _LIBS = ("vitrim", "torch", "timm", "onnx", "onnxruntime", "onnxscript", "polygraphy", "numpy", "safetensors", "tensorrt")

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.errors import UserError
-from pipeline.io import atomic_path
+from vitrim.pipeline.core.errors import UserError
+from vitrim.pipeline.core.io import atomic_path
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"

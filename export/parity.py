@@ -18,7 +18,7 @@ from typing import Iterable
 
 import numpy as np
 
-from pipeline.errors import VitrimError
+from vitrim.pipeline.core.errors import UserError, VitrimError
 
 
 class ParityError(VitrimError):
@@ -129,25 +129,49 @@ def compare_outputs(reference, engine, batches: Iterable[np.ndarray], tol: Toler
     return stats, failures
 
 
-def check_parity(reference, engine, images: np.ndarray, labels: np.ndarray, tol: Tolerances, precision: str,
-                 parity_batches: int = 4, batch_size: int = 64) -> ParityReport:
-    """Run both levels; return the report (``passed`` tells the verdict)."""
-    n = len(images)
-    batches = [images[i:i + batch_size] for i in range(0, min(n, parity_batches * batch_size), batch_size)]
-    stats, failures = compare_outputs(reference, engine, batches, tol)
-    ref_pred, eng_pred = [], []
-    for i in range(0, n, batch_size):
-        x = images[i:i + batch_size]
-        ref_pred.append(reference.infer(x).argmax(1))
-        eng_pred.append(engine.infer(x).argmax(1))
-    rp, ep = np.concatenate(ref_pred), np.concatenate(eng_pred)
-    agree = float((rp == ep).mean())
-    t_acc, e_acc = 100.0 * float((rp == labels).mean()), 100.0 * float((ep == labels).mean())
+def _np(a) -> np.ndarray:
+    return a.numpy() if hasattr(a, "numpy") else np.asarray(a)
+
+
+def check_parity(reference, engine, batches: Iterable[tuple], tol: Tolerances, precision: str,
+                 parity_batches: int = 4, max_images: int | None = None) -> ParityReport:
+    """Run both levels over a stream of ``(images, labels)`` batches; return the report.
+
+    The stream is consumed once and never concatenated, so memory does not grow
+    with the split: only the first ``parity_batches`` batches are kept, for the
+    Polygraphy comparison; every batch (up to ``max_images`` images) counts for
+    top-1 agreement and the accuracy delta.
+    """
+    if parity_batches < 1:
+        raise UserError("export", f"export.parity_batches={parity_batches}: the output comparison needs at least one batch",
+                        "set export.parity_batches >= 1")
+    kept: list[np.ndarray] = []
+    n = agree = ref_ok = eng_ok = 0
+    for x, y in batches:
+        x, y = np.ascontiguousarray(_np(x), dtype=np.float32), _np(y)
+        if max_images is not None:
+            if n >= max_images:
+                break
+            x, y = x[:max_images - n], y[:max_images - n]
+        if len(kept) < parity_batches:
+            kept.append(x)
+        rp, ep = reference.infer(x).argmax(1), engine.infer(x).argmax(1)
+        agree += int((rp == ep).sum())
+        ref_ok += int((rp == y).sum())
+        eng_ok += int((ep == y).sum())
+        n += len(x)
+    if n == 0:
+        raise UserError("export", "the parity gate got no images", "check the data split (data.test_limit, "
+                        "export.parity_images) and data.root")
+    stats, failures = compare_outputs(reference, engine, kept, tol)
+    agree_f = agree / n
+    t_acc, e_acc = 100.0 * ref_ok / n, 100.0 * eng_ok / n
     delta = e_acc - t_acc
-    if agree < tol.min_top1_agreement:
-        failures.append(f"output 'logits': top-1 agreement {100 * agree:.2f}% < {100 * tol.min_top1_agreement:.2f}% over {n} images")
+    if agree_f < tol.min_top1_agreement:
+        failures.append(f"output 'logits': top-1 agreement {100 * agree_f:.2f}% < {100 * tol.min_top1_agreement:.2f}% "
+                        f"over {n} images")
     if abs(delta) > tol.max_acc_delta:
         failures.append(f"output 'logits': accuracy delta {delta:+.2f} pt exceeds ±{tol.max_acc_delta} pt")
     return ParityReport(passed=not failures, precision=precision, tolerances=asdict(tol), outputs=stats,
-                        top1_agreement=agree, torch_top1=t_acc, engine_top1=e_acc, acc_delta=delta, images=n,
+                        top1_agreement=agree_f, torch_top1=t_acc, engine_top1=e_acc, acc_delta=delta, images=n,
                         failures=failures)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import UserError
+from vitrim.pipeline.core.errors import UserError
 
 _ORT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
                "all": "ORT_ENABLE_ALL"}
@@ -179,7 +179,11 @@ class TorchRunner(Runner):
         self.name = "torch-cuda" if device.startswith("cuda") else "torch-cpu"
         if self.name == "torch-cuda" and not torch.cuda.is_available():
             raise UserError("target", "torch-cuda target but no CUDA device is visible", "use torch-cpu or ort-cpu")
-        self.model = model.eval().to(device)
+        # A private copy: moving or halving the caller's module in place would make a parity
+        # gate compare a model with itself (or crash on the caller's next fp32/CPU use).
+        import copy
+
+        self.model = copy.deepcopy(model).eval().to(device)
         self.half = half
         if half:
             self.model = self.model.half()
@@ -242,7 +246,7 @@ class TrtRunner(Runner):
     def activate(self) -> None:
         import torch
 
-        from export.target import import_tensorrt
+        from vitrim.export.target import import_tensorrt
 
         trt = import_tensorrt()
         if not torch.cuda.is_available():

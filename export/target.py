@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from typing import Optional
 
-from pipeline.config import TargetConfig
-from pipeline.errors import UserError
+from vitrim.pipeline.core.config import TargetConfig
+from vitrim.pipeline.core.errors import UserError
 
 BACKENDS = ("ort-cpu", "tensorrt", "torch-cpu", "torch-cuda")
 

@@ -1,12 +1,13 @@
-"""vitrim: latency-aware structural compression of Vision Transformers.
+"""``vitrim.pipeline``: the model side of vitrim, in two layers.
 
-The ``pipeline`` package holds the core (config, data, the timm adapter, the
-Plan, CompactViT, slicing) and, on top of ``export`` and ``profiling``, the
-stages (search, fine-tune, run, CLI). Import stages from their modules; this
-package namespace only re-exports the error types so ``import pipeline`` stays
-cheap and free of optional backends.
+* :mod:`vitrim.pipeline.core` - below ``export``: config, data, the timm adapter,
+  the Plan, CompactViT, slicing, the training loop, atomic I/O, errors.
+* :mod:`vitrim.pipeline.stages` - above ``profiling``: teacher, profile, search,
+  fine-tune and the ``run`` orchestration; :mod:`vitrim.pipeline.cli` is the command.
+
+This namespace only re-exports the error types so the import stays cheap and
+free of optional backends.
 """
-from pipeline.errors import VitrimError, UserError, InternalError
+from vitrim.pipeline.core.errors import InternalError, UserError, VitrimError
 
 __all__ = ["VitrimError", "UserError", "InternalError"]
-__version__ = "0.1.0"

@@ -9,13 +9,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.errors import UserError, VitrimError
+from vitrim.pipeline.core.errors import UserError, VitrimError
 
 DEFAULT_CONFIG = "configs/fmnist_cpu.yaml"
 
 
 def _cfg(args):
-    from pipeline.config import load_config
+    from vitrim.pipeline.core.config import load_config
 
     return load_config(args.config, args.set)
 
@@ -30,7 +30,7 @@ def _common(p: argparse.ArgumentParser, config_required: bool = False) -> None:
 
 
 def cmd_train_teacher(args) -> int:
-    from pipeline.teacher import load_teacher, train_teacher
+    from vitrim.pipeline.stages.teacher import load_teacher, train_teacher
 
     cfg = _cfg(args)
     if args.force:
@@ -43,10 +43,10 @@ def cmd_train_teacher(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from pipeline.data import build_splits
-    from pipeline.evaluate import top1
-    from pipeline.slicing import load_compact
-    from pipeline.teacher import load_teacher
+    from vitrim.pipeline.core.data import build_splits
+    from vitrim.pipeline.core.evaluate import top1
+    from vitrim.pipeline.core.slicing import load_compact
+    from vitrim.pipeline.stages.teacher import load_teacher
 
     cfg = _cfg(args)
     splits = build_splits(cfg.data)
@@ -62,9 +62,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_slice(args) -> int:
-    from pipeline.plan import Plan
-    from pipeline.slicing import save_compact, slice_model
-    from pipeline.teacher import load_teacher
+    from vitrim.pipeline.core.plan import Plan
+    from vitrim.pipeline.core.slicing import save_compact, slice_model
+    from vitrim.pipeline.stages.teacher import load_teacher
 
     cfg = _cfg(args)
     if args.teacher:
@@ -81,16 +81,16 @@ def cmd_slice(args) -> int:
 
 
 def _teacher_and_spec(cfg, splits=None, train_if_missing=True):
-    from pipeline.models import describe
-    from pipeline.teacher import load_teacher
+    from vitrim.pipeline.core.models import describe
+    from vitrim.pipeline.stages.teacher import load_teacher
 
     teacher, info = load_teacher(cfg, splits, train_if_missing=train_if_missing)
     return teacher, describe(teacher, cfg.model.arch, cfg.model.kwargs), info
 
 
 def cmd_profile(args) -> int:
-    from pipeline.stages import lut_path, stage_profile
-    from profiling.lut import LatencyTable
+    from vitrim.pipeline.stages.profile import lut_path, stage_profile
+    from vitrim.profiling.lut import LatencyTable
 
     cfg = _cfg(args)
     if args.action == "show":
@@ -98,7 +98,7 @@ def cmd_profile(args) -> int:
             path = Path(args.lut)
         else:
             _, spec, _ = _teacher_and_spec(cfg, train_if_missing=False)
-            from export.target import Target
+            from vitrim.export.target import Target
 
             path = lut_path(cfg, spec, Target.from_config(cfg.target))
         print(LatencyTable.load(path).summary())
@@ -109,9 +109,9 @@ def cmd_profile(args) -> int:
         print(lut.summary())
         print(f"LUT: {path}")
         return 0
-    from export.target import Target
-    from pipeline.models import canonical_state
-    from profiling.validate import validate_lut
+    from vitrim.export.target import Target
+    from vitrim.pipeline.core.models import canonical_state
+    from vitrim.profiling.validate import validate_lut
 
     out = Path(args.out or cfg.out_dir)
     n = args.plans if args.plans is not None else cfg.profile.validate_plans
@@ -123,8 +123,9 @@ def cmd_profile(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from pipeline.data import build_splits
-    from pipeline.stages import stage_profile, stage_search
+    from vitrim.pipeline.core.data import build_splits
+    from vitrim.pipeline.stages.profile import stage_profile
+    from vitrim.pipeline.stages.search import stage_search
 
     cfg = _cfg(args)
     splits = build_splits(cfg.data)
@@ -137,12 +138,12 @@ def cmd_search(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from pipeline.data import build_splits
-    from pipeline.finetune import finetune
-    from pipeline.slicing import load_compact
-    from pipeline.stages import check_plan_matches_teacher
-    from pipeline.teacher import load_teacher
-    from pipeline.trainer import Interrupted, dist_info
+    from vitrim.pipeline.core.data import build_splits
+    from vitrim.pipeline.stages.finetune import finetune
+    from vitrim.pipeline.core.slicing import load_compact
+    from vitrim.pipeline.stages.finetune import check_plan_matches_teacher
+    from vitrim.pipeline.stages.teacher import load_teacher
+    from vitrim.pipeline.core.trainer import Interrupted, dist_info
 
     cfg = _cfg(args)
     splits = build_splits(cfg.data)
@@ -165,59 +166,45 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from pipeline.data import build_splits
-    from pipeline.slicing import load_compact
-    from pipeline.stages import copy_into, stage_export
-    from pipeline.teacher import load_teacher
+    from vitrim.export.release import release_from_config
+    from vitrim.pipeline.core.data import build_splits
+    from vitrim.pipeline.core.io import copy_into
+    from vitrim.pipeline.core.slicing import load_compact
+    from vitrim.pipeline.stages.profile import find_lut
+    from vitrim.pipeline.stages.teacher import load_teacher
 
     cfg = _cfg(args)
-    splits = build_splits(cfg.data)
+    if args.onnx and not Path(args.onnx).is_file():
+        raise UserError("export", f"ONNX file '{args.onnx}' not found", "pass the path of an existing .onnx file")
     out = Path(args.out or cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    lut = plan = None
-    if args.teacher:
-        model, _ = load_teacher(cfg, splits, train_if_missing=False)
-        name = f"teacher {cfg.model.arch}"
-    else:
-        if not args.student:
-            raise UserError("export", "nothing to export", "pass --student DIR (plan.json + student.safetensors) or --teacher")
+    plan = predicted = None
+    if args.student:
         model = load_compact(args.student)
-        plan = model.plan
-        name = f"student {args.student}"
+        plan, name = model.plan, f"student {args.student}"
+    elif args.teacher or args.onnx:
+        # the config's model is the parity reference (and the exported model without --onnx)
+        model, _ = load_teacher(cfg, train_if_missing=False)
+        name = f"{'ONNX ' + args.onnx if args.onnx else 'teacher'} ({cfg.model.arch})"
+    else:
+        raise UserError("export", "nothing to export",
+                        "pass --student DIR (plan.json + student.safetensors), --teacher, or --onnx FILE")
+    splits = build_splits(cfg.data, model=model)
+    out.mkdir(parents=True, exist_ok=True)
+    if plan is not None:
         for f in ("student.safetensors", "plan.json"):
             copy_into(Path(args.student) / f, out / f)
         if not args.no_lut:
-            lut = _find_lut(cfg, plan.spec, build=args.profile)
+            lut = find_lut(cfg, plan.spec, build=args.profile)
             if lut is not None:
                 copy_into(lut.path, out / "lut.json")
-    stage_export(cfg, model, out, splits, plan=plan, lut=lut, onnx_path=Path(args.onnx) if args.onnx else None,
-                 name=name)
+                predicted = lut.predict(plan)
+    release_from_config(cfg, model, out, splits.test, plan=plan, predicted_ms=predicted,
+                        onnx_path=Path(args.onnx) if args.onnx else None, name=name)
     return 0
 
 
-def _find_lut(cfg, spec, build: bool = False):
-    """The matching LUT (built when ``build``), or None with a note when there is none."""
-    from export.target import Target
-    from pipeline.stages import lut_path, stage_profile
-    from profiling.lut import LatencyTable
-
-    target = Target.from_config(cfg.target)
-    if build:
-        lut, path = stage_profile(cfg, spec)
-    else:
-        path = lut_path(cfg, spec, target)
-        if not path.is_file():
-            print(f"[export] no LUT at {path}: the manifest will have no predicted latency (use --profile to build one)")
-            return None
-        from pipeline.plan import Plan
-
-        lut = LatencyTable.load(path, expect=target.signature(Plan.full(spec).num_tokens))
-    lut.path = path
-    return lut
-
-
 def cmd_verify_manifest(args) -> int:
-    from export.manifest import verify_manifest
+    from vitrim.export.manifest import verify_manifest
 
     m = verify_manifest(args.dir)
     print(f"manifest OK: {len(m['artifacts'])} artifacts verified in {args.dir}")
@@ -225,7 +212,7 @@ def cmd_verify_manifest(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from pipeline.run import run_pipeline
+    from vitrim.pipeline.stages.run import run_pipeline
 
     cfg = _cfg(args)
     run_pipeline(cfg)
@@ -233,7 +220,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_curve(args) -> int:
-    from pipeline.run import run_curve
+    from vitrim.pipeline.stages.run import run_curve
 
     cfg = _cfg(args)
     try:
@@ -254,6 +241,9 @@ def cmd_curve(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vitrim", description="Make Vision Transformers fast on a chosen target: "
                                 "profile -> search -> slice -> fine-tune -> export & verify.")
+    from vitrim import __version__
+
+    p.add_argument("--version", action="version", version=f"vitrim {__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     sub.required = True
 
@@ -314,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--student", help="student directory (plan.json + student.safetensors)")
     s.add_argument("--teacher", action="store_true", help="export the (unpruned) teacher instead")
     s.add_argument("--out", help="output directory (default out_dir)")
-    s.add_argument("--onnx", help="verify this existing ONNX instead of exporting one")
+    s.add_argument("--onnx", help="release this existing ONNX (e.g. exported outside vitrim) instead of exporting; "
+                   "the config's model (model.checkpoint) is the parity reference")
     s.add_argument("--profile", action="store_true", help="build the LUT if none matches (for the predicted latency)")
     s.add_argument("--no-lut", action="store_true", help="do not look up a LUT for the predicted latency")
     s.set_defaults(fn=cmd_export)

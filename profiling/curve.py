@@ -12,7 +12,7 @@ import io
 import os
 from pathlib import Path
 
-from pipeline.io import atomic_save, atomic_write_text
+from vitrim.pipeline.core.io import atomic_save, atomic_write_text
 
 FIELDS = ["method", "budget", "predicted_ms", "measured_ms", "p90_ms", "top1", "params", "macs", "speedup",
           "delta_top1"]

@@ -4,7 +4,7 @@ NViT ("Global Vision Transformer Pruning with Hessian-Aware Saliency", Yang et
 al. 2023) regularises its search with a latency table measured on the target
 GPU; HELP (Lee et al. 2021) shows layer-wise FLOPs rank architectures poorly.
 vitrim measures the table itself, keys it by a :class:`DeviceSignature`, and
-reports how well it predicts (``profiling.validate``).
+reports how well it predicts (``vitrim.profiling.validate``).
 
 Model of latency (separable, as in DESIGN.md)::
 
@@ -37,11 +37,11 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from export.target import DeviceSignature, Target, check_compatible
-from pipeline.config import ProfileConfig
-from pipeline.errors import UserError
-from pipeline.io import atomic_write_json
-from pipeline.plan import Floors, Plan
+from vitrim.export.target import DeviceSignature, Target, check_compatible
+from vitrim.pipeline.core.config import ProfileConfig
+from vitrim.pipeline.core.errors import UserError
+from vitrim.pipeline.core.io import atomic_write_json
+from vitrim.pipeline.core.plan import Floors, Plan
 
 LUT_SCHEMA = 3  # 3: composition factor; 2: 2: entries net of the per-run overhead (null model), interleaved timing
 DIMS = ("heads", "qk", "v", "mlp", "embed", "block")
@@ -187,7 +187,7 @@ class LatencyTable:
 
     @classmethod
     def load(cls, path: str | os.PathLike, expect: Optional[DeviceSignature] = None) -> "LatencyTable":
-        from pipeline.io import read_json
+        from vitrim.pipeline.core.io import read_json
 
         p = Path(path)
         d = read_json(p, "profile", "LUT file", "build it (again) with `vitrim profile build CONFIG`")
@@ -246,14 +246,14 @@ class Item:
 
 
 def _make_item(item: Item, spec: dict, tokens: int):
-    from profiling.micro import make_part, sample_shape
+    from vitrim.profiling.micro import make_part, sample_shape
 
     return make_part(item.kind, spec, *item.dims), sample_shape(item.kind, spec, item.dims[0], tokens)
 
 
 def _open_runner(item: Item, spec: dict, target: Target, tokens: int, workdir: Path):
     """Export the item's micro-model (and build its engine) and return a runner for it."""
-    from export.engine import runner_for_module
+    from vitrim.export.engine import runner_for_module
 
     model, shape = _make_item(item, spec, tokens)
     return runner_for_module(model, shape, target, workdir, item.key)
@@ -265,7 +265,7 @@ def measure_items(items: list[Item], spec: dict, target: Target, tokens: int, pc
     """Time every item not already in ``done`` on the target; returns key -> timing dict.
 
     All micro-models of a chunk are exported first, then timed round-robin
-    (:func:`export.runners.time_interleaved`). ORT and torch sessions are small,
+    (:func:`vitrim.export.runners.time_interleaved`). ORT and torch sessions are small,
     so one chunk holds everything; TensorRT engines are built and timed 8 at a
     time, with the results saved after each chunk (builds are slow).
     """
@@ -273,7 +273,7 @@ def measure_items(items: list[Item], spec: dict, target: Target, tokens: int, pc
 
     from tqdm import tqdm
 
-    from export.runners import time_interleaved
+    from vitrim.export.runners import time_interleaved
 
     todo = [it for it in items if it.key not in done]
     chunk = chunk or (8 if target.backend == "tensorrt" else max(1, len(todo)))
@@ -332,7 +332,7 @@ def _check_key(i: int, d: tuple) -> str:
 
 def assemble(sig: DeviceSignature, spec: dict, grid: Grid, med: dict, check_dims: list[tuple]) -> LatencyTable:
     """Turn per-item medians (ms) into a table: net entries, block correction, composition."""
-    from pipeline.plan import Plan
+    from vitrim.pipeline.core.plan import Plan
 
     g = grid
     null = {E: med[f"null_e{E}"] for E in g.embed}
@@ -369,7 +369,7 @@ def build_lut(spec: dict, target: Target, pcfg: ProfileConfig, floors: Floors, a
     Resumable: finished entries are kept in ``<out_path>.partial`` and reused
     when the build is restarted with the same signature and grid.
     """
-    from pipeline.plan import Plan
+    from vitrim.pipeline.core.plan import Plan
 
     t0 = time.time()
     tokens = Plan.full(spec).num_tokens

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.compact import CompactBlock, CompactViT
-from pipeline.plan import BlockPlan, Plan
+from vitrim.pipeline.core.compact import CompactBlock, CompactViT
+from vitrim.pipeline.core.plan import BlockPlan, Plan
 
 
 def _init(m: nn.Module, seed: int = 0) -> nn.Module:

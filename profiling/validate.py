@@ -18,10 +18,10 @@ from typing import Callable
 
 import numpy as np
 
-from export.target import Target, check_compatible
-from pipeline.io import atomic_write_json
-from pipeline.plan import BlockPlan, Plan
-from profiling.lut import LatencyTable
+from vitrim.export.target import Target, check_compatible
+from vitrim.pipeline.core.io import atomic_write_json
+from vitrim.pipeline.core.plan import BlockPlan, Plan
+from vitrim.profiling.lut import LatencyTable
 
 
 def random_plan(spec: dict, grid, rng: random.Random, skip_prob: float = 0.2, align: int = 8) -> Plan:
@@ -56,9 +56,9 @@ def measure_plans(plans: list[Plan], state: dict, target: Target, warmup: int, r
 
     from tqdm import tqdm
 
-    from export.engine import runner_for_module
-    from export.runners import time_interleaved
-    from pipeline.slicing import slice_model
+    from vitrim.export.engine import runner_for_module
+    from vitrim.export.runners import time_interleaved
+    from vitrim.pipeline.core.slicing import slice_model
 
     runners = []
     for i, plan in enumerate(tqdm(plans, desc="[profile] export plans", disable=not progress)):
@@ -96,7 +96,7 @@ def validate_lut(lut: LatencyTable, state: dict, target: Target, n: int, out_dir
     """
     from scipy.stats import spearmanr
 
-    from profiling.lut import _open_runner, assemble, lut_items
+    from vitrim.profiling.lut import _open_runner, assemble, lut_items
 
     t0 = time.time()
     want = target.signature(lut.signature.tokens)
@@ -106,7 +106,7 @@ def validate_lut(lut: LatencyTable, state: dict, target: Target, n: int, out_dir
     with tempfile.TemporaryDirectory(prefix="vitrim-val-") as tmp:
         extra, items, check_dims = [], [], []
         if same_session:
-            from pipeline.config import ProfileConfig
+            from vitrim.pipeline.core.config import ProfileConfig
 
             items, check_dims = lut_items(lut.spec, lut.grid, pcfg or ProfileConfig(checks=len(lut.checks)))
             from tqdm import tqdm
@@ -160,7 +160,7 @@ def scatter_png(pred: np.ndarray, meas: np.ndarray, path: Path, report: dict, sa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.io import atomic_save
+    from vitrim.pipeline.core.io import atomic_save
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=110)
     ax.scatter(meas, pred, s=18, label="stored LUT")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import FMNIST_DEFAULT_DIR
+from vitrim.pipeline.core.config import FMNIST_DEFAULT_DIR
 
 torch.set_num_threads(2)
 
@@ -34,7 +34,7 @@ def fmnist_dir() -> str:
 @pytest.fixture
 def tiny_cfg(tmp_path, fmnist_dir):
     """A RunConfig for a tiny ViT on a small real data slice, writing to tmp_path."""
-    from pipeline.config import load_config
+    from vitrim.pipeline.core.config import load_config
 
     return load_config(None, [
         f"out_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", f"data.root={fmnist_dir}",
@@ -63,7 +63,7 @@ TINY_PCFG = dict(embed_points=2, head_points=0, qk_points=1, v_points=1, mlp_poi
 def tiny_spec():
     import timm
 
-    from pipeline.models import describe
+    from vitrim.pipeline.core.models import describe
 
     return describe(timm.create_model("vit_tiny_patch16_224", **TINY_KW), "vit_tiny_patch16_224", dict(TINY_KW))
 
@@ -71,10 +71,10 @@ def tiny_spec():
 @pytest.fixture(scope="session")
 def tiny_lut(tiny_spec, tmp_path_factory):
     """A real ORT-CPU LUT on a tiny grid (batch 4, 1 thread), measured once per session."""
-    from export.target import Target
-    from pipeline.config import ProfileConfig
-    from pipeline.plan import Floors
-    from profiling.lut import build_lut
+    from vitrim.export.target import Target
+    from vitrim.pipeline.core.config import ProfileConfig
+    from vitrim.pipeline.core.plan import Floors
+    from vitrim.profiling.lut import build_lut
 
     path = tmp_path_factory.mktemp("lut") / "lut.json"
     lut = build_lut(tiny_spec, Target(batch=4, threads=1), ProfileConfig(**TINY_PCFG), Floors(), 8, path, progress=False)

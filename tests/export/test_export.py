@@ -10,19 +10,19 @@ import torch
 import yaml
 from onnx import numpy_helper
 
-from export.manifest import verify_manifest
-from export.onnx import export_onnx, to_fp16
-from export.parity import ParityError, Tolerances, check_parity
-from export.runners import OrtCpuRunner, TorchRunner
-from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.data import build_splits
-from pipeline.errors import UserError
-from pipeline.models import describe, save_weights
-from pipeline.slicing import load_compact, save_compact, slice_model
-from pipeline.stages import stage_export
+from vitrim.export.manifest import verify_manifest
+from vitrim.export.onnx import export_onnx, to_fp16
+from vitrim.export.parity import ParityError, Tolerances, check_parity
+from vitrim.export.runners import OrtCpuRunner, TorchRunner
+from vitrim.pipeline.cli import main
+from vitrim.pipeline.core.config import load_config
+from vitrim.pipeline.core.data import build_splits
+from vitrim.pipeline.core.errors import UserError
+from vitrim.pipeline.core.models import describe, save_weights
+from vitrim.pipeline.core.slicing import load_compact, save_compact, slice_model
+from vitrim.export.release import release_from_config
 from tests.conftest import TINY_KW, random_init
-from tests.pipeline.test_slice import random_plan
+from tests.pipeline.core.test_slice import random_plan
 
 
 @pytest.fixture
@@ -82,7 +82,12 @@ def test_corrupted_engine_fails_gate_and_writes_no_manifest(env):
     rep = json.loads((out / "parity.json").read_text())
     assert not rep["passed"] and "max_absdiff" in rep["failures"][0] and "'logits'" in rep["failures"][0]
     with pytest.raises(ParityError, match="parity gate FAILED"):
-        stage_export(cfg, student, out, splits, plan=student.plan, onnx_path=tmp_path / "bad.onnx", log=lambda m: None)
+        release_from_config(cfg, student, out, splits.test, plan=student.plan, onnx_path=tmp_path / "bad.onnx",
+                            log=lambda m: None)
+
+
+def batches(x, y, size=64):
+    return [(x[i:i + size].numpy(), y[i:i + size].numpy()) for i in range(0, len(x), size)]
 
 
 def test_fp16_onnx_within_fp16_tolerances(env):
@@ -97,12 +102,12 @@ def test_fp16_onnx_within_fp16_tolerances(env):
     x, y = splits.test[list(range(256))]
     tol = Tolerances.for_precision(cfg.export, "fp16")
     with TorchRunner(student, (1, 28, 28)) as ref, OrtCpuRunner(fp16, threads=1) as eng:
-        rep = check_parity(ref, eng, x.numpy(), y.numpy(), tol, "fp16", parity_batches=2, batch_size=64)
+        rep = check_parity(ref, eng, batches(x, y), tol, "fp16", parity_batches=2)
     assert rep.passed, rep.failures
     assert rep.outputs["logits"]["max_absdiff"] > 0  # it really ran in half precision
     strict = Tolerances(atol=1e-7, rtol=1e-7)
     with TorchRunner(student, (1, 28, 28)) as ref, OrtCpuRunner(fp16, threads=1) as eng:
-        assert not check_parity(ref, eng, x.numpy(), y.numpy(), strict, "fp16", 1, 64).passed
+        assert not check_parity(ref, eng, batches(x, y), strict, "fp16", 1).passed
 
 
 def test_teacher_exports(env):
@@ -127,9 +132,9 @@ def _has_trt() -> str | None:
 @pytest.mark.skipif(_has_trt() is not None, reason=str(_has_trt()))
 def test_tensorrt_engine_parity(env):
     tmp_path, cfg, splits = env
-    from export.engine import build_trt_engine
-    from export.runners import TrtRunner
-    from export.target import Target
+    from vitrim.export.engine import build_trt_engine
+    from vitrim.export.runners import TrtRunner
+    from vitrim.export.target import Target
 
     student = load_compact(tmp_path / "student")
     onnx_path = export_onnx(student, tmp_path / "s.onnx", (1, 28, 28))
@@ -137,7 +142,7 @@ def test_tensorrt_engine_parity(env):
                            tmp_path / "timing.cache")
     x, y = splits.test[list(range(256))]
     with TorchRunner(student, (1, 28, 28), "cuda") as ref, TrtRunner(eng.path) as trt_runner:
-        rep = check_parity(ref, trt_runner, x.numpy(), y.numpy(), Tolerances(1e-3, 1e-3), "fp32", 2, 16)
+        rep = check_parity(ref, trt_runner, batches(x, y, 16), Tolerances(1e-3, 1e-3), "fp32", 2)
         assert rep.passed, rep.failures
         assert trt_runner.time(16, 5, 20).median_ms > 0
         assert trt_runner.layer_profile(16, 3)

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import timm
 
-from export.target import Target
-from pipeline.config import ProfileConfig
-from pipeline.errors import UserError
-from pipeline.models import describe
-from pipeline.plan import Plan
-from profiling.lut import Item, LatencyTable, measure_items
+from vitrim.export.target import Target
+from vitrim.pipeline.core.config import ProfileConfig
+from vitrim.pipeline.core.errors import UserError
+from vitrim.pipeline.core.models import describe
+from vitrim.pipeline.core.plan import Plan
+from vitrim.profiling.lut import Item, LatencyTable, measure_items
 from tests.conftest import TINY_KW, TINY_PCFG
 
 PCFG = ProfileConfig(**TINY_PCFG)
@@ -107,8 +107,8 @@ def test_measurement_resumes_from_partial(spec, tmp_path):
 
 
 def test_validation_reports_error_and_rank(built, spec, tmp_path):
-    from pipeline.models import canonical_state
-    from profiling.validate import validate_lut
+    from vitrim.pipeline.core.models import canonical_state
+    from vitrim.profiling.validate import validate_lut
     from tests.conftest import random_init
 
     lut, _ = built
@@ -125,7 +125,7 @@ def test_validation_reports_error_and_rank(built, spec, tmp_path):
 
 
 def test_profile_show_cli(built, capsys):
-    from pipeline.cli import main
+    from vitrim.pipeline.cli import main
 
     _, path = built
     assert main(["profile", "show", "--lut", str(path)]) == 0

@@ -2,7 +2,7 @@
 
 ``load_config(path, overrides=["search.budget_fraction=0.4"])`` reads the YAML,
 applies ``--set`` style overrides, and checks every key and type. Unknown keys
-and wrong types raise :class:`~pipeline.errors.UserError` naming the dotted key.
+and wrong types raise :class:`~vitrim.pipeline.core.errors.UserError` naming the dotted key.
 The resolved config is written next to the outputs (timm writes ``args.yaml``).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import yaml
 
-from pipeline.errors import UserError
+from vitrim.pipeline.core.errors import UserError
 
 FMNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -142,7 +142,8 @@ class ExportConfig:
 
     opset: int = 18
     simplify: bool = False
-    parity_batches: int = 4  # real validation batches for the error statistics
+    parity_batches: int = 4  # real test batches for the output error statistics (>= 1)
+    parity_images: Optional[int] = None  # cap on the images for top-1 agreement (None: the whole test split)
     atol_fp32: float = 1e-4
     rtol_fp32: float = 1e-3
     atol_fp16: float = 2e-2
@@ -278,6 +279,10 @@ def validate_config(cfg: RunConfig, source: str = "<config>") -> None:
             bad(f"search.{k}", f"is {v}", "use a fraction in (0, 1]")
     if cfg.search.budget_ms is not None and cfg.search.budget_ms <= 0:
         bad("search.budget_ms", f"is {cfg.search.budget_ms}", "use a positive latency in ms")
+    if cfg.export.parity_batches < 1:
+        bad("export.parity_batches", f"is {cfg.export.parity_batches}", "use at least 1 batch for the output comparison")
+    if cfg.export.parity_images is not None and cfg.export.parity_images < 1:
+        bad("export.parity_images", f"is {cfg.export.parity_images}", "use a positive image count, or null for all")
     if cfg.finetune.amp not in ("auto", "bf16", "fp16", "off"):
         bad("finetune.amp", f"is '{cfg.finetune.amp}'", "use auto, bf16, fp16 or off")
 
@@ -294,7 +299,7 @@ def config_hash(obj: Any) -> str:
 
 def save_resolved(cfg: RunConfig, out_dir: str | os.PathLike) -> Path:
     """Write ``resolved_config.yaml`` atomically into ``out_dir``."""
-    from pipeline.io import atomic_write_text
+    from vitrim.pipeline.core.io import atomic_write_text
 
     path = Path(out_dir) / "resolved_config.yaml"
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

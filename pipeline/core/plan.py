@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.errors import UserError
+from vitrim.pipeline.core.errors import UserError
 
 SCHEMA_VERSION = 1
 
@@ -195,13 +195,13 @@ class Plan:
         return plan.validate(source=source)
 
     def save(self, path: str | os.PathLike) -> None:
-        from pipeline.io import atomic_write_json
+        from vitrim.pipeline.core.io import atomic_write_json
 
         atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Plan":
-        from pipeline.io import read_json
+        from vitrim.pipeline.core.io import read_json
 
         d = read_json(path, "plan", "plan file", "run `vitrim search` first (it writes plan.json), or pass the right path")
         return cls.from_dict(d, source=str(path))

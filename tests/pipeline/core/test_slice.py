@@ -9,10 +9,10 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import UserError
-from pipeline.models import describe
-from pipeline.plan import BlockPlan, Plan
-from pipeline.slicing import load_compact, save_compact, slice_model
+from vitrim.pipeline.core.errors import UserError
+from vitrim.pipeline.core.models import describe
+from vitrim.pipeline.core.plan import BlockPlan, Plan
+from vitrim.pipeline.core.slicing import load_compact, save_compact, slice_model
 from tests.conftest import random_init
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=5)
@@ -166,7 +166,7 @@ def test_embedding_pruning_matches_independent_reference(arch):
 def test_onnx_dynamic_batch_matches_torch(tmp_path):
     import onnxruntime as ort
 
-    from export.onnx import export_onnx
+    from vitrim.export.onnx import export_onnx
 
     teacher = make("deit_tiny_distilled_patch16_224", {}, seed=3)
     spec = describe(teacher)
@@ -231,8 +231,8 @@ def test_bad_plans_are_refused(tmp_path):
 def test_slice_cli_writes_a_loadable_student(tmp_path):
     import yaml
 
-    from pipeline.cli import main
-    from pipeline.models import save_weights
+    from vitrim.pipeline.cli import main
+    from vitrim.pipeline.core.models import save_weights
     from tests.conftest import TINY_KW
 
     teacher = random_init(timm.create_model("vit_tiny_patch16_224", **TINY_KW), seed=5)

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import DataConfig
-from pipeline.data import build_splits, load_fmnist, make_loader, split_indices
-from pipeline.errors import UserError
+from vitrim.pipeline.core.config import DataConfig
+from vitrim.pipeline.core.data import build_splits, load_fmnist, make_loader, split_indices
+from vitrim.pipeline.core.errors import UserError
 
 
 def test_fmnist_shapes_labels_split(fmnist_dir):

@@ -12,13 +12,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.config import RunConfig, config_hash
-from pipeline.data import Splits, build_splits
-from pipeline.errors import UserError
-from pipeline.evaluate import top1
-from pipeline.io import atomic_write_json
-from pipeline.models import create_model, describe, save_weights
-from pipeline.trainer import TrainSpec, train
+from vitrim.pipeline.core.config import RunConfig, config_hash
+from vitrim.pipeline.core.data import Splits, build_splits
+from vitrim.pipeline.core.errors import UserError
+from vitrim.pipeline.core.evaluate import top1
+from vitrim.pipeline.core.io import atomic_write_json
+from vitrim.pipeline.core.models import create_model, describe, save_weights
+from vitrim.pipeline.core.trainer import TrainSpec, train
 
 
 def teacher_key(cfg: RunConfig) -> str:
@@ -49,7 +49,7 @@ def load_teacher(cfg: RunConfig, splits: Splits | None = None, train_if_missing:
     info_path = path.with_suffix(".json")
     if path.is_file():
         model = create_model(cfg.model)
-        from pipeline.models import load_weights
+        from vitrim.pipeline.core.models import load_weights
 
         load_weights(model, path, stage="teacher")
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}

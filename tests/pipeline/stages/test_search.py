@@ -5,20 +5,20 @@ import pytest
 import timm
 import torch
 
-from pipeline.config import SearchConfig
-from pipeline.data import build_splits
-from pipeline.distill import make_kd_fn
-from pipeline.errors import UserError
-from pipeline.plan import Plan
-from pipeline.saliency import attach_gates, hessian_scores
-from pipeline.search import LatencyCost, prune_to, run_search
-from pipeline.slicing import full_size_compact
+from vitrim.pipeline.core.config import SearchConfig
+from vitrim.pipeline.core.data import build_splits
+from vitrim.pipeline.stages.distill import make_kd_fn
+from vitrim.pipeline.core.errors import UserError
+from vitrim.pipeline.core.plan import Plan
+from vitrim.pipeline.stages.saliency import attach_gates, hessian_scores
+from vitrim.pipeline.stages.search import LatencyCost, prune_to, run_search
+from vitrim.pipeline.core.slicing import full_size_compact
 from tests.conftest import TINY_KW, random_init
 
 
 @pytest.fixture(scope="module")
 def data(fmnist_dir):
-    from pipeline.config import DataConfig
+    from vitrim.pipeline.core.config import DataConfig
 
     return build_splits(DataConfig(root=fmnist_dir, train_limit=512, val_limit=128, test_limit=128))
 
@@ -114,8 +114,8 @@ def test_uniform_refuses_unreachable_budget(data, tiny_lut):
     student, _ = full_size_compact(t)
     # a budget between the global floor (one block, smallest embed) and the smallest uniform plan
     # (every block at its floors, full embed), taken from the measured LUT so timing noise can't move it
-    from pipeline.plan import Floors
-    from pipeline.search import floor_plan
+    from vitrim.pipeline.core.plan import Floors
+    from vitrim.pipeline.stages.search import floor_plan
 
     fl = Floors()
     lower = lut.predict(floor_plan(lut.spec, fl, lut.grid.embed[0], 1, 8))
@@ -145,7 +145,7 @@ def test_flops_budget(data, tiny_lut):
 
 
 def test_refill_fills_the_budget_without_exceeding_it(tiny_lut):
-    from pipeline.search import Candidate, apply_removal, refill
+    from vitrim.pipeline.stages.search import Candidate, apply_removal, refill
 
     lut, _ = tiny_lut
     cost = LatencyCost(lut)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from pipeline.data import make_loader
+from vitrim.pipeline.core.data import make_loader
 
 
 @torch.no_grad()

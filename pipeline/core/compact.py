@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.plan import Plan
+from vitrim.pipeline.core.plan import Plan
 
 
 class CompactAttention(nn.Module):
@@ -106,7 +106,7 @@ class CompactBlock(nn.Module):
 
 
 class CompactViT(nn.Module):
-    """A dense, smaller ViT built from a :class:`~pipeline.plan.Plan`.
+    """A dense, smaller ViT built from a :class:`~vitrim.pipeline.core.plan.Plan`.
 
     ``blocks[j]`` is teacher block ``block_ids[j]``. ``forward`` returns logits;
     for distilled models it averages both heads (timm's inference behaviour),
@@ -116,6 +116,7 @@ class CompactViT(nn.Module):
     def __init__(self, plan: Plan):
         super().__init__()
         s = plan.spec
+        self.plan = plan  # the architecture as data: what this model was built from
         self.spec = dict(s)
         E = plan.embed_dim
         self.embed_dim = E

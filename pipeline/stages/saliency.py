@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from pipeline.compact import CompactViT
+from vitrim.pipeline.core.compact import CompactViT
 
 KINDS = ("heads", "qk", "v", "mlp")
 

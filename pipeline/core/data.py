@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
-from pipeline.config import FMNIST_DEFAULT_DIR, DataConfig
-from pipeline.errors import UserError
+from vitrim.pipeline.core.config import FMNIST_DEFAULT_DIR, DataConfig
+from vitrim.pipeline.core.errors import UserError
 
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
 FMNIST_FILES = {

@@ -1,10 +1,10 @@
 """Latency-aware structural search (NViT-style), with UVC block skipping.
 
 Loop: score every prunable group with Hessian-aware saliency
-(:mod:`pipeline.saliency`), remove the cheapest groups until the step's latency
+(:mod:`vitrim.pipeline.stages.saliency`), remove the cheapest groups until the step's latency
 target is met, fine-tune briefly with KD so the weights keep adapting, repeat
 until ``cost(plan) <= budget``. Latency comes from a measured LUT
-(:mod:`profiling.lut`); FLOPs/params budgets are supported for comparison with
+(:mod:`vitrim.profiling.lut`); FLOPs/params budgets are supported for comparison with
 UVC and ViT-Slim.
 
 Groups: heads (1 at a time), QK and V dims shared across a block's heads,
@@ -25,17 +25,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from pipeline.compact import CompactViT
-from pipeline.config import SearchConfig
-from pipeline.data import make_loader
-from pipeline.errors import UserError
-from pipeline.plan import BlockPlan, Floors, Plan
-from pipeline.saliency import attach_gates, detach_gates, hessian_scores, magnitude_scores
+from vitrim.pipeline.core.compact import CompactViT
+from vitrim.pipeline.core.config import RunConfig, SearchConfig
+from vitrim.pipeline.core.data import make_loader
+from vitrim.pipeline.core.errors import UserError
+from vitrim.pipeline.core.plan import BlockPlan, Floors, Plan
+from vitrim.pipeline.stages.saliency import attach_gates, detach_gates, hessian_scores, magnitude_scores
 
 DIMS = ("heads", "qk", "v", "mlp")
 
@@ -326,8 +327,8 @@ class SearchResult:
 
 
 def _val_top1(model: nn.Module, val_ds, n: int = 2000) -> float:
-    from pipeline.data import TensorImages
-    from pipeline.evaluate import top1
+    from vitrim.pipeline.core.data import TensorImages
+    from vitrim.pipeline.core.evaluate import top1
 
     ds = val_ds.subset(torch.arange(min(n, len(val_ds)))) if isinstance(val_ds, TensorImages) else val_ds
     return top1(model, ds, 512)
@@ -337,7 +338,7 @@ def run_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchConfig, 
                batch_size: int = 128, kd_alpha: float = 1.0, kd_T: float = 2.0,
                log: Callable[[str], None] = print) -> SearchResult:
     """Search a plan for ``student`` (a keep-everything CompactViT of ``teacher``) under the budget."""
-    from pipeline.distill import make_kd_fn
+    from vitrim.pipeline.stages.distill import make_kd_fn
 
     t0 = time.time()
     torch.manual_seed(cfg.seed)
@@ -443,7 +444,7 @@ def plot_widths(plan: Plan, path, title: str = "") -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from pipeline.io import atomic_save
+    from vitrim.pipeline.core.io import atomic_save
 
     s = plan.spec
     full = {"heads": s["num_heads"], "qk": s["head_dim"], "v": s["head_dim"], "mlp": s["mlp_hidden"]}
@@ -466,3 +467,26 @@ def plot_widths(plan: Plan, path, title: str = "") -> None:
     fig.tight_layout()
     atomic_save(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
+
+
+def stage_search(cfg: RunConfig, teacher, lut, splits, out_dir: Path, log: Callable[[str], None] = print):
+    """Search a plan; writes plan.json, search_log.json, widths.png and search_state.safetensors."""
+    from vitrim.pipeline.core.io import atomic_write_json
+    from vitrim.pipeline.core.models import save_weights
+    from vitrim.pipeline.core.slicing import full_size_compact
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    student, _ = full_size_compact(teacher)
+    res = run_search(teacher, student, lut, cfg.search, splits.train, splits.val, batch_size=cfg.data.batch_size,
+                     kd_alpha=cfg.finetune.alpha, kd_T=cfg.finetune.temperature, log=log)
+    res.plan.save(out_dir / "plan.json")
+    atomic_write_json(out_dir / "search_log.json", {"strategy": cfg.search.strategy, "budget": res.budget,
+                                                     "unit": res.unit, "budget_desc": res.budget_desc,
+                                                     "wall_s": round(res.wall_s, 1), "steps": res.log})
+    save_weights(res.state, out_dir / "search_state.safetensors")
+    plot_widths(res.plan, out_dir / "widths.png", f"{cfg.search.strategy}: kept widths per block "
+                f"(embed {res.plan.embed_dim}/{lut.spec['embed_dim']})")
+    log(f"[search] done in {res.wall_s:.0f}s: predicted {lut.predict(res.plan):.3f} ms, "
+        f"{res.plan.num_params() / 1e6:.3f}M params; wrote {out_dir / 'plan.json'}")
+    return res

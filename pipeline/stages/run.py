@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from pipeline.config import RunConfig, config_hash, save_resolved
-from pipeline.io import atomic_write_json, atomic_write_text
+from vitrim.pipeline.core.config import RunConfig, config_hash, save_resolved
+from vitrim.pipeline.core.io import atomic_write_json, atomic_write_text
 
 STAGES_FILE = "stages.json"
 
@@ -42,14 +42,17 @@ class StageCache:
 
 def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: bool = True) -> dict:
     """Run every stage for one config; returns the summary written to ``summary.json``."""
-    from pipeline.data import build_splits
-    from pipeline.evaluate import top1
-    from pipeline.finetune import finetune
-    from pipeline.models import describe, read_state_dict
-    from pipeline.plan import Plan
-    from pipeline.slicing import load_compact, slice_model
-    from pipeline.stages import copy_into, stage_export, stage_profile, stage_search
-    from pipeline.teacher import load_teacher, teacher_key
+    from vitrim.pipeline.core.data import build_splits
+    from vitrim.pipeline.core.evaluate import top1
+    from vitrim.pipeline.stages.finetune import finetune
+    from vitrim.pipeline.core.models import describe, read_state_dict
+    from vitrim.pipeline.core.plan import Plan
+    from vitrim.pipeline.core.slicing import load_compact, slice_model
+    from vitrim.export.release import release_from_config
+    from vitrim.pipeline.core.io import copy_into
+    from vitrim.pipeline.stages.profile import stage_profile
+    from vitrim.pipeline.stages.search import stage_search
+    from vitrim.pipeline.stages.teacher import load_teacher, teacher_key
 
     t_start = time.time()
     out = Path(cfg.out_dir)
@@ -119,10 +122,11 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
         teacher_exp = {"parity": texp["parity"], "latency": texp["latency"], "params": texp["model"]["params"]}
         t0 = None
     else:
-        teacher_exp = stage_export(cfg, teacher, out / "teacher", splits, plan=None, lut=None,
-                                   name=f"teacher {cfg.model.arch}", log=log)
-        teacher_exp["latency"]["predicted_ms"] = lut.predict(Plan.full(spec))
-        student_exp = stage_export(cfg, student, out, splits, plan=plan, lut=lut, name="student", log=log)
+        teacher_exp = release_from_config(cfg, teacher, out / "teacher", splits.test, plan=Plan.full(spec),
+                                          predicted_ms=lut.predict(Plan.full(spec)),
+                                          name=f"teacher {cfg.model.arch}", log=log)
+        student_exp = release_from_config(cfg, student, out, splits.test, plan=plan, predicted_ms=lut.predict(plan),
+                                          name="student", log=log)
         cache.done("export", h_exp)
     timings["export_s"] = round(time.time() - t0, 1) if t0 else "cached"
     same = retime_pair(cfg, out / "teacher" / "model.onnx", out / "model.onnx", log)
@@ -146,7 +150,7 @@ def retime_pair(cfg: RunConfig, teacher_onnx: Path, student_onnx: Path, log):
     """Median latency of teacher and student timed round-robin in one session (ORT-CPU)."""
     if cfg.target.backend != "ort-cpu" or not (teacher_onnx.is_file() and student_onnx.is_file()):
         return None
-    from export.runners import OrtCpuRunner, time_interleaved
+    from vitrim.export.runners import OrtCpuRunner, time_interleaved
 
     runners = [OrtCpuRunner(teacher_onnx, cfg.target.threads, cfg.target.opt_level),
                OrtCpuRunner(student_onnx, cfg.target.threads, cfg.target.opt_level)]
@@ -163,7 +167,7 @@ def retime_pair(cfg: RunConfig, teacher_onnx: Path, student_onnx: Path, log):
 
 
 def make_summary(cfg, spec, plan, lut, teacher_acc, teacher_exp, student_exp, out: Path, timings: dict) -> dict:
-    from pipeline.plan import Plan
+    from vitrim.pipeline.core.plan import Plan
 
     full = Plan.full(spec)
     t_ms, s_ms = teacher_exp["latency"]["median_ms"], student_exp["latency"]["median_ms"]
@@ -231,7 +235,7 @@ def run_curve(cfg: RunConfig, budgets: list[float], baselines: list[str], log: C
     """
     import copy
 
-    from profiling.curve import write_curve
+    from vitrim.profiling.curve import write_curve
 
     base = Path(cfg.out_dir)
     rows: list[dict] = []
@@ -248,7 +252,7 @@ def run_curve(cfg: RunConfig, budgets: list[float], baselines: list[str], log: C
             try:
                 s = run_pipeline(c, log=log)
             except Exception as e:  # one unreachable point (e.g. uniform at a tiny budget) must not sink the curve
-                from pipeline.errors import UserError
+                from vitrim.pipeline.core.errors import UserError
 
                 if not isinstance(e, UserError):
                     raise

@@ -1,8 +1,8 @@
 """Fine-tune a sliced student with knowledge distillation from the original.
 
 A sliced model recovers accuracy only by fine-tuning with distillation (NViT,
-UVC and ViT-Slim all do). The loss is :func:`pipeline.distill.kd_loss`; the
-loop is :func:`pipeline.trainer.train` (AdamW + cosine, clipping, optional EMA,
+UVC and ViT-Slim all do). The loss is :func:`vitrim.pipeline.stages.distill.kd_loss`; the
+loop is :func:`vitrim.pipeline.core.trainer.train` (AdamW + cosine, clipping, optional EMA,
 AMP on CUDA, torchrun/DDP, atomic per-epoch checkpoints, exact resume,
 SIGTERM-safe). Output: ``student.safetensors`` + ``plan.json``.
 """
@@ -14,14 +14,15 @@ from typing import Callable, Optional
 
 import torch
 
-from pipeline.compact import CompactViT
-from pipeline.config import RunConfig
-from pipeline.distill import make_kd_fn
-from pipeline.evaluate import top1
-from pipeline.io import atomic_write_json
-from pipeline.plan import Plan
-from pipeline.slicing import save_compact
-from pipeline.trainer import TrainResult, TrainSpec, dist_info, train
+from vitrim.pipeline.core.compact import CompactViT
+from vitrim.pipeline.core.config import RunConfig
+from vitrim.pipeline.core.errors import UserError
+from vitrim.pipeline.stages.distill import make_kd_fn
+from vitrim.pipeline.core.evaluate import top1
+from vitrim.pipeline.core.io import atomic_write_json
+from vitrim.pipeline.core.plan import Plan
+from vitrim.pipeline.core.slicing import save_compact
+from vitrim.pipeline.core.trainer import TrainResult, TrainSpec, dist_info, train
 
 
 def finetune(cfg: RunConfig, teacher: torch.nn.Module, student: CompactViT, plan: Plan, splits, out_dir: str | os.PathLike,
@@ -52,3 +53,15 @@ def finetune(cfg: RunConfig, teacher: torch.nn.Module, student: CompactViT, plan
         atomic_write_json(out / "finetune_log.json", {"history": res.history, "wall_s": round(res.wall_s, 1),
                                                        "resumed_from": res.resumed_from, "epochs": f.epochs})
     return res
+
+
+def check_plan_matches_teacher(plan, teacher, cfg: RunConfig) -> None:
+    from vitrim.pipeline.core.models import describe
+
+    t = describe(teacher, cfg.model.arch, cfg.model.kwargs)
+    keys = [k for k in t if k not in ("arch", "kwargs")]
+    bad = [k for k in keys if plan.spec.get(k) != t[k]]
+    if bad:
+        raise UserError("finetune", f"the student's plan was made for another teacher ({bad[0]}: plan "
+                        f"{plan.spec.get(bad[0])!r}, teacher {t[bad[0]]!r})",
+                        "use the config of the teacher the plan was searched on")

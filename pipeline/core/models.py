@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.config import ModelConfig
-from pipeline.errors import UserError
+from vitrim.pipeline.core.config import ModelConfig
+from vitrim.pipeline.core.errors import UserError
 
 
 def create_model(cfg: ModelConfig, **overrides: Any) -> nn.Module:
@@ -97,7 +97,7 @@ def save_weights(model_or_sd: nn.Module | dict, path: str | os.PathLike, metadat
     """Save a state dict as ``.safetensors``, atomically."""
     from safetensors.torch import save_file
 
-    from pipeline.io import atomic_save
+    from vitrim.pipeline.core.io import atomic_save
 
     sd = model_or_sd.state_dict() if isinstance(model_or_sd, nn.Module) else model_or_sd
     sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}

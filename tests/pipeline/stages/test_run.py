@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from export.manifest import verify_manifest
-from pipeline.cli import main
+from vitrim.export.manifest import verify_manifest
+from vitrim.pipeline.cli import main
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TINY = ["data.train_limit=1024", "data.val_limit=256", "data.test_limit=512", "data.batch_size=64",
         "model.kwargs={img_size: 28, patch_size: 7, in_chans: 1, num_classes: 10, embed_dim: 32, depth: 2, "
         "num_heads: 2, mlp_ratio: 2.0, global_pool: avg, class_token: false}",
@@ -63,7 +63,7 @@ def test_readme_run_end_to_end(tmp_path, fmnist_dir, cache):
     resolved = yaml.safe_load((run / "resolved_config.yaml").read_text())
     assert resolved["search"]["budget_fraction"] == 0.7
     # a rerun with unchanged inputs skips every stage
-    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "configs/fmnist_cpu.yaml",
+    p = subprocess.run([sys.executable, "-m", "vitrim.pipeline.cli", "run", "configs/fmnist_cpu.yaml",
                         *sets(tmp_path, [f"data.root={fmnist_dir}"], cache)], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
@@ -74,14 +74,14 @@ def test_readme_run_end_to_end(tmp_path, fmnist_dir, cache):
 def test_unknown_key_exits_nonzero_naming_it(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("search:\n  budget_fractoin: 0.5\n")
-    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(bad)], cwd=ROOT, capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "vitrim.pipeline.cli", "run", str(bad)], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 2
     assert "search.budget_fractoin" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_missing_dataset_exits_nonzero(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "configs/fmnist_cpu.yaml", "--set",
+    p = subprocess.run([sys.executable, "-m", "vitrim.pipeline.cli", "run", "configs/fmnist_cpu.yaml", "--set",
                         f"data.root={tmp_path}", "--set", f"out_dir={tmp_path / 'o'}", "--set",
                         f"cache_dir={tmp_path / 'c'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "dataset-fashion-mnist" in p.stderr and "Traceback" not in p.stderr
@@ -97,7 +97,7 @@ def test_impossible_budget_exits_nonzero_without_artifacts(tmp_path, fmnist_dir,
 
 
 def test_help_lists_subcommands():
-    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], cwd=ROOT, capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "vitrim.pipeline.cli", "--help"], cwd=ROOT, capture_output=True, text=True)
     for cmd in ("run", "train-teacher", "eval", "profile", "search", "slice", "finetune", "export", "verify-manifest"):
         assert cmd in p.stdout
 

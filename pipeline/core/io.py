@@ -68,7 +68,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def read_json(path: str | os.PathLike, stage: str, what: str, fix: str) -> Any:
     """Read a JSON file or raise a UserError naming it (missing / not JSON)."""
-    from pipeline.errors import UserError
+    from vitrim.pipeline.core.errors import UserError
 
     p = Path(path)
     if not p.is_file():
@@ -77,3 +77,14 @@ def read_json(path: str | os.PathLike, stage: str, what: str, fix: str) -> Any:
         return json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(stage, f"'{p}' is not valid JSON ({e})", fix) from None
+
+
+def copy_into(src: Path, dst: Path) -> Path:
+    """Copy ``src`` to ``dst`` atomically (nothing to do when they are the same file)."""
+    import shutil
+
+    if Path(src).resolve() == Path(dst).resolve():
+        return dst
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+    return dst

@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-from pipeline.config import load_config, save_resolved
-from pipeline.errors import UserError
+from vitrim.pipeline.core.config import load_config, save_resolved
+from vitrim.pipeline.core.errors import UserError
 
 
 def write(tmp_path, data) -> str:

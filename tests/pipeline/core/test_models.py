@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from pipeline.config import ModelConfig
-from pipeline.errors import UserError
-from pipeline.models import create_model, describe, load_weights, save_weights
+from vitrim.pipeline.core.config import ModelConfig
+from vitrim.pipeline.core.errors import UserError
+from vitrim.pipeline.core.models import create_model, describe, load_weights, save_weights
 from tests.conftest import TINY_KW, random_init
 
 
@@ -60,11 +60,11 @@ def test_pretrained_offline_is_clear(tmp_path):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2]
-    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "train-teacher", "configs/fmnist_cpu.yaml", "--set",
+    root = Path(__file__).resolve().parents[3]
+    p = subprocess.run([sys.executable, "-m", "vitrim.pipeline.cli", "train-teacher", "configs/fmnist_cpu.yaml", "--set",
                         "model.arch=deit_tiny_patch16_224", "--set", "model.kwargs={}", "--set", "model.pretrained=true",
                         "--set", f"cache_dir={tmp_path}"], cwd=root, capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(root)))
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert p.returncode == 2, p.stderr[-2000:]
     assert "offline" in p.stderr and "model.checkpoint" in p.stderr and "Traceback" not in p.stderr
 

@@ -12,16 +12,16 @@ import timm
 import torch
 import yaml
 
-from pipeline.config import load_config
-from pipeline.data import build_splits
-from pipeline.errors import UserError
-from pipeline.finetune import finetune
-from pipeline.models import describe, save_weights
-from pipeline.slicing import load_compact, save_compact, slice_model
+from vitrim.pipeline.core.config import load_config
+from vitrim.pipeline.core.data import build_splits
+from vitrim.pipeline.core.errors import UserError
+from vitrim.pipeline.stages.finetune import finetune
+from vitrim.pipeline.core.models import describe, save_weights
+from vitrim.pipeline.core.slicing import load_compact, save_compact, slice_model
 from tests.conftest import TINY_KW, random_init
-from tests.pipeline.test_slice import random_plan
+from tests.pipeline.core.test_slice import random_plan
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture
@@ -92,7 +92,7 @@ def test_corrupt_and_mismatched_checkpoint(setup):
 
 
 def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     return env
 
 
@@ -101,13 +101,13 @@ def test_torchrun_two_processes_gloo(setup):
     tmp_path, _, _ = setup
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
-           "-m", "pipeline.cli", "finetune", str(tmp_path / "c.yaml"), "--student", str(tmp_path / "student"),
+           "-m", "vitrim.pipeline.cli", "finetune", str(tmp_path / "c.yaml"), "--student", str(tmp_path / "student"),
            "--out", str(tmp_path / "ddp")]
     p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.count("fine-tuned in") == 1  # rank 0 only
     student = load_compact(tmp_path / "ddp")
-    from pipeline.evaluate import top1
+    from vitrim.pipeline.core.evaluate import top1
 
     cfg = load_config(tmp_path / "c.yaml")
     acc = top1(student, build_splits(cfg.data).test)
@@ -122,7 +122,7 @@ def test_sigterm_mid_epoch_leaves_loadable_checkpoint(setup):
     d["data"]["batch_size"] = 32
     d["finetune"]["epochs"] = 3
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
-    cmd = [sys.executable, "-m", "pipeline.cli", "finetune", str(tmp_path / "c.yaml"), "--student",
+    cmd = [sys.executable, "-m", "vitrim.pipeline.cli", "finetune", str(tmp_path / "c.yaml"), "--student",
            str(tmp_path / "student"), "--out", str(tmp_path / "sig")]
     p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240

@@ -3,7 +3,7 @@
 Masks don't make a model faster (UVC and ViT-Slim only masked); NViT removed
 weights. The slicer owns every derived attribute (heads, head dims, scale,
 embed dim: Torch-Pruning #101/#340 broke ViT metadata by not doing so): they are
-all computed from the Plan by :class:`~pipeline.compact.CompactViT`.
+all computed from the Plan by :class:`~vitrim.pipeline.core.compact.CompactViT`.
 
 Embedding pruning selects channels along the whole residual stream: the
 patch-embed conv output, cls/dist tokens, pos_embed, every LayerNorm, every
@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.compact import CompactViT
-from pipeline.errors import UserError
-from pipeline.plan import Plan
+from vitrim.pipeline.core.compact import CompactViT
+from vitrim.pipeline.core.errors import UserError
+from vitrim.pipeline.core.plan import Plan
 
 
 def _qkv_rows(H: int, hd: int, heads: list[int], qk: list[int], v: list[int]) -> torch.Tensor:
@@ -85,7 +85,7 @@ def slice_model(teacher: nn.Module | dict, plan: Plan) -> CompactViT:
     ``teacher`` is a timm ViT, or a canonical (teacher-shaped) state dict such as
     the search's adapted weights.
     """
-    from pipeline.models import canonical_state
+    from vitrim.pipeline.core.models import canonical_state
 
     plan.validate()
     state = teacher if isinstance(teacher, dict) else canonical_state(teacher)
@@ -121,7 +121,7 @@ def check_source(state: dict[str, torch.Tensor], spec: dict) -> None:
 
 def full_size_compact(teacher: nn.Module) -> tuple[CompactViT, Plan]:
     """A keep-everything CompactViT of a timm teacher, and its plan."""
-    from pipeline.models import describe
+    from vitrim.pipeline.core.models import describe
 
     plan = Plan.full(describe(teacher))
     return slice_model(teacher, plan), plan
@@ -129,7 +129,7 @@ def full_size_compact(teacher: nn.Module) -> tuple[CompactViT, Plan]:
 
 def save_compact(model: CompactViT, plan: Plan, out_dir: str | os.PathLike) -> None:
     """Write ``student.safetensors`` and ``plan.json`` (each atomically)."""
-    from pipeline.models import save_weights
+    from vitrim.pipeline.core.models import save_weights
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -139,11 +139,10 @@ def save_compact(model: CompactViT, plan: Plan, out_dir: str | os.PathLike) -> N
 
 def load_compact(path: str | os.PathLike) -> CompactViT:
     """Rebuild a CompactViT from ``DIR/plan.json`` + ``DIR/student.safetensors``, no teacher needed."""
-    from pipeline.models import load_weights
+    from vitrim.pipeline.core.models import load_weights
 
     d = Path(path)
     plan = Plan.load(d / "plan.json")
     model = CompactViT(plan)
     load_weights(model, d / "student.safetensors", stage="slice")
-    model.plan = plan  # type: ignore[attr-defined]
     return model.eval()

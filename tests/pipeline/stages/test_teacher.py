@@ -1,6 +1,6 @@
 import json
 
-from pipeline.teacher import load_teacher, teacher_path
+from vitrim.pipeline.stages.teacher import load_teacher, teacher_path
 
 
 def test_tiny_teacher_beats_chance_and_is_cached(tiny_cfg):

@@ -29,8 +29,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
-from pipeline.data import make_loader, set_epoch
-from pipeline.errors import UserError
+from vitrim.pipeline.core.data import make_loader, set_epoch
+from vitrim.pipeline.core.errors import UserError
 
 CKPT_NAME = "checkpoint.pt"
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -152,7 +152,7 @@ def train(model: nn.Module, loss_fn: LossFn, train_ds: Dataset, spec: TrainSpec,
     ``stop_after`` ends this invocation after that many epochs (a checkpoint is
     written; ``resume=True`` continues). Useful for job-chunked clusters.
     """
-    from pipeline.io import atomic_save
+    from vitrim.pipeline.core.io import atomic_save
 
     rank, world = init_distributed(device)
     out = Path(out_dir)

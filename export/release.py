@@ -1,0 +1,200 @@
+"""The release step: a model (or an existing ONNX file) in, a verified engine and a manifest out.
+
+``release`` chains ONNX export -> engine build -> the parity gate -> measured
+latency -> ``manifest.json``. It knows nothing of the search or the LUT: a
+predicted latency is just a number the caller may pass in. So it releases any
+ONNX classifier, including one vitrim did not produce (``vitrim export --onnx``).
+
+The parity reference is the torch model when one is given (on the best
+available device, fp32, always a separate copy from the engine's model);
+with an ONNX file alone it is ONNX Runtime on that file with every graph
+optimization off. The data for the gate is a stream of ``(images, labels)``
+batches, consumed once and never concatenated.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+from vitrim.export.target import Target
+from vitrim.pipeline.core.config import ExportConfig
+from vitrim.pipeline.core.errors import UserError
+
+
+def model_io(model) -> tuple[tuple[int, ...], int]:
+    """(per-sample input shape, token count) of a CompactViT or a timm ViT."""
+    plan = getattr(model, "plan", None)
+    if plan is not None:
+        return (plan.spec["in_chans"], *plan.spec["img_size"]), plan.num_tokens
+    pe = getattr(model, "patch_embed", None)
+    if pe is None:
+        raise UserError("export", f"cannot tell the input shape of a {type(model).__name__}",
+                        "pass sample_shape=(C, H, W) to release()")
+    in_chans = pe.proj.in_channels
+    return (in_chans, *pe.img_size), pe.num_patches + getattr(model, "num_prefix_tokens", 0)
+
+
+def onnx_sample_shape(path: str | os.PathLike) -> tuple[int, ...]:
+    """The static per-sample input shape of an ONNX model (dim 0 is the batch)."""
+    import onnx
+
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf raises DecodeError and others for corrupt files
+        raise UserError("export", f"'{path}' is not a readable ONNX file ({type(e).__name__})",
+                        "pass a valid .onnx file") from None
+    inits = {i.name for i in m.graph.initializer}
+    inputs = [i for i in m.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise UserError("export", f"'{path}' has {len(inputs)} inputs", "vitrim releases single-input image classifiers")
+    dims = inputs[0].type.tensor_type.shape.dim[1:]
+    if not all(d.HasField("dim_value") for d in dims):
+        raise UserError("export", f"'{path}' has symbolic non-batch input dims", "export with a static image size")
+    return tuple(int(d.dim_value) for d in dims)
+
+
+def best_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *, model=None,
+            onnx_path: str | os.PathLike | None = None, export_cfg: Optional[ExportConfig] = None,
+            sample_shape: Optional[tuple[int, ...]] = None, tokens: Optional[int] = None,
+            predicted_ms: Optional[float] = None, warmup: int = 10, repeats: int = 60, name: str = "model",
+            extra_artifacts: Optional[dict] = None, manifest_extra: Optional[dict] = None,
+            config_hash: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
+    """Export (unless ``onnx_path`` is given), build the engine, gate on parity, time it, write the manifest.
+
+    Args:
+        data: ``(images, labels)`` batches (tensors or arrays) for the parity gate.
+        model: the torch model: exported when ``onnx_path`` is None, and the parity reference.
+        onnx_path: an existing ONNX file to release instead of exporting ``model``.
+        predicted_ms: a latency prediction to record beside the measurement.
+        extra_artifacts: more files to hash into the manifest (name -> path).
+
+    Returns:
+        ``{"parity", "latency", "manifest", "params", "onnx", "engine"}``.
+
+    Raises:
+        ParityError: after writing ``parity.json``, when the engine diverges; no manifest then.
+    """
+    from vitrim.export.engine import build_engine
+    from vitrim.export.manifest import write_manifest
+    from vitrim.export.onnx import export_onnx, to_fp16
+    from vitrim.export.parity import ParityError, Tolerances, check_parity
+    from vitrim.export.runners import OrtCpuRunner, TorchRunner, make_runner
+    from vitrim.pipeline.core.io import atomic_write_json
+
+    ecfg = export_cfg or ExportConfig()
+    if model is None and onnx_path is None:
+        raise UserError("export", "nothing to release", "pass a torch model or an ONNX file")
+    if model is None and target.backend in ("torch-cpu", "torch-cuda"):
+        raise UserError("export", f"a {target.backend} target runs the torch model, and only an ONNX file was given",
+                        "pass the torch model, or use target.backend=ort-cpu or tensorrt")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if onnx_path is not None:
+        onnx_path = Path(onnx_path)
+        if not onnx_path.is_file():
+            raise UserError("export", f"ONNX file '{onnx_path}' not found", "pass the path of an existing .onnx file")
+    if model is not None:
+        model = model.eval().cpu()  # exported and referenced from the CPU copy; runners make their own
+        m_shape, m_tokens = model_io(model)
+        sample_shape, tokens = sample_shape or m_shape, tokens if tokens is not None else m_tokens
+    if sample_shape is None:
+        sample_shape = onnx_sample_shape(onnx_path)
+    sig = target.signature(tokens or 0)  # fails fast on an unavailable target
+    for stale in ("manifest.json", "parity.json"):
+        (out / stale).unlink(missing_ok=True)
+
+    if onnx_path is None:
+        onnx_path = export_onnx(model, out / "model.onnx", sample_shape, opset=ecfg.opset, simplify=ecfg.simplify)
+        log(f"[export] {onnx_path} ({onnx_path.stat().st_size / 1e6:.2f} MB)")
+    else:
+        log(f"[export] releasing the given ONNX {onnx_path}")
+        if model is not None and tuple(onnx_sample_shape(onnx_path)) != tuple(sample_shape):
+            raise UserError("export", f"'{onnx_path}' takes {onnx_sample_shape(onnx_path)} per image but the model "
+                            f"takes {tuple(sample_shape)}", "pass the ONNX exported from this model")
+    src = onnx_path
+    if target.precision == "fp16" and target.backend == "tensorrt":
+        from vitrim.export.target import trt_major
+
+        if trt_major() >= 11:  # strongly typed: fp16 lives in the ONNX
+            src = to_fp16(onnx_path, out / "model.fp16.onnx")
+    engine = build_engine(src, out, target, sample_shape)
+    log(f"[export] engine: {engine.backend} {engine.path or '(eager torch)'}")
+
+    tol = Tolerances.for_precision(ecfg, target.precision)
+    if model is not None:
+        ref_device = best_device()
+        reference = TorchRunner(model, sample_shape, ref_device, threads=target.threads)
+        ref_desc = f"torch fp32 on {ref_device}"
+    else:
+        reference = OrtCpuRunner(onnx_path, target.threads, "disable")
+        ref_desc = "the ONNX on ONNX Runtime, graph optimizations off"
+    eng_runner = engine.runner(target, model, sample_shape)
+    with reference, eng_runner:
+        report = check_parity(reference, eng_runner, data, tol, target.precision, ecfg.parity_batches,
+                              max_images=ecfg.parity_images)
+    rep = report.to_dict()
+    rep["onnx"] = str(onnx_path)
+    rep["reference"] = ref_desc
+    atomic_write_json(out / "parity.json", rep)
+    if not report.passed:
+        raise ParityError(f"[export] parity gate FAILED for {name} on {target.backend}/{target.precision}:\n  "
+                          + "\n  ".join(report.failures) + f"\n  details: {out / 'parity.json'}; no manifest written",
+                          rep)
+    log(f"[export] parity passed against {ref_desc}: top-1 agreement {100 * report.top1_agreement:.2f}% over "
+        f"{report.images} images, max |diff| {max(s['max_absdiff'] for s in report.outputs.values()):.2e}, "
+        f"top-1 reference {report.torch_top1:.2f}% / engine {report.engine_top1:.2f}%")
+
+    # latency with the same runner code as the LUT
+    if target.backend == "ort-cpu":
+        timer = make_runner("ort-cpu", onnx_path=src, threads=target.threads, opt_level=target.opt_level)
+    else:
+        timer = engine.runner(target, model, sample_shape)
+    with timer:
+        t = timer.time(target.batch, warmup=warmup, repeats=max(30, repeats))
+    latency = {"batch": target.batch, "median_ms": t.median_ms, "p90_ms": t.p90_ms, "repeats": t.repeats,
+               "predicted_ms": predicted_ms, "images_per_s": 1000.0 * target.batch / t.median_ms}
+    log(f"[export] latency at batch {target.batch}: median {t.median_ms:.3f} ms, p90 {t.p90_ms:.3f} ms"
+        + (f" (predicted {predicted_ms:.3f} ms)" if predicted_ms is not None else ""))
+
+    artifacts = {"onnx": onnx_path, "parity": out / "parity.json"}
+    if engine.path is not None:
+        artifacts["engine"] = engine.path
+    if src != onnx_path:
+        artifacts["onnx_fp16"] = src
+    artifacts.update(extra_artifacts or {})
+    n_params = sum(p.numel() for p in model.parameters()) if model is not None else None
+    info = {"model": {"name": name, "params": n_params}, "engine_options": engine.options}
+    for k, v in (manifest_extra or {}).items():
+        info[k] = {**info.get(k, {}), **v} if isinstance(v, dict) and isinstance(info.get(k), dict) else v
+    manifest = write_manifest(out, artifacts, parity=rep, signature=sig.to_dict(),
+                              accuracy={"images": report.images, "reference": ref_desc,
+                                        "torch_top1": report.torch_top1, "engine_top1": report.engine_top1},
+                              latency=latency, config_hash=config_hash, extra=info)
+    log(f"[export] manifest {manifest}")
+    return {"parity": rep, "latency": latency, "manifest": str(manifest), "params": n_params,
+            "onnx": str(onnx_path), "engine": str(engine.path) if engine.path else None}
+
+
+def release_from_config(cfg, model, out_dir: str | os.PathLike, test_set, *, plan=None,
+                        predicted_ms: Optional[float] = None, onnx_path=None, name: str = "model",
+                        log: Callable[[str], None] = print) -> dict:
+    """:func:`release` driven by a :class:`~vitrim.pipeline.core.config.RunConfig` and a test dataset."""
+    from vitrim.pipeline.core.config import config_hash
+    from vitrim.pipeline.core.data import make_loader
+
+    out = Path(out_dir)
+    extra = {key: out / fname for key, fname in (("student", "student.safetensors"), ("plan", "plan.json"),
+                                                 ("lut", "lut.json")) if (out / fname).is_file()}
+    loader = make_loader(test_set, cfg.target.batch, workers=cfg.data.workers)
+    return release(out, Target.from_config(cfg.target), loader, model=model, onnx_path=onnx_path,
+                   export_cfg=cfg.export, predicted_ms=predicted_ms, warmup=cfg.profile.warmup,
+                   repeats=cfg.profile.repeats, name=name, extra_artifacts=extra,
+                   manifest_extra={"model": {"macs": plan.macs() if plan is not None else None}},
+                   config_hash=config_hash(cfg), log=log)

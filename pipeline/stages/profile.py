@@ -1,0 +1,93 @@
+"""The profile stage: reuse the latency table (LUT) that matches this target and teacher, or build one.
+
+The measuring itself is :mod:`vitrim.profiling.lut`; this stage decides where the
+table lives, whether a cached one is stale, and finds one for ``vitrim export``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+from vitrim.export.target import Target
+from vitrim.pipeline.core.config import RunConfig
+from vitrim.pipeline.core.errors import UserError
+from vitrim.pipeline.core.plan import Floors, Plan
+
+
+def floors(cfg: RunConfig) -> Floors:
+    s = cfg.search
+    return Floors(heads=s.min_heads, qk=s.min_qk, v=s.min_v, mlp=s.min_mlp)
+
+
+def spec_hash(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def lut_path(cfg: RunConfig, spec: dict, target: Target) -> Path:
+    if cfg.profile.lut:
+        return Path(cfg.profile.lut)
+    sig = target.signature(Plan.full(spec).num_tokens)
+    return Path(cfg.cache_dir) / f"lut-{sig.key()}-{spec_hash(spec)}.json"
+
+
+def stage_profile(cfg: RunConfig, spec: dict, rebuild: bool = False, progress: bool = True,
+                  log: Callable[[str], None] = print):
+    """Reuse a LUT whose signature matches this target and teacher, else build one."""
+    from vitrim.profiling.lut import LatencyTable, build_lut
+
+    target = Target.from_config(cfg.target)
+    path = lut_path(cfg, spec, target)
+    want = target.signature(Plan.full(spec).num_tokens)
+    if path.is_file() and not rebuild:
+        if cfg.profile.lut:  # the user's file: it must fit, or we say why
+            lut = LatencyTable.load(path, expect=want)
+            lut.check_plan(Plan.full(spec))
+            log(f"[profile] using LUT {path} ({want.key()})")
+            return lut, path
+        stale = _stale_reason(path, cfg, spec, target, want)
+        if stale is None:
+            log(f"[profile] reusing LUT {path} ({want.key()})")
+            return LatencyTable.load(path, expect=want), path
+        log(f"[profile] rebuilding cached LUT {path}: {stale}")
+    lut = build_lut(spec, target, cfg.profile, floors(cfg), cfg.search.align, path, progress=progress, log=log)
+    return lut, path
+
+
+def _stale_reason(path: Path, cfg: RunConfig, spec: dict, target: Target, want) -> Optional[str]:
+    """Why a cached LUT no longer fits the config (None when it does)."""
+    from dataclasses import asdict
+
+    from vitrim.profiling.lut import Grid, LatencyTable
+
+    try:
+        lut = LatencyTable.load(path, expect=want)
+    except UserError as e:
+        return str(e).splitlines()[0]
+    if lut.spec != spec:
+        return "built for another teacher"
+    grid = Grid.for_spec(spec, cfg.profile, floors(cfg), max(cfg.search.align, target.align))
+    if asdict(lut.grid) != asdict(grid):
+        return "the profile grid settings changed"
+    m = lut.meta
+    if (m.get("warmup"), m.get("repeats"), m.get("rounds")) != (cfg.profile.warmup, cfg.profile.repeats, cfg.profile.rounds):
+        return "the measurement settings changed"
+    return None
+
+
+def find_lut(cfg: RunConfig, spec: dict, build: bool = False, log: Callable[[str], None] = print):
+    """The matching LUT (built when ``build``), or None with a note when there is none."""
+    from vitrim.profiling.lut import LatencyTable
+
+    target = Target.from_config(cfg.target)
+    if build:
+        lut, path = stage_profile(cfg, spec, log=log)
+    else:
+        path = lut_path(cfg, spec, target)
+        if not path.is_file():
+            log(f"[export] no LUT at {path}: the manifest will have no predicted latency (use --profile to build one)")
+            return None
+        lut = LatencyTable.load(path, expect=target.signature(Plan.full(spec).num_tokens))
+    lut.path = path
+    return lut

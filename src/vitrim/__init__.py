@@ -1,0 +1,15 @@
+"""vitrim: latency-aware structural compression of Vision Transformers.
+
+The repository's top-level folders install under this namespace:
+
+* ``vitrim.pipeline.core``   - config, data, the timm adapter, Plan, CompactViT, slicing, training loop
+* ``vitrim.export``          - targets, runners, ONNX, engines, parity gate, manifest, the release step
+* ``vitrim.profiling``       - latency lookup tables, their validation, curves
+* ``vitrim.pipeline.stages`` - teacher, profile, search, fine-tune, run (the stages, on top of the rest)
+* ``vitrim.pipeline.cli``    - the ``vitrim`` command
+
+Imports point one way: core <- export <- profiling <- stages.
+"""
+__version__ = "0.2.0"
+
+__all__ = ["__version__"]
