@@ -7,7 +7,9 @@
   saved ``.plan``. TensorRT 10: ``BuilderFlag.FP16`` (weak typing) for fp16.
   TensorRT 11 removed weak typing, so the network is strongly typed and fp16
   comes from an fp16 ONNX (:func:`vitrim.export.onnx.to_fp16`).
-* ``torch-*``: no engine; the student weights are the artifact.
+* ``torch-*``: a ``torch.export`` program saved as ``model.pt2`` on the target
+  device and dtype; it is loaded back from disk to run, so the parity gate never
+  compares the in-memory model with itself.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from vitrim.pipeline.core.io import atomic_path, atomic_write_bytes
 class Engine:
     backend: str
     path: Optional[Path]  # the engine artifact (None for torch targets)
-    onnx_path: Path  # the ONNX the engine was built from
+    onnx_path: Optional[Path]  # the ONNX the engine was built from (None for a torch program)
     options: dict = field(default_factory=dict)
 
     def runner(self, target: Target, model=None, sample_shape=None) -> Runner:
@@ -35,10 +37,10 @@ class Engine:
             return OrtCpuRunner(self.path, target.threads, "disable")  # already optimized offline
         if self.backend == "tensorrt":
             return TrtRunner(self.path)
-        from vitrim.export.runners import TorchRunner
+        from vitrim.export.runners import TorchExportRunner
 
-        return TorchRunner(model, sample_shape, "cuda" if self.backend == "torch-cuda" else "cpu", target.threads,
-                           half=target.precision == "fp16")
+        return TorchExportRunner(self.path, "cuda" if self.backend == "torch-cuda" else "cpu", target.threads,
+                                 half=target.precision == "fp16")
 
 
 def build_ort_engine(onnx_path: str | os.PathLike, out_path: str | os.PathLike, target: Target) -> Engine:
@@ -86,15 +88,50 @@ def _onnx_is_fp16(path) -> bool:
     return any(i.data_type == onnx.TensorProto.FLOAT16 for i in m.graph.initializer)
 
 
-def build_engine(onnx_path, out_dir, target: Target, sample_shape: tuple[int, ...]) -> Engine:
-    """Build the target's engine from an ONNX file into ``out_dir``."""
+def build_torch_engine(model, out_path: str | os.PathLike, target: Target, sample_shape: tuple[int, ...],
+                       onnx_path=None) -> Engine:
+    """Save a ``torch.export`` program of ``model`` on the target device and dtype (``model.pt2``).
+
+    A torch target's engine is this saved program, loaded back from disk for the
+    parity gate and timing, so the gate compares two independent objects.
+    """
+    import copy
+
+    import torch
+
+    device = "cuda" if target.backend == "torch-cuda" else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("target", "torch-cuda target but no CUDA device is visible", "use torch-cpu or ort-cpu")
+    half = target.precision == "fp16"
+    m = copy.deepcopy(model).eval().to(device)
+    if half:
+        m = m.half()
+    x = torch.randn(2, *sample_shape, device=device, dtype=torch.float16 if half else torch.float32)
+    from vitrim.export.onnx import _forward_arg_name
+
+    dyn = {_forward_arg_name(m): {0: torch.export.Dim("batch", min=1, max=4096)}}
+    with torch.no_grad():
+        program = torch.export.export(m, (x,), dynamic_shapes=dyn)
+    out_path = Path(out_path)
+    with atomic_path(out_path) as tmp:
+        with open(tmp, "wb") as f:
+            torch.export.save(program, f)
+    return Engine(target.backend, out_path, Path(onnx_path) if onnx_path else None,
+                  {"format": "torch.export", "device": device, "dtype": "float16" if half else "float32",
+                   "torch": torch.__version__})
+
+
+def build_engine(onnx_path, out_dir, target: Target, sample_shape: tuple[int, ...], model=None) -> Engine:
+    """Build the target's engine into ``out_dir``: from the ONNX file, or for torch targets from ``model``."""
     out_dir = Path(out_dir)
     if target.backend == "ort-cpu":
         return build_ort_engine(onnx_path, out_dir / "model.ort.onnx", target)
     if target.backend == "tensorrt":
         return build_trt_engine(onnx_path, out_dir / "model.plan", target, sample_shape,
                                 timing_cache=out_dir / "timing.cache")
-    return Engine(target.backend, None, Path(onnx_path), {"eager": True})
+    if model is None:
+        raise UserError("export", f"a {target.backend} engine is built from the torch model", "pass the model")
+    return build_torch_engine(model, out_dir / "model.pt2", target, sample_shape, onnx_path)
 
 
 def runner_for_module(model, sample_shape: tuple[int, ...], target: Target, workdir, name: str) -> Runner:

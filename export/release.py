@@ -124,7 +124,7 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
 
         if trt_major() >= 11:  # strongly typed: fp16 lives in the ONNX
             src = to_fp16(onnx_path, out / "model.fp16.onnx")
-    engine = build_engine(src, out, target, sample_shape)
+    engine = build_engine(src, out, target, sample_shape, model=model)
     log(f"[export] engine: {engine.backend} {engine.path or '(eager torch)'}")
 
     tol = Tolerances.for_precision(ecfg, target.precision)

@@ -228,6 +228,48 @@ class TorchRunner(Runner):
             return (time.perf_counter() - t) * 1e3
 
 
+class TorchExportRunner(TorchRunner):
+    """A saved ``torch.export`` program (``model.pt2``): the torch targets' engine artifact.
+
+    Loaded from disk, so it is never the in-memory module the parity gate's
+    reference wraps; it runs on the device and in the dtype it was exported with.
+    """
+
+    def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None, half: bool = False):
+        import torch
+
+        self.torch = torch
+        self.path = str(path)
+        self.device = device
+        self.name = "torch-cuda" if device.startswith("cuda") else "torch-cpu"
+        if self.name == "torch-cuda" and not torch.cuda.is_available():
+            raise UserError("target", "torch-cuda target but no CUDA device is visible", "use torch-cpu or ort-cpu")
+        if not Path(self.path).is_file():
+            raise UserError("export", f"torch program '{self.path}' not found", "re-run `vitrim export`")
+        try:
+            self.model = torch.export.load(self.path).module()
+        except Exception as e:  # corrupt archive, other torch version
+            raise UserError("export", f"could not load the torch program '{self.path}' ({type(e).__name__}: {e})",
+                            "re-export it with this torch version") from None
+        self.half = half
+        self._shape = None
+        self.threads = threads
+
+    def sample_shape(self) -> tuple[int, ...]:
+        if self._shape is None:
+            ph = [n for n in self.model.graph.nodes if n.op == "placeholder"]
+            val = ph[-1].meta.get("val") if ph else None
+            if val is None:
+                raise UserError("export", f"'{self.path}' does not record its input shape", "re-export it")
+            self._shape = tuple(int(d) for d in val.shape[1:])
+        return self._shape
+
+    def _prepare(self, batch: int, seed: int = 0) -> None:
+        g = self.torch.Generator().manual_seed(seed)
+        x = self.torch.randn((batch, *self.sample_shape()), generator=g).to(self.device)
+        self._x = x.half() if self.half else x
+
+
 class TrtRunner(Runner):
     """A serialized TensorRT engine (TensorRT 10 or 11), run with ``execute_async_v3``.
 

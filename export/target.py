@@ -79,6 +79,9 @@ class DeviceSignature:
     batch: int
     tokens: int
     threads: int
+    # engine options that change timing: ORT's graph optimization level, TensorRT's profile max batch
+    opt_level: str = ""
+    max_batch: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,7 +90,10 @@ class DeviceSignature:
     def from_dict(cls, d: dict) -> "DeviceSignature":
         names = {f.name for f in fields(cls)}
         if not isinstance(d, dict) or set(d) != names:
-            raise UserError("profile", f"malformed device signature {d!r}", "rebuild the LUT with `vitrim profile build`")
+            missing = sorted(names - set(d)) if isinstance(d, dict) else []
+            why = f"it lacks {', '.join(missing)} (made by an older vitrim)" if missing else f"malformed: {d!r}"
+            raise UserError("profile", f"the LUT's device signature is unusable: {why}",
+                            "rebuild the LUT with `vitrim profile build CONFIG --rebuild`")
         return cls(**d)
 
     def key(self) -> str:
@@ -99,8 +105,10 @@ class DeviceSignature:
 
     def __str__(self) -> str:
         thr = f", {self.threads} threads" if self.threads else ""
+        opt = f", opt level {self.opt_level}" if self.opt_level else ""
+        mb = f", profile max batch {self.max_batch}" if self.max_batch else ""
         return (f"{self.backend}/{self.precision} on '{self.device}' ({self.engine_version}), "
-                f"batch {self.batch}, {self.tokens} tokens{thr}")
+                f"batch {self.batch}, {self.tokens} tokens{thr}{opt}{mb}")
 
 
 @dataclass
@@ -129,7 +137,31 @@ class Target:
         if self.backend == "ort-cpu" and self.precision == "fp16":
             raise UserError("target", "ort-cpu has no fast fp16 path", "use target.precision=fp32 for ort-cpu")
         return DeviceSignature(self.backend, self.device_name(), engine_version(self.backend), self.precision,
-                               self.batch, tokens, 0 if self.on_gpu else self.threads)
+                               self.batch, tokens, 0 if self.on_gpu else self.threads,
+                               opt_level=self.opt_level if self.backend == "ort-cpu" else "",
+                               max_batch=(self.max_batch or 2 * self.batch) if self.backend == "tensorrt" else 0)
+
+    def check_available(self) -> None:
+        """Fail fast, before any training or measuring, when this machine cannot run the target."""
+        if self.backend == "ort-cpu":
+            import onnxruntime as ort
+
+            if "CPUExecutionProvider" not in ort.get_available_providers():
+                raise UserError("target", f"onnxruntime {ort.__version__} has no CPUExecutionProvider",
+                                "pip install onnxruntime")
+            if self.opt_level not in ("disable", "basic", "extended", "all"):
+                raise UserError("target", f"target.opt_level '{self.opt_level}' is not an ORT level",
+                                "use disable, basic, extended or all")
+        elif self.backend == "tensorrt":
+            import_tensorrt()
+            _cuda_name()
+        elif self.backend == "torch-cuda":
+            _cuda_name()
+        if self.precision == "fp16" and self.backend in ("ort-cpu",):
+            raise UserError("target", "ort-cpu has no fast fp16 path", "use target.precision=fp32 for ort-cpu")
+        if self.max_batch is not None and self.max_batch < self.batch:
+            raise UserError("target", f"target.max_batch={self.max_batch} is below target.batch={self.batch}",
+                            "raise target.max_batch or leave it null (2x batch)")
 
     @property
     def align(self) -> int:

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vitrim.pipeline.core.errors import UserError, VitrimError
+from vitrim.pipeline.core.errors import Interrupted, UserError, VitrimError
 
 DEFAULT_CONFIG = "configs/fmnist_cpu.yaml"
 
@@ -18,6 +18,20 @@ def _cfg(args):
     from vitrim.pipeline.core.config import load_config
 
     return load_config(args.config, args.set)
+
+
+def _splits(cfg):
+    """The data splits; image folders resolve their transforms from the teacher's config."""
+    from vitrim.pipeline.core.data import build_splits
+
+    return build_splits(cfg.data, model_cfg=cfg.model)
+
+
+def _check_target(cfg):
+    """Fail fast on a target this machine cannot run, before any training or measuring."""
+    from vitrim.export.target import Target
+
+    Target.from_config(cfg.target).check_available()
 
 
 def _common(p: argparse.ArgumentParser, config_required: bool = False) -> None:
@@ -30,11 +44,11 @@ def _common(p: argparse.ArgumentParser, config_required: bool = False) -> None:
 
 
 def cmd_train_teacher(args) -> int:
-    from vitrim.pipeline.stages.teacher import load_teacher, train_teacher
+    from vitrim.pipeline.stages.teacher import load_teacher, teacher_path, train_teacher
 
     cfg = _cfg(args)
-    if args.force:
-        train_teacher(cfg)
+    if args.force or not teacher_path(cfg).is_file():
+        train_teacher(cfg)  # from scratch, or fine-tuned from model.checkpoint
     else:
         _, info = load_teacher(cfg)
         if "test_top1" in info:
@@ -43,13 +57,12 @@ def cmd_train_teacher(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from vitrim.pipeline.core.data import build_splits
     from vitrim.pipeline.core.evaluate import top1
     from vitrim.pipeline.core.slicing import load_compact
     from vitrim.pipeline.stages.teacher import load_teacher
 
     cfg = _cfg(args)
-    splits = build_splits(cfg.data)
+    splits = _splits(cfg)
     if args.student:
         model, what = load_compact(args.student), f"student {args.student}"
     else:
@@ -103,6 +116,7 @@ def cmd_profile(args) -> int:
             path = lut_path(cfg, spec, Target.from_config(cfg.target))
         print(LatencyTable.load(path).summary())
         return 0
+    _check_target(cfg)
     teacher, spec, _ = _teacher_and_spec(cfg)
     lut, path = stage_profile(cfg, spec, rebuild=args.rebuild)
     if args.action == "build":
@@ -123,12 +137,12 @@ def cmd_profile(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from vitrim.pipeline.core.data import build_splits
     from vitrim.pipeline.stages.profile import stage_profile
     from vitrim.pipeline.stages.search import stage_search
 
     cfg = _cfg(args)
-    splits = build_splits(cfg.data)
+    _check_target(cfg)
+    splits = _splits(cfg)
     teacher, spec, _ = _teacher_and_spec(cfg, splits)
     lut, _ = stage_profile(cfg, spec)
     out = Path(args.out or cfg.out_dir)
@@ -138,25 +152,18 @@ def cmd_search(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from vitrim.pipeline.core.data import build_splits
     from vitrim.pipeline.stages.finetune import finetune
     from vitrim.pipeline.core.slicing import load_compact
     from vitrim.pipeline.stages.finetune import check_plan_matches_teacher
     from vitrim.pipeline.stages.teacher import load_teacher
-    from vitrim.pipeline.core.trainer import Interrupted, dist_info
 
     cfg = _cfg(args)
-    splits = build_splits(cfg.data)
+    splits = _splits(cfg)
     teacher, _ = load_teacher(cfg, splits, train_if_missing=False)
     student = load_compact(args.student)
     check_plan_matches_teacher(student.plan, teacher, cfg)
-    try:
-        res = finetune(cfg, teacher, student, student.plan, splits, args.out, resume=args.resume,
-                       stop_after=args.stop_after)
-    except Interrupted as e:
-        if dist_info()[0] == 0:
-            print(f"vitrim: {e}", file=sys.stderr)
-        return 128 + int(e.signum)
+    res = finetune(cfg, teacher, student, student.plan, splits, args.out, resume=args.resume,
+                   stop_after=args.stop_after)
     if dist_info()[0] == 0:
         if res.interrupted:
             print(f"stopped after {args.stop_after} epoch(s); continue with --resume")
@@ -188,6 +195,7 @@ def cmd_export(args) -> int:
     else:
         raise UserError("export", "nothing to export",
                         "pass --student DIR (plan.json + student.safetensors), --teacher, or --onnx FILE")
+    _check_target(cfg)
     splits = build_splits(cfg.data, model=model)
     out.mkdir(parents=True, exist_ok=True)
     if plan is not None:
@@ -257,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--baselines", default="uniform", help="comma-separated strategies to compare (default uniform)")
     s.set_defaults(fn=cmd_curve)
 
-    s = sub.add_parser("train-teacher", help="train (or reuse) the embedded default's teacher ViT")
+    s = sub.add_parser("train-teacher", help="train the teacher on the config's data (from scratch, or from "
+                       "model.checkpoint to adapt it to your classes); reuses a cached one unless --force")
     _common(s)
     s.add_argument("--force", action="store_true", help="retrain even if a cached teacher exists")
     s.set_defaults(fn=cmd_train_teacher)
@@ -324,6 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"vitrim: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # SIGTERM/SIGINT inside a training loop: a checkpoint was saved
+        import os
+
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"vitrim: {e}", file=sys.stderr)
+        return 128 + int(e.signum)
     except VitrimError as e:  # the parity gate and other deliberate failures
         print(f"vitrim: {e}", file=sys.stderr)
         return 3

@@ -30,11 +30,12 @@ from vitrim.pipeline.core.plan import Plan
 
 
 class CompactAttention(nn.Module):
-    def __init__(self, dim: int, heads: int, qk: int, v: int, qkv_bias: bool, scale_head_dim: int):
+    def __init__(self, dim: int, heads: int, qk: int, v: int, qkv_bias: bool, scale_head_dim: int,
+                 proj_bias: bool = True):
         super().__init__()
         self.heads, self.qk, self.v = heads, qk, v
         self.qkv = nn.Linear(dim, heads * (2 * qk + v), bias=qkv_bias)
-        self.proj = nn.Linear(heads * v, dim)
+        self.proj = nn.Linear(heads * v, dim, bias=proj_bias)
         # None lets SDPA use qk**-0.5, which is the teacher's scale when QK is unpruned.
         self.scale: Optional[float] = None if qk == scale_head_dim else scale_head_dim ** -0.5
         self.gate_head: Optional[torch.Tensor] = None
@@ -64,11 +65,11 @@ class CompactAttention(nn.Module):
 
 
 class CompactMlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, bias: bool = True):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
         self.gate: Optional[torch.Tensor] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,12 +81,12 @@ class CompactMlp(nn.Module):
 
 class CompactBlock(nn.Module):
     def __init__(self, dim: int, heads: int, qk: int, v: int, mlp: int, qkv_bias: bool, scale_head_dim: int,
-                 eps: float, layer_scale: bool):
+                 eps: float, layer_scale: bool, proj_bias: bool = True):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = CompactAttention(dim, heads, qk, v, qkv_bias, scale_head_dim)
+        self.attn = CompactAttention(dim, heads, qk, v, qkv_bias, scale_head_dim, proj_bias)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = CompactMlp(dim, mlp)
+        self.mlp = CompactMlp(dim, mlp, proj_bias)
         self.ls1 = nn.Parameter(torch.ones(dim)) if layer_scale else None
         self.ls2 = nn.Parameter(torch.ones(dim)) if layer_scale else None
         self.gate: Optional[torch.Tensor] = None  # whole-block gate (UVC-style skipping)
@@ -133,7 +134,8 @@ class CompactViT(nn.Module):
         self.norm_pre = nn.LayerNorm(E, eps=eps) if s["pre_norm"] else None
         self.block_ids = plan.kept_blocks
         self.blocks = nn.ModuleList(
-            CompactBlock(E, *plan.blocks[i].dims, s["qkv_bias"], s["scale_head_dim"], eps, s["layer_scale"])
+            CompactBlock(E, *plan.blocks[i].dims, s["qkv_bias"], s["scale_head_dim"], eps, s["layer_scale"],
+                         s.get("proj_bias", True))
             for i in self.block_ids)
         self.norm = nn.LayerNorm(E, eps=eps) if s["final_norm"] else None
         self.fc_norm = nn.LayerNorm(E, eps=eps) if s["fc_norm"] else None

@@ -33,7 +33,13 @@ class DataConfig:
     split_seed: int = 0
     batch_size: int = 128
     eval_batch_size: int = 512
-    workers: int = 0
+    workers: int = 0  # DataLoader worker processes for image folders (every loader honours it)
+    # ImageFolder transforms come from the teacher (input size, channels, and mean/std/
+    # interpolation/crop_pct of its pretrained config); these override them.
+    mean: Optional[list] = None
+    std: Optional[list] = None
+    interpolation: Optional[str] = None  # bilinear | bicubic | nearest
+    crop_pct: Optional[float] = None
     train_limit: Optional[int] = None  # tiny slices for tests and smoke runs
     val_limit: Optional[int] = None
     test_limit: Optional[int] = None
@@ -157,6 +163,7 @@ class RunConfig:
     """Everything ``vitrim run`` needs."""
 
     name: str = "run"
+    device: str = "auto"  # teacher training, search and fine-tune: auto (CUDA when present) | cpu | cuda
     out_dir: str = "runs/run"
     cache_dir: str = ".cache/vitrim"
     seed: int = 0
@@ -203,11 +210,21 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, dotted + ".", source)
             continue
+        if isinstance(value, str) and _wants_float(tp):
+            try:  # PyYAML (YAML 1.1) reads 1e-4 as a string; 1.0e-4 as a float
+                value = float(value)
+            except ValueError:
+                pass
         if not _type_ok(value, tp):
             raise UserError("config", f"{source}: '{dotted}' must be {_tp_name(tp)}, got {value!r}",
                             f"set '{dotted}' to a value of that type")
         kwargs[key] = float(value) if tp is float or (typing.get_origin(tp) is typing.Union and float in typing.get_args(tp) and isinstance(value, int)) else value
     return cls(**kwargs)
+
+
+def _wants_float(tp: Any) -> bool:
+    return tp is float or (typing.get_origin(tp) is typing.Union and float in typing.get_args(tp)
+                           and str not in typing.get_args(tp))
 
 
 def _tp_name(tp: Any) -> str:
@@ -262,6 +279,14 @@ def validate_config(cfg: RunConfig, source: str = "<config>") -> None:
 
     if cfg.data.name not in ("fmnist", "imagefolder"):
         bad("data.name", f"is '{cfg.data.name}'", "use fmnist or imagefolder")
+    if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
+        bad("device", f"is '{cfg.device}'", "use auto, cpu or cuda")
+    if cfg.data.workers < 0:
+        bad("data.workers", f"is {cfg.data.workers}", "use 0 (load in the main process) or more workers")
+    if cfg.data.interpolation not in (None, "bilinear", "bicubic", "nearest"):
+        bad("data.interpolation", f"is '{cfg.data.interpolation}'", "use bilinear, bicubic or nearest")
+    if cfg.data.crop_pct is not None and not 0 < cfg.data.crop_pct <= 1:
+        bad("data.crop_pct", f"is {cfg.data.crop_pct}", "use a fraction in (0, 1]")
     if cfg.target.backend not in ("ort-cpu", "tensorrt", "torch-cpu", "torch-cuda"):
         bad("target.backend", f"is '{cfg.target.backend}'", "use ort-cpu, tensorrt, torch-cpu or torch-cuda")
     if cfg.target.precision not in ("fp32", "fp16"):

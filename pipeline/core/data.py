@@ -119,47 +119,149 @@ def _limit(ds: Dataset, n: int | None) -> Dataset:
     return torch.utils.data.Subset(ds, idx.tolist())
 
 
-def build_splits(cfg: DataConfig, model: torch.nn.Module | None = None) -> Splits:
-    """Build train / val / test datasets for a data config."""
+def build_splits(cfg: DataConfig, model: torch.nn.Module | None = None, model_cfg: Any = None) -> Splits:
+    """Build train / val / test datasets for a data config.
+
+    For ``imagefolder`` the transforms and the class count come from the teacher:
+    pass the model, or its :class:`~vitrim.pipeline.core.config.ModelConfig`
+    (the architecture is then instantiated on the meta device, without weights).
+    """
     if cfg.name == "fmnist":
         full = load_fmnist(cfg.root, "train")
         tr, va = split_indices(len(full), cfg.val_size, cfg.split_seed)
         train, val, test = full.subset(tr), full.subset(va), load_fmnist(cfg.root, "test")
         nc, ch, size = 10, 1, 28
     elif cfg.name == "imagefolder":
-        train, val, test, nc, ch, size = _imagefolder(cfg, model)
+        train, val, test, nc, ch, size = _imagefolder(cfg, model, model_cfg)
     else:
         raise UserError("data", f"unknown dataset '{cfg.name}'", "use fmnist or imagefolder")
     return Splits(_limit(train, cfg.train_limit), _limit(val, cfg.val_limit), _limit(test, cfg.test_limit), nc, ch, size)
 
 
-def _imagefolder(cfg: DataConfig, model: torch.nn.Module | None):
+def _meta_model(model_cfg: Any) -> torch.nn.Module:
+    if model_cfg is None:
+        raise UserError("data", "data.name=imagefolder needs the teacher to resolve its transforms",
+                        "call build_splits(cfg.data, model_cfg=cfg.model) (the CLI does)")
+    import timm
+
+    if model_cfg.arch not in timm.list_models():
+        raise UserError("model", f"'{model_cfg.arch}' is not a timm model name",
+                        "use a ViT name from timm.list_models('*vit*') or timm.list_models('deit*')")
+    try:
+        with torch.device("meta"):
+            return timm.create_model(model_cfg.arch, pretrained=False, **model_cfg.kwargs)
+    except TypeError as e:
+        raise UserError("model", f"timm rejected model.kwargs {model_cfg.kwargs} for '{model_cfg.arch}': {e}",
+                        "remove or rename the offending key in model.kwargs") from None
+
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def resolve_transform_config(cfg: DataConfig, model: torch.nn.Module) -> dict:
+    """timm's data config for the teacher: its input size and channels, and mean/std/interpolation/crop
+    from its pretrained config, each overridable by ``data.mean|std|interpolation|crop_pct``."""
+    import timm.data
+
+    pe = model.patch_embed
+    C = pe.proj.in_channels
+    H, W = (int(s) for s in pe.img_size)
+    dcfg = timm.data.resolve_data_config({}, model=model)
+    dcfg["input_size"] = (C, H, W)  # the model's own, whatever its pretrained config says
+    for key in ("mean", "std"):
+        v = getattr(cfg, key)
+        v = tuple(float(a) for a in (v if isinstance(v, (list, tuple)) else [v])) if v is not None else tuple(dcfg[key])
+        if len(v) != C:
+            if getattr(cfg, key) is None and C == 1:
+                v = (sum(v) / len(v),)  # a grayscale teacher: the RGB statistics averaged
+            else:
+                raise UserError("data", f"data.{key} has {len(v)} values but the teacher takes {C} channels",
+                                f"give data.{key} one value per input channel")
+        dcfg[key] = v
+    if cfg.interpolation is not None:
+        dcfg["interpolation"] = cfg.interpolation
+    if cfg.crop_pct is not None:
+        dcfg["crop_pct"] = cfg.crop_pct
+    return dcfg
+
+
+def _open_image(path: str, mode: str):
+    """PIL loader that names the file it cannot read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert(mode)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        raise UserError("data", f"unreadable image '{path}' ({type(e).__name__}: {e})",
+                        "delete or replace that file") from None
+
+
+def _scan_folder(root: Path) -> list[str]:
+    """Class names under ``root``, refusing empty class folders (named)."""
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise UserError("data", f"'{root}' has no class folders", f"put images in {root}/<class>/")
+    for c in classes:
+        if not any(f.suffix.lower() in IMG_EXTENSIONS for f in (root / c).rglob("*") if f.is_file()):
+            raise UserError("data", f"class folder '{root / c}' has no images ({', '.join(IMG_EXTENSIONS)})",
+                            "add images to it or remove the folder")
+    return classes
+
+
+def _imagefolder(cfg: DataConfig, model: torch.nn.Module | None, model_cfg: Any = None):
     """ImageNet layout: ``root/train/<class>/*.JPEG`` and ``root/val/<class>/*.JPEG``.
 
     ``val`` here is held out of ``train``; the folder named ``val`` is the test split.
-    Transforms come from the timm model's pretrained config.
+    Transforms come from the teacher (:func:`resolve_transform_config`); a 1-channel
+    teacher reads the images as grayscale.
     """
+    import functools
+
     import timm.data
     from torchvision.datasets import ImageFolder
 
     if not cfg.root or not Path(cfg.root, "train").is_dir() or not Path(cfg.root, "val").is_dir():
         raise UserError("data", f"data.root='{cfg.root}' has no train/ and val/ folders",
                         "point data.root at an ImageNet-style folder with train/<class>/ and val/<class>/")
-    dcfg = timm.data.resolve_data_config({}, model=model) if model is not None else timm.data.resolve_data_config({})
+    root = Path(cfg.root)
+    classes = _scan_folder(root / "train")
+    test_classes = _scan_folder(root / "val")
+    if test_classes != classes:
+        extra = sorted(set(test_classes) ^ set(classes))
+        raise UserError("data", f"'{root / 'val'}' and '{root / 'train'}' have different class folders "
+                        f"(e.g. {extra[:3]})", "use the same class folder names in train/ and val/")
+    if model is None:
+        model = _meta_model(model_cfg)
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes is not None and num_classes != len(classes):
+        raise UserError("data", f"'{root / 'train'}' has {len(classes)} classes but the teacher's head has "
+                        f"{num_classes} outputs (model.kwargs.num_classes)",
+                        f"set model.kwargs.num_classes: {len(classes)} (and fine-tune the teacher with "
+                        "`vitrim train-teacher`), or use the matching data")
+    dcfg = resolve_transform_config(cfg, model)
+    C = dcfg["input_size"][0]
+    loader = functools.partial(_open_image, mode="L" if C == 1 else "RGB")
     t_train = timm.data.create_transform(**dcfg, is_training=True)
     t_eval = timm.data.create_transform(**dcfg, is_training=False)
-    train_full = ImageFolder(str(Path(cfg.root, "train")), transform=t_train)
-    train_eval = ImageFolder(str(Path(cfg.root, "train")), transform=t_eval)
-    test = ImageFolder(str(Path(cfg.root, "val")), transform=t_eval)
+    train_full = ImageFolder(str(root / "train"), transform=t_train, loader=loader)
+    train_eval = ImageFolder(str(root / "train"), transform=t_eval, loader=loader)
+    test = ImageFolder(str(root / "val"), transform=t_eval, loader=loader)
+    for ds in (train_full, test):  # fail fast on a broken first image, not minutes into training
+        seen = set()
+        for path, label in ds.samples:
+            if label not in seen:
+                seen.add(label)
+                _open_image(path, "L" if C == 1 else "RGB")
     tr, va = split_indices(len(train_full), cfg.val_size, cfg.split_seed)
     train = torch.utils.data.Subset(train_full, tr.tolist())
     val = torch.utils.data.Subset(train_eval, va.tolist())
     size = dcfg["input_size"]
-    return train, val, test, len(train_full.classes), size[0], size[-1]
+    return train, val, test, len(classes), size[0], size[-1]
 
 
 def make_loader(ds: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
-                workers: int = 0, distributed: bool = False, epoch: int = 0) -> DataLoader:
+                workers: int = 0, distributed: bool = False, epoch: int = 0, pin_memory: bool = False) -> DataLoader:
     """A loader; in-memory datasets are fetched a whole batch at a time.
 
     With ``distributed`` a ``DistributedSampler`` shards the data across ranks;
@@ -177,8 +279,9 @@ def make_loader(ds: Dataset, batch_size: int, shuffle: bool = False, seed: int =
         sampler = SequentialSampler(ds)
     if isinstance(ds, TensorImages):
         bs = BatchSampler(sampler, batch_size, drop_last)
-        return DataLoader(ds, sampler=bs, batch_size=None, num_workers=workers)
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=workers)
+        return DataLoader(ds, sampler=bs, batch_size=None, num_workers=0, pin_memory=pin_memory)  # in memory already
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=workers,
+                      pin_memory=pin_memory, persistent_workers=False)
 
 
 def set_epoch(loader: DataLoader, epoch: int, seed: int) -> None:

@@ -9,17 +9,16 @@ from vitrim.pipeline.core.data import make_loader
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, ds: Dataset, batch_size: int = 512, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels over a whole split, in order."""
+def top1(model: nn.Module, ds: Dataset, batch_size: int = 512, device: str | None = None, workers: int = 0) -> float:
+    """Top-1 accuracy in percent, streamed (the split is never held in memory).
+
+    ``device`` defaults to where the model's parameters are.
+    """
     model.eval()
-    outs, labels = [], []
-    for x, y in make_loader(ds, batch_size):
-        outs.append(model(x.to(device)).float().cpu())
-        labels.append(y)
-    return torch.cat(outs), torch.cat(labels)
-
-
-def top1(model: nn.Module, ds: Dataset, batch_size: int = 512, device: str = "cpu") -> float:
-    """Top-1 accuracy in percent."""
-    logits, labels = predict_logits(model, ds, batch_size, device)
-    return 100.0 * (logits.argmax(1) == labels).float().mean().item()
+    device = device or str(next(model.parameters()).device)
+    correct = total = 0
+    for x, y in make_loader(ds, batch_size, workers=workers, pin_memory=device.startswith("cuda")):
+        pred = model(x.to(device, non_blocking=True)).argmax(1).cpu()
+        correct += int((pred == y).sum())
+        total += len(y)
+    return 100.0 * correct / max(1, total)

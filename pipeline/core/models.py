@@ -18,7 +18,7 @@ from vitrim.pipeline.core.config import ModelConfig
 from vitrim.pipeline.core.errors import UserError
 
 
-def create_model(cfg: ModelConfig, **overrides: Any) -> nn.Module:
+def create_model(cfg: ModelConfig, load_checkpoint: bool = True, **overrides: Any) -> nn.Module:
     """Create a timm ViT by name with constructor overrides, then load weights.
 
     ``cfg.kwargs`` (and ``overrides``) are passed to ``timm.create_model``; they
@@ -42,7 +42,7 @@ def create_model(cfg: ModelConfig, **overrides: Any) -> nn.Module:
                             "this machine is offline: set model.pretrained=false and model.checkpoint to a local "
                             ".safetensors/.pth file") from None
         raise
-    if cfg.checkpoint:
+    if cfg.checkpoint and load_checkpoint:
         load_weights(model, cfg.checkpoint)
     return model
 
@@ -73,9 +73,23 @@ def read_state_dict(path: str | os.PathLike, stage: str = "model") -> dict[str, 
     return sd
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike, stage: str = "model") -> None:
+HEAD_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias")
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, stage: str = "model",
+                 allow_new_head: bool = False) -> list[str]:
+    """Load a checkpoint strictly; returns the keys left at their fresh init.
+
+    With ``allow_new_head`` a classifier head of another class count is skipped
+    (kept freshly initialised), for adapting a checkpoint to new classes.
+    """
     sd = read_state_dict(path, stage)
     own = model.state_dict()
+    fresh = []
+    if allow_new_head:
+        fresh = [k for k in HEAD_KEYS if k in own and k in sd and own[k].shape != sd[k].shape]
+        sd = {k: v for k, v in sd.items() if k not in fresh}
+        sd.update({k: own[k] for k in fresh})
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     shape_bad = [k for k in own if k in sd and own[k].shape != sd[k].shape]
@@ -91,6 +105,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, stage: str = "model"
         raise UserError(stage, f"checkpoint '{path}' does not match the model: " + "; ".join(parts),
                         "use the checkpoint made for this architecture and model.kwargs")
     model.load_state_dict(sd)
+    return fresh
 
 
 def save_weights(model_or_sd: nn.Module | dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
@@ -146,7 +161,7 @@ def describe(model: nn.Module, arch: str = "", kwargs: dict | None = None) -> di
     H = first.attn.num_heads
     hd = first.attn.head_dim
     M = first.mlp.fc1.out_features
-    eps = model.norm.eps if isinstance(model.norm, nn.LayerNorm) else model.fc_norm.eps
+    eps = first.norm1.eps  # every norm of a timm ViT shares it; the final one may be absent (final_norm=False)
     for i, b in enumerate(blocks):
         if type(b) is not Block or type(b.attn) is not Attention or type(b.mlp) is not Mlp:
             _refuse(arch, f"block {i} of type {type(b).__name__}/{type(b.attn).__name__}/{type(b.mlp).__name__}")
@@ -160,6 +175,9 @@ def describe(model: nn.Module, arch: str = "", kwargs: dict | None = None) -> di
         act = b.mlp.act
         if not (isinstance(act, nn.GELU) and act.approximate == "none"):
             _refuse(arch, f"MLP activation {act}")
+        biases = {a.proj.bias is not None, b.mlp.fc1.bias is not None, b.mlp.fc2.bias is not None}
+        if len(biases) != 1 or (a.proj.bias is not None) != (first.attn.proj.bias is not None):
+            _refuse(arch, "a mix of biased and bias-free projections")
         if a.num_heads != H or a.head_dim != hd or b.mlp.fc1.out_features != M:
             _refuse(arch, "blocks of unequal width")
         if a.head_dim * a.num_heads != getattr(a, "attn_dim", E) or a.head_dim * a.num_heads != E:
@@ -187,6 +205,7 @@ def describe(model: nn.Module, arch: str = "", kwargs: dict | None = None) -> di
         "head_dim": hd,
         "mlp_hidden": M,
         "qkv_bias": first.attn.qkv.bias is not None,
+        "proj_bias": first.attn.proj.bias is not None,  # timm's proj_bias: attn.proj, mlp.fc1, mlp.fc2
         "patch_bias": pe.proj.bias is not None,
         "class_token": model.cls_token is not None,
         "dist_token": distilled,
@@ -226,10 +245,12 @@ def canonical_state(model: nn.Module) -> dict[str, torch.Tensor]:
         sd[p + "attn.qkv.weight"] = b.attn.qkv.weight
         if b.attn.qkv.bias is not None:
             sd[p + "attn.qkv.bias"] = b.attn.qkv.bias
-        sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"] = b.attn.proj.weight, b.attn.proj.bias
+        sd[p + "attn.proj.weight"] = b.attn.proj.weight
         sd[p + "norm2.weight"], sd[p + "norm2.bias"] = b.norm2.weight, b.norm2.bias
-        sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"] = b.mlp.fc1.weight, b.mlp.fc1.bias
-        sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"] = b.mlp.fc2.weight, b.mlp.fc2.bias
+        sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc2.weight"] = b.mlp.fc1.weight, b.mlp.fc2.weight
+        for name, lin in (("attn.proj", b.attn.proj), ("mlp.fc1", b.mlp.fc1), ("mlp.fc2", b.mlp.fc2)):
+            if lin.bias is not None:
+                sd[p + name + ".bias"] = lin.bias
         if not isinstance(b.ls1, nn.Identity):
             sd[p + "ls1"], sd[p + "ls2"] = b.ls1.gamma, b.ls2.gamma
     for name in ("norm", "fc_norm"):

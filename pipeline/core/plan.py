@@ -109,8 +109,9 @@ class Plan:
             qkv = 2 * H * QK + H * V
             n += 4 * E  # two LayerNorms
             n += E * qkv + (qkv if s["qkv_bias"] else 0)
-            n += H * V * E + E
-            n += E * M + M + M * E + E
+            pb = int(s.get("proj_bias", True))
+            n += H * V * E + E * pb
+            n += E * M + M * pb + M * E + E * pb
             n += 2 * E if s["layer_scale"] else 0
         return n
 

@@ -30,7 +30,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from vitrim.pipeline.core.data import make_loader, set_epoch
-from vitrim.pipeline.core.errors import UserError
+from vitrim.pipeline.core.device import collective_device, dist_info, init_distributed, mean_over_ranks
+from vitrim.pipeline.core.errors import Interrupted, UserError
 
 CKPT_NAME = "checkpoint.pt"
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -49,6 +50,7 @@ class TrainSpec:
     amp: str = "auto"
     seed: int = 0
     hflip: bool = False
+    workers: int = 0  # DataLoader workers (image folders)
     max_steps_per_epoch: Optional[int] = None  # for quick checks
 
 
@@ -58,29 +60,6 @@ class TrainResult:
     wall_s: float = 0.0
     resumed_from: Optional[int] = None
     interrupted: bool = False
-
-
-class Interrupted(Exception):
-    """Raised after a checkpoint was saved because of SIGTERM/SIGINT."""
-
-    def __init__(self, signum: int, path: Path):
-        self.signum, self.path = signum, path
-        super().__init__(f"stopped by signal {signum}; checkpoint saved to {path} (resume with --resume)")
-
-
-def dist_info() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's environment."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-
-def init_distributed(device: str) -> tuple[int, int]:
-    rank, world, local = dist_info()
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        if device.startswith("cuda"):
-            torch.cuda.set_device(local)
-        dist.init_process_group(backend=backend)
-    return rank, world
 
 
 def _lr_lambda(spec: TrainSpec, steps_per_epoch: int) -> Callable[[int], float]:
@@ -163,11 +142,13 @@ def train(model: nn.Module, loss_fn: LossFn, train_ds: Dataset, spec: TrainSpec,
     model.to(device)
     ddp_model: nn.Module = model
     if world > 1:
-        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[int(os.environ.get("LOCAL_RANK", 0))] if device.startswith("cuda") else None)
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1 and "pos_embed" not in n and "token" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and not (p.ndim > 1 and "pos_embed" not in n and "token" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr)
-    loader = make_loader(train_ds, spec.batch_size, shuffle=True, seed=spec.seed, drop_last=True, distributed=world > 1)
+    loader = make_loader(train_ds, spec.batch_size, shuffle=True, seed=spec.seed, drop_last=True, distributed=world > 1,
+                         workers=spec.workers, pin_memory=device.startswith("cuda"))
     steps_per_epoch = len(loader) if spec.max_steps_per_epoch is None else min(len(loader), spec.max_steps_per_epoch)
     if steps_per_epoch == 0:
         raise UserError("train", f"{len(train_ds)} training images are fewer than one batch of {spec.batch_size}",
@@ -234,7 +215,7 @@ def train(model: nn.Module, loss_fn: LossFn, train_ds: Dataset, spec: TrainSpec,
                     break
                 if step < skip:  # data position on resume: the epoch's order is seeded
                     continue
-                x, y = batch[0].to(device), batch[1].to(device)
+                x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
                 if spec.hflip:
                     flip = torch.rand(x.shape[0], device=x.device) < 0.5
                     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
@@ -256,16 +237,19 @@ def train(model: nn.Module, loss_fn: LossFn, train_ds: Dataset, spec: TrainSpec,
                 sched.step()
                 if ema is not None:
                     ema.update_parameters(model)
-                losses.append(loss.item())
+                losses.append(loss.detach())
                 bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-                if _stop_requested(stop, world):
+                if not bar.disable:  # .item() syncs the GPU: only when someone watches the bar
+                    bar.set_postfix(loss=f"{losses[-1].item():.3f}")
+                if _stop_requested(stop, world, device):
                     save(epoch, step + 1)
                     raise Interrupted(stop["sig"] or signal.SIGTERM, ckpt_path)
             bar.close()
             eval_model = ema.module if ema is not None else model
             val = val_fn(eval_model) if (val_fn is not None and rank == 0) else None
-            rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else None,
+            # the logged loss is the mean over every rank's steps, not rank 0's alone
+            ep_loss = mean_over_ranks(float(torch.stack(losses).float().mean()), device) if losses else None
+            rec = {"epoch": epoch + 1, "train_loss": ep_loss,
                    "val_top1": val, "lr": sched.get_last_lr()[0], "epoch_s": round(time.time() - ep_t0, 1)}
             result.history.append(rec)
             if rank == 0:
@@ -274,7 +258,7 @@ def train(model: nn.Module, loss_fn: LossFn, train_ds: Dataset, spec: TrainSpec,
                     msg += f"  val top-1 {val:.2f}%"
                 log(msg + f"  ({rec['epoch_s']}s)")
             save(epoch + 1, 0)
-            if _stop_requested(stop, world):
+            if _stop_requested(stop, world, device):
                 raise Interrupted(stop["sig"] or signal.SIGTERM, ckpt_path)
             if stop_after is not None and epoch + 1 - start_epoch >= stop_after and epoch + 1 < spec.epochs:
                 result.interrupted = True
@@ -295,10 +279,10 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _stop_requested(stop: dict, world: int) -> bool:
+def _stop_requested(stop: dict, world: int, device: str = "cpu") -> bool:
     flag = stop["sig"] is not None
-    if world > 1:  # every rank must stop at the same step
-        t = torch.tensor([int(flag)])
+    if world > 1:  # every rank must stop at the same step; NCCL reduces only CUDA tensors
+        t = torch.tensor([int(flag)], device=collective_device(device))
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         flag = bool(t.item())
     return flag

@@ -16,6 +16,7 @@ import torch
 
 from vitrim.pipeline.core.compact import CompactViT
 from vitrim.pipeline.core.config import RunConfig
+from vitrim.pipeline.core.device import init_distributed, resolve_device
 from vitrim.pipeline.core.errors import UserError
 from vitrim.pipeline.stages.distill import make_kd_fn
 from vitrim.pipeline.core.evaluate import top1
@@ -30,18 +31,21 @@ def finetune(cfg: RunConfig, teacher: torch.nn.Module, student: CompactViT, plan
              stop_after: Optional[int] = None) -> TrainResult:
     """KD fine-tune ``student`` in place and write the student artifacts (rank 0)."""
     f = cfg.finetune
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    teacher.to(device)
+    # Pin this rank's device and join the process group before any model moves:
+    # a bare "cuda" is cuda:0 on every rank and breaks DDP on ranks 1..N-1.
+    device = resolve_device(device or cfg.device)
+    init_distributed(device)
+    teacher.to(device).eval()
     if student.head_dist is not None:
         student.distilled_training = True  # train both heads
     kd = make_kd_fn(teacher, f.alpha, f.temperature, f.label_smoothing)
     spec = TrainSpec(epochs=f.epochs, batch_size=cfg.data.batch_size, lr=f.lr, min_lr=f.min_lr,
                      weight_decay=f.weight_decay, warmup_epochs=f.warmup_epochs, clip_grad=f.clip_grad, ema=f.ema,
-                     amp=f.amp, seed=f.seed, hflip=False)
+                     amp=f.amp, seed=f.seed, hflip=False, workers=cfg.data.workers)
     out = Path(out_dir)
 
     def val_fn(m):
-        return top1(m, splits.val, cfg.data.eval_batch_size, device)
+        return top1(m, splits.val, cfg.data.eval_batch_size, device, workers=cfg.data.workers)
 
     res = train(student, kd, splits.train, spec, out / "finetune", val_fn=val_fn, resume=resume, device=device,
                 desc="finetune", log=log, stop_after=stop_after)

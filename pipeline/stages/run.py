@@ -54,20 +54,26 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
     from vitrim.pipeline.stages.search import stage_search
     from vitrim.pipeline.stages.teacher import load_teacher, teacher_key
 
+    from vitrim.export.target import Target
+
     t_start = time.time()
+    # fail fast: the target and the data are checked before any training or measuring
+    Target.from_config(cfg.target).check_available()
+    splits = build_splits(cfg.data, model_cfg=cfg.model)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in ("summary.json", "report.md"):  # never leave a previous run's verdict beside a failed one
+        (out / stale).unlink(missing_ok=True)
     save_resolved(cfg, out)
     cache = StageCache(out)
     timings: dict = {}
-    splits = build_splits(cfg.data)
 
     t0 = time.time()
     teacher, tinfo = load_teacher(cfg, splits, log=log)
     spec = describe(teacher, cfg.model.arch, cfg.model.kwargs)
     teacher_acc = tinfo.get("test_top1")
     if teacher_acc is None or cfg.data.test_limit is not None:
-        teacher_acc = top1(teacher, splits.test, cfg.data.eval_batch_size)
+        teacher_acc = top1(teacher, splits.test, cfg.data.eval_batch_size, workers=cfg.data.workers)
     log(f"[teacher] {cfg.model.arch}: test top-1 {teacher_acc:.2f}% ({sum(p.numel() for p in teacher.parameters()) / 1e6:.3f}M params)")
     timings["teacher_s"] = round(time.time() - t0, 1)
 
@@ -102,7 +108,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
     else:
         state = read_state_dict(search_out / "search_state.safetensors", "slice")
         student = slice_model(state, plan)
-        sliced_acc = top1(student, splits.val, cfg.data.eval_batch_size)
+        sliced_acc = top1(student, splits.val, cfg.data.eval_batch_size, workers=cfg.data.workers)
         log(f"[slice] {plan.num_params() / 1e6:.3f}M params, val top-1 right after slicing {sliced_acc:.2f}%")
         # an interrupted fine-tune with the same inputs resumes from its checkpoint
         resume = (out / "finetune" / "checkpoint.pt").is_file() and cache.data.get("finetune_started") == h_ft
@@ -122,6 +128,8 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
         teacher_exp = {"parity": texp["parity"], "latency": texp["latency"], "params": texp["model"]["params"]}
         t0 = None
     else:
+        for stale in (out / "manifest.json", out / "teacher" / "manifest.json"):  # a failed gate leaves none behind
+            stale.unlink(missing_ok=True)
         teacher_exp = release_from_config(cfg, teacher, out / "teacher", splits.test, plan=Plan.full(spec),
                                           predicted_ms=lut.predict(Plan.full(spec)),
                                           name=f"teacher {cfg.model.arch}", log=log)

@@ -38,57 +38,79 @@ def load_teacher(cfg: RunConfig, splits: Splits | None = None, train_if_missing:
                  log=print) -> tuple[nn.Module, dict]:
     """The teacher model and its info (accuracy, training time).
 
-    Order: ``model.checkpoint`` if set; else ``model.pretrained``; else the cached
-    trained teacher; else train one now (when ``train_if_missing``).
+    Order: a teacher that ``vitrim train-teacher`` trained or adapted for this exact
+    config (cached under ``cache_dir``); else ``model.checkpoint`` / ``model.pretrained``
+    as they are; else, for the embedded default, train one now (when ``train_if_missing``).
     """
-    if cfg.model.checkpoint or cfg.model.pretrained:
-        model = create_model(cfg.model).eval()
-        describe(model, cfg.model.arch, cfg.model.kwargs)
-        return model, {"source": cfg.model.checkpoint or "timm-pretrained"}
     path = teacher_path(cfg)
     info_path = path.with_suffix(".json")
     if path.is_file():
-        model = create_model(cfg.model)
+        model = create_model(cfg.model, load_checkpoint=False)
         from vitrim.pipeline.core.models import load_weights
 
         load_weights(model, path, stage="teacher")
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
         info["source"] = str(path)
-        log(f"[teacher] reusing cached teacher {path}")
+        log(f"[teacher] reusing trained teacher {path}")
         return model.eval(), info
+    if cfg.model.checkpoint or cfg.model.pretrained:
+        model = create_model(cfg.model).eval()
+        describe(model, cfg.model.arch, cfg.model.kwargs)
+        return model, {"source": cfg.model.checkpoint or "timm-pretrained"}
     if not train_if_missing:
         raise UserError("teacher", f"no trained teacher at '{path}'", "run `vitrim train-teacher CONFIG` first")
     if cfg.data.name != "fmnist":
         raise UserError("teacher", f"no teacher weights for '{cfg.model.arch}' (model.checkpoint is empty and "
                         "model.pretrained is false)", "set model.checkpoint to a local .safetensors/.pth file, or "
-                        "model.pretrained=true on a machine with network access; vitrim trains a teacher only for "
-                        "the embedded Fashion-MNIST default")
+                        "train one on this data first with `vitrim train-teacher CONFIG` (from scratch, or from "
+                        "model.checkpoint)")
     return train_teacher(cfg, splits, log=log)
 
 
 def train_teacher(cfg: RunConfig, splits: Splits | None = None, log=print) -> tuple[nn.Module, dict]:
-    """Train the teacher from scratch on the config's data and cache it."""
-    splits = splits or build_splits(cfg.data)
+    """Train the teacher on the config's data and cache it.
+
+    From scratch, or, with ``model.checkpoint`` set, fine-tuned from that checkpoint
+    (a head of another class count is re-initialised), so an ImageNet checkpoint can
+    be adapted to the user's classes before compression.
+    """
+    from vitrim.pipeline.core.device import resolve_device
+
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.teacher.seed)
-    model = create_model(cfg.model)
+    model = create_model(cfg.model, load_checkpoint=False)
     describe(model, cfg.model.arch, cfg.model.kwargs)  # refuse unsupported variants before spending time
+    start = "from scratch"
+    if cfg.model.checkpoint:
+        from vitrim.pipeline.core.models import load_weights
+
+        fresh = load_weights(model, cfg.model.checkpoint, stage="teacher", allow_new_head=True)
+        start = f"from {cfg.model.checkpoint}" + (f" (new head: {', '.join(fresh)})" if fresh else "")
+    splits = splits or build_splits(cfg.data, model=model)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"[teacher] training {cfg.model.arch} {cfg.model.kwargs} ({n_params / 1e6:.2f}M params) "
-        f"for {cfg.teacher.epochs} epochs on {len(splits.train)} images")
+    log(f"[teacher] training {cfg.model.arch} {cfg.model.kwargs} ({n_params / 1e6:.2f}M params) {start} "
+        f"for {cfg.teacher.epochs} epochs on {len(splits.train)} images ({device})")
     crit = nn.CrossEntropyLoss(label_smoothing=cfg.teacher.label_smoothing)
     spec = TrainSpec(epochs=cfg.teacher.epochs, batch_size=cfg.data.batch_size, lr=cfg.teacher.lr, min_lr=1e-5,
                      weight_decay=cfg.teacher.weight_decay, warmup_epochs=cfg.teacher.warmup_epochs, clip_grad=1.0,
-                     seed=cfg.teacher.seed, hflip=cfg.data.name == "fmnist")  # garments are mirror-symmetric
+                     seed=cfg.teacher.seed, hflip=cfg.data.name == "fmnist",  # garments are mirror-symmetric
+                     workers=cfg.data.workers)
     path = teacher_path(cfg)
     work = path.parent / f".{path.stem}.work"
     t0 = time.time()
-    res = train(model, lambda m, x, y: crit(m(x), y), splits.train, spec, work,
-                val_fn=lambda m: top1(m, splits.val, cfg.data.eval_batch_size), resume=True, desc="teacher")
+
+    def val_fn(m):
+        return top1(m, splits.val, cfg.data.eval_batch_size, device, workers=cfg.data.workers)
+
+    res = train(model, lambda m, x, y: crit(m(x), y), splits.train, spec, work, val_fn=val_fn, resume=True,
+                desc="teacher", device=device, log=log)
     wall = time.time() - t0
     model.eval()
-    test_acc = top1(model, splits.test, cfg.data.eval_batch_size)
+    test_acc = top1(model, splits.test, cfg.data.eval_batch_size, device, workers=cfg.data.workers)
+    model.cpu()
     info = {"arch": cfg.model.arch, "kwargs": cfg.model.kwargs, "params": n_params, "epochs": cfg.teacher.epochs,
-            "train_s": round(wall, 1), "val_top1": res.history[-1]["val_top1"] if res.history else None,
+            "start": start, "train_s": round(wall, 1),
+            "val_top1": res.history[-1]["val_top1"] if res.history else None,
             "test_top1": test_acc, "history": res.history, "key": teacher_key(cfg)}
     save_weights(model, path)
     atomic_write_json(path.with_suffix(".json"), info)

@@ -64,3 +64,63 @@ def test_release_api_onnx_only_and_a_broken_onnx_fails(foreign, tmp_path):
         release(tmp_path / "bad", Target(batch=8, threads=1), data, model=other, onnx_path=onnx_path, warmup=1,
                 repeats=5, log=lambda m: None)
     assert not (tmp_path / "bad" / "manifest.json").exists()
+
+
+def _random_batches(n_batches, size=8, seed=0):
+    rng = np.random.default_rng(seed)
+    for _ in range(n_batches):
+        yield rng.standard_normal((size, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, size)
+
+
+def test_torch_target_gate_can_fail_and_fp16_passes(tmp_path):
+    from vitrim.export.engine import build_engine
+    from vitrim.export.parity import Tolerances, check_parity
+    from vitrim.export.runners import TorchRunner
+
+    model = random_init(timm.create_model("vit_tiny_patch16_224", **TINY_KW), seed=5, std=0.2)
+    tol32 = Tolerances(atol=1e-4, rtol=1e-3)
+    # the engine is a torch program saved to disk from a perturbed copy: the gate must see it
+    bad = random_init(timm.create_model("vit_tiny_patch16_224", **TINY_KW), seed=5, std=0.2)
+    with torch.no_grad():
+        bad.blocks[0].mlp.fc1.weight[0, 0] += 5.0
+    target = Target(backend="torch-cpu", batch=8, threads=1)
+    eng = build_engine(None, tmp_path / "bad", target, (1, 28, 28), model=bad)
+    with TorchRunner(model, (1, 28, 28)) as ref, eng.runner(target) as run:
+        rep = check_parity(ref, run, _random_batches(3), tol32, "fp32", 2)
+    assert not rep.passed and "max_absdiff" in rep.failures[0]
+    # the honest engine passes, and the caller's model is left as it was (fp32, CPU)
+    r = release(tmp_path / "ok", target, _random_batches(3), model=model, warmup=1, repeats=5, log=lambda m: None)
+    assert r["parity"]["passed"] and r["engine"].endswith("model.pt2")
+    assert next(model.parameters()).dtype == torch.float32
+    # fp16 on torch-cpu: passes with the fp16 tolerances, not with fp32's
+    t16 = Target(backend="torch-cpu", precision="fp16", batch=8, threads=1)
+    r16 = release(tmp_path / "fp16", t16, _random_batches(3), model=model, warmup=1, repeats=5, log=lambda m: None)
+    assert r16["parity"]["passed"] and r16["parity"]["outputs"]["logits"]["max_absdiff"] > 0
+    eng16 = build_engine(None, tmp_path / "fp16b", t16, (1, 28, 28), model=model)
+    with TorchRunner(model, (1, 28, 28)) as ref, eng16.runner(t16) as run:
+        assert not check_parity(ref, run, _random_batches(3), Tolerances(atol=1e-7, rtol=1e-7), "fp16", 2).passed
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_parity_memory_does_not_grow_with_the_split(tmp_path):
+    import tracemalloc
+
+    from vitrim.export.onnx import export_onnx
+    from vitrim.export.parity import Tolerances, check_parity
+    from vitrim.export.runners import OrtCpuRunner, TorchRunner
+
+    model = random_init(timm.create_model("vit_tiny_patch16_224", **TINY_KW), seed=6, std=0.2)
+    onnx_path = export_onnx(model, tmp_path / "m.onnx", (1, 28, 28))
+    peaks = []
+    with TorchRunner(model, (1, 28, 28), threads=1) as ref, OrtCpuRunner(onnx_path, threads=1) as eng:
+        for n in (8, 64):  # 8x more images
+            tracemalloc.start()
+            rep = check_parity(ref, eng, _random_batches(n, size=32), Tolerances(1e-4, 1e-3), "fp32", 2)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+            tracemalloc.stop()
+            assert rep.passed and rep.images == 32 * n
+    one_batch = 32 * 28 * 28 * 4
+    assert peaks[1] < peaks[0] + 8 * one_batch, peaks  # holding the split would add 56 batches
+    # and a cap on the images is honoured
+    with TorchRunner(model, (1, 28, 28), threads=1) as ref, OrtCpuRunner(onnx_path, threads=1) as eng:
+        assert check_parity(ref, eng, _random_batches(10), Tolerances(1e-4, 1e-3), "fp32", 1, max_images=20).images == 20

@@ -67,3 +67,20 @@ def test_shipped_configs_load():
     assert "configs/fmnist_cpu.yaml" in paths
     for p in paths:
         load_config(p)
+
+
+def test_device_and_data_values_are_checked():
+    from vitrim.pipeline.core.config import load_config
+    from vitrim.pipeline.core.errors import UserError
+
+    for bad, key in (("device=tpu", "device"), ("data.workers=-1", "data.workers"),
+                     ("data.interpolation=lanczos9", "data.interpolation"), ("export.parity_images=0", "export.parity_images")):
+        with pytest.raises(UserError, match=key.replace(".", r"\.")):
+            load_config(None, [bad])
+
+
+def test_exponent_floats_without_a_dot():
+    cfg = load_config(None, ["export.atol_fp32=1e-12", "search.budget_ms=5e1"])
+    assert cfg.export.atol_fp32 == 1e-12 and cfg.search.budget_ms == 50.0
+    with pytest.raises(UserError, match="export.atol_fp32"):
+        load_config(None, ["export.atol_fp32=tiny"])

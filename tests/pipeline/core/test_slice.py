@@ -27,6 +27,8 @@ VARIANTS = [
     ("vit_tiny_patch16_224", {"global_pool": "avg", "class_token": False}),
     ("vit_tiny_patch16_224", {"global_pool": "avg"}),
     ("vit_tiny_patch16_224", {"pre_norm": True}),
+    ("vit_tiny_patch16_224", {"proj_bias": False}),
+    ("vit_tiny_patch16_224", {"global_pool": "avg", "final_norm": False}),
 ]
 IDS = [a + "".join(f"-{k}={v}" for k, v in kw.items()) for a, kw in VARIANTS]
 
@@ -60,7 +62,8 @@ def gated_teacher(teacher, plan):
             if not b.keep:
                 for lin in (blk.attn.proj, blk.mlp.fc2):
                     lin.weight.zero_()
-                    lin.bias.zero_()
+                    if lin.bias is not None:
+                        lin.bias.zero_()
                 continue
             for h in range(H):
                 for d in range(hd):

@@ -69,6 +69,11 @@ def test_readme_run_end_to_end(tmp_path, fmnist_dir, cache):
     assert p.returncode == 0, p.stderr[-2000:]
     for stage in ("search", "finetune", "export"):
         assert f"[{stage}] inputs unchanged" in p.stdout
+    # a failing gate on a rerun leaves no verdict of the previous run behind
+    assert main(["run", "configs/fmnist_cpu.yaml", *sets(tmp_path, [f"data.root={fmnist_dir}", "export.atol_fp32=1e-12",
+                                                                   "export.rtol_fp32=0"], cache)]) == 3
+    for stale in ("summary.json", "report.md", "manifest.json"):
+        assert not (run / stale).exists(), stale
 
 
 def test_unknown_key_exits_nonzero_naming_it(tmp_path):
@@ -121,3 +126,10 @@ def test_curve_writes_csv_and_png(tmp_path, fmnist_dir, cache):
 def test_curve_rejects_bad_budgets(tmp_path):
     assert main(["curve", "configs/fmnist_cpu.yaml", "--budgets", "0.5,abc"]) == 2
     assert main(["curve", "configs/fmnist_cpu.yaml", "--budgets", "1.5"]) == 2
+
+
+def test_parity_batches_zero_is_refused(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "vitrim", "run", "configs/fmnist_cpu.yaml", "--set",
+                        "export.parity_batches=0", "--set", f"out_dir={tmp_path / 'o'}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "export.parity_batches" in p.stderr and not (tmp_path / "o").exists()

@@ -1,0 +1,204 @@
+"""The user's own path: their timm checkpoint and ImageFolder, data errors, DDP wiring.
+
+Every test writes its own tiny images and checkpoint into tmp_path (no hub, no
+Fashion-MNIST), and runs the real commands.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import yaml
+from PIL import Image
+
+from vitrim.pipeline.cli import main
+from vitrim.pipeline.core.models import save_weights
+from tests.conftest import TINY_PCFG, random_init
+
+CLASSES = ("ant", "bee", "cat")
+KW = dict(img_size=32, patch_size=8, num_classes=3, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
+
+
+def write_folder(root: Path, channels: int = 3, size: int = 32, n_train: int = 12, n_val: int = 4, seed: int = 0):
+    """root/{train,val}/<class>/*.png, each class a different mean brightness (learnable)."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c, name in enumerate(CLASSES):
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                base = 40 + 80 * c
+                arr = np.clip(rng.normal(base, 30, (size + 4, size, channels)), 0, 255).astype(np.uint8)
+                Image.fromarray(arr[..., 0] if channels == 1 else arr).save(d / f"{i}.png")
+    return root
+
+
+def write_config(tmp_path: Path, data_root: Path, in_chans: int, **extra) -> Path:
+    teacher = random_init(timm.create_model("vit_tiny_patch16_224", in_chans=in_chans, **KW), seed=1, std=0.1)
+    save_weights(teacher, tmp_path / "my_vit.safetensors")
+    cfg = {"name": "user", "out_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"),
+           "data": {"name": "imagefolder", "root": str(data_root), "val_size": 6, "batch_size": 6,
+                    "eval_batch_size": 16},
+           "model": {"arch": "vit_tiny_patch16_224", "kwargs": dict(KW, in_chans=in_chans),
+                     "checkpoint": str(tmp_path / "my_vit.safetensors")},
+           "target": {"batch": 4, "threads": 1},
+           "profile": dict(TINY_PCFG, embed_points=1, repeats=4, warmup=1, checks=1),
+           "search": {"budget_fraction": 0.8, "steps": 1, "kd_iters": 2, "saliency_batches": 1},
+           "finetune": {"epochs": 1}, "export": {"parity_batches": 1}}
+    for k, v in extra.items():
+        cfg.setdefault(k.split(".")[0], {})[k.split(".")[1]] = v
+    path = tmp_path / "my.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize("channels", [3, 1], ids=["rgb", "grayscale"])
+def test_run_end_to_end_on_users_imagefolder(tmp_path, channels):
+    root = write_folder(tmp_path / "imgs", channels)
+    cfg = write_config(tmp_path, root, channels)
+    assert main(["run", str(cfg)]) == 0
+    out = tmp_path / "run"
+    for f in ("lut.json", "search/plan.json", "search/widths.png", "student.safetensors", "plan.json", "model.onnx",
+              "model.ort.onnx", "parity.json", "manifest.json", "report.md", "summary.json", "resolved_config.yaml",
+              "teacher/manifest.json", "teacher/model.onnx"):
+        assert (out / f).is_file(), f
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["parity"]["passed"] and m["parity"]["images"] == 12  # val/ is the test split: 3 classes x 4
+    assert m["device_signature"]["tokens"] == 17 and m["device_signature"]["opt_level"] == "all"
+    assert set(m["artifacts"]) >= {"onnx", "engine", "parity", "student", "plan", "lut"}
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["spec"]["in_chans"] == channels and plan["spec"]["num_classes"] == 3
+    assert main(["verify-manifest", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["speedup"] > 0 and 0 <= s["student"]["top1"] <= 100
+
+
+def test_transforms_come_from_the_teacher_and_config(tmp_path):
+    from vitrim.pipeline.core.config import load_config
+    from vitrim.pipeline.core.data import build_splits, resolve_transform_config
+
+    root = write_folder(tmp_path / "imgs", 1, size=20)  # images not at the model's size
+    cfg = load_config(write_config(tmp_path, root, 1), ["data.mean=[0.5]", "data.std=[0.25]",
+                                                        "data.interpolation=bilinear", "data.crop_pct=1.0"])
+    s = build_splits(cfg.data, model_cfg=cfg.model)
+    x, y = s.test[0]
+    assert x.shape == (1, 32, 32) and s.in_chans == 1 and s.num_classes == 3
+    with torch.device("meta"):
+        m = timm.create_model("vit_tiny_patch16_224", in_chans=1, **KW)
+    d = resolve_transform_config(cfg.data, m)
+    assert d["mean"] == (0.5,) and d["std"] == (0.25,) and d["interpolation"] == "bilinear" and d["crop_pct"] == 1.0
+    # without overrides: the pretrained config's RGB statistics, averaged for a 1-channel teacher
+    d0 = resolve_transform_config(load_config(write_config(tmp_path, root, 1)).data, m)
+    assert len(d0["mean"]) == 1 and d0["input_size"] == (1, 32, 32)
+
+
+def _cli(args, cwd):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, "-m", "vitrim", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=180, env=env)
+
+
+def test_data_errors_exit_2_naming_the_input(tmp_path):
+    # an empty class folder
+    root = write_folder(tmp_path / "a")
+    for f in (root / "train" / "bee").iterdir():
+        f.unlink()
+    p = _cli(["run", str(write_config(tmp_path / "a", root, 3))], tmp_path)
+    assert p.returncode == 2 and "bee" in p.stderr and "no images" in p.stderr and "Traceback" not in p.stderr
+    # a class count that differs from the teacher's head
+    root = write_folder(tmp_path / "b")
+    (root / "train" / "dog").mkdir()
+    (root / "val" / "dog").mkdir()
+    for split in ("train", "val"):
+        (root / split / "dog" / "0.png").write_bytes((root / split / "ant" / "0.png").read_bytes())
+    p = _cli(["run", str(write_config(tmp_path / "b", root, 3))], tmp_path)
+    assert p.returncode == 2 and "4 classes" in p.stderr and "3 outputs" in p.stderr
+    # an unreadable image deep in the split, read by a DataLoader worker process
+    root = write_folder(tmp_path / "c")
+    bad = root / "val" / "cat" / "3.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    cfg = write_config(tmp_path / "c", root, 3, **{"data.workers": 1})
+    p = _cli(["eval", str(cfg), "--split", "test"], tmp_path)
+    assert p.returncode == 2 and str(bad) in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+def test_unavailable_target_fails_before_any_training(tmp_path):
+    root = write_folder(tmp_path / "imgs")
+    cfg = write_config(tmp_path, root, 3)
+    import time
+
+    t0 = time.time()
+    p = _cli(["profile", "build", str(cfg), "--set", "target.backend=tensorrt"], tmp_path)
+    assert p.returncode == 2 and "tensorrt" in p.stderr.lower(), p.stderr[-1500:]
+    assert not (tmp_path / "cache").exists()  # nothing trained, nothing measured
+    p = _cli(["run", str(cfg), "--set", "target.backend=torch-cuda"], tmp_path)
+    if not torch.cuda.is_available():
+        assert p.returncode == 2 and "CUDA" in p.stderr
+        assert not (tmp_path / "run" / "stages.json").exists()
+    assert time.time() - t0 < 170
+
+
+DDP_SCRIPT = r'''
+import os, sys, torch, torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from vitrim.pipeline.core.data import TensorImages
+from vitrim.pipeline.core.trainer import TrainSpec, train
+import timm
+d = sys.argv[1]
+kw = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
+          qkv_bias=False)
+model = timm.create_model("vit_tiny_patch16_224", **kw)
+model.load_state_dict(load_file(f"{d}/init.safetensors"))
+data = torch.load(f"{d}/data.pt")
+ds = TensorImages(data["x"], data["y"], 0.5, 0.25)
+spec = TrainSpec(epochs=1, batch_size=int(sys.argv[2]), lr=1e-3, warmup_epochs=0, clip_grad=1.0, seed=0,
+                 max_steps_per_epoch=1)
+train(model, lambda m, x, y: F.cross_entropy(m(x), y), ds, spec, f"{d}/ck{os.environ.get('RANK', 's')}",
+      device="cpu", log=lambda m: None)
+if int(os.environ.get("RANK", 0)) == 0:
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, sys.argv[3])
+'''
+
+
+@pytest.mark.slow
+def test_ddp_step_equals_single_process_step_on_the_concatenated_batch(tmp_path):
+    from safetensors.torch import load_file
+
+    B = 4
+    # no qkv bias: the key bias has a gradient of exactly zero in theory (softmax is shift-invariant), so its
+    # first Adam step, g / (|g| + eps), would only compare float noise
+    kw = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
+              qkv_bias=False)
+    save_weights(random_init(timm.create_model("vit_tiny_patch16_224", **kw), seed=2, std=0.1),
+                 tmp_path / "init.safetensors")
+    g = torch.Generator().manual_seed(0)
+    torch.save({"x": torch.randint(0, 256, (2 * B, 28, 28), generator=g, dtype=torch.uint8),
+                "y": torch.randint(0, 10, (2 * B,), generator=g)}, tmp_path / "data.pt")
+    (tmp_path / "step.py").write_text(DDP_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    # 2 ranks x B images (gloo): the DistributedSampler shards the 2B images, DDP averages the gradients
+    p = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(29600 + os.getpid() % 1000),
+                        str(tmp_path / "step.py"), str(tmp_path), str(B), str(tmp_path / "ddp.safetensors")],
+                       capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    # one process, one batch of all 2B images
+    p = subprocess.run([sys.executable, str(tmp_path / "step.py"), str(tmp_path), str(2 * B),
+                        str(tmp_path / "single.safetensors")], capture_output=True, text=True, timeout=240, env=env,
+                       cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ddp, single, init = (load_file(str(tmp_path / f)) for f in ("ddp.safetensors", "single.safetensors",
+                                                                   "init.safetensors"))
+    moved = 0
+    for k in init:
+        assert torch.allclose(ddp[k], single[k], atol=1e-6, rtol=0), k
+        moved += int(not torch.equal(ddp[k], init[k]))
+    assert moved > len(init) // 2  # the step really changed the weights
