@@ -61,6 +61,9 @@ def build_trt_engine(onnx_path: str | os.PathLike, out_path: str | os.PathLike, 
 
     major = trt_major()
     fp16 = target.precision == "fp16"
+    # int8/fp8 come from the ONNX's Q/DQ nodes (explicit quantization); TensorRT 10 still needs the
+    # builder flags to pick int8 kernels in a weakly typed network, TensorRT 11 is strongly typed.
+    int8 = target.quantized and major < 11
     if fp16 and major >= 11 and not _onnx_is_fp16(onnx_path):
         raise UserError("export", f"TensorRT {trt.__version__} is strongly typed: fp16 needs an fp16 ONNX, "
                         f"and '{onnx_path}' is fp32", "export with target.precision=fp16 (vitrim converts the ONNX)")
@@ -68,7 +71,8 @@ def build_trt_engine(onnx_path: str | os.PathLike, out_path: str | os.PathLike, 
     profile = Profile().add(INPUT_NAME, min=(1, *sample_shape), opt=(target.batch, *sample_shape),
                             max=(max_batch, *sample_shape))
     cache = Path(timing_cache) if timing_cache else None
-    config = CreateConfig(fp16=True if (fp16 and major < 11) else None, profiles=[profile],
+    config = CreateConfig(fp16=True if ((fp16 or int8) and major < 11) else None, int8=True if int8 else None,
+                          fp8=True if (target.precision == "fp8" and major < 11) else None, profiles=[profile],
                           load_timing_cache=str(cache) if cache and cache.is_file() else None,
                           profiling_verbosity=trt.ProfilingVerbosity.DETAILED)
     network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True if major >= 11 else None)
@@ -148,6 +152,13 @@ def runner_for_module(model, sample_shape: tuple[int, ...], target: Target, work
                            precision=target.precision)
     workdir = Path(workdir)
     onnx_path = export_onnx(model, workdir / f"{name}.onnx", sample_shape)
+    if target.quantized:  # the table measures the quantized engine a release ships
+        from vitrim.export.quantize import quantize_for_target, random_calibration
+
+        q_path = workdir / f"{name}.{target.precision}.onnx"
+        calib = None if target.quant.mode == "dynamic" else random_calibration(sample_shape, 8)
+        quantize_for_target(onnx_path, q_path, target, calib)
+        onnx_path = q_path
     if target.backend == "ort-cpu":
         return make_runner("ort-cpu", onnx_path=onnx_path, threads=target.threads, opt_level=target.opt_level)
     src = onnx_path

@@ -67,6 +67,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
             os.replace(tmp_onnx, tmp)
         finally:
             tmp_onnx.unlink(missing_ok=True)
+        # intermediate shapes recorded for the example batch go stale under a dynamic batch, and
+        # quantizers then refuse the graph ("Inferred shape and existing shape differ"): drop them
+        from vitrim.export.quantize import strip_value_info
+
+        strip_value_info(tmp)
         if simplify:
             _simplify(tmp)
         if check:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
+from typing import Iterable, Optional
 
 import numpy as np
 
@@ -40,6 +40,9 @@ class Tolerances:
     def for_precision(cls, export_cfg, precision: str) -> "Tolerances":
         if precision == "fp16":
             return cls(export_cfg.atol_fp16, export_cfg.rtol_fp16, export_cfg.min_top1_agreement, export_cfg.max_acc_delta)
+        if precision in ("int8", "fp8"):
+            return cls(export_cfg.atol_int8, export_cfg.rtol_int8, export_cfg.min_top1_agreement_int8,
+                       export_cfg.max_acc_delta_int8)
         return cls(export_cfg.atol_fp32, export_cfg.rtol_fp32, export_cfg.min_top1_agreement, export_cfg.max_acc_delta)
 
 
@@ -55,6 +58,7 @@ class ParityReport:
     acc_delta: float = 0.0
     images: int = 0
     failures: list = field(default_factory=list)
+    vs_second: Optional[dict] = None  # informational: the engine against a second reference (e.g. the fp32 engine)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -134,19 +138,23 @@ def _np(a) -> np.ndarray:
 
 
 def check_parity(reference, engine, batches: Iterable[tuple], tol: Tolerances, precision: str,
-                 parity_batches: int = 4, max_images: int | None = None) -> ParityReport:
+                 parity_batches: int = 4, max_images: int | None = None, second=None,
+                 second_name: str = "second") -> ParityReport:
     """Run both levels over a stream of ``(images, labels)`` batches; return the report.
 
     The stream is consumed once and never concatenated, so memory does not grow
     with the split: only the first ``parity_batches`` batches are kept, for the
     Polygraphy comparison; every batch (up to ``max_images`` images) counts for
-    top-1 agreement and the accuracy delta.
+    top-1 agreement and the accuracy delta. A ``second`` runner (for an int8
+    engine: the fp32 engine) is compared with the engine in the same pass, for the
+    report only.
     """
     if parity_batches < 1:
         raise UserError("export", f"export.parity_batches={parity_batches}: the output comparison needs at least one batch",
                         "set export.parity_batches >= 1")
     kept: list[np.ndarray] = []
-    n = agree = ref_ok = eng_ok = 0
+    n = agree = ref_ok = eng_ok = agree2 = ok2 = 0
+    maxdiff2 = 0.0
     for x, y in batches:
         x, y = np.ascontiguousarray(_np(x), dtype=np.float32), _np(y)
         if max_images is not None:
@@ -155,7 +163,13 @@ def check_parity(reference, engine, batches: Iterable[tuple], tol: Tolerances, p
             x, y = x[:max_images - n], y[:max_images - n]
         if len(kept) < parity_batches:
             kept.append(x)
-        rp, ep = reference.infer(x).argmax(1), engine.infer(x).argmax(1)
+        eo = engine.infer(x)
+        rp, ep = reference.infer(x).argmax(1), eo.argmax(1)
+        if second is not None:
+            so = second.infer(x)
+            agree2 += int((so.argmax(1) == ep).sum())
+            ok2 += int((so.argmax(1) == y).sum())
+            maxdiff2 = max(maxdiff2, float(np.abs(so.astype(np.float64) - eo).max()))
         agree += int((rp == ep).sum())
         ref_ok += int((rp == y).sum())
         eng_ok += int((ep == y).sum())
@@ -172,6 +186,10 @@ def check_parity(reference, engine, batches: Iterable[tuple], tol: Tolerances, p
                         f"over {n} images")
     if abs(delta) > tol.max_acc_delta:
         failures.append(f"output 'logits': accuracy delta {delta:+.2f} pt exceeds ±{tol.max_acc_delta} pt")
+    vs = None
+    if second is not None:
+        vs = {"reference": second_name, "top1_agreement": agree2 / n, "reference_top1": 100.0 * ok2 / n,
+              "engine_top1": e_acc, "max_absdiff": maxdiff2}
     return ParityReport(passed=not failures, precision=precision, tolerances=asdict(tol), outputs=stats,
                         top1_agreement=agree_f, torch_top1=t_acc, engine_top1=e_acc, acc_delta=delta, images=n,
-                        failures=failures)
+                        failures=failures, vs_second=vs)

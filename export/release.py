@@ -65,7 +65,8 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
             sample_shape: Optional[tuple[int, ...]] = None, tokens: Optional[int] = None,
             predicted_ms: Optional[float] = None, warmup: int = 10, repeats: int = 60, name: str = "model",
             extra_artifacts: Optional[dict] = None, manifest_extra: Optional[dict] = None,
-            config_hash: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
+            config_hash: Optional[str] = None, calib_data: Optional[Iterable] = None,
+            log: Callable[[str], None] = print) -> dict:
     """Export (unless ``onnx_path`` is given), build the engine, gate on parity, time it, write the manifest.
 
     Args:
@@ -74,6 +75,7 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
         onnx_path: an existing ONNX file to release instead of exporting ``model``.
         predicted_ms: a latency prediction to record beside the measurement.
         extra_artifacts: more files to hash into the manifest (name -> path).
+        calib_data: image batches (real training images) for a static int8/fp8 calibration.
 
     Returns:
         ``{"parity", "latency", "manifest", "params", "onnx", "engine"}``.
@@ -124,6 +126,20 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
 
         if trt_major() >= 11:  # strongly typed: fp16 lives in the ONNX
             src = to_fp16(onnx_path, out / "model.fp16.onnx")
+    qinfo = None
+    if target.quantized:
+        from vitrim.export.quantize import collect_calibration, quantize_for_target
+
+        calib = None
+        if target.quant.mode == "static":
+            if calib_data is None:
+                raise UserError("export", f"a static {target.precision} engine needs calibration images",
+                                "pass calib_data (training images), or set target.quant.mode=dynamic")
+            calib = collect_calibration(calib_data, target.quant.calib_images)
+        src = out / f"model.{target.precision}.onnx"
+        qinfo = quantize_for_target(onnx_path, src, target, calib)
+        log(f"[export] quantized {target.precision} ({target.quant_key()}"
+            + (f", {qinfo['calib_images']} calibration images" if calib is not None else "") + f"): {src}")
     engine = build_engine(src, out, target, sample_shape, model=model)
     log(f"[export] engine: {engine.backend} {engine.path or '(eager torch)'}")
 
@@ -136,9 +152,14 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
         reference = OrtCpuRunner(onnx_path, target.threads, "disable")
         ref_desc = "the ONNX on ONNX Runtime, graph optimizations off"
     eng_runner = engine.runner(target, model, sample_shape)
-    with reference, eng_runner:
+    second = None
+    if target.quantized and target.backend == "ort-cpu":  # the report also shows int8 against the fp32 engine
+        second = OrtCpuRunner(onnx_path, target.threads, target.opt_level)
+    import contextlib
+
+    with reference, eng_runner, (second or contextlib.nullcontext()):
         report = check_parity(reference, eng_runner, data, tol, target.precision, ecfg.parity_batches,
-                              max_images=ecfg.parity_images)
+                              max_images=ecfg.parity_images, second=second, second_name="fp32 engine")
     rep = report.to_dict()
     rep["onnx"] = str(onnx_path)
     rep["reference"] = ref_desc
@@ -150,6 +171,10 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
     log(f"[export] parity passed against {ref_desc}: top-1 agreement {100 * report.top1_agreement:.2f}% over "
         f"{report.images} images, max |diff| {max(s['max_absdiff'] for s in report.outputs.values()):.2e}, "
         f"top-1 reference {report.torch_top1:.2f}% / engine {report.engine_top1:.2f}%")
+    if report.vs_second:
+        v = report.vs_second
+        log(f"[export] {target.precision} engine vs the fp32 engine: top-1 agreement {100 * v['top1_agreement']:.2f}%, "
+            f"top-1 {v['reference_top1']:.2f}% -> {v['engine_top1']:.2f}%, max |diff| {v['max_absdiff']:.3g}")
 
     # latency with the same runner code as the LUT
     if target.backend == "ort-cpu":
@@ -167,10 +192,12 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
     if engine.path is not None:
         artifacts["engine"] = engine.path
     if src != onnx_path:
-        artifacts["onnx_fp16"] = src
+        artifacts[f"onnx_{target.precision}"] = src
     artifacts.update(extra_artifacts or {})
     n_params = sum(p.numel() for p in model.parameters()) if model is not None else None
     info = {"model": {"name": name, "params": n_params}, "engine_options": engine.options}
+    if qinfo is not None:
+        info["quantization"] = qinfo  # settings and the calibration images' sha256
     for k, v in (manifest_extra or {}).items():
         info[k] = {**info.get(k, {}), **v} if isinstance(v, dict) and isinstance(info.get(k), dict) else v
     manifest = write_manifest(out, artifacts, parity=rep, signature=sig.to_dict(),
@@ -184,7 +211,7 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
 
 def release_from_config(cfg, model, out_dir: str | os.PathLike, test_set, *, plan=None,
                         predicted_ms: Optional[float] = None, onnx_path=None, name: str = "model",
-                        log: Callable[[str], None] = print) -> dict:
+                        calib_set=None, log: Callable[[str], None] = print) -> dict:
     """:func:`release` driven by a :class:`~vitrim.pipeline.core.config.RunConfig` and a test dataset."""
     from vitrim.pipeline.core.config import config_hash
     from vitrim.pipeline.core.data import make_loader
@@ -193,8 +220,11 @@ def release_from_config(cfg, model, out_dir: str | os.PathLike, test_set, *, pla
     extra = {key: out / fname for key, fname in (("student", "student.safetensors"), ("plan", "plan.json"),
                                                  ("lut", "lut.json")) if (out / fname).is_file()}
     loader = make_loader(test_set, cfg.target.batch, workers=cfg.data.workers)
+    calib = None
+    if calib_set is not None and cfg.target.precision in ("int8", "fp8"):  # training images, in a fixed order
+        calib = make_loader(calib_set, 32, shuffle=True, seed=cfg.seed, workers=cfg.data.workers)
     return release(out, Target.from_config(cfg.target), loader, model=model, onnx_path=onnx_path,
                    export_cfg=cfg.export, predicted_ms=predicted_ms, warmup=cfg.profile.warmup,
                    repeats=cfg.profile.repeats, name=name, extra_artifacts=extra,
                    manifest_extra={"model": {"macs": plan.macs() if plan is not None else None}},
-                   config_hash=config_hash(cfg), log=log)
+                   config_hash=config_hash(cfg), calib_data=calib, log=log)

@@ -10,11 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from typing import Optional
 
-from vitrim.pipeline.core.config import TargetConfig
+from vitrim.pipeline.core.config import QuantConfig, TargetConfig
 from vitrim.pipeline.core.errors import UserError
 
 BACKENDS = ("ort-cpu", "tensorrt", "torch-cpu", "torch-cuda")
@@ -82,6 +82,7 @@ class DeviceSignature:
     # engine options that change timing: ORT's graph optimization level, TensorRT's profile max batch
     opt_level: str = ""
     max_batch: int = 0
+    quant: str = ""  # int8/fp8: how the graph is quantized (mode, calibration method, scales, op set)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,8 +108,9 @@ class DeviceSignature:
         thr = f", {self.threads} threads" if self.threads else ""
         opt = f", opt level {self.opt_level}" if self.opt_level else ""
         mb = f", profile max batch {self.max_batch}" if self.max_batch else ""
+        qt = f", quant {self.quant}" if self.quant else ""
         return (f"{self.backend}/{self.precision} on '{self.device}' ({self.engine_version}), "
-                f"batch {self.batch}, {self.tokens} tokens{thr}{opt}{mb}")
+                f"batch {self.batch}, {self.tokens} tokens{thr}{opt}{mb}{qt}")
 
 
 @dataclass
@@ -119,12 +121,27 @@ class Target:
     threads: int = 2
     opt_level: str = "all"
     max_batch: Optional[int] = None
+    quant: QuantConfig = field(default_factory=QuantConfig)
 
     @classmethod
     def from_config(cls, cfg: TargetConfig) -> "Target":
         if cfg.backend not in BACKENDS:
             raise UserError("target", f"unknown backend '{cfg.backend}'", f"use one of {', '.join(BACKENDS)}")
-        return cls(cfg.backend, cfg.precision, cfg.batch, cfg.threads, cfg.opt_level, cfg.max_batch)
+        return cls(cfg.backend, cfg.precision, cfg.batch, cfg.threads, cfg.opt_level, cfg.max_batch, cfg.quant)
+
+    @property
+    def quantized(self) -> bool:
+        return self.precision in ("int8", "fp8")
+
+    def quant_key(self) -> str:
+        """The quantization settings that change timing (the calibration images do not)."""
+        if not self.quantized:
+            return ""
+        q = self.quant
+        if q.mode == "dynamic":
+            return f"dynamic-{'pc' if q.per_channel else 'pt'}-{'+'.join(q.op_types)}{'-attn' if q.quantize_attention else ''}"
+        att = "-attn" if q.quantize_attention else ""
+        return f"static-{q.method}-{'pc' if q.per_channel else 'pt'}-{'+'.join(q.op_types)}{att}"
 
     @property
     def on_gpu(self) -> bool:
@@ -139,7 +156,8 @@ class Target:
         return DeviceSignature(self.backend, self.device_name(), engine_version(self.backend), self.precision,
                                self.batch, tokens, 0 if self.on_gpu else self.threads,
                                opt_level=self.opt_level if self.backend == "ort-cpu" else "",
-                               max_batch=(self.max_batch or 2 * self.batch) if self.backend == "tensorrt" else 0)
+                               max_batch=(self.max_batch or 2 * self.batch) if self.backend == "tensorrt" else 0,
+                               quant=self.quant_key())
 
     def check_available(self) -> None:
         """Fail fast, before any training or measuring, when this machine cannot run the target."""
@@ -157,8 +175,17 @@ class Target:
             _cuda_name()
         elif self.backend == "torch-cuda":
             _cuda_name()
-        if self.precision == "fp16" and self.backend in ("ort-cpu",):
-            raise UserError("target", "ort-cpu has no fast fp16 path", "use target.precision=fp32 for ort-cpu")
+        allowed = {"ort-cpu": ("fp32", "int8"), "tensorrt": ("fp32", "fp16", "int8", "fp8")}.get(
+            self.backend, ("fp32", "fp16"))
+        if self.precision not in allowed:
+            raise UserError("target", f"{self.backend} does not offer {self.precision}",
+                            f"use target.precision in {', '.join(allowed)}")
+        if self.quantized and self.backend == "tensorrt":
+            try:
+                import modelopt.onnx.quantization  # noqa: F401
+            except ImportError:
+                raise UserError("target", f"a TensorRT {self.precision} engine is quantized with NVIDIA ModelOpt, "
+                                "which is not installed", "pip install 'nvidia-modelopt[onnx]'") from None
         if self.max_batch is not None and self.max_batch < self.batch:
             raise UserError("target", f"target.max_batch={self.max_batch} is below target.batch={self.batch}",
                             "raise target.max_batch or leave it null (2x batch)")

@@ -207,7 +207,7 @@ def cmd_export(args) -> int:
                 copy_into(lut.path, out / "lut.json")
                 predicted = lut.predict(plan)
     release_from_config(cfg, model, out, splits.test, plan=plan, predicted_ms=predicted,
-                        onnx_path=Path(args.onnx) if args.onnx else None, name=name)
+                        onnx_path=Path(args.onnx) if args.onnx else None, name=name, calib_set=splits.val)
     return 0
 
 

@@ -132,9 +132,9 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
             stale.unlink(missing_ok=True)
         teacher_exp = release_from_config(cfg, teacher, out / "teacher", splits.test, plan=Plan.full(spec),
                                           predicted_ms=lut.predict(Plan.full(spec)),
-                                          name=f"teacher {cfg.model.arch}", log=log)
+                                          name=f"teacher {cfg.model.arch}", calib_set=splits.val, log=log)
         student_exp = release_from_config(cfg, student, out, splits.test, plan=plan, predicted_ms=lut.predict(plan),
-                                          name="student", log=log)
+                                          name="student", calib_set=splits.val, log=log)
         cache.done("export", h_exp)
     timings["export_s"] = round(time.time() - t0, 1) if t0 else "cached"
     same = retime_pair(cfg, out / "teacher" / "model.onnx", out / "model.onnx", log)
