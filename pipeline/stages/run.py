@@ -137,7 +137,8 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
                                           name="student", calib_set=splits.val, log=log)
         cache.done("export", h_exp)
     timings["export_s"] = round(time.time() - t0, 1) if t0 else "cached"
-    same = retime_pair(cfg, out / "teacher" / "model.onnx", out / "model.onnx", log)
+    onnx_name = f"model.{cfg.target.precision}.onnx" if cfg.target.precision in ("int8", "fp8") else "model.onnx"
+    same = retime_pair(cfg, out / "teacher" / onnx_name, out / onnx_name, log)
 
     summary = make_summary(cfg, spec, plan, lut, teacher_acc, teacher_exp, student_exp, out, timings)
     if same is not None:  # the speedup is a ratio measured in one interleaved session
