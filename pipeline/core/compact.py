@@ -23,17 +23,21 @@ plan computes (tested for every gate kind, alone and combined, to 1e-5):
   zero q_d removes q_d*k_d from every score, the teacher's scale stays),
   ``gate_v`` (on v), ``CompactMlp.gate`` (after GELU) and ``CompactBlock.gate``
   (on both residual branches) zero what slicing removes.
-* ``gate_embed`` (residual channels, shared by the model and every block) zeroes
-  the residual stream after the patch embedding and after every residual add,
-  and turns every LayerNorm on the residual stream (``norm_pre``, ``norm1``,
-  ``norm2``, ``norm``, ``fc_norm``) into a *masked* LayerNorm: mean and variance
-  over the kept channels only, output zero at pruned channels. A plain
-  LayerNorm would normalise over all E channels and write its bias into the
-  pruned ones, which then feed qkv, fc1 and the head: not the sliced network.
-  With 0/1 gates the masked LayerNorm equals ``LayerNorm(len(kept))`` with the
-  sliced affine parameters; with soft gates it interpolates between the two
-  networks, so ``dL/dgate`` is the same first-order loss change as every other
-  gate's (NViT saliency, :mod:`vitrim.pipeline.stages.saliency`).
+* ``gate_embed`` (residual channels, shared by the model and every block) turns
+  every LayerNorm on the residual stream (``norm_pre``, ``norm1``, ``norm2``,
+  ``norm``, ``fc_norm``) into a *masked* LayerNorm: mean and variance over the
+  kept channels only, output zero at pruned channels. A plain LayerNorm would
+  normalise over all E channels and write its bias into the pruned ones, which
+  then feed qkv, fc1 and the head: not the sliced network. With 0/1 gates the
+  masked LayerNorm equals ``LayerNorm(len(kept))`` with the sliced affine
+  parameters. The residual stream itself is *not* gated: every reader of it is
+  a masked LayerNorm (or, without a final norm, the gated head input), so what
+  sits in a pruned channel never reaches the output. Gating it too would give
+  the same function at 0/1 gates but compound the gate once per block
+  (``g**depth``), inflating ``dL/dgate`` several-fold; this way the embedding
+  score is on the scale of the other gates' (all are first-order estimates of
+  the loss change of removing the unit; NViT saliency,
+  :mod:`vitrim.pipeline.stages.saliency`).
 
 With a keep-everything plan and no gates the forward runs exactly timm's ops on
 exactly timm's tensors, so the outputs are bit-identical (pinned by a test).
@@ -131,9 +135,7 @@ class CompactBlock(nn.Module):
             branch = branch * ls
         if self.gate is not None:
             branch = branch * self.gate
-        x = x + branch
-        # proj/fc2 write their bias into pruned channels too; slicing drops those rows
-        return x if self.gate_embed is None else x * self.gate_embed
+        return x + branch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._residual(x, self.attn(gated_layer_norm(self.norm1, x, self.gate_embed)), self.ls1)
@@ -202,8 +204,6 @@ class CompactViT(nn.Module):
             if to_cat:
                 x = torch.cat(to_cat + [x], dim=1)
             x = x + self.pos_embed
-        if self._gate_embed is not None:
-            x = x * self._gate_embed
         if self.norm_pre is not None:
             x = self._norm(self.norm_pre, x)
         for blk in self.blocks:
@@ -214,6 +214,8 @@ class CompactViT(nn.Module):
 
     def forward_head(self, x: torch.Tensor):
         if self.head_dist is not None:
+            if self.norm is None and self._gate_embed is not None:  # no LayerNorm masks the heads' input
+                x = x * self._gate_embed
             a, b = self.head(x[:, 0]), self.head_dist(x[:, 1])
             if self.distilled_training and self.training:
                 return a, b
@@ -221,6 +223,8 @@ class CompactViT(nn.Module):
         x = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix:].mean(dim=1)
         if self.fc_norm is not None:
             x = self._norm(self.fc_norm, x)
+        elif self.norm is None and self._gate_embed is not None:  # no LayerNorm masks the head's input
+            x = x * self._gate_embed
         return self.head(x)
 
     def forward(self, x: torch.Tensor):

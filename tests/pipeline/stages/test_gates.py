@@ -82,3 +82,47 @@ def test_embed_gate_soft_path_is_differentiable_and_pruned_inputs_are_ignored():
     gated(x).sum().backward()
     assert torch.isfinite(gates["embed"].grad).all() and gates["embed"].grad.abs().sum() > 0
     assert canonical_state(teacher).keys() == gated.state_dict().keys()
+
+
+def test_embed_saliency_is_on_the_scale_of_the_other_gates(fmnist_dir):
+    """Every gate's dL/dg estimates the same thing, the loss change of removing its unit.
+
+    Compare the first-order estimate with the loss change measured by zeroing
+    each unit: for embedding channels the ratio must be about 1, as it is for
+    MLP neurons (a residual gate compounded per block made it ~3x).
+    """
+    import copy
+
+    import numpy as np
+
+    from tests.conftest import TINY_KW
+    from vitrim.pipeline.core.config import DataConfig
+    from vitrim.pipeline.core.data import build_splits
+    from vitrim.pipeline.stages.distill import make_kd_fn
+
+    x, y = build_splits(DataConfig(root=fmnist_dir, train_limit=128, val_limit=64, test_limit=64)).train[list(range(128))]
+    t = random_init(timm.create_model("vit_tiny_patch16_224", **TINY_KW), seed=0, std=0.15)
+    s, _ = full_size_compact(t)
+    kd = make_kd_fn(copy.deepcopy(t), 1.0, 2.0)
+    torch.manual_seed(0)
+    with torch.no_grad():  # off the KD optimum, as during the search
+        for p in s.parameters():
+            p.add_(torch.randn_like(p) * 0.03)
+    gates = attach_gates(s)
+    for g in gates.values():
+        g.requires_grad_(True)
+    loss = kd(s, x, y)
+    grads = dict(zip(gates, torch.autograd.grad(loss, list(gates.values()))))
+    ratio = {}
+    with torch.no_grad():
+        for name in ("embed", "b0.mlp"):
+            g, r = gates[name], []
+            for u in range(16):
+                g[u] = 0
+                actual = (kd(s, x, y) - loss).item()
+                g[u] = 1
+                r.append(abs(grads[name][u].item()) / max(abs(actual), 1e-9))
+            ratio[name.split(".")[-1]] = r
+    med = {k: float(np.median(v)) for k, v in ratio.items()}
+    assert 0.7 <= med["mlp"] <= 1.4  # the reference: a gate that enters once
+    assert 0.5 <= med["embed"] <= 2.0, med
