@@ -1,185 +1,313 @@
-"""Compare vitrim's search with baselines on the embedded default, at matched latency.
+"""Compare vitrim's default search with baselines at equal *measured* latency.
 
-Methods (all fine-tuned with the same KD recipe and epochs from the config):
+For each latency target (default: 50% and 35% of the teacher's measured
+ORT-CPU latency) every method is matched to the same measured latency:
 
-* vitrim strategies through the real pipeline (``vitrim run``): ``knapsack``
-  (default), ``nvit``, ``magnitude`` (L1 with the same loop), ``uniform``
-  (one width fraction for every block);
-* ``torch-pruning``: Torch-Pruning's MetaPruner with Taylor importance, a
-  uniform ratio and ``round_to=8`` on the timm teacher, the ratio bisected so
-  its *measured* latency matches vitrim's student.
+1. The default strategy (``search.strategy``, knapsack: HALP-style importance
+   per ms saved over NViT Hessian-aware saliency) has its budget bisected until
+   its sliced model runs at ``fraction x teacher`` (measured).
+2. Every baseline is then bisected to the default's measured latency, within
+   ``--tol`` (3%):
 
-At the end every model's ONNX is re-timed in one interleaved session (teacher
-included), so speedups are ratios measured in the same run.
+   * ``nvit``: vitrim's NViT ``S - eta*dLat`` penalty (budget bisected);
+   * ``magnitude``: L1 weight magnitude in the same loop (budget bisected);
+   * ``uniform``: one width fraction for every block (budget bisected);
+   * ``torch-pruning``: Torch-Pruning's MetaPruner, Taylor importance, one
+     ratio for every layer, ``round_to=8`` (ratio bisected).
 
-    python benchmarks/compare_baselines.py configs/fmnist_cpu.yaml \
-        --strategies knapsack,nvit,magnitude,uniform --torch-pruning --out runs/bench
+Latency does not depend on the weights, so the bisection works on the
+architecture only (search -> slice -> ONNX -> time against the teacher,
+round-robin, so drift hits both alike); only each matched model is
+fine-tuned, with the same KD recipe (``finetune.*``) for every method. At the
+end all matched models of all fractions and the teacher are re-timed in ONE
+interleaved session; that session's medians are the table's latencies.
+
+    python benchmarks/compare_baselines.py configs/fmnist_cpu.yaml --out runs/bench
+
+Writes ``OUT/results.md`` (the table), ``OUT/results.json`` and ``OUT/probes.json``
+(every bisection probe).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Callable, Optional
 
-import numpy as np
 import torch
 
-
 from vitrim.export.onnx import export_onnx
-from vitrim.export.runners import OrtCpuRunner
+from vitrim.export.runners import OrtCpuRunner, time_interleaved
 from vitrim.pipeline.core.config import load_config
 from vitrim.pipeline.core.data import build_splits
+from vitrim.pipeline.core.errors import UserError
 from vitrim.pipeline.core.evaluate import top1
 from vitrim.pipeline.core.io import atomic_write_json, atomic_write_text
-from vitrim.pipeline.stages.run import run_pipeline
+from vitrim.pipeline.core.models import describe
+from vitrim.pipeline.core.slicing import full_size_compact, slice_model
+from vitrim.pipeline.stages.profile import stage_profile
+from vitrim.pipeline.stages.search import run_search
+from vitrim.pipeline.stages.teacher import load_teacher
 
 
-def speedup_vs(teacher_onnx: Path, onnx_path: Path, batch: int, threads: int) -> float:
-    """Measured speedup of a model over the teacher, both timed round-robin in one session."""
-    from vitrim.export.runners import time_interleaved
+class PairTimer:
+    """Measured latency of a model relative to the teacher, both timed round-robin in one session."""
 
-    runners = [OrtCpuRunner(teacher_onnx, threads), OrtCpuRunner(onnx_path, threads)]
-    for r in runners:
-        r.activate()
-    t, m = time_interleaved(runners, batch, repeats=40, rounds=8, warmup=5)
-    for r in runners:
-        r.deactivate()
-    return t.median_ms / m.median_ms
+    def __init__(self, teacher_onnx: Path, batch: int, threads: int, opt_level: str, repeats: int = 60, rounds: int = 12):
+        self.teacher_onnx, self.batch, self.threads, self.opt = teacher_onnx, batch, threads, opt_level
+        self.repeats, self.rounds = repeats, rounds
+
+    def ratio(self, onnx_path: Path) -> float:
+        runners = [OrtCpuRunner(self.teacher_onnx, self.threads, self.opt), OrtCpuRunner(onnx_path, self.threads, self.opt)]
+        for r in runners:
+            r.activate()
+        try:
+            t, m = time_interleaved(runners, self.batch, self.repeats, self.rounds, warmup=5)
+        finally:
+            for r in runners:
+                r.deactivate()
+        return m.median_ms / t.median_ms
 
 
-def torch_pruning_baseline(cfg, teacher, splits, teacher_onnx: Path, target_speedup: float, out: Path, log=print) -> dict:
-    """Taylor importance, uniform ratio, round_to=8; the ratio is bisected until its measured
-    speedup over the teacher (timed in the same session) matches vitrim's."""
-    import torch_pruning as tp
-    from timm.models.vision_transformer import Attention
+def match(make: Callable[[float], Optional[Path]], timer: PairTimer, target: float, lo: float, hi: float, p0: float,
+          tol: float, max_probes: int, log: Callable[[str], None], name: str) -> tuple[Optional[float], list[dict]]:
+    """Find the parameter p in [lo, hi] whose model runs at ``target`` x the teacher (measured).
 
-    from vitrim.pipeline.stages.distill import make_kd_fn
-    from vitrim.pipeline.core.trainer import TrainSpec, train
-
-    shape = (1, 28, 28) if cfg.data.name == "fmnist" else None
-    x_cal = torch.stack([splits.train[i][0] for i in range(256)]) if not hasattr(splits.train, "images") else \
-        splits.train[list(range(256))][0]
-    y_cal = splits.train[list(range(256))][1]
-
-    def prune(ratio: float):
-        m = copy.deepcopy(teacher).train()
-        heads = {a.qkv: a.num_heads for a in m.modules() if isinstance(a, Attention)}
-        pr = tp.pruner.MetaPruner(m, x_cal[:2], importance=tp.importance.GroupTaylorImportance(), pruning_ratio=ratio,
-                                  ignored_layers=[m.head], num_heads=heads, prune_head_dims=True,
-                                  prune_num_heads=False, round_to=8, global_pruning=False)
-        m.zero_grad()
-        torch.nn.functional.cross_entropy(m(x_cal), y_cal).backward()
-        pr.step()
-        for a in m.modules():
-            if isinstance(a, Attention):
-                a.num_heads = pr.num_heads[a.qkv]
-                a.head_dim = a.qkv.out_features // (3 * a.num_heads)
-                a.attn_dim = a.num_heads * a.head_dim
-        m.zero_grad(set_to_none=True)
-        return m.eval()
-
-    lo, hi, best = 0.0, 0.95, None
-    for _ in range(7):
-        mid = (lo + hi) / 2
-        m = prune(mid)
-        path = export_onnx(m, out / "tp_probe.onnx", shape)
-        sp = speedup_vs(teacher_onnx, path, cfg.target.batch, cfg.target.threads)
-        log(f"[torch-pruning] ratio {mid:.3f}: measured speedup {sp:.2f}x (target {target_speedup:.2f}x)")
-        if best is None or abs(sp - target_speedup) < abs(best[1] - target_speedup):
-            best = (mid, sp)
-        if sp < target_speedup:
-            lo = mid
+    Latency must grow with p. Regula falsi on log-ratio inside a shrinking
+    bracket, with a proportional first step; ``make(p)`` returns an ONNX path or
+    None when p is infeasible (treated as too small). Returns the best p found.
+    """
+    probes: list[dict] = []
+    below: Optional[tuple[float, float]] = None  # (p, ratio) with ratio < target
+    above: Optional[tuple[float, float]] = None
+    p = p0
+    best = None
+    for _ in range(max_probes):
+        t0 = time.time()
+        path = make(p)
+        r = timer.ratio(path) if path is not None else None
+        probes.append({"method": name, "p": p, "ratio": r, "target": target, "s": round(time.time() - t0, 1)})
+        log(f"[bench] {name}: p={p:.4f} -> " + (f"measured {r:.3f} x teacher (target {target:.3f})" if r else "infeasible"))
+        if r is None:
+            lo = p
+            p = (p + hi) / 2
+            continue
+        err = abs(r / target - 1)
+        if best is None or err < best[1]:
+            best = (p, err)
+        if err <= tol:
+            break
+        if r < target:
+            below, lo = (p, r), p
         else:
-            hi = mid
-    ratio = best[0]
-    student = prune(ratio)
-    kd = make_kd_fn(teacher, cfg.finetune.alpha, cfg.finetune.temperature, cfg.finetune.label_smoothing)
-    f = cfg.finetune
-    spec = TrainSpec(epochs=f.epochs, batch_size=cfg.data.batch_size, lr=f.lr, min_lr=f.min_lr,
-                     weight_decay=f.weight_decay, warmup_epochs=f.warmup_epochs, clip_grad=f.clip_grad, seed=f.seed)
-    t0 = time.time()
-    train(student, kd, splits.train, spec, out / "tp_ft", val_fn=lambda m: top1(m, splits.val, 512), desc="tp-finetune",
-          log=log)
-    student.eval()
-    onnx_path = export_onnx(student, out / "torch_pruning.onnx", shape)
-    return {"method": "torch-pruning (Taylor, uniform ratio)", "ratio": ratio, "onnx": str(onnx_path),
-            "top1": top1(student, splits.test, 512), "params": sum(p.numel() for p in student.parameters()),
-            "finetune_s": round(time.time() - t0, 1)}
+            above, hi = (p, r), p
+        if below and above:  # interpolate log-ratio linearly in p
+            import math
+
+            (pa, ra), (pb, rb) = below, above
+            w = (math.log(target) - math.log(ra)) / (math.log(rb) - math.log(ra))
+            nxt = pa + w * (pb - pa)
+        else:  # latency ~ proportional to p near the target
+            nxt = p * target / r
+        # stay strictly inside the bracket; fall back to bisection when the step leaves it
+        p = nxt if lo < nxt < hi else (lo + hi) / 2
+    return (best[0] if best else None), probes
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config")
-    ap.add_argument("--strategies", default="knapsack,uniform")
-    ap.add_argument("--torch-pruning", action="store_true")
+    ap.add_argument("--fractions", default="0.5,0.35", help="targets as fractions of the teacher's measured latency")
+    ap.add_argument("--baselines", default="nvit,magnitude,uniform,torch-pruning")
     ap.add_argument("--out", default="runs/bench")
     ap.add_argument("--set", action="append", default=[])
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds for the final table")
+    ap.add_argument("--tol", type=float, default=0.03, help="relative latency tolerance of the match")
+    ap.add_argument("--max-probes", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=60, help="timed runs per model in the final session")
+    ap.add_argument("--rounds", type=int, default=12, help="round-robin visits in the final session")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
+    t_start = time.time()
     cfg = load_config(args.config, args.set)
+    if cfg.target.backend != "ort-cpu":
+        raise UserError("bench", f"target.backend is {cfg.target.backend}", "this benchmark times ORT-CPU; use an ort-cpu config")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results, summaries = [], {}
-    for strat in [s for s in args.strategies.split(",") if s]:
-        c = copy.deepcopy(cfg)
-        c.search.strategy = strat
-        c.out_dir = str(out / strat)
-        c.name = f"bench/{strat}"
-        s = run_pipeline(c)
-        summaries[strat] = s
-        atomic_write_json(out / "partial.json", {k: {"speedup": v["speedup"], "top1": v["student"]["top1"]}
-                                                 for k, v in summaries.items()})
-        results.append({"method": f"vitrim {strat}", "onnx": str(Path(c.out_dir) / "model.onnx"),
-                        "top1": s["student"]["top1"], "params": s["student"]["params"],
-                        "predicted_ms": s["student"]["predicted_ms"],
-                        "search_s": s["timings"]["search_s"], "finetune_s": s["timings"]["finetune_s"]})
-    first = next(iter(summaries.values()))
-    teacher_onnx = Path(cfg.out_dir if not summaries else out / next(iter(summaries))) / "teacher" / "model.onnx"
-    if args.torch_pruning:
-        from vitrim.pipeline.stages.teacher import load_teacher
+    (out / "onnx").mkdir(parents=True, exist_ok=True)
+    fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
+    baselines = [b for b in args.baselines.split(",") if b and b != cfg.search.strategy]
+    log = print
+    splits = build_splits(cfg.data)
+    teacher, tinfo = load_teacher(cfg, splits, log=log)
+    spec = describe(teacher, cfg.model.arch, cfg.model.kwargs)
+    lut, _ = stage_profile(cfg, spec, progress=False, log=log)
+    shape = (splits.in_chans, splits.img_size, splits.img_size)
+    teacher_onnx = export_onnx(teacher, out / "onnx" / "teacher.onnx", shape)
+    timer = PairTimer(teacher_onnx, cfg.target.batch, cfg.target.threads, cfg.target.opt_level)
+    artifacts: dict[tuple[str, float], dict] = {}  # (method, p) -> {"onnx", "plan"/"model", ...}
+    quiet = lambda m: None  # noqa: E731
 
-        splits = build_splits(cfg.data)
-        teacher, _ = load_teacher(cfg, splits)
-        try:
-            results.append(torch_pruning_baseline(cfg, teacher, splits, teacher_onnx, first["speedup"], out))
-        except Exception as e:  # report, don't lose the other rows
-            print(f"[torch-pruning] failed: {type(e).__name__}: {e}")
-    # final timing: every model in one interleaved session
-    models = [("teacher", teacher_onnx)] + [(r["method"], Path(r["onnx"])) for r in results]
-    samples = {name: [] for name, _ in models}
-    runners = {name: OrtCpuRunner(p, cfg.target.threads) for name, p in models}
-    for r in runners.values():
+    def vitrim_maker(strategy: str) -> Callable[[float], Optional[Path]]:
+        def make(p: float) -> Optional[Path]:
+            c = dataclasses.replace(cfg.search, strategy=strategy, budget_fraction=p, budget_ms=None,
+                                    flops_fraction=None, params_fraction=None)
+            student, _ = full_size_compact(teacher)
+            try:
+                res = run_search(teacher, student, lut, c, splits.train, splits.val, batch_size=cfg.data.batch_size,
+                                 kd_alpha=cfg.finetune.alpha, kd_T=cfg.finetune.temperature, log=quiet)
+            except UserError:  # below this method's reachable floor
+                return None
+            path = export_onnx(slice_model(res.state, res.plan), out / "onnx" / f"{strategy}_{p:.5f}.onnx", shape)
+            artifacts[(strategy, p)] = {"onnx": path, "plan": res.plan, "state": res.state, "search_s": res.wall_s}
+            return path
+        return make
+
+    def tp_maker() -> Callable[[float], Optional[Path]]:
+        x_cal = splits.train[list(range(256))][0]
+        y_cal = splits.train[list(range(256))][1]
+
+        def make(keep: float) -> Optional[Path]:
+            try:
+                m = torch_pruning_model(teacher, 1.0 - keep, x_cal, y_cal)
+            except Exception as e:  # e.g. a ratio that leaves a layer without channels
+                log(f"[bench] torch-pruning keep {keep:.3f} failed: {type(e).__name__}: {e}")
+                return None
+            path = export_onnx(m, out / "onnx" / f"torch-pruning_{keep:.5f}.onnx", shape)
+            artifacts[("torch-pruning", keep)] = {"onnx": path, "model": m}
+            return path
+        return make
+
+    probes: list[dict] = []
+    chosen: dict[float, dict[str, Optional[float]]] = {}
+    for f in fractions:
+        chosen[f] = {}
+        d = cfg.search.strategy
+        p, pr = match(vitrim_maker(d), timer, f, 0.05, 1.0, f, args.tol, args.max_probes, log, f"{d}@{f:g}")
+        probes += pr
+        chosen[f][d] = p
+        if p is None:
+            log(f"[bench] {d} cannot reach {f:g} of the teacher's latency; skipping this target")
+            continue
+        ratio_d = next(q["ratio"] for q in pr if q["p"] == p)  # the default's measured latency is the target
+        for b in baselines:
+            if b == "torch-pruning":
+                keep0 = f ** 0.5  # MACs ~ width^2 for the linear layers
+                p, pr = match(tp_maker(), timer, ratio_d, 0.02, 1.0, keep0, args.tol, args.max_probes, log, f"{b}@{f:g}")
+            else:
+                start = chosen[f][d] if b != "uniform" else f
+                p, pr = match(vitrim_maker(b), timer, ratio_d, 0.05, 1.0, start, args.tol, args.max_probes, log,
+                              f"{b}@{f:g}")
+            probes += pr
+            chosen[f][b] = p
+        atomic_write_json(out / "probes.json", probes)
+
+    # Fine-tune every matched architecture with the same KD recipe.
+    from vitrim.pipeline.stages.distill import make_kd_fn
+    from vitrim.pipeline.stages.finetune import finetune, train_spec
+    from vitrim.pipeline.core.trainer import train
+
+    rows = []
+    for f in fractions:
+        for method, p in chosen[f].items():
+            if p is None:
+                rows.append({"fraction": f, "method": method, "onnx": None})
+                continue
+            a = artifacts[(method, p)]
+            run_dir = out / f"{method}_{f:g}"
+            t0 = time.time()
+            if method == "torch-pruning":
+                student = a["model"].train()
+                kd = make_kd_fn(teacher, cfg.finetune.alpha, cfg.finetune.temperature, cfg.finetune.label_smoothing)
+                train(student, kd, splits.train, train_spec(cfg), run_dir / "finetune",
+                      val_fn=lambda m: top1(m, splits.val, cfg.data.eval_batch_size), desc=f"tp@{f:g}", log=log)
+                student.eval()
+                params = sum(q.numel() for q in student.parameters())
+            else:
+                student = slice_model(a["state"], a["plan"])
+                finetune(cfg, teacher, student, a["plan"], splits, run_dir, log=log)
+                params = a["plan"].num_params()
+            acc = top1(student, splits.test, cfg.data.eval_batch_size)
+            onnx_path = export_onnx(student.eval(), out / "onnx" / f"final_{method}_{f:g}.onnx", shape)
+            rows.append({"fraction": f, "method": method, "p": p, "onnx": str(onnx_path), "top1": acc, "params": params,
+                         "finetune_s": round(time.time() - t0, 1)})
+            log(f"[bench] {method}@{f:g}: test top-1 {acc:.2f}% ({params / 1e6:.3f}M params)")
+            atomic_write_json(out / "results.json", rows)
+
+    # One interleaved timing session: the teacher and every matched model.
+    models = [("teacher", teacher_onnx)] + [(f"{r['method']}@{r['fraction']:g}", Path(r["onnx"])) for r in rows if r["onnx"]]
+    runners = [OrtCpuRunner(path, cfg.target.threads, cfg.target.opt_level) for _, path in models]
+    for r in runners:
         r.activate()
-    for rnd in range(args.rounds):
-        for name, r in runners.items():
-            samples[name] += r.time_samples(cfg.target.batch, 20, warmup=10 if rnd == 0 else 2)
-    for r in runners.values():
-        r.deactivate()
-    med = {k: float(np.median(v)) for k, v in samples.items()}
-    t_top1 = first["teacher"]["top1"]
-    rows = [{"method": "teacher", "measured_ms": med["teacher"], "speedup": 1.0, "top1": t_top1, "delta": 0.0,
-             "params": first["teacher"]["params"]}]
-    for r in results:
-        rows.append({**r, "measured_ms": med[r["method"]], "speedup": med["teacher"] / med[r["method"]],
-                     "delta": r["top1"] - t_top1})
-    sig = first["signature"]
-    lines = [f"Target: `{sig['backend']}` on {sig['device']} ({sig['engine_version']}), batch {sig['batch']}, "
-             f"{sig['threads']} threads. Budget: {first['budget']}. Fine-tune: {cfg.finetune.epochs} epochs KD for "
-             f"every method. Latency: median of {args.rounds} interleaved rounds x 20 runs, all models in one session.",
-             "", "| method | params (M) | measured ms | speedup | test top-1 (%) | Δ vs teacher (pt) |",
-             "|---|---:|---:|---:|---:|---:|"]
+    try:
+        timings = time_interleaved(runners, cfg.target.batch, args.repeats, args.rounds, warmup=10)
+    finally:
+        for r in runners:
+            r.deactivate()
+    med = {name: t.median_ms for (name, _), t in zip(models, timings)}
+    t_ms = med["teacher"]
+    t_top1 = tinfo.get("test_top1") if cfg.data.test_limit is None and tinfo.get("test_top1") is not None \
+        else top1(teacher, splits.test, cfg.data.eval_batch_size)
+    d = cfg.search.strategy
     for r in rows:
-        lines.append(f"| {r['method']} | {r['params'] / 1e6:.3f} | {r['measured_ms']:.3f} | {r['speedup']:.2f}x | "
-                     f"{r['top1']:.2f} | {r['delta']:+.2f} |")
+        if not r["onnx"]:
+            continue
+        key = f"{r['method']}@{r['fraction']:g}"
+        r["measured_ms"] = med[key]
+        r["speedup"] = t_ms / med[key]
+        r["delta"] = r["top1"] - t_top1
+        ref = next(x for x in rows if x["fraction"] == r["fraction"] and x["method"] == d)
+        if ref["onnx"]:
+            r["vs_default_latency"] = med[key] / med[f"{d}@{r['fraction']:g}"] - 1
+            r["vs_default_top1"] = ref["top1"] - r["top1"]
+    sig = lut.signature
+    lines = [f"Target: `{sig.backend}` on {sig.device} ({sig.engine_version}), batch {cfg.target.batch}, "
+             f"{cfg.target.threads} threads. Teacher: {t_ms:.3f} ms, test top-1 {t_top1:.2f}%. Every method is matched "
+             f"to the measured latency of `{d}` (within {args.tol:.0%} in the bisection; column 'lat. vs {d}' is from the "
+             f"final session) and fine-tuned with the same KD recipe ({cfg.finetune.epochs} epochs). Latency: median "
+             f"of {args.repeats} runs per model over {args.rounds} round-robin visits, every model in one session.", "",
+             f"| target | method | params (M) | measured ms | speedup | lat. vs {d} | test top-1 (%) | Δ vs teacher (pt) "
+             f"| {d} ahead by (pt) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if not r["onnx"]:
+            lines.append(f"| {r['fraction']:.0%} | {r['method']} | - | - | - | not reached | - | - | - |")
+            continue
+        name = r["method"] + (" (default)" if r["method"] == d else "")
+        vs = r.get("vs_default_latency")
+        ahead = "" if r["method"] == d else f"{r.get('vs_default_top1', float('nan')):+.2f}"
+        lines.append(f"| {r['fraction']:.0%} | {name} | {r['params'] / 1e6:.3f} | {r['measured_ms']:.3f} | "
+                     f"{r['speedup']:.2f}x | {'' if vs is None or r['method'] == d else f'{vs:+.1%}'} | {r['top1']:.2f} | "
+                     f"{r['delta']:+.2f} | {ahead} |")
+    lines += ["", f"Wall time: {(time.time() - t_start) / 60:.1f} min."]
     table = "\n".join(lines) + "\n"
     atomic_write_text(out / "results.md", table)
-    atomic_write_json(out / "results.json", rows)
+    atomic_write_json(out / "results.json", {"teacher_ms": t_ms, "teacher_top1": t_top1, "rows": rows})
     print(table)
     return 0
+
+
+def torch_pruning_model(teacher: torch.nn.Module, ratio: float, x_cal: torch.Tensor, y_cal: torch.Tensor):
+    """Torch-Pruning MetaPruner on a copy of the timm teacher: Taylor importance, one ratio, round_to=8."""
+    import torch_pruning as tp
+    from timm.models.vision_transformer import Attention
+
+    m = copy.deepcopy(teacher).train().requires_grad_(True)  # the KD code freezes the teacher it is given
+    heads = {a.qkv: a.num_heads for a in m.modules() if isinstance(a, Attention)}
+    pr = tp.pruner.MetaPruner(m, x_cal[:2], importance=tp.importance.GroupTaylorImportance(), pruning_ratio=ratio,
+                              ignored_layers=[m.head], num_heads=heads, prune_head_dims=True,
+                              prune_num_heads=False, round_to=8, global_pruning=False)
+    m.zero_grad()
+    torch.nn.functional.cross_entropy(m(x_cal), y_cal).backward()
+    pr.step()
+    for a in m.modules():  # timm's attention keeps its own head metadata (Torch-Pruning #101/#340)
+        if isinstance(a, Attention):
+            a.num_heads = pr.num_heads[a.qkv]
+            a.head_dim = a.qkv.out_features // (3 * a.num_heads)
+            a.attn_dim = a.num_heads * a.head_dim
+    m.zero_grad(set_to_none=True)
+    return m.eval()
 
 
 if __name__ == "__main__":

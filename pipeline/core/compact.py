@@ -15,8 +15,32 @@ owns this small module. What differs from ``timm.models.vision_transformer``:
 * No dropout, drop-path, qk_norm, register tokens or attention pooling.
 * Optional search gates (``None`` by default, so export sees none of them).
 
-With a keep-everything plan the forward runs exactly timm's ops on exactly
-timm's tensors, so the outputs are bit-identical (pinned by a test).
+Search gates: the search prunes a gated full-size model and ships the sliced
+model, so a gated model computes *exactly* what the model sliced with the same
+plan computes (tested for every gate kind, alone and combined, to 1e-5):
+
+* ``gate_head`` (per head, on the attention output), ``gate_qk`` (on q: a
+  zero q_d removes q_d*k_d from every score, the teacher's scale stays),
+  ``gate_v`` (on v), ``CompactMlp.gate`` (after GELU) and ``CompactBlock.gate``
+  (on both residual branches) zero what slicing removes.
+* ``gate_embed`` (residual channels, shared by the model and every block) turns
+  every LayerNorm on the residual stream (``norm_pre``, ``norm1``, ``norm2``,
+  ``norm``, ``fc_norm``) into a *masked* LayerNorm: mean and variance over the
+  kept channels only, output zero at pruned channels. A plain LayerNorm would
+  normalise over all E channels and write its bias into the pruned ones, which
+  then feed qkv, fc1 and the head: not the sliced network. With 0/1 gates the
+  masked LayerNorm equals ``LayerNorm(len(kept))`` with the sliced affine
+  parameters. The residual stream itself is *not* gated: every reader of it is
+  a masked LayerNorm (or, without a final norm, the gated head input), so what
+  sits in a pruned channel never reaches the output. Gating it too would give
+  the same function at 0/1 gates but compound the gate once per block
+  (``g**depth``), inflating ``dL/dgate`` several-fold; this way the embedding
+  score is on the scale of the other gates' (all are first-order estimates of
+  the loss change of removing the unit; NViT saliency,
+  :mod:`vitrim.pipeline.stages.saliency`).
+
+With a keep-everything plan and no gates the forward runs exactly timm's ops on
+exactly timm's tensors, so the outputs are bit-identical (pinned by a test).
 """
 from __future__ import annotations
 
@@ -27,6 +51,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitrim.pipeline.core.plan import Plan
+
+
+def gated_layer_norm(ln: nn.LayerNorm, x: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.Tensor:
+    """``ln(x)``, or with a channel gate: LayerNorm over the kept (gate 1) channels, zero at pruned ones.
+
+    Statistics are gate-weighted means, so at 0/1 gates this is exactly the sliced
+    LayerNorm, and values at pruned channels of ``x`` never reach the output.
+    """
+    if gate is None:
+        return ln(x)
+    n = gate.sum()
+    mean = (x * gate).sum(-1, keepdim=True) / n
+    xc = x - mean
+    var = (xc * xc * gate).sum(-1, keepdim=True) / n
+    return (xc * torch.rsqrt(var + ln.eps) * ln.weight + ln.bias) * gate
 
 
 class CompactAttention(nn.Module):
@@ -90,20 +129,18 @@ class CompactBlock(nn.Module):
         self.ls1 = nn.Parameter(torch.ones(dim)) if layer_scale else None
         self.ls2 = nn.Parameter(torch.ones(dim)) if layer_scale else None
         self.gate: Optional[torch.Tensor] = None  # whole-block gate (UVC-style skipping)
+        self.gate_embed: Optional[torch.Tensor] = None  # the model's residual-channel gate (set by CompactViT)
+
+    def _residual(self, x: torch.Tensor, branch: torch.Tensor, ls: Optional[nn.Parameter]) -> torch.Tensor:
+        if ls is not None:
+            branch = branch * ls
+        if self.gate is not None:
+            branch = branch * self.gate
+        return x + branch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.attn(self.norm1(x))
-        if self.ls1 is not None:
-            a = a * self.ls1
-        if self.gate is not None:
-            a = a * self.gate
-        x = x + a
-        m = self.mlp(self.norm2(x))
-        if self.ls2 is not None:
-            m = m * self.ls2
-        if self.gate is not None:
-            m = m * self.gate
-        return x + m
+        x = self._residual(x, self.attn(gated_layer_norm(self.norm1, x, self.gate_embed)), self.ls1)
+        return self._residual(x, self.mlp(gated_layer_norm(self.norm2, x, self.gate_embed)), self.ls2)
 
 
 class CompactViT(nn.Module):
@@ -142,10 +179,21 @@ class CompactViT(nn.Module):
         self.head = nn.Linear(E, s["num_classes"])
         self.head_dist = nn.Linear(E, s["num_classes"]) if s["dist_token"] else None
         self.distilled_training = False
-        self.gate_embed: Optional[torch.Tensor] = None  # search gate on the residual stream
+        self._gate_embed: Optional[torch.Tensor] = None
 
-    def _gate_embed(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.gate_embed is None else x * self.gate_embed
+    @property
+    def gate_embed(self) -> Optional[torch.Tensor]:
+        """Search gate on the residual channels (``None``: ungated); shared with every block."""
+        return self._gate_embed
+
+    @gate_embed.setter
+    def gate_embed(self, gate: Optional[torch.Tensor]) -> None:
+        self._gate_embed = gate
+        for blk in self.blocks:
+            blk.gate_embed = gate
+
+    def _norm(self, ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+        return gated_layer_norm(ln, x, self._gate_embed)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
@@ -159,23 +207,26 @@ class CompactViT(nn.Module):
                 x = torch.cat(to_cat + [x], dim=1)
             x = x + self.pos_embed
         if self.norm_pre is not None:
-            x = self.norm_pre(x)
-        x = self._gate_embed(x)
+            x = self._norm(self.norm_pre, x)
         for blk in self.blocks:
-            x = self._gate_embed(blk(x))
+            x = blk(x)
         if self.norm is not None:
-            x = self.norm(x)
+            x = self._norm(self.norm, x)
         return x
 
     def forward_head(self, x: torch.Tensor):
         if self.head_dist is not None:
+            if self.norm is None and self._gate_embed is not None:  # no LayerNorm masks the heads' input
+                x = x * self._gate_embed
             a, b = self.head(x[:, 0]), self.head_dist(x[:, 1])
             if self.distilled_training and self.training:
                 return a, b
             return (a + b) / 2
         x = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix:].mean(dim=1)
         if self.fc_norm is not None:
-            x = self.fc_norm(x)
+            x = self._norm(self.fc_norm, x)
+        elif self.norm is None and self._gate_embed is not None:  # no LayerNorm masks the head's input
+            x = x * self._gate_embed
         return self.head(x)
 
     def forward(self, x: torch.Tensor):

@@ -4,6 +4,14 @@
 applies ``--set`` style overrides, and checks every key and type. Unknown keys
 and wrong types raise :class:`~vitrim.pipeline.core.errors.UserError` naming the dotted key.
 The resolved config is written next to the outputs (timm writes ``args.yaml``).
+
+Budgets (``search.budget_ms | budget_fraction | flops_fraction | params_fraction``)
+are one choice, not four settings: two set in the same layer (the YAML file, or
+the ``--set`` overrides) are refused, naming both keys, rather than one silently
+winning. A budget given with ``--set`` replaces the file's budget (so
+``vitrim run configs/fmnist_cpu.yaml --set search.budget_ms=8`` works although
+the file sets ``budget_fraction``). When no layer sets one,
+``budget_fraction = DEFAULT_BUDGET_FRACTION``, written into the resolved config.
 """
 from __future__ import annotations
 
@@ -21,6 +29,8 @@ import yaml
 from vitrim.pipeline.core.errors import UserError
 
 FMNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
+BUDGET_KEYS = ("budget_ms", "budget_fraction", "flops_fraction", "params_fraction")
+DEFAULT_BUDGET_FRACTION = 0.5  # used only when no budget key is set anywhere
 
 
 @dataclass
@@ -119,8 +129,9 @@ class SearchConfig:
     """Latency-aware structural search (NViT)."""
 
     strategy: str = "knapsack"  # knapsack | nvit | uniform | magnitude
+    # Exactly one budget. None of them set: budget_fraction = DEFAULT_BUDGET_FRACTION.
     budget_ms: Optional[float] = None
-    budget_fraction: Optional[float] = 0.5  # of the teacher's predicted latency
+    budget_fraction: Optional[float] = None  # of the teacher's predicted latency
     flops_fraction: Optional[float] = None
     params_fraction: Optional[float] = None
     steps: int = 5
@@ -286,11 +297,62 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise UserError("config", f"{p} is not valid YAML: {e}", "fix the syntax at the line shown") from None
+    file_budgets = _budgets_in(data)
+    if len(file_budgets) > 1:
+        raise UserError("config", f"{source}: sets {len(file_budgets)} budgets at once "
+                        f"({' and '.join('search.' + k for k in file_budgets)})",
+                        "keep exactly one of search.budget_ms, budget_fraction, flops_fraction, params_fraction")
+    layer: dict = {}
+    for item in overrides or []:
+        _apply_override(layer, item)
+    set_budgets = _budgets_in(layer)
+    if len(set_budgets) > 1:
+        raise UserError("config", f"the overrides set {len(set_budgets)} budgets at once "
+                        f"({' and '.join('search.' + k for k in set_budgets)})",
+                        "pass exactly one of --set search.budget_ms / budget_fraction / flops_fraction / params_fraction")
+    if set_budgets and isinstance(data.get("search"), dict):
+        for k in file_budgets:  # an override's budget replaces the file's (documented above)
+            data["search"][k] = None
     for item in overrides or []:
         _apply_override(data, item)
     cfg = _build(RunConfig, data, "", source)
+    if not any(getattr(cfg.search, k) is not None for k in BUDGET_KEYS):
+        cfg.search.budget_fraction = DEFAULT_BUDGET_FRACTION
     validate_config(cfg, source)
     return cfg
+
+
+def _budgets_in(data: dict) -> list[str]:
+    """The budget keys a raw (YAML / override) mapping sets to a non-null value."""
+    search = data.get("search") if isinstance(data, dict) else None
+    if not isinstance(search, dict):
+        return []
+    return [k for k in BUDGET_KEYS if search.get(k) is not None]
+
+
+def validate_search(cfg: SearchConfig, source: str = "<config>") -> None:
+    """Checks on a SearchConfig, also run by the search itself (configs built in code skip load_config)."""
+    def bad(key: str, msg: str, fix: str) -> None:
+        raise UserError("config", f"{source}: '{key}' {msg}", fix)
+
+    if cfg.strategy not in ("knapsack", "nvit", "uniform", "magnitude"):
+        bad("search.strategy", f"is '{cfg.strategy}'", "use knapsack, nvit, uniform or magnitude")
+    budgets = [k for k in BUDGET_KEYS if getattr(cfg, k) is not None]
+    if len(budgets) > 1:
+        raise UserError("config", f"{source}: sets {len(budgets)} budgets at once "
+                        f"({' and '.join('search.' + k for k in budgets)})",
+                        "keep exactly one of search.budget_ms, budget_fraction, flops_fraction, params_fraction")
+    for k in ("budget_fraction", "flops_fraction", "params_fraction"):
+        v = getattr(cfg, k)
+        if v is not None and not 0.0 < v <= 1.0:
+            bad(f"search.{k}", f"is {v}", "use a fraction in (0, 1]")
+    if cfg.budget_ms is not None and cfg.budget_ms <= 0:
+        bad("search.budget_ms", f"is {cfg.budget_ms}", "use a positive latency in ms")
+    if cfg.align < 1:
+        bad("search.align", f"is {cfg.align}", "use a group size >= 1 (8 keeps widths fit for fast kernels)")
+    for k in ("steps", "saliency_batches", "min_heads", "min_blocks"):
+        if getattr(cfg, k) < 1:
+            bad(f"search.{k}", f"is {getattr(cfg, k)}", "use a value >= 1")
 
 
 def validate_config(cfg: RunConfig, source: str = "<config>") -> None:
@@ -328,17 +390,7 @@ def validate_config(cfg: RunConfig, source: str = "<config>") -> None:
         bad("target.quant.op_types", f"is {q.op_types!r}", "list ONNX op types, e.g. [MatMul, Gemm]")
     if cfg.target.batch < 1:
         bad("target.batch", "must be >= 1", "use a positive batch size")
-    if cfg.search.strategy not in ("knapsack", "nvit", "uniform", "magnitude"):
-        bad("search.strategy", f"is '{cfg.search.strategy}'", "use knapsack, nvit, uniform or magnitude")
-    budgets = [k for k in ("budget_ms", "flops_fraction", "params_fraction") if getattr(cfg.search, k) is not None]
-    if len(budgets) > 1:
-        bad("search", f"sets several budgets ({', '.join(budgets)})", "set exactly one budget")
-    for k in ("budget_fraction", "flops_fraction", "params_fraction"):
-        v = getattr(cfg.search, k)
-        if v is not None and not 0.0 < v <= 1.0:
-            bad(f"search.{k}", f"is {v}", "use a fraction in (0, 1]")
-    if cfg.search.budget_ms is not None and cfg.search.budget_ms <= 0:
-        bad("search.budget_ms", f"is {cfg.search.budget_ms}", "use a positive latency in ms")
+    validate_search(cfg.search, source)
     if cfg.export.parity_batches < 1:
         bad("export.parity_batches", f"is {cfg.export.parity_batches}", "use at least 1 batch for the output comparison")
     if cfg.export.parity_images is not None and cfg.export.parity_images < 1:

@@ -39,9 +39,7 @@ def finetune(cfg: RunConfig, teacher: torch.nn.Module, student: CompactViT, plan
     if student.head_dist is not None:
         student.distilled_training = True  # train both heads
     kd = make_kd_fn(teacher, f.alpha, f.temperature, f.label_smoothing)
-    spec = TrainSpec(epochs=f.epochs, batch_size=cfg.data.batch_size, lr=f.lr, min_lr=f.min_lr,
-                     weight_decay=f.weight_decay, warmup_epochs=f.warmup_epochs, clip_grad=f.clip_grad, ema=f.ema,
-                     amp=f.amp, seed=f.seed, hflip=False, workers=cfg.data.workers)
+    spec = train_spec(cfg)
     out = Path(out_dir)
 
     def val_fn(m):
@@ -57,6 +55,14 @@ def finetune(cfg: RunConfig, teacher: torch.nn.Module, student: CompactViT, plan
         atomic_write_json(out / "finetune_log.json", {"history": res.history, "wall_s": round(res.wall_s, 1),
                                                        "resumed_from": res.resumed_from, "epochs": f.epochs})
     return res
+
+
+def train_spec(cfg: RunConfig) -> TrainSpec:
+    """The KD fine-tune recipe of ``cfg.finetune`` (also used by benchmarks, so every method gets the same)."""
+    f = cfg.finetune
+    return TrainSpec(epochs=f.epochs, batch_size=cfg.data.batch_size, lr=f.lr, min_lr=f.min_lr,
+                     weight_decay=f.weight_decay, warmup_epochs=f.warmup_epochs, clip_grad=f.clip_grad, ema=f.ema,
+                     amp=f.amp, seed=f.seed, hflip=False, workers=cfg.data.workers)
 
 
 def check_plan_matches_teacher(plan, teacher, cfg: RunConfig) -> None:

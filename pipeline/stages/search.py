@@ -17,6 +17,10 @@ Selection strategies (same interface):
   importance per ms saved.
 * ``nvit``: remove the group with the lowest ``S/mean(S) - eta * dLat/mean(dLat)``
   (NViT's latency-regularised score).
+
+Both rank only groups whose predicted saving is positive: a group that saves
+no time (a flat or non-monotone LUT entry) is never removed while one that
+saves time exists.
 * ``magnitude``: the knapsack loop with L1 weight magnitude instead of saliency
   (width pruning only: L1 of a whole block has no comparable scale).
 * ``uniform``: one width fraction for every block (units ranked by L1), no skipping.
@@ -32,7 +36,7 @@ import torch
 from torch import nn
 
 from vitrim.pipeline.core.compact import CompactViT
-from vitrim.pipeline.core.config import RunConfig, SearchConfig
+from vitrim.pipeline.core.config import DEFAULT_BUDGET_FRACTION, RunConfig, SearchConfig, validate_search
 from vitrim.pipeline.core.data import make_loader
 from vitrim.pipeline.core.errors import UserError
 from vitrim.pipeline.core.plan import BlockPlan, Floors, Plan
@@ -86,7 +90,8 @@ class ParamsCost(Cost):
 
 
 def resolve_budget(cfg: SearchConfig, lut) -> tuple[Cost, float, str]:
-    """(cost model, budget in its unit, description)."""
+    """(cost model, budget in its unit, description). Two budgets at once are refused."""
+    validate_search(cfg, "search config")
     full = Plan.full(lut.spec)
     if cfg.flops_fraction is not None:
         c = MacsCost()
@@ -97,9 +102,8 @@ def resolve_budget(cfg: SearchConfig, lut) -> tuple[Cost, float, str]:
     c = LatencyCost(lut)
     if cfg.budget_ms is not None:
         return c, cfg.budget_ms, f"{cfg.budget_ms:.3f} ms"
-    if cfg.budget_fraction is None:
-        raise UserError("search", "no budget set", "set search.budget_fraction, budget_ms, flops_fraction or params_fraction")
-    return c, cfg.budget_fraction * c.predict(full), f"{cfg.budget_fraction:.0%} of the teacher's predicted latency"
+    frac = DEFAULT_BUDGET_FRACTION if cfg.budget_fraction is None else cfg.budget_fraction
+    return c, frac * c.predict(full), f"{frac:.0%} of the teacher's predicted latency"
 
 
 # ---------------------------------------------------------------------------
@@ -208,18 +212,22 @@ def prune_to(plan: Plan, scores: dict, cost: Cost, target: float, strategy: str,
             break
         for c in cands:
             c.saved = cost.saved(plan, c.block, c.dim, len(c.units) or 1)
+        # A group that saves no time is never taken while one that does exists: with a noisy,
+        # non-monotone LUT a near-dead group of zero or negative saving would otherwise win the
+        # ratio below (0/0-ish) and the loop would then fall back to the biggest saving, whatever
+        # its importance. Ranking only the groups that save time keeps importance per ms saved
+        # the criterion all the way down.
+        cands = [c for c in cands if c.saved > 0]
+        if not cands:
+            break  # nothing left saves time; run_search reports the unreachable budget
         if strategy == "nvit":
             if norm_s is None:
                 norm_s = sum(c.saliency for c in cands) / len(cands) or 1.0
-                norm_l = sum(max(c.saved, 0.0) for c in cands) / len(cands) or 1.0
+                norm_l = sum(c.saved for c in cands) / len(cands) or 1.0
             key = lambda c: c.saliency / norm_s - cfg.eta * c.saved / norm_l  # noqa: E731
         else:  # knapsack (HALP): least importance per unit of latency saved
-            key = lambda c: c.saliency / max(c.saved, 1e-9)  # noqa: E731
+            key = lambda c: c.saliency / c.saved  # noqa: E731
         best = min(cands, key=lambda c: (key(c), c.block if c.block is not None else -1, c.dim))
-        if best.saved <= 0 and strategy != "nvit":
-            best = max(cands, key=lambda c: c.saved)  # nothing cheap left: take the biggest saving
-            if best.saved <= 0:
-                break
         if best.dim == "block":
             b = plan.blocks[best.block]
             best.snapshot = BlockPlan(True, list(b.heads), list(b.qk), list(b.v), list(b.mlp))

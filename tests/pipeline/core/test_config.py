@@ -84,3 +84,32 @@ def test_exponent_floats_without_a_dot():
     assert cfg.export.atol_fp32 == 1e-12 and cfg.search.budget_ms == 50.0
     with pytest.raises(UserError, match="export.atol_fp32"):
         load_config(None, ["export.atol_fp32=tiny"])
+
+
+def test_two_budgets_are_refused_naming_both(tmp_path):
+    with pytest.raises(UserError, match=r"search\.budget_ms and search\.budget_fraction"):
+        load_config(write(tmp_path, {"search": {"budget_ms": 8.0, "budget_fraction": 0.5}}))
+    with pytest.raises(UserError, match=r"search\.budget_ms and search\.flops_fraction"):
+        load_config(None, ["search.budget_ms=8", "search.flops_fraction=0.5"])
+    from vitrim.pipeline.core.config import SearchConfig, validate_search
+
+    with pytest.raises(UserError, match=r"search\.budget_ms and search\.budget_fraction"):  # configs built in code
+        validate_search(SearchConfig(budget_ms=8.0, budget_fraction=0.5))
+
+
+def test_one_budget_replaces_the_default_and_the_files(tmp_path):
+    from vitrim.pipeline.core.config import DEFAULT_BUDGET_FRACTION
+
+    cfg = load_config(None)  # nothing set anywhere: the default fraction, written explicitly
+    assert (cfg.search.budget_fraction, cfg.search.budget_ms) == (DEFAULT_BUDGET_FRACTION, None)
+    cfg = load_config(None, ["search.budget_ms=8"])  # the default does not collide with an explicit budget
+    assert (cfg.search.budget_ms, cfg.search.budget_fraction) == (8.0, None)
+    cfg = load_config("configs/fmnist_cpu.yaml", ["search.budget_ms=8"])  # the demo sets budget_fraction
+    assert (cfg.search.budget_ms, cfg.search.budget_fraction) == (8.0, None)
+    cfg = load_config(write(tmp_path, {"search": {"flops_fraction": 0.4}}))
+    assert (cfg.search.flops_fraction, cfg.search.budget_fraction) == (0.4, None)
+
+
+def test_zero_align_is_refused():
+    with pytest.raises(UserError, match=r"'search\.align' is 0"):
+        load_config(None, ["search.align=0"])

@@ -9,9 +9,9 @@ from vitrim.pipeline.core.config import SearchConfig
 from vitrim.pipeline.core.data import build_splits
 from vitrim.pipeline.stages.distill import make_kd_fn
 from vitrim.pipeline.core.errors import UserError
-from vitrim.pipeline.core.plan import Plan
+from vitrim.pipeline.core.plan import Floors, Plan
 from vitrim.pipeline.stages.saliency import attach_gates, hessian_scores
-from vitrim.pipeline.stages.search import LatencyCost, prune_to, run_search
+from vitrim.pipeline.stages.search import Cost, LatencyCost, floor_plan, prune_to, run_search
 from vitrim.pipeline.core.slicing import full_size_compact
 from tests.conftest import TINY_KW, random_init
 
@@ -154,10 +154,121 @@ def test_refill_fills_the_budget_without_exceeding_it(tiny_lut):
     snap = type(b1)(True, list(b1.heads), list(b1.qk), list(b1.v), list(b1.mlp))
     removed = [Candidate(1, "block", [], 1.0, snapshot=snap), Candidate(0, "mlp", list(range(56, 64)), 0.5)]
     plan = apply_removal(apply_removal(full, 1, "block", 1), 0, "mlp", 8, list(range(56, 64)))
-    budget = cost.predict(plan) + 0.5 * (cost.predict(full) - cost.predict(plan))
+    # the budget fits the MLP group back (whatever its measured cost) but not the block
+    budget = max(cost.predict(plan), cost.predict(apply_removal(full, 1, "block", 1))) + 1e-9
+    assert cost.predict(full) > budget  # a whole block costs real time in the measured LUT
     refilled, added = refill(plan, removed, cost, budget)
     assert cost.predict(refilled) <= budget + 1e-12
-    assert cost.predict(refilled) >= cost.predict(plan)
-    if cost.predict(apply_removal(full, 1, "block", 1)) <= budget:  # the MLP group fits: it must come back
-        assert refilled.blocks[0].mlp == list(range(64))
+    assert refilled.blocks[0].mlp == list(range(64))
+    assert [c.dim for c in added] == ["mlp"]
     assert not refilled.blocks[1].keep  # the whole block does not fit
+
+
+class PlantedCost(Cost):
+    """An additive latency model (ms) whose block-0 QK entry is slightly non-monotone:
+    removing QK dims there 'costs' 1e-4 ms, as a noisy LUT entry can."""
+
+    unit = "ms"
+
+    def predict(self, plan: Plan) -> float:
+        t = 0.5 + 0.001 * len(plan.embed_keep)
+        for i, b in enumerate(plan.blocks):
+            if b.keep:
+                qk = (-1e-4 / 8 if i == 0 else 0.002) * len(b.qk)
+                t += 1.0 + 0.05 * len(b.heads) + qk + 0.002 * len(b.v) + 0.01 * len(b.mlp)
+        return t
+
+
+def planted_scores(spec: dict) -> dict:
+    sc = {"embed": torch.full((spec["embed_dim"],), 10.0)}
+    for i in range(spec["depth"]):
+        sc[f"b{i}.heads"] = torch.full((spec["num_heads"],), 50.0)
+        sc[f"b{i}.qk"] = torch.full((spec["head_dim"],), 1e-13 / 8 if i == 0 else 5.0)
+        sc[f"b{i}.v"] = torch.full((spec["head_dim"],), 5.0)
+        sc[f"b{i}.mlp"] = torch.full((spec["mlp_hidden"],), 0.001)  # 0.008 per group of 8
+        sc[f"b{i}.block"] = torch.tensor([100.0])
+    return sc
+
+
+@pytest.mark.parametrize("strategy,eta", [("knapsack", 1.0), ("nvit", 0.01)])
+def test_zero_saving_group_is_never_taken(tiny_spec, strategy, eta):
+    cost, full = PlantedCost(), Plan.full(tiny_spec)
+    sc = planted_scores(tiny_spec)
+    assert cost.saved(full, 0, "qk", 8) < 0 and sc["b0.qk"].sum() < 1e-12  # the planted trap
+    target = cost.predict(full) - 0.35  # four or five MLP groups' worth
+    plan, removed = prune_to(full, sc, cost, target, strategy, cfg(eta=eta), e_min=8)
+    assert cost.predict(plan) <= target
+    assert all(c.saved > 0 for c in removed)
+    assert not any(c.block == 0 and c.dim == "qk" for c in removed)
+    assert plan.blocks[0].qk == list(range(16))
+    if strategy == "knapsack":  # the saliency-100 blocks survive; cheap MLP groups go instead
+        assert all(b.keep for b in plan.blocks)
+        assert {c.dim for c in removed} == {"mlp"}
+
+
+def test_nothing_that_saves_time_stops_the_loop(tiny_spec):
+    class Flat(Cost):
+        unit = "ms"
+
+        def predict(self, plan: Plan) -> float:
+            return 1.0
+
+    full = Plan.full(tiny_spec)
+    plan, removed = prune_to(full, planted_scores(tiny_spec), Flat(), 0.5, "knapsack", cfg(), e_min=8)
+    assert removed == [] and plan.to_dict() == full.to_dict()
+
+
+def test_two_budgets_in_a_search_config_are_refused(data, tiny_lut):
+    lut, _ = tiny_lut
+    t = teacher()
+    student, _ = full_size_compact(t)
+    with pytest.raises(UserError, match=r"search\.budget_ms and search\.budget_fraction"):
+        run_search(t, student, lut, cfg(budget_ms=5.0), data.train, data.val, batch_size=64, log=lambda m: None)
+    with pytest.raises(UserError, match=r"search\.align"):
+        run_search(t, student, lut, cfg(align=0), data.train, data.val, batch_size=64, log=lambda m: None)
+
+
+DEAD = list(range(8, 16))  # an aligned group of residual channels
+
+
+def dead_channel_teacher(seed=7):
+    """A tiny teacher in which every weight reading or writing channels DEAD is zero."""
+    t = teacher(seed=seed)
+    with torch.no_grad():
+        t.patch_embed.proj.weight[DEAD] = 0
+        t.patch_embed.proj.bias[DEAD] = 0
+        t.cls_token[..., DEAD] = 0
+        t.pos_embed[..., DEAD] = 0
+        for ln in [t.norm] + [m for blk in t.blocks for m in (blk.norm1, blk.norm2)]:
+            ln.weight[DEAD] = 0
+            ln.bias[DEAD] = 0
+        for blk in t.blocks:
+            for lin in (blk.attn.qkv, blk.mlp.fc1):  # read the residual stream
+                lin.weight[:, DEAD] = 0
+            for lin in (blk.attn.proj, blk.mlp.fc2):  # write it
+                lin.weight[DEAD] = 0
+                lin.bias[DEAD] = 0
+        t.head.weight[:, DEAD] = 0
+    return t
+
+
+def test_planted_dead_embed_channels_go_first(data, tiny_lut):
+    lut, _ = tiny_lut
+    t = dead_channel_teacher()
+    sc = scores_for(t, data)
+    live = [c for c in range(32) if c not in DEAD]
+    # Removing them still moves the LayerNorm statistics (their zeros count in mean and variance),
+    # so their score is small, not zero; it must be below the cheapest group of live channels.
+    cheapest_live = sc["embed"][live].sort().values[:8].sum()
+    assert 0 < sc["embed"][DEAD].sum() < 0.5 * cheapest_live
+    full = Plan.full(lut.spec)
+    cost = LatencyCost(lut)
+    # prune close to the floor, so the embedding dim must shrink; the dead group must go first
+    lower = cost.predict(floor_plan(lut.spec, Floors(), 8, 1, 8))
+    plan, removed = prune_to(full, sc, cost, lower + 0.05 * (cost.predict(full) - lower), "knapsack", cfg(), e_min=8)
+    embed_steps = [c.units for c in removed if c.dim == "embed"]
+    assert embed_steps and embed_steps[0] == DEAD
+    student, _ = full_size_compact(t)
+    res = run_search(t, student, lut, cfg(steps=1, budget_fraction=0.4), data.train, data.val, batch_size=64,
+                     log=lambda m: None)
+    assert not set(DEAD) & set(res.plan.embed_keep)
