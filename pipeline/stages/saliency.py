@@ -32,15 +32,16 @@ def attach_gates(model: CompactViT, masks: dict | None = None) -> dict:
     Names: ``embed``, ``b{j}.heads|qk|v|mlp|block`` (j = index into model.blocks).
     ``masks`` (same names, 0/1 tensors) sets pruned units to 0.
     """
-    gates = {"embed": torch.ones(model.embed_dim)}
+    dev = next(model.parameters()).device  # gates live where the model runs (CUDA in a GPU search)
+    gates = {"embed": torch.ones(model.embed_dim, device=dev)}
     model.gate_embed = gates["embed"]
     for j, blk in enumerate(model.blocks):
         a = blk.attn
-        gates[f"b{j}.heads"] = a.gate_head = torch.ones(a.heads)
-        gates[f"b{j}.qk"] = a.gate_qk = torch.ones(a.qk)
-        gates[f"b{j}.v"] = a.gate_v = torch.ones(a.v)
-        gates[f"b{j}.mlp"] = blk.mlp.gate = torch.ones(blk.mlp.fc1.out_features)
-        gates[f"b{j}.block"] = blk.gate = torch.ones(1)
+        gates[f"b{j}.heads"] = a.gate_head = torch.ones(a.heads, device=dev)
+        gates[f"b{j}.qk"] = a.gate_qk = torch.ones(a.qk, device=dev)
+        gates[f"b{j}.v"] = a.gate_v = torch.ones(a.v, device=dev)
+        gates[f"b{j}.mlp"] = blk.mlp.gate = torch.ones(blk.mlp.fc1.out_features, device=dev)
+        gates[f"b{j}.block"] = blk.gate = torch.ones(1, device=dev)
     if masks:
         for k, m in masks.items():
             gates[k].copy_(m)

@@ -334,18 +334,22 @@ class SearchResult:
     wall_s: float = 0.0
 
 
-def _val_top1(model: nn.Module, val_ds, n: int = 2000) -> float:
+def _val_top1(model: nn.Module, val_ds, n: int = 2000, workers: int = 0) -> float:
     from vitrim.pipeline.core.data import TensorImages
     from vitrim.pipeline.core.evaluate import top1
 
     ds = val_ds.subset(torch.arange(min(n, len(val_ds)))) if isinstance(val_ds, TensorImages) else val_ds
-    return top1(model, ds, 512)
+    return top1(model, ds, 512, workers=workers)
 
 
 def run_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchConfig, train_ds, val_ds,
                batch_size: int = 128, kd_alpha: float = 1.0, kd_T: float = 2.0,
-               log: Callable[[str], None] = print) -> SearchResult:
-    """Search a plan for ``student`` (a keep-everything CompactViT of ``teacher``) under the budget."""
+               log: Callable[[str], None] = print, device: str = "cpu", workers: int = 0) -> SearchResult:
+    """Search a plan for ``student`` (a keep-everything CompactViT of ``teacher``) under the budget.
+
+    Saliency, the KD steps and the validation run on ``device`` (a GPU when the config has one);
+    the returned weights are on the CPU.
+    """
     from vitrim.pipeline.stages.distill import make_kd_fn
 
     t0 = time.time()
@@ -376,23 +380,32 @@ def run_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchConfig, 
         plan.meta = {"strategy": "uniform", "budget": budget, "unit": cost.unit, "predicted": cost.predict(plan)}
         return SearchResult(plan, {k: v.clone() for k, v in student.state_dict().items()}, history, budget, cost.unit,
                             desc, time.time() - t0)
+    teacher.to(device).eval()
+    student.to(device)
     kd = make_kd_fn(teacher, kd_alpha, kd_T)
     plan = full
     opt = torch.optim.AdamW([p for p in student.parameters()], lr=cfg.lr, weight_decay=0.0)
     steps = max(1, cfg.steps)
     epoch = 0
-    loader = make_loader(train_ds, batch_size, shuffle=True, seed=cfg.seed, drop_last=True, epoch=epoch)
+    pin = str(device).startswith("cuda")
+
+    def loader_for(ep: int):
+        return make_loader(train_ds, batch_size, shuffle=True, seed=cfg.seed, drop_last=True, epoch=ep,
+                           workers=workers, pin_memory=pin)
+
+    loader = loader_for(epoch)
     it = iter(loader)
 
     def next_batch():
         nonlocal it, epoch, loader
         try:
-            return next(it)
+            x, y = next(it)
         except StopIteration:
             epoch += 1
-            loader = make_loader(train_ds, batch_size, shuffle=True, seed=cfg.seed, drop_last=True, epoch=epoch)
+            loader = loader_for(epoch)
             it = iter(loader)
-            return next(it)
+            x, y = next(it)
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
     removed_all: list[Candidate] = []
     for step in range(1, steps + 1):
@@ -422,7 +435,7 @@ def run_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchConfig, 
             nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             opt.step()
         student.eval()
-        acc = _val_top1(student, val_ds)
+        acc = _val_top1(student, val_ds, workers=workers)
         c = cost.predict(plan)
         counts = {}
         for r in removed:
@@ -438,7 +451,7 @@ def run_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchConfig, 
                         f"{cost.predict(plan):.3f}", "raise the budget, lower the floors or allow block/embed pruning")
     detach_gates(student)
     # zero nothing: slicing drops pruned units; keep adapted weights for the slice stage
-    state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    state = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
     plan.meta = {"strategy": cfg.strategy, "budget": budget, "unit": cost.unit, "predicted": cost.predict(plan),
                  "budget_desc": desc}
     return SearchResult(plan.validate(fl), state, history, budget, cost.unit, desc, time.time() - t0)
@@ -486,8 +499,12 @@ def stage_search(cfg: RunConfig, teacher, lut, splits, out_dir: Path, log: Calla
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     student, _ = full_size_compact(teacher)
+    from vitrim.pipeline.core.device import resolve_device
+
     res = run_search(teacher, student, lut, cfg.search, splits.train, splits.val, batch_size=cfg.data.batch_size,
-                     kd_alpha=cfg.finetune.alpha, kd_T=cfg.finetune.temperature, log=log)
+                     kd_alpha=cfg.finetune.alpha, kd_T=cfg.finetune.temperature, log=log,
+                     device=resolve_device(cfg.device), workers=cfg.data.workers)
+    teacher.cpu()
     res.plan.save(out_dir / "plan.json")
     atomic_write_json(out_dir / "search_log.json", {"strategy": cfg.search.strategy, "budget": res.budget,
                                                      "unit": res.unit, "budget_desc": res.budget_desc,
