@@ -164,6 +164,8 @@ def cmd_finetune(args) -> int:
     check_plan_matches_teacher(student.plan, teacher, cfg)
     res = finetune(cfg, teacher, student, student.plan, splits, args.out, resume=args.resume,
                    stop_after=args.stop_after)
+    from vitrim.pipeline.core.device import dist_info
+
     if dist_info()[0] == 0:
         if res.interrupted:
             print(f"stopped after {args.stop_after} epoch(s); continue with --resume")

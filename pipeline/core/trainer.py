@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from vitrim.pipeline.core.data import make_loader, set_epoch
-from vitrim.pipeline.core.device import collective_device, dist_info, init_distributed, mean_over_ranks
+from vitrim.pipeline.core.device import collective_device, init_distributed, mean_over_ranks
 from vitrim.pipeline.core.errors import Interrupted, UserError
 
 CKPT_NAME = "checkpoint.pt"

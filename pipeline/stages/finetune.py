@@ -23,7 +23,8 @@ from vitrim.pipeline.core.evaluate import top1
 from vitrim.pipeline.core.io import atomic_write_json
 from vitrim.pipeline.core.plan import Plan
 from vitrim.pipeline.core.slicing import save_compact
-from vitrim.pipeline.core.trainer import TrainResult, TrainSpec, dist_info, train
+from vitrim.pipeline.core.device import dist_info
+from vitrim.pipeline.core.trainer import TrainResult, TrainSpec, train
 
 
 def finetune(cfg: RunConfig, teacher: torch.nn.Module, student: CompactViT, plan: Plan, splits, out_dir: str | os.PathLike,

@@ -7,7 +7,7 @@ import pytest
 from vitrim.export.parity import ParityError
 from vitrim.export.release import release
 from vitrim.export.target import Target
-from vitrim.pipeline.core.config import ExportConfig, ProfileConfig, QuantConfig
+from vitrim.pipeline.core.config import ProfileConfig, QuantConfig
 from vitrim.pipeline.core.data import make_loader
 from vitrim.pipeline.core.errors import UserError
 from vitrim.pipeline.core.slicing import full_size_compact

@@ -101,7 +101,7 @@ def test_torchrun_two_processes_gloo(setup):
     tmp_path, _, _ = setup
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
-           "-m", "vitrim.pipeline.cli", "finetune", str(tmp_path / "c.yaml"), "--student", str(tmp_path / "student"),
+           "-m", "vitrim", "finetune", str(tmp_path / "c.yaml"), "--student", str(tmp_path / "student"),
            "--out", str(tmp_path / "ddp")]
     p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
