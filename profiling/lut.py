@@ -241,8 +241,10 @@ class LatencyTable:
             errs = [abs(c["err_pct"]) for c in self.checks]
             lines.append(f"  whole-block checks: {len(errs)}, median |err| {np.median(errs):.1f}%, max {max(errs):.1f}%")
         if self.calibration:
-            lines.append(f"  calibration: {len(self.calibration)} whole plans measured with the micro-models; residuals "
-                         "(predicted vs measured, after the fit):")
+            loo = self.meta.get("compose_loo_ratio_err_pct", {})
+            lines.append(f"  calibration: {len(self.calibration)} whole plans measured with the micro-models; composition "
+                         f"'{self.meta.get('compose_model', '?')}' chosen by leave-one-out ratio error ("
+                         + ", ".join(f"{k} {v:.1f}%" for k, v in loo.items()) + "); residuals after the fit:")
             lines.append("    share of teacher  measured ms  predicted ms  abs err  ratio err")
             for c in self.calibration:
                 lines.append(f"    {c['measured_ratio']:16.1%}  {c['measured_ms']:11.3f}  {c['predicted_ms']:12.3f}  "
@@ -446,7 +448,7 @@ def _probes(table: "LatencyTable", items: list[Item], med: dict, null: dict) -> 
 def assemble(sig: DeviceSignature, spec: dict, grid: Grid, med: dict, check_dims: list[tuple],
              items: list[Item]) -> LatencyTable:
     """Turn per-item medians (ms) into a table: net entries, block correction, calibrated composition."""
-    from vitrim.profiling.calibrate import fit_composition
+    from vitrim.profiling.calibrate import select_composition
 
     g = grid
     null = {E: med[f"null_e{E}"] for E in g.embed}
@@ -474,7 +476,7 @@ def assemble(sig: DeviceSignature, spec: dict, grid: Grid, med: dict, check_dims
     meas = np.array([med[it.key] for it in calib])
     shells = np.array([table.shell_ms(p.embed_dim) for p in plans])
     sums = np.array([table.blocks_sum(p) for p in plans])
-    table.compose, table.compose_offset_ms = fit_composition(shells, sums, meas)
+    table.compose, table.compose_offset_ms, model, loo = select_composition(shells, sums, meas)
     pred = np.array([table.predict(p) for p in plans])
     macs_full = Plan.full(spec).macs()
     table.calibration = [
@@ -484,7 +486,8 @@ def assemble(sig: DeviceSignature, spec: dict, grid: Grid, med: dict, check_dims
          "ratio_err_pct": 100.0 * ((q / pred[0]) / (m / meas[0]) - 1.0)}
         for p, m, q in zip(plans, meas, pred)]
     table.probes = _probes(table, items, med, null)
-    table.meta = {"null_ms": [null[E] for E in g.embed], "model_full_ms": float(meas[0])}
+    table.meta = {"null_ms": [null[E] for E in g.embed], "model_full_ms": float(meas[0]), "compose_model": model,
+                  "compose_loo_ratio_err_pct": loo}
     return table
 
 
