@@ -76,9 +76,9 @@ def bench_one(name: str, a, out: Path) -> dict:
     plan, _ = refill(plan, removed, cost, 0.5 * t_pred)
     with tempfile.TemporaryDirectory() as tmp:
         t, s = measure_plans([full, plan], canonical_state(teacher), target, a.warmup, max(a.repeats, 30),
-                             max(a.rounds, 6), Path(tmp), progress=False)
+                             max(a.rounds, 6), Path(tmp), progress=False, paired=True)
     pred_speedup = t_pred / cost.predict(plan)
-    meas_speedup = t["median_ms"] / s["median_ms"]
+    meas_speedup = 1.0 / s["ratio"]  # the student against the teacher visits that bracket it
     r = {"model": name, "spec": {k: spec[k] for k in ("embed_dim", "depth", "num_heads", "mlp_hidden")},
          "tokens": Plan.full(spec).num_tokens, "grid": lut.grid.__dict__, "entries": lut.meta.get("entries"),
          "lut_build_s": lut.meta.get("build_s"), "validation": {k: rep[k] for k in ("ratio", "drift", "protocol")},
