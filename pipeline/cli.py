@@ -131,7 +131,7 @@ def cmd_profile(args) -> int:
     n = args.plans if args.plans is not None else cfg.profile.validate_plans
     rep = validate_lut(lut, canonical_state(teacher), Target.from_config(cfg.target), n, out, seed=cfg.profile.seed,
                        warmup=cfg.profile.warmup, repeats=cfg.profile.repeats, rounds=cfg.profile.rounds,
-                       align=cfg.search.align, same_session=not args.stored_only, pcfg=cfg.profile)
+                       align=cfg.search.align)
     print(f"wrote {out / 'lut_validation.json'} and {out / 'lut_validation.png'}")
     return 0 if rep["n_plans"] else 1
 
@@ -290,11 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("action", choices=["build", "validate", "show"])
     _common(s)
     s.add_argument("--rebuild", action="store_true", help="measure again even if a matching LUT exists")
-    s.add_argument("--plans", type=int, help="validate: number of random plans (default profile.validate_plans)")
+    s.add_argument("--plans", type=int, help="validate: number of held-out plans, stratified over 30-95%% of the "
+                   "teacher's predicted latency and timed with the teacher (default profile.validate_plans)")
     s.add_argument("--out", help="validate: output directory (default out_dir)")
     s.add_argument("--lut", help="show: a LUT file")
-    s.add_argument("--stored-only", action="store_true",
-                   help="validate: skip re-timing the LUT's micro-models in the same session as the plans")
     s.set_defaults(fn=cmd_profile)
 
     s = sub.add_parser("search", help="latency-aware structural search (writes plan.json)")

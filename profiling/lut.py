@@ -8,7 +8,7 @@ reports how well it predicts (``vitrim.profiling.validate``).
 
 Model of latency (separable, as in DESIGN.md)::
 
-    latency(plan) = shell(E) + k * sum over kept blocks [attn(E, H, QK, V) + mlp(E, M) + c]
+    latency(plan) = shell(E) + k * sum over kept blocks [attn(E, H, QK, V) + mlp(E, M) + c_b] + c
 
 * ``attn`` is a 4-D grid of ``x + attn(LN(x))`` micro-models, ``mlp`` a 2-D
   grid of ``x + mlp(LN(x))``, ``shell`` the stem + head (a CompactViT with no
@@ -16,6 +16,11 @@ Model of latency (separable, as in DESIGN.md)::
 * ``c`` is the block correction: whole-block micro-models measured at check
   points minus the sum of their halves (it absorbs the per-run overhead that
   two half-models count twice). The check residuals are stored in the table.
+* ``k`` and ``c`` are the composition: fitted by least squares to a few whole
+  plans spread over the teacher's latency range, measured in the same session
+  (:mod:`vitrim.profiling.calibrate`); their residuals are stored in the table.
+* Interpolation probes: one micro-model between grid points per axis, so the
+  table says which axis' grid is too coarse (``profile.<axis>_points``).
 
 Measurement: each micro-model is exported with the same exporter as the real
 model and timed on the target runner: warm-up, then interleaved rounds of
@@ -43,7 +48,7 @@ from vitrim.pipeline.core.errors import UserError
 from vitrim.pipeline.core.io import atomic_write_json
 from vitrim.pipeline.core.plan import Floors, Plan
 
-LUT_SCHEMA = 3  # 3: composition factor; 2: 2: entries net of the per-run overhead (null model), interleaved timing
+LUT_SCHEMA = 4  # 4: calibrated composition (k, c) and probes; 3: composition factor; 2: entries net of the per-run overhead (null model), interleaved timing
 DIMS = ("heads", "qk", "v", "mlp", "embed", "block")
 
 
@@ -112,8 +117,11 @@ class LatencyTable:
     mlp: np.ndarray  # [E, M] ms
     shell: np.ndarray  # [E] ms
     block_correction_ms: float = 0.0
-    compose: float = 1.0
+    compose: float = 1.0  # k: scale on the block sum
+    compose_offset_ms: float = 0.0  # c: offset per whole model
     checks: list = field(default_factory=list)
+    calibration: list = field(default_factory=list)  # whole plans measured at build time, with residuals
+    probes: dict = field(default_factory=dict)  # axis -> interpolation error between grid points
     meta: dict = field(default_factory=dict)
 
     # -- prediction ----------------------------------------------------------
@@ -142,12 +150,16 @@ class LatencyTable:
                             f"{plan.num_tokens}", "build a LUT for this image/patch size")
 
     def predict(self, plan: Plan, signature: Optional[DeviceSignature] = None) -> float:
-        """Predicted latency of a plan in ms: shell(E) + sum of kept blocks."""
+        """Predicted latency of a plan in ms: shell(E) + k * sum of kept blocks + c."""
         if signature is not None:
             check_compatible(self.signature, signature)
         self.check_plan(plan)
+        return self.shell_ms(plan.embed_dim) + self.compose * self.blocks_sum(plan) + self.compose_offset_ms
+
+    def blocks_sum(self, plan: Plan) -> float:
+        """Sum of the kept blocks' table latencies (before the composition)."""
         E = plan.embed_dim
-        return self.shell_ms(E) + self.compose * sum(self.block_ms(E, *b.dims) for b in plan.blocks if b.keep)
+        return sum(self.block_ms(E, *b.dims) for b in plan.blocks if b.keep)
 
     def marginal(self, plan: Plan, block: Optional[int], dim: str, groups: int = 1, group_size: int = 1) -> float:
         """Latency saved (ms) by removing ``groups`` groups of ``group_size`` units.
@@ -179,8 +191,9 @@ class LatencyTable:
         return {"schema": LUT_SCHEMA, "signature": self.signature.to_dict(), "key": self.signature.key(),
                 "spec": self.spec, "grid": asdict(self.grid), "attn_ms": self.attn.tolist(),
                 "mlp_ms": self.mlp.tolist(), "shell_ms": self.shell.tolist(),
-                "block_correction_ms": self.block_correction_ms, "compose": self.compose, "checks": self.checks,
-                "meta": self.meta}
+                "block_correction_ms": self.block_correction_ms, "compose": self.compose,
+                "compose_offset_ms": self.compose_offset_ms, "checks": self.checks, "calibration": self.calibration,
+                "probes": self.probes, "meta": self.meta}
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_json(path, self.to_dict())
@@ -200,9 +213,9 @@ class LatencyTable:
             t = cls(signature=DeviceSignature.from_dict(d["signature"]), spec=d["spec"], grid=grid,
                     attn=np.asarray(d["attn_ms"], dtype=np.float64), mlp=np.asarray(d["mlp_ms"], dtype=np.float64),
                     shell=np.asarray(d["shell_ms"], dtype=np.float64),
-                    block_correction_ms=float(d["block_correction_ms"]), compose=float(d.get("compose", 1.0)),
-                    checks=d.get("checks", []),
-                    meta=d.get("meta", {}))
+                    block_correction_ms=float(d["block_correction_ms"]), compose=float(d["compose"]),
+                    compose_offset_ms=float(d["compose_offset_ms"]), checks=d.get("checks", []),
+                    calibration=d.get("calibration", []), probes=d.get("probes", {}), meta=d.get("meta", {}))
         except (KeyError, TypeError, ValueError) as e:
             raise UserError("profile", f"LUT '{p}' is malformed ({type(e).__name__}: {e})",
                             "delete it and rebuild with `vitrim profile build`") from None
@@ -221,12 +234,26 @@ class LatencyTable:
         lines = [f"LUT for {self.signature}", f"  key {self.signature.key()}",
                  f"  grid: embed {g.embed}, heads {g.heads}, qk {g.qk}, v {g.v}, mlp {g.mlp}",
                  f"  entries: {self.grid.size()}  block correction {self.block_correction_ms:+.3f} ms, "
-                 f"composition k={self.compose:.3f}",
+                 f"composition k={self.compose:.3f}, offset c={self.compose_offset_ms:+.3f} ms",
                  f"  teacher predicted: {self.predict(full):.3f} ms (shell {self.shell_ms(full.embed_dim):.3f} ms, "
                  f"block {self.block_ms(full.embed_dim, *full.blocks[0].dims):.3f} ms)"]
         if self.checks:
             errs = [abs(c["err_pct"]) for c in self.checks]
             lines.append(f"  whole-block checks: {len(errs)}, median |err| {np.median(errs):.1f}%, max {max(errs):.1f}%")
+        if self.calibration:
+            loo = self.meta.get("compose_loo_ratio_err_pct", {})
+            lines.append(f"  calibration: {len(self.calibration)} whole plans measured with the micro-models; composition "
+                         f"'{self.meta.get('compose_model', '?')}' chosen by leave-one-out ratio error ("
+                         + ", ".join(f"{k} {v:.1f}%" for k, v in loo.items()) + "); residuals after the fit:")
+            lines.append("    share of teacher  measured ms  predicted ms  abs err  ratio err")
+            for c in self.calibration:
+                lines.append(f"    {c['measured_ratio']:16.1%}  {c['measured_ms']:11.3f}  {c['predicted_ms']:12.3f}  "
+                             f"{c['err_pct']:+6.1f}%  {c['ratio_err_pct']:+8.1f}%")
+        if self.probes:
+            parts = [f"{a} {p['err_pct']:+.1f}%" for a, p in self.probes.items()]
+            worst = max(self.probes, key=lambda a: abs(self.probes[a]["err_pct"]))
+            lines.append("  interpolation probes between grid points (% of a full block): " + ", ".join(parts))
+            lines.append(f"  largest remaining grid error: {worst} axis (denser grid: profile.{_POINTS_KNOB[worst]})")
         if "reproducibility_pct" in self.meta:
             lines.append(f"  same entry measured twice: {self.meta['reproducibility_pct']:.1f}% apart")
         if "build_s" in self.meta:
@@ -238,16 +265,23 @@ class LatencyTable:
 # Measurement
 
 
+_POINTS_KNOB = {"embed": "embed_points", "heads": "head_points", "qk": "qk_points", "v": "v_points",
+                "mlp": "mlp_points"}
+
+
 @dataclass
 class Item:
     key: str
-    kind: str  # attn | mlp | block | shell
+    kind: str  # attn | mlp | block | shell | null | plan
     dims: tuple  # (E,) or (E, H, QK, V, M)
+    plan: Optional[Plan] = None  # kind "plan": a whole model (calibration)
 
 
 def _make_item(item: Item, spec: dict, tokens: int):
-    from vitrim.profiling.micro import make_part, sample_shape
+    from vitrim.profiling.micro import make_part, make_plan_model, sample_shape
 
+    if item.kind == "plan":
+        return make_plan_model(item.plan), sample_shape("plan", spec, item.dims[0], tokens)
     return make_part(item.kind, spec, *item.dims), sample_shape(item.kind, spec, item.dims[0], tokens)
 
 
@@ -259,9 +293,12 @@ def _open_runner(item: Item, spec: dict, target: Target, tokens: int, workdir: P
     return runner_for_module(model, shape, target, workdir, item.key)
 
 
+Opener = Callable[[Item, dict, Target, int, Path], "object"]
+
+
 def measure_items(items: list[Item], spec: dict, target: Target, tokens: int, pcfg: ProfileConfig,
                   workdir: Path, done: dict, on_chunk: Callable[[dict], None], progress: bool = True,
-                  chunk: int = 0) -> dict:
+                  chunk: int = 0, opener: Optional[Opener] = None) -> dict:
     """Time every item not already in ``done`` on the target; returns key -> timing dict.
 
     All micro-models of a chunk are exported first, then timed round-robin
@@ -282,7 +319,7 @@ def measure_items(items: list[Item], spec: dict, target: Target, tokens: int, pc
         part = todo[c:c + chunk]
         runners = []
         for it in part:
-            runners.append(_open_runner(it, spec, target, tokens, workdir))
+            runners.append((opener or _open_runner)(it, spec, target, tokens, workdir))
             bar.update(0.5)
         gc.collect()
         for r in runners:
@@ -300,13 +337,50 @@ def measure_items(items: list[Item], spec: dict, target: Target, tokens: int, pc
     return done
 
 
-def lut_items(spec: dict, grid: Grid, pcfg: ProfileConfig) -> tuple[list[Item], list[tuple]]:
-    """Every micro-model a LUT needs, and the whole-block check dims."""
+CALIB_MACS_RANGE = (0.12, 0.95)  # proxy range for the calibration plans (no table exists yet); lands ~30-100% of latency
+
+
+def calibration_plans(spec: dict, grid: Grid, n: int, seed: int, align: int = 8) -> list[Plan]:
+    """The teacher plus ``n - 1`` plans stratified by MACs (the proxy before any latency is known).
+
+    Their measured share of the teacher's latency is stored with the residuals,
+    so the range they actually cover is on record.
+    """
+    import random
+
+    from vitrim.profiling.calibrate import stratified_plans
+
+    full = Plan.full(spec)
+    macs_full = full.macs()
+    rng = random.Random(seed + 7919)  # not the validation plans' stream
+    lo, hi = CALIB_MACS_RANGE
+    return [full] + stratified_plans(spec, grid, max(0, n - 1), lo, hi, lambda p: p.macs() / macs_full, rng, align)
+
+
+def _probe_points(grid: Grid, spec: dict, align: int) -> dict:
+    """Per axis, an aligned width inside the widest gap between grid points (None: no gap)."""
+    out = {}
+    for axis, step in (("embed", align), ("heads", 1), ("qk", align), ("v", align), ("mlp", align)):
+        pts = getattr(grid, axis)
+        gaps = sorted(zip(pts[:-1], pts[1:]), key=lambda ab: ab[0] - ab[1])  # widest first
+        mid = None
+        for a, b in gaps:
+            cands = [x for x in range(a + 1, b) if x % step == 0]
+            if cands:
+                mid = min(cands, key=lambda x: abs(x - (a + b) / 2))
+                break
+        out[axis] = mid
+    return out
+
+
+def lut_items(spec: dict, grid: Grid, pcfg: ProfileConfig, align: int = 8) -> tuple[list[Item], list[tuple]]:
+    """Every micro-model a LUT needs (with calibration plans and probes), and the whole-block check dims."""
     g = grid
     M_full = spec["mlp_hidden"]
     items = [Item(f"shell_e{E}", "shell", (E,)) for E in g.embed]
     items += [Item(f"null_e{E}", "null", (E,)) for E in g.embed]
-    items.append(Item("model_full", "model", (g.embed[-1],)))
+    items += [Item(f"calib{i}", "plan", (p.embed_dim,), p)
+              for i, p in enumerate(calibration_plans(spec, g, max(1, pcfg.calibration_plans), pcfg.seed, align))]
     items += [Item(f"attn_e{E}_h{H}_q{q}_v{v}", "attn", (E, H, q, v, M_full))
               for E, H, q, v in itertools.product(g.embed, g.heads, g.qk, g.v)]
     items += [Item(f"mlp_e{E}_m{M}", "mlp", (E, 1, 8, 8, M)) for E, M in itertools.product(g.embed, g.mlp)]
@@ -320,6 +394,20 @@ def lut_items(spec: dict, grid: Grid, pcfg: ProfileConfig) -> tuple[list[Item], 
         if d not in check_dims:
             check_dims.append(d)
     items += [Item(_check_key(i, d), "block", d) for i, d in enumerate(check_dims)]
+    # interpolation probes: one off-grid point per axis, the others at full width
+    Ef, Hf, qf, vf, Mf = g.embed[-1], g.heads[-1], g.qk[-1], g.v[-1], g.mlp[-1]
+    mids = _probe_points(g, spec, align)
+    if mids["embed"] is not None:
+        e = mids["embed"]
+        items += [Item("probe_embed_attn", "attn", (e, Hf, qf, vf, M_full)), Item("probe_embed_mlp", "mlp", (e, 1, 8, 8, Mf)),
+                  Item("probe_embed_null", "null", (e,))]
+    for axis, i in (("heads", 1), ("qk", 2), ("v", 3)):
+        if mids[axis] is not None:
+            d = [Ef, Hf, qf, vf, M_full]
+            d[i] = mids[axis]
+            items.append(Item(f"probe_{axis}", "attn", tuple(d)))
+    if mids["mlp"] is not None:
+        items.append(Item("probe_mlp", "mlp", (Ef, 1, 8, 8, mids["mlp"])))
     # the same entry again, in its own session: how reproducible is one measurement?
     ref = next(it for it in items if it.kind == "attn" and it.dims[:4] == (g.embed[-1], g.heads[-1], g.qk[-1], g.v[-1]))
     items.append(Item("repeat_" + ref.key, ref.kind, ref.dims))
@@ -330,9 +418,37 @@ def _check_key(i: int, d: tuple) -> str:
     return f"block{i}_e{d[0]}_h{d[1]}_q{d[2]}_v{d[3]}_m{d[4]}"
 
 
-def assemble(sig: DeviceSignature, spec: dict, grid: Grid, med: dict, check_dims: list[tuple]) -> LatencyTable:
-    """Turn per-item medians (ms) into a table: net entries, block correction, composition."""
-    from vitrim.pipeline.core.plan import Plan
+def _probes(table: "LatencyTable", items: list[Item], med: dict, null: dict) -> dict:
+    """Interpolation error per axis at its probe point, in % of a full-width block."""
+    fa, fm, _ = table._interpolators()
+    g = table.grid
+    Ef = g.embed[-1]
+    full_block = table.block_ms(Ef, g.heads[-1], g.qk[-1], g.v[-1], g.mlp[-1])
+    by_key = {it.key: it for it in items}
+    out = {}
+    if "probe_embed_attn" in by_key:
+        ea, em = by_key["probe_embed_attn"].dims, by_key["probe_embed_mlp"].dims
+        n = med["probe_embed_null"]
+        meas = (med["probe_embed_attn"] - n) + (med["probe_embed_mlp"] - n)
+        pred = fa(*ea[:4]) + fm(em[0], em[4])
+        out["embed"] = {"at": ea[0], "measured_ms": meas, "interpolated_ms": pred}
+    for axis, i in (("heads", 1), ("qk", 2), ("v", 3)):
+        k = f"probe_{axis}"
+        if k in by_key:
+            d = by_key[k].dims
+            out[axis] = {"at": d[i], "measured_ms": med[k] - null[Ef], "interpolated_ms": fa(*d[:4])}
+    if "probe_mlp" in by_key:
+        d = by_key["probe_mlp"].dims
+        out["mlp"] = {"at": d[4], "measured_ms": med["probe_mlp"] - null[Ef], "interpolated_ms": fm(d[0], d[4])}
+    for v in out.values():
+        v["err_pct"] = 100.0 * (v["interpolated_ms"] - v["measured_ms"]) / full_block
+    return out
+
+
+def assemble(sig: DeviceSignature, spec: dict, grid: Grid, med: dict, check_dims: list[tuple],
+             items: list[Item]) -> LatencyTable:
+    """Turn per-item medians (ms) into a table: net entries, block correction, calibrated composition."""
+    from vitrim.profiling.calibrate import select_composition
 
     g = grid
     null = {E: med[f"null_e{E}"] for E in g.embed}
@@ -355,30 +471,44 @@ def assemble(sig: DeviceSignature, spec: dict, grid: Grid, med: dict, check_dims
         c["predicted_ms"] = pred
         c["err_pct"] = 100.0 * (pred - c["measured_ms"]) / c["measured_ms"]
     table.checks = checks
-    full = Plan.full(spec)
-    blocks_sum = sum(table.block_ms(full.embed_dim, *b.dims) for b in full.blocks)
-    table.compose = float((med["model_full"] - table.shell_ms(full.embed_dim)) / blocks_sum) if blocks_sum > 0 else 1.0
-    table.meta = {"null_ms": [null[E] for E in g.embed], "model_full_ms": med["model_full"]}
+    calib = [it for it in items if it.kind == "plan"]  # calib0 is the teacher
+    plans = [it.plan for it in calib]
+    meas = np.array([med[it.key] for it in calib])
+    shells = np.array([table.shell_ms(p.embed_dim) for p in plans])
+    sums = np.array([table.blocks_sum(p) for p in plans])
+    table.compose, table.compose_offset_ms, model, loo = select_composition(shells, sums, meas)
+    pred = np.array([table.predict(p) for p in plans])
+    macs_full = Plan.full(spec).macs()
+    table.calibration = [
+        {"embed": p.embed_dim, "blocks": [list(d) for d in p.block_dims()], "macs_fraction": p.macs() / macs_full,
+         "measured_ms": float(m), "predicted_ms": float(q), "err_pct": 100.0 * (q / m - 1.0),
+         "measured_ratio": float(m / meas[0]), "predicted_ratio": float(q / pred[0]),
+         "ratio_err_pct": 100.0 * ((q / pred[0]) / (m / meas[0]) - 1.0)}
+        for p, m, q in zip(plans, meas, pred)]
+    table.probes = _probes(table, items, med, null)
+    table.meta = {"null_ms": [null[E] for E in g.embed], "model_full_ms": float(meas[0]), "compose_model": model,
+                  "compose_loo_ratio_err_pct": loo}
     return table
 
 
 def build_lut(spec: dict, target: Target, pcfg: ProfileConfig, floors: Floors, align: int, out_path: str | os.PathLike,
-              progress: bool = True, log: Callable[[str], None] = print) -> LatencyTable:
+              progress: bool = True, log: Callable[[str], None] = print, opener: Optional[Opener] = None) -> LatencyTable:
     """Measure a LUT for ``spec`` on ``target`` and save it to ``out_path``.
 
     Resumable: finished entries are kept in ``<out_path>.partial`` and reused
-    when the build is restarted with the same signature and grid.
+    when the build is restarted with the same signature and grid. ``opener``
+    replaces the exporter-and-engine step that makes a runner per item (tests only).
     """
-    from vitrim.pipeline.core.plan import Plan
-
     t0 = time.time()
     tokens = Plan.full(spec).num_tokens
     sig = target.signature(tokens)
-    grid = Grid.for_spec(spec, pcfg, floors, max(align, target.align))
+    align = max(align, target.align)
+    grid = Grid.for_spec(spec, pcfg, floors, align)
     out_path = Path(out_path)
     partial = out_path.with_name(out_path.name + ".partial")
     header = {"signature": sig.to_dict(), "grid": asdict(grid), "spec": spec,
-              "measure": {"warmup": pcfg.warmup, "repeats": pcfg.repeats, "rounds": pcfg.rounds}}
+              "measure": {"warmup": pcfg.warmup, "repeats": pcfg.repeats, "rounds": pcfg.rounds,
+                          "calibration_plans": pcfg.calibration_plans, "checks": pcfg.checks, "seed": pcfg.seed}}
     done: dict = {}
     if partial.is_file():
         try:
@@ -388,13 +518,15 @@ def build_lut(spec: dict, target: Target, pcfg: ProfileConfig, floors: Floors, a
                 log(f"[profile] resuming: {len(done)} entries already measured in {partial}")
         except (json.JSONDecodeError, KeyError):
             pass
-    items, check_dims = lut_items(spec, grid, pcfg)
-    log(f"[profile] measuring {len(items)} micro-models on [{sig}]")
+    items, check_dims = lut_items(spec, grid, pcfg, align)
+    n_cal = sum(it.kind == "plan" for it in items)
+    log(f"[profile] measuring {len(items)} micro-models ({n_cal} of them whole plans for calibration) on [{sig}]")
     with tempfile.TemporaryDirectory(prefix="vitrim-lut-") as tmp:
         measure_items(items, spec, target, tokens, pcfg, Path(tmp), done,
-                      lambda d: atomic_write_json(partial, {"header": header, "entries": d}), progress=progress)
+                      lambda d: atomic_write_json(partial, {"header": header, "entries": d}), progress=progress,
+                      opener=opener)
     med = {k: v["median_ms"] for k, v in done.items()}
-    table = assemble(sig, spec, grid, med, check_dims)
+    table = assemble(sig, spec, grid, med, check_dims, items)
     ref = items[-1].key[len("repeat_"):]
     a, b = med[ref], med[items[-1].key]
     table.meta.update({"build_s": round(time.time() - t0, 1), "entries": len(items),
@@ -403,7 +535,10 @@ def build_lut(spec: dict, target: Target, pcfg: ProfileConfig, floors: Floors, a
                        **header["measure"]})
     table.save(out_path)
     partial.unlink(missing_ok=True)
+    cal = table.calibration
     log(f"[profile] LUT saved to {out_path} in {table.meta['build_s']:.0f}s; block correction "
-        f"{table.block_correction_ms:+.3f} ms, composition k={table.compose:.3f}; whole-block check errors "
-        + ", ".join(f"{c['err_pct']:+.1f}%" for c in table.checks))
+        f"{table.block_correction_ms:+.3f} ms, composition k={table.compose:.3f} c={table.compose_offset_ms:+.3f} ms "
+        f"fitted on {len(cal)} whole plans ({min(c['measured_ratio'] for c in cal):.0%}-100% of the teacher), "
+        f"residuals " + ", ".join(f"{c['err_pct']:+.1f}%" for c in cal)
+        + "; whole-block check errors " + ", ".join(f"{c['err_pct']:+.1f}%" for c in table.checks))
     return table

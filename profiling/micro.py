@@ -76,10 +76,13 @@ def make_part(kind: str, spec: dict, E: int, H: int = 1, QK: int = 8, V: int = 8
         return make_shell(spec, E)
     if kind == "null":
         return NullPart(E).eval()
-    if kind == "model":  # the whole keep-everything model (the composition check)
-        return _init(CompactViT(Plan.full(spec)))
     blk = make_block(spec, E, H, QK, V, M)
     return {"attn": AttnPart, "mlp": MlpPart}[kind](blk) if kind != "block" else blk
+
+
+def make_plan_model(plan: Plan) -> CompactViT:
+    """A whole sliced model of ``plan`` with random weights (latency does not depend on the values)."""
+    return _init(CompactViT(plan))
 
 
 def make_shell(spec: dict, E: int) -> CompactViT:
@@ -89,6 +92,6 @@ def make_shell(spec: dict, E: int) -> CompactViT:
 
 
 def sample_shape(kind: str, spec: dict, E: int, tokens: int) -> tuple[int, ...]:
-    if kind in ("shell", "model"):
+    if kind in ("shell", "plan"):
         return (spec["in_chans"], *spec["img_size"])
     return (tokens, E)

@@ -122,6 +122,8 @@ class ProfileConfig:
     checks: int = 4  # whole-block measurements that check the separable model
     validate_plans: int = 20
     seed: int = 0
+    # issue 14: whole plans (teacher included) measured with the micro-models to fit the composition
+    calibration_plans: int = 6
 
 
 @dataclass
@@ -149,6 +151,9 @@ class SearchConfig:
     refill: bool = True  # after the last step, put back removed groups that still fit the budget
     min_blocks: int = 1
     seed: int = 0
+    # issue 14: closed loop on the engine (latency budgets only)
+    measured_tolerance: float = 0.03  # relative miss of the measured ratio that triggers a correction
+    measured_rounds: int = 3  # correction rounds at most (0: measure and report only)
 
 
 @dataclass
@@ -391,6 +396,12 @@ def validate_config(cfg: RunConfig, source: str = "<config>") -> None:
     if cfg.target.batch < 1:
         bad("target.batch", "must be >= 1", "use a positive batch size")
     validate_search(cfg.search, source)
+    if not 0.0 < cfg.search.measured_tolerance < 1.0:  # issue 14
+        bad("search.measured_tolerance", f"is {cfg.search.measured_tolerance}", "use a fraction such as 0.03")
+    if cfg.search.measured_rounds < 0:
+        bad("search.measured_rounds", f"is {cfg.search.measured_rounds}", "use 0 or more rounds")
+    if cfg.profile.calibration_plans < 1:
+        bad("profile.calibration_plans", f"is {cfg.profile.calibration_plans}", "use at least 1 (the teacher)")
     if cfg.export.parity_batches < 1:
         bad("export.parity_batches", f"is {cfg.export.parity_batches}", "use at least 1 batch for the output comparison")
     if cfg.export.parity_images is not None and cfg.export.parity_images < 1:

@@ -73,6 +73,8 @@ def _stale_reason(path: Path, cfg: RunConfig, spec: dict, target: Target, want) 
     m = lut.meta
     if (m.get("warmup"), m.get("repeats"), m.get("rounds")) != (cfg.profile.warmup, cfg.profile.repeats, cfg.profile.rounds):
         return "the measurement settings changed"
+    if (m.get("calibration_plans"), m.get("checks")) != (cfg.profile.calibration_plans, cfg.profile.checks):  # issue 14
+        return "the calibration settings changed"
     return None
 
 

@@ -94,8 +94,16 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
         t0 = None
     else:
         cache.invalidate("finetune")
-        res = stage_search(cfg, teacher, lut, splits, search_out, log=log)
-        plan = res.plan
+        # issue 14: ms budgets anchored on the teacher measured now; after the search, the closed loop
+        from vitrim.pipeline.core.models import canonical_state
+        from vitrim.pipeline.stages import measured
+
+        with measured.PairTimer(cfg, canonical_state(teacher), spec) as timer:
+            scfg, anchor = measured.anchor_budget(cfg, timer, log)
+            res = stage_search(scfg, teacher, lut, splits, search_out, log=log)
+            plan = res.plan
+            if measured.is_latency_budget(cfg.search):
+                plan = measured.stage_closed_loop(scfg, teacher, lut, res, splits, search_out, anchor, timer, log).plan
         cache.done("search", h_search, wall_s=round(res.wall_s, 1))
     timings["search_s"] = round(time.time() - t0, 1) if t0 else "cached"
 
@@ -146,6 +154,9 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
             summary[key]["measured_ms"], summary[key]["p90_ms"] = t.median_ms, t.p90_ms
         summary["speedup"] = same[0].median_ms / same[1].median_ms
         summary["latency_protocol"] = "teacher and student re-timed round-robin in one session"
+    from vitrim.pipeline.stages.measured import add_to_summary  # issue 14
+
+    add_to_summary(summary, out, same)
     summary["wall_s"] = round(time.time() - t_start, 1)
     atomic_write_json(out / "summary.json", summary)
     write_report(out, summary)
@@ -200,6 +211,8 @@ def make_summary(cfg, spec, plan, lut, teacher_acc, teacher_exp, student_exp, ou
 
 
 def write_report(out: Path, s: dict) -> None:
+    from vitrim.pipeline.stages.measured import report_lines  # issue 14
+
     t, st = s["teacher"], s["student"]
     sig = s["signature"]
     rows = [
@@ -230,6 +243,7 @@ def write_report(out: Path, s: dict) -> None:
               f"({100 * (t['predicted_ms'] - t['measured_ms']) / t['measured_ms']:+.1f}%).  ",
               f"Student: predicted {st['predicted_ms']:.3f} ms, measured {st['measured_ms']:.3f} ms "
               f"({100 * (st['predicted_ms'] - st['measured_ms']) / st['measured_ms']:+.1f}%).", "",
+              *report_lines(s), "",  # issue 14
               "## Stage times (s)", "", "| " + " | ".join(s["timings"]) + " |",
               "|" + "---:|" * len(s["timings"]), "| " + " | ".join(str(v) for v in s["timings"].values()) + " |", "",
               "Artifacts: `model.onnx`, `model.ort.onnx` (engine), `student.safetensors`, `plan.json`, `lut.json`, "

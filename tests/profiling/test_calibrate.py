@@ -1,0 +1,125 @@
+"""Calibration of the composition, stratified held-out plans, and the documented error statistics."""
+import random
+
+import numpy as np
+import pytest
+
+from vitrim.export.runners import Runner
+from vitrim.export.target import Target
+from vitrim.pipeline.core.config import ProfileConfig
+from vitrim.pipeline.core.plan import Floors, Plan
+from vitrim.profiling.calibrate import error_stats, fit_composition
+from tests.conftest import TINY_PCFG
+
+# the planted truth: multilinear per axis, so the LUT's interpolation reproduces it exactly
+K, C, CB = 1.3, 0.7, 0.03
+
+
+def _null(E):
+    return 0.2 + 0.001 * E
+
+
+def _attn(E, H, q, v):
+    return 0.01 + 1e-4 * E * H * (q + v)
+
+
+def _mlp(E, M):
+    return 0.02 + 2e-5 * E * M
+
+
+def _truth(item) -> float:
+    d = item.dims
+    if item.kind == "shell":
+        return 0.5 + 0.01 * d[0]
+    if item.kind == "null":
+        return _null(d[0])
+    if item.kind == "attn":
+        return _null(d[0]) + _attn(*d[:4])
+    if item.kind == "mlp":
+        return _null(d[0]) + _mlp(d[0], d[4])
+    if item.kind == "block":
+        return _null(d[0]) + _attn(*d[:4]) + _mlp(d[0], d[4]) + CB
+    p = item.plan  # a whole plan: shell + K * blocks + C
+    E = p.embed_dim
+    return 0.5 + 0.01 * E + K * sum(_attn(E, H, q, v) + _mlp(E, M) + CB for H, q, v, M in
+                                    (b.dims for b in p.blocks if b.keep)) + C
+
+
+class KnownLatencyRunner(Runner):
+    """A fake runner whose latency is a known function of the item's dims (this test only)."""
+
+    def __init__(self, ms: float):
+        self.ms = ms
+
+    def _prepare(self, batch, seed=0):
+        pass
+
+    def _run_once(self) -> float:
+        return self.ms
+
+
+def test_calibration_recovers_planted_scale_and_offset(tiny_spec, tmp_path):
+    from vitrim.profiling.lut import LatencyTable, build_lut
+
+    pcfg = ProfileConfig(**{**TINY_PCFG, "qk_points": 2, "v_points": 2, "calibration_plans": 5})
+    seen = []
+
+    def opener(item, spec, target, tokens, workdir):
+        seen.append(item.kind)
+        return KnownLatencyRunner(_truth(item))
+
+    lut = build_lut(tiny_spec, Target(batch=4, threads=1), pcfg, Floors(), 8, tmp_path / "lut.json", progress=False,
+                    log=lambda s: None, opener=opener)
+    assert seen.count("plan") == 5 and seen.count("block") == 2
+    assert lut.compose == pytest.approx(K, abs=1e-9)
+    assert lut.compose_offset_ms == pytest.approx(C, abs=1e-9)
+    assert lut.block_correction_ms == pytest.approx(CB, abs=1e-12)
+    assert len(lut.calibration) == 5 and all(abs(c["err_pct"]) < 1e-7 for c in lut.calibration)
+    assert lut.calibration[0]["measured_ratio"] == 1.0 and len({c["embed"] for c in lut.calibration}) >= 2
+    assert set(lut.probes) >= {"embed", "mlp"} and all(abs(p["err_pct"]) < 1e-7 for p in lut.probes.values())
+    # stored and shown
+    again = LatencyTable.load(tmp_path / "lut.json")
+    assert again.compose_offset_ms == lut.compose_offset_ms and again.calibration == lut.calibration
+    text = again.summary()
+    assert "offset c=+0.700 ms" in text and "calibration: 5 whole plans" in text and "largest remaining grid error" in text
+
+
+def test_fit_composition_without_offset_information():
+    k, c = fit_composition(np.array([1.0]), np.array([4.0]), np.array([9.0]))
+    assert (k, c) == (pytest.approx(2.0), 0.0)
+
+
+def test_error_stats_on_a_hand_made_table():
+    # teacher predicted 10 ms, measured 20 ms (the machine drifted 2x since the build)
+    pred = [10.0, 5.0, 3.0, 8.0]
+    meas = [20.0, 10.0, 6.6, 14.0]
+    st = error_stats(pred, meas, teacher=0)
+    # ratios: predicted .5 .3 .8; measured .5 .33 .7 -> errors 0%, -9.09%, +14.29%
+    assert st["ratio_err_pct"] == pytest.approx([0.0, 0.0, 100 * (0.3 / 0.33 - 1), 100 * (0.8 / 0.7 - 1)])
+    r = st["ratio"]
+    assert r["n"] == 3
+    assert r["median_abs_err_pct"] == pytest.approx(100 * (1 - 0.3 / 0.33))
+    assert r["max_abs_err_pct"] == pytest.approx(100 * (0.8 / 0.7 - 1))
+    assert r["within_5_pct"] == pytest.approx(1 / 3) and r["within_10_pct"] == pytest.approx(2 / 3)
+    assert r["spearman"] == pytest.approx(1.0)
+    d = st["drift"]
+    assert d["teacher_predicted_ms"] == 10.0 and d["teacher_measured_ms"] == 20.0 and d["teacher_err_pct"] == -50.0
+    assert st["abs_err_pct"] == pytest.approx([-50.0, -50.0, 100 * (3 / 6.6 - 1), 100 * (8 / 14 - 1)])
+    assert d["median_abs_err_pct"] == pytest.approx(50.0)
+
+
+def test_stratified_validation_plans_fall_in_the_requested_range(tiny_lut):
+    from vitrim.profiling.validate import validation_plans
+
+    lut, _ = tiny_lut
+    t = lut.predict(Plan.full(lut.spec))
+    # the tiny teacher (depth 2) cannot go below ~50% of itself: ask for a range it can reach
+    lo, hi = 0.6, 0.95
+    plans = validation_plans(lut, 4, seed=3, lo=lo, hi=hi)
+    ratios = sorted(lut.predict(p) / t for p in plans)
+    assert len(plans) == 4 and len({(p.embed_dim, tuple(p.block_dims())) for p in plans}) == 4
+    edges = np.linspace(lo, hi, 5)
+    for r, a, b in zip(ratios, edges[:-1], edges[1:]):  # one per stratum
+        assert a - 1e-9 <= r <= b + 1e-9, (ratios, edges)
+    cal = {(c["embed"], tuple(tuple(b) for b in c["blocks"])) for c in lut.calibration}
+    assert not cal & {(p.embed_dim, tuple(p.block_dims())) for p in plans}  # held out
