@@ -21,7 +21,6 @@ prints the README table.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time

@@ -148,6 +148,8 @@ def main() -> int:
                   "| model | engine | ms | speedup vs fp32 teacher |", "|---|---|---:|---:|"]
         lines += [f"| {r['model']} | {r['engine']} | {r['ms']:.1f} | {r['speedup']:.2f}x |" for r in rows]
         lines += ["", f"ORT transformer-optimizer fusions that apply: {json.dumps(fusions)}", ""]
+        atomic_write_text(out / "int8.md", "\n".join(lines) + "\n")  # partial results survive a later failure
+        print("\n".join(lines), flush=True)
     rows = embedded(args.config, out, args.set)
     res["embedded"] = rows
     lines += ["## Embedded default (Fashion-MNIST), batch 64 (one interleaved session)", "",

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from vitrim.export.onnx import INPUT_NAME
 from vitrim.export.runners import OrtCpuRunner, Runner, TrtRunner
 from vitrim.export.target import Target, import_tensorrt, trt_major
 from vitrim.pipeline.core.errors import UserError
@@ -68,7 +67,9 @@ def build_trt_engine(onnx_path: str | os.PathLike, out_path: str | os.PathLike, 
         raise UserError("export", f"TensorRT {trt.__version__} is strongly typed: fp16 needs an fp16 ONNX, "
                         f"and '{onnx_path}' is fp32", "export with target.precision=fp16 (vitrim converts the ONNX)")
     max_batch = target.max_batch or 2 * target.batch
-    profile = Profile().add(INPUT_NAME, min=(1, *sample_shape), opt=(target.batch, *sample_shape),
+    from vitrim.export.quantize import _input_name
+
+    profile = Profile().add(_input_name(onnx_path), min=(1, *sample_shape), opt=(target.batch, *sample_shape),
                             max=(max_batch, *sample_shape))
     cache = Path(timing_cache) if timing_cache else None
     config = CreateConfig(fp16=True if ((fp16 or int8) and major < 11) else None, int8=True if int8 else None,

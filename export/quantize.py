@@ -159,10 +159,14 @@ def quantize_modelopt(src: str | os.PathLike, dst: str | os.PathLike, q: QuantCo
                         "set target.quant.method to minmax or entropy")
     with atomic_path(dst) as tmp:
         out = tmp.with_suffix(".onnx")
+        # explicit: calibrate on the CPU provider (no ORT-GPU needed), and the float ops between Q/DQ pairs in
+        # fp16 (ModelOpt's default, recorded in the manifest because it changes the engine's numerics)
         quantize(str(src), quantize_mode=mode, calibration_data={_input_name(src): calib}, calibration_method=method,
-                 op_types_to_quantize=list(q.op_types) or None, output_path=str(out))
+                 calibration_eps=["cpu"], high_precision_dtype="fp16", op_types_to_quantize=list(q.op_types) or None,
+                 output_path=str(out))
         os.replace(out, tmp)
-    return {"tool": "modelopt.onnx.quantization", "mode": mode, "method": method, "calib_images": int(len(calib)),
+    return {"tool": "modelopt.onnx.quantization", "mode": mode, "method": method, "high_precision_dtype": "fp16",
+            "calib_images": int(len(calib)),
             "calib_sha256": calibration_hash(calib)}
 
 

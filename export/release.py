@@ -48,6 +48,10 @@ def onnx_sample_shape(path: str | os.PathLike) -> tuple[int, ...]:
     inputs = [i for i in m.graph.input if i.name not in inits]
     if len(inputs) != 1:
         raise UserError("export", f"'{path}' has {len(inputs)} inputs", "vitrim releases single-input image classifiers")
+    batch_dim = inputs[0].type.tensor_type.shape.dim[0]
+    if batch_dim.HasField("dim_value") and batch_dim.dim_value != 0:
+        raise UserError("export", f"'{path}' has a static batch of {batch_dim.dim_value}",
+                        "export it with a dynamic batch dim (torch.onnx.export(..., dynamic_shapes=...))")
     dims = inputs[0].type.tensor_type.shape.dim[1:]
     if not all(d.HasField("dim_value") for d in dims):
         raise UserError("export", f"'{path}' has symbolic non-batch input dims", "export with a static image size")
@@ -96,6 +100,9 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
     if model is None and target.backend in ("torch-cpu", "torch-cuda"):
         raise UserError("export", f"a {target.backend} target runs the torch model, and only an ONNX file was given",
                         "pass the torch model, or use target.backend=ort-cpu or tensorrt")
+    if onnx_path is not None and target.backend in ("torch-cpu", "torch-cuda"):
+        raise UserError("export", f"a {target.backend} target ships a torch program, not the given ONNX '{onnx_path}'",
+                        "drop --onnx, or use target.backend=ort-cpu or tensorrt to release that file")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if onnx_path is not None:

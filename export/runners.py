@@ -336,6 +336,7 @@ class TrtRunner(Runner):
     def infer(self, x: np.ndarray) -> np.ndarray:
         t = self.torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).cuda()
         outs = self._bind(t)
+        self.stream.wait_stream(self.torch.cuda.current_stream())  # the input copy ran on the default stream
         self.context.execute_async_v3(self.stream.cuda_stream)
         self.stream.synchronize()
         return outs[self.outputs[0]].float().cpu().numpy()
@@ -343,6 +344,7 @@ class TrtRunner(Runner):
     def _prepare(self, batch: int, seed: int = 0) -> None:
         g = self.torch.Generator().manual_seed(seed)
         self._bind(self.torch.randn((batch, *self.sample_shape()), generator=g).cuda())
+        self.stream.wait_stream(self.torch.cuda.current_stream())
 
     def _run_once(self) -> float:
         torch = self.torch

@@ -176,7 +176,6 @@ def cmd_finetune(args) -> int:
 
 def cmd_export(args) -> int:
     from vitrim.export.release import release_from_config
-    from vitrim.pipeline.core.data import build_splits
     from vitrim.pipeline.core.io import copy_into
     from vitrim.pipeline.core.slicing import load_compact
     from vitrim.pipeline.stages.profile import find_lut
@@ -198,7 +197,7 @@ def cmd_export(args) -> int:
         raise UserError("export", "nothing to export",
                         "pass --student DIR (plan.json + student.safetensors), --teacher, or --onnx FILE")
     _check_target(cfg)
-    splits = build_splits(cfg.data, model=model)
+    splits = _splits(cfg)  # image-folder transforms come from the teacher's config
     out.mkdir(parents=True, exist_ok=True)
     if plan is not None:
         for f in ("student.safetensors", "plan.json"):

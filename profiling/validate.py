@@ -23,14 +23,14 @@ import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 
 from vitrim.export.target import Target, check_compatible
 from vitrim.pipeline.core.io import atomic_write_json
 from vitrim.pipeline.core.plan import Plan
-from vitrim.profiling.calibrate import error_stats, plan_key, stratified_plans
+from vitrim.profiling.calibrate import error_stats, stratified_plans
 from vitrim.profiling.lut import LatencyTable
 
 VALIDATION_RANGE = (0.30, 0.95)

@@ -30,6 +30,9 @@ def resolve_device(setting: str = "auto") -> str:
         raise UserError("config", f"device={setting} but no CUDA device is visible",
                         "use device: auto or cpu, or run on a GPU machine")
     _, world, local = dist_info()
+    if ":" in setting and world > 1:
+        raise UserError("config", f"device={setting} pins one GPU, but torchrun started {world} ranks",
+                        "use device: cuda (or auto): each rank takes cuda:<LOCAL_RANK>")
     index = int(setting.split(":", 1)[1]) if ":" in setting else (local if world > 1 else torch.cuda.current_device())
     if index >= torch.cuda.device_count():
         raise UserError("config", f"device cuda:{index} does not exist ({torch.cuda.device_count()} visible)",

@@ -18,7 +18,8 @@ from vitrim.pipeline.core.config import ModelConfig
 from vitrim.pipeline.core.errors import UserError
 
 
-def create_model(cfg: ModelConfig, load_checkpoint: bool = True, **overrides: Any) -> nn.Module:
+def create_model(cfg: ModelConfig, load_checkpoint: bool = True, pretrained: bool | None = None,
+                 **overrides: Any) -> nn.Module:
     """Create a timm ViT by name with constructor overrides, then load weights.
 
     ``cfg.kwargs`` (and ``overrides``) are passed to ``timm.create_model``; they
@@ -32,7 +33,7 @@ def create_model(cfg: ModelConfig, load_checkpoint: bool = True, **overrides: An
         raise UserError("model", f"'{cfg.arch}' is not a timm model name",
                         "use a ViT name from timm.list_models('*vit*') or timm.list_models('deit*')")
     try:
-        model = timm.create_model(cfg.arch, pretrained=cfg.pretrained, **kwargs)
+        model = timm.create_model(cfg.arch, pretrained=cfg.pretrained if pretrained is None else pretrained, **kwargs)
     except TypeError as e:
         raise UserError("model", f"timm rejected model.kwargs {kwargs} for '{cfg.arch}': {e}",
                         "remove or rename the offending key in model.kwargs") from None

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch
 
 from vitrim.pipeline.core.config import RunConfig, SearchConfig
 from vitrim.pipeline.core.plan import BlockPlan, Floors, Plan
@@ -216,14 +215,21 @@ def saliency_for(cfg: RunConfig, teacher, state: dict, plan: Plan, train_ds) -> 
     from vitrim.pipeline.stages.saliency import attach_gates, detach_gates, hessian_scores
     from vitrim.pipeline.stages.search import masks_from_plan
 
+    from vitrim.pipeline.core.device import resolve_device
+
+    device = resolve_device(cfg.device)
     student, _ = full_size_compact(teacher)
     student.load_state_dict(state)
+    student.to(device)
+    teacher.to(device).eval()
     gates = attach_gates(student, masks_from_plan(plan))
-    loader = make_loader(train_ds, cfg.data.batch_size, shuffle=True, seed=cfg.search.seed + 1, drop_last=True)
+    loader = make_loader(train_ds, cfg.data.batch_size, shuffle=True, seed=cfg.search.seed + 1, drop_last=True,
+                         workers=cfg.data.workers, pin_memory=device.startswith("cuda"))
     it = iter(loader)
-    batches = [next(it) for _ in range(max(1, min(cfg.search.saliency_batches, len(loader))))]
+    batches = [tuple(t.to(device) for t in next(it)) for _ in range(max(1, min(cfg.search.saliency_batches, len(loader))))]
     scores = hessian_scores(student, gates, make_kd_fn(teacher, cfg.finetune.alpha, cfg.finetune.temperature), batches)
     detach_gates(student)
+    teacher.cpu()
     return scores
 
 

@@ -58,7 +58,10 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
 
     t_start = time.time()
     # fail fast: the target and the data are checked before any training or measuring
+    from vitrim.pipeline.core.device import resolve_device
+
     Target.from_config(cfg.target).check_available()
+    device = resolve_device(cfg.device)
     splits = build_splits(cfg.data, model_cfg=cfg.model)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,7 +76,8 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
     spec = describe(teacher, cfg.model.arch, cfg.model.kwargs)
     teacher_acc = tinfo.get("test_top1")
     if teacher_acc is None or cfg.data.test_limit is not None:
-        teacher_acc = top1(teacher, splits.test, cfg.data.eval_batch_size, workers=cfg.data.workers)
+        teacher_acc = top1(teacher.to(device), splits.test, cfg.data.eval_batch_size, workers=cfg.data.workers)
+        teacher.cpu()
     log(f"[teacher] {cfg.model.arch}: test top-1 {teacher_acc:.2f}% ({sum(p.numel() for p in teacher.parameters()) / 1e6:.3f}M params)")
     timings["teacher_s"] = round(time.time() - t0, 1)
 
@@ -83,7 +87,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
     timings["profile_s"] = round(time.time() - t0, 1)
 
     data_key = {k: getattr(cfg.data, k) for k in ("name", "root", "val_size", "split_seed", "train_limit", "batch_size")}
-    t_hash = cfg.model.checkpoint or teacher_key(cfg)
+    t_hash = _weights_key(tinfo.get("source")) or cfg.model.checkpoint or teacher_key(cfg)
     h_search = config_hash({"teacher": t_hash, "lut": lut.signature.key(), "lut_created": lut.meta.get("created"),
                             "search": cfg.search, "data": data_key, "kd": [cfg.finetune.alpha, cfg.finetune.temperature]})
     search_out = out / "search"
@@ -116,7 +120,8 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
     else:
         state = read_state_dict(search_out / "search_state.safetensors", "slice")
         student = slice_model(state, plan)
-        sliced_acc = top1(student, splits.val, cfg.data.eval_batch_size, workers=cfg.data.workers)
+        sliced_acc = top1(student.to(device), splits.val, cfg.data.eval_batch_size, workers=cfg.data.workers)
+        student.cpu()
         log(f"[slice] {plan.num_params() / 1e6:.3f}M params, val top-1 right after slicing {sliced_acc:.2f}%")
         # an interrupted fine-tune with the same inputs resumes from its checkpoint
         resume = (out / "finetune" / "checkpoint.pt").is_file() and cache.data.get("finetune_started") == h_ft
@@ -164,6 +169,16 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
         f"student {summary['student']['measured_ms']:.2f} ms / {summary['student']['top1']:.2f}%  "
         f"(measured speedup {summary['speedup']:.2f}x, {summary['delta_top1']:+.2f} pt); report: {out / 'report.md'}")
     return summary
+
+
+def _weights_key(source) -> str | None:
+    """The teacher weights actually loaded (path, size, mtime): a retrained teacher invalidates later stages."""
+    import os
+
+    if not source or not os.path.isfile(source):
+        return None
+    st = os.stat(source)
+    return f"{os.path.abspath(source)}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def retime_pair(cfg: RunConfig, teacher_onnx: Path, student_onnx: Path, log):

@@ -76,14 +76,14 @@ def hessian_scores(model: CompactViT, gates: dict, loss_fn: Callable[[nn.Module,
     finally:
         for g in gates.values():
             g.requires_grad_(False)
-    return scores
+    return {k: v.cpu() for k, v in scores.items()}  # selection reads scores unit by unit: no GPU sync per unit
 
 
 def magnitude_scores(model: CompactViT) -> dict:
     """L1 baseline: mean |w| of the weights that belong to each unit."""
     out = {}
     E = model.embed_dim
-    emb = torch.zeros(E)
+    emb = torch.zeros(E, device=next(model.parameters()).device)
     n_emb = 0
     for j, blk in enumerate(model.blocks):
         a = blk.attn
@@ -100,4 +100,4 @@ def magnitude_scores(model: CompactViT) -> dict:
         emb += W.mean(0) + a.proj.weight.detach().abs().mean(1) + f1.mean(0) + f2.mean(1)
         n_emb += 4
     out["embed"] = emb / max(1, n_emb)
-    return out
+    return {k: v.cpu() for k, v in out.items()}  # selection reads scores unit by unit: keep them off the GPU

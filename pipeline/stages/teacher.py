@@ -44,8 +44,8 @@ def load_teacher(cfg: RunConfig, splits: Splits | None = None, train_if_missing:
     """
     path = teacher_path(cfg)
     info_path = path.with_suffix(".json")
-    if path.is_file():
-        model = create_model(cfg.model, load_checkpoint=False)
+    if path.is_file():  # its weights replace any checkpoint or hub weights: load neither
+        model = create_model(cfg.model, load_checkpoint=False, pretrained=False)
         from vitrim.pipeline.core.models import load_weights
 
         load_weights(model, path, stage="teacher")

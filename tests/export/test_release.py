@@ -124,3 +124,18 @@ def test_parity_memory_does_not_grow_with_the_split(tmp_path):
     # and a cap on the images is honoured
     with TorchRunner(model, (1, 28, 28), threads=1) as ref, OrtCpuRunner(onnx_path, threads=1) as eng:
         assert check_parity(ref, eng, _random_batches(10), Tolerances(1e-4, 1e-3), "fp32", 1, max_images=20).images == 20
+
+
+def test_release_refuses_what_it_cannot_ship(foreign, tmp_path):
+    from vitrim.pipeline.core.errors import UserError
+
+    _, model, onnx_path = foreign
+    data = list(_random_batches(1))
+    with pytest.raises(UserError, match="torch program"):  # a torch target would silently ignore the file
+        release(tmp_path / "t", Target(backend="torch-cpu", batch=8, threads=1), data, model=model, onnx_path=onnx_path)
+    static = tmp_path / "static.onnx"
+    prog = torch.onnx.export(model.eval(), (torch.randn(1, 1, 28, 28),), dynamo=True)
+    prog.save(str(static))
+    with pytest.raises(UserError, match="static batch of 1"):
+        release(tmp_path / "s", Target(batch=8, threads=1), data, onnx_path=static)
+    assert not (tmp_path / "t").exists() and not (tmp_path / "s" / "manifest.json").exists()

@@ -1,5 +1,4 @@
 """Calibration of the composition, stratified held-out plans, and the documented error statistics."""
-import random
 
 import numpy as np
 import pytest
