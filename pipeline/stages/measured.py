@@ -208,7 +208,8 @@ def anchor_budget(cfg: RunConfig, timer: PairTimer, log: Callable[[str], None] =
 
 
 def saliency_for(cfg: RunConfig, teacher, state: dict, plan: Plan, train_ds) -> dict:
-    """Hessian-aware saliency (the search's) of the adapted weights at ``plan``, for the correction step."""
+    """The search's own scores of the adapted weights at ``plan``, for the correction step:
+    Hessian-aware saliency (knapsack, nvit), or L1 magnitude for the ``magnitude`` baseline."""
     from vitrim.pipeline.core.data import make_loader
     from vitrim.pipeline.core.slicing import full_size_compact
     from vitrim.pipeline.stages.distill import make_kd_fn
@@ -220,6 +221,11 @@ def saliency_for(cfg: RunConfig, teacher, state: dict, plan: Plan, train_ds) -> 
     device = resolve_device(cfg.device)
     student, _ = full_size_compact(teacher)
     student.load_state_dict(state)
+    if cfg.search.strategy == "magnitude":
+        from vitrim.pipeline.stages.saliency import magnitude_scores
+
+        raw = magnitude_scores(student)
+        return {k: v / (v.mean() + 1e-12) for k, v in raw.items()}
     student.to(device)
     teacher.to(device).eval()
     gates = attach_gates(student, masks_from_plan(plan))

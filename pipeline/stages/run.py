@@ -106,7 +106,8 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
             scfg, anchor = measured.anchor_budget(cfg, timer, log)
             res = stage_search(scfg, teacher, lut, splits, search_out, log=log)
             plan = res.plan
-            if measured.is_latency_budget(cfg.search):
+            # uniform width scaling has no per-group scores to correct with: it keeps the search's plan
+            if measured.is_latency_budget(cfg.search) and cfg.search.strategy != "uniform":
                 plan = measured.stage_closed_loop(scfg, teacher, lut, res, splits, search_out, anchor, timer, log).plan
         cache.done("search", h_search, wall_s=round(res.wall_s, 1))
     timings["search_s"] = round(time.time() - t0, 1) if t0 else "cached"

@@ -117,12 +117,12 @@ def test_help_lists_subcommands():
 def test_curve_writes_csv_and_png(tmp_path, fmnist_dir, cache):
     import csv
 
-    rc = main(["curve", "configs/fmnist_cpu.yaml", "--budgets", "0.9,0.8", "--baselines", "uniform",
+    rc = main(["curve", "configs/fmnist_cpu.yaml", "--budgets", "0.8", "--baselines", "uniform",
                *sets(tmp_path, [f"data.root={fmnist_dir}", "finetune.epochs=1", "search.steps=1"], cache)])
     assert rc == 0
     rows = list(csv.DictReader(open(tmp_path / "run" / "curve.csv")))
     methods = [r["method"] for r in rows]
-    assert methods[0] == "teacher" and methods.count("knapsack") == 2 and methods.count("uniform") >= 1
+    assert methods[0] == "teacher" and methods.count("knapsack") == 1 and methods.count("uniform") >= 1
     for r in rows[1:]:
         assert float(r["measured_ms"]) > 0 and 0 <= float(r["top1"]) <= 100
         assert float(r["predicted_ms"]) < float(rows[0]["predicted_ms"])  # the closed loop may move it off the budget
