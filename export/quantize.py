@@ -109,7 +109,10 @@ def quantize_ort(src: str | os.PathLike, dst: str | os.PathLike, q: QuantConfig,
     import logging
 
     dst = Path(dst)
+    import onnxruntime
+
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # ORT's "consider pre-processing"
+    onnxruntime.set_default_logger_severity(3)  # the calibrator's sessions warn about every unused initializer
     info = {"tool": "onnxruntime.quantization", "mode": q.mode, "per_channel": q.per_channel,
             "op_types": list(q.op_types), "reduce_range": q.reduce_range, "quantize_attention": q.quantize_attention}
     with atomic_path(dst) as tmp:
