@@ -90,7 +90,7 @@ def test_int8_lut_builds_reloads_and_is_refused_for_fp32(tiny_spec, tmp_path):
 
     t8 = Target(precision="int8", batch=4, threads=1)
     path = tmp_path / "lut8.json"
-    lut = build_lut(tiny_spec, t8, ProfileConfig(**dict(TINY_PCFG, embed_points=1, checks=1)), Floors(), 8, path,
+    lut = build_lut(tiny_spec, t8, ProfileConfig(**dict(TINY_PCFG, embed_points=1, checks=1, calibration_plans=1)), Floors(), 8, path,
                     progress=False)
     full = Plan.full(tiny_spec)
     again = LatencyTable.load(path, expect=t8.signature(full.num_tokens))
