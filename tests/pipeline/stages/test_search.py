@@ -257,7 +257,7 @@ def dead_channel_teacher(seed=7):
     return t
 
 
-@pytest.mark.xfail(strict=False, reason="open (issue 13 notes): fails in about half the sessions, depending on "
+@pytest.mark.xfail(strict=False, reason="open (issue 13): fails in about half the sessions, depending on "
                    "the freshly measured tiny LUT; a real run_search kept the dead channels in 3 of 3 sessions")
 def test_planted_dead_embed_channels_go_first(data, tiny_lut):
     lut, _ = tiny_lut
