@@ -54,11 +54,9 @@ def random_calibration(sample_shape: tuple[int, ...], n: int = 16, seed: int = 0
 
 
 def _input_name(path) -> str:
-    import onnx
+    from vitrim.export.onnx import onnx_io
 
-    m = onnx.load(str(path), load_external_data=False)
-    inits = {i.name for i in m.graph.initializer}
-    return [i.name for i in m.graph.input if i.name not in inits][0]
+    return onnx_io(path)[0][0]
 
 
 class _Reader:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from typing import Optional
 
-from vitrim.pipeline.core.config import QuantConfig, TargetConfig
+from vitrim.pipeline.core.config import PRECISIONS, QuantConfig, TargetConfig
 from vitrim.pipeline.core.errors import UserError
 
 BACKENDS = ("ort-cpu", "tensorrt", "torch-cpu", "torch-cuda")
@@ -151,8 +151,9 @@ class Target:
         return _cuda_name() if self.on_gpu else cpu_name()
 
     def signature(self, tokens: int) -> DeviceSignature:
-        if self.backend == "ort-cpu" and self.precision == "fp16":
-            raise UserError("target", "ort-cpu has no fast fp16 path", "use target.precision=fp32 for ort-cpu")
+        if self.precision not in PRECISIONS.get(self.backend, ("fp32",)):
+            raise UserError("target", f"{self.backend} does not offer {self.precision}",
+                            f"use target.precision in {', '.join(PRECISIONS.get(self.backend, ('fp32',)))}")
         return DeviceSignature(self.backend, self.device_name(), engine_version(self.backend), self.precision,
                                self.batch, tokens, 0 if self.on_gpu else self.threads,
                                opt_level=self.opt_level if self.backend == "ort-cpu" else "",
@@ -175,8 +176,7 @@ class Target:
             _cuda_name()
         elif self.backend == "torch-cuda":
             _cuda_name()
-        allowed = {"ort-cpu": ("fp32", "int8"), "tensorrt": ("fp32", "fp16", "int8", "fp8")}.get(
-            self.backend, ("fp32", "fp16"))
+        allowed = PRECISIONS.get(self.backend, ("fp32",))
         if self.precision not in allowed:
             raise UserError("target", f"{self.backend} does not offer {self.precision}",
                             f"use target.precision in {', '.join(allowed)}")

@@ -78,6 +78,11 @@ class TeacherConfig:
     cache: Optional[str] = None  # checkpoint path; reused when present
 
 
+# which precisions each backend offers (config validation and Target.check_available share it)
+PRECISIONS = {"ort-cpu": ("fp32", "int8"), "tensorrt": ("fp32", "fp16", "int8", "fp8"),
+              "torch-cpu": ("fp32", "fp16"), "torch-cuda": ("fp32", "fp16")}
+
+
 @dataclass
 class QuantConfig:
     """How an int8 (or fp8) engine is quantized; part of the target, so the LUT measures it."""
@@ -377,8 +382,7 @@ def validate_config(cfg: RunConfig, source: str = "<config>") -> None:
         bad("data.crop_pct", f"is {cfg.data.crop_pct}", "use a fraction in (0, 1]")
     if cfg.target.backend not in ("ort-cpu", "tensorrt", "torch-cpu", "torch-cuda"):
         bad("target.backend", f"is '{cfg.target.backend}'", "use ort-cpu, tensorrt, torch-cpu or torch-cuda")
-    allowed = {"ort-cpu": ("fp32", "int8"), "tensorrt": ("fp32", "fp16", "int8", "fp8"),
-               "torch-cpu": ("fp32", "fp16"), "torch-cuda": ("fp32", "fp16")}.get(cfg.target.backend, ("fp32",))
+    allowed = PRECISIONS.get(cfg.target.backend, ("fp32",))
     if cfg.target.precision not in allowed:
         bad("target.precision", f"is '{cfg.target.precision}', which {cfg.target.backend} does not offer",
             f"use one of {', '.join(allowed)} for {cfg.target.backend}")

@@ -156,7 +156,7 @@ kw = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, d
           qkv_bias=False)
 model = timm.create_model("vit_tiny_patch16_224", **kw)
 model.load_state_dict(load_file(f"{d}/init.safetensors"))
-data = torch.load(f"{d}/data.pt")
+data = torch.load(f"{d}/data.pt", weights_only=True)
 ds = TensorImages(data["x"], data["y"], 0.5, 0.25)
 spec = TrainSpec(epochs=1, batch_size=int(sys.argv[2]), lr=1e-3, warmup_epochs=0, clip_grad=1.0, seed=0,
                  max_steps_per_epoch=1)
