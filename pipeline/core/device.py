@@ -7,6 +7,7 @@ calls ``torch.cuda.set_device`` itself.
 """
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -42,13 +43,25 @@ def resolve_device(setting: str = "auto") -> str:
 
 
 def init_distributed(device: str) -> tuple[int, int]:
-    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs); (rank, world)."""
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs); (rank, world).
+
+    The group vitrim creates is destroyed when the process exits: a gloo or NCCL
+    group left to the C++ static destructors aborts the rank ("terminate called
+    without an active exception") when one rank finishes before another.
+    """
     rank, world, _ = dist_info()
     if world > 1 and not dist.is_initialized():
         if device.startswith("cuda"):
             torch.cuda.set_device(torch.device(device))
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        atexit.register(shutdown_distributed)
     return rank, world
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group (a no-op outside one); safe to call twice."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def collective_device(device: str) -> torch.device:
