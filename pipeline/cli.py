@@ -240,9 +240,11 @@ def cmd_curve(args) -> int:
     if not budgets or not all(0 < b <= 1 for b in budgets):
         raise UserError("curve", f"--budgets {budgets} must be fractions in (0, 1]", "use e.g. --budgets 0.8,0.6,0.5,0.4")
     baselines = [b for b in args.baselines.split(",") if b]
+    from vitrim.pipeline.core.config import STRATEGIES
+
     for b in baselines:
-        if b not in ("knapsack", "nvit", "uniform", "magnitude"):
-            raise UserError("curve", f"unknown baseline '{b}'", "use knapsack, nvit, uniform or magnitude")
+        if b not in STRATEGIES:
+            raise UserError("curve", f"unknown baseline '{b}'", f"use one of {', '.join(STRATEGIES)}")
     run_curve(cfg, budgets, baselines)
     return 0
 

@@ -131,11 +131,14 @@ class ProfileConfig:
     calibration_plans: int = 6
 
 
+STRATEGIES = ("knapsack", "nvit", "slim", "uvc", "uniform", "magnitude")
+
+
 @dataclass
 class SearchConfig:
     """Latency-aware structural search (NViT)."""
 
-    strategy: str = "knapsack"  # knapsack | nvit | uniform | magnitude
+    strategy: str = "knapsack"  # knapsack | nvit | slim | uvc | uniform | magnitude (STRATEGIES)
     # Exactly one budget. None of them set: budget_fraction = DEFAULT_BUDGET_FRACTION.
     budget_ms: Optional[float] = None
     budget_fraction: Optional[float] = None  # of the teacher's predicted latency
@@ -159,6 +162,12 @@ class SearchConfig:
     # issue 14: closed loop on the engine (latency budgets only)
     measured_tolerance: float = 0.03  # relative miss of the measured ratio that triggers a correction
     measured_rounds: int = 3  # correction rounds at most (0: measure and report only)
+    # issue 17: learned-mask strategies (slim: ViT-Slim's l1 masks; uvc: UVC's primal-dual budget, block skipping)
+    mask_iters: int = 200  # joint mask + weight KD steps
+    mask_lr: float = 0.05  # AdamW rate of the masks (slim) or gate logits (uvc)
+    slim_l1: float = 2.0  # slim: weight of the latency-weighted l1 term (in units of the teacher's latency)
+    dual_lr: float = 0.5  # uvc: dual ascent rate on the relative budget violation
+    gumbel_tau: list = field(default_factory=lambda: [1.0, 0.1])  # uvc: temperature, start and end
 
 
 @dataclass
@@ -198,6 +207,10 @@ class ExportConfig:
     rtol_int8: float = 1.0
     min_top1_agreement_int8: float = 0.97
     max_acc_delta_int8: float = 0.5
+    # quantization-aware recovery (vitrim run): when the student's int8 engine fails the gate, this many KD
+    # steps with int8 fake-quant on its Linear layers, then re-quantize and re-gate (0: off)
+    int8_recovery_steps: int = 200
+    int8_recovery_lr: float = 1e-5
 
 
 @dataclass
@@ -345,8 +358,16 @@ def validate_search(cfg: SearchConfig, source: str = "<config>") -> None:
     def bad(key: str, msg: str, fix: str) -> None:
         raise UserError("config", f"{source}: '{key}' {msg}", fix)
 
-    if cfg.strategy not in ("knapsack", "nvit", "uniform", "magnitude"):
-        bad("search.strategy", f"is '{cfg.strategy}'", "use knapsack, nvit, uniform or magnitude")
+    if cfg.strategy not in STRATEGIES:
+        bad("search.strategy", f"is '{cfg.strategy}'", f"use one of {', '.join(STRATEGIES)}")
+    if cfg.mask_iters < 1:
+        bad("search.mask_iters", f"is {cfg.mask_iters}", "use at least 1 (a few hundred is typical)")
+    for key in ("mask_lr", "slim_l1", "dual_lr"):
+        if not getattr(cfg, key) > 0:
+            bad(f"search.{key}", f"is {getattr(cfg, key)}", "use a positive number")
+    tau = cfg.gumbel_tau
+    if not (isinstance(tau, (list, tuple)) and len(tau) == 2 and all(isinstance(t, (int, float)) and t > 0 for t in tau)):
+        bad("search.gumbel_tau", f"is {tau!r}", "use [start, end] temperatures, e.g. [1.0, 0.1]")
     budgets = [k for k in BUDGET_KEYS if getattr(cfg, k) is not None]
     if len(budgets) > 1:
         raise UserError("config", f"{source}: sets {len(budgets)} budgets at once "
@@ -406,6 +427,10 @@ def validate_config(cfg: RunConfig, source: str = "<config>") -> None:
         bad("search.measured_rounds", f"is {cfg.search.measured_rounds}", "use 0 or more rounds")
     if cfg.profile.calibration_plans < 1:
         bad("profile.calibration_plans", f"is {cfg.profile.calibration_plans}", "use at least 1 (the teacher)")
+    if cfg.export.int8_recovery_steps < 0:
+        bad("export.int8_recovery_steps", f"is {cfg.export.int8_recovery_steps}", "use 0 (off) or a number of KD steps")
+    if not cfg.export.int8_recovery_lr > 0:
+        bad("export.int8_recovery_lr", f"is {cfg.export.int8_recovery_lr}", "use a small positive rate such as 1e-5")
     if cfg.export.parity_batches < 1:
         bad("export.parity_batches", f"is {cfg.export.parity_batches}", "use at least 1 batch for the output comparison")
     if cfg.export.parity_images is not None and cfg.export.parity_images < 1:

@@ -352,6 +352,11 @@ def run_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchConfig, 
     """
     from vitrim.pipeline.stages.distill import make_kd_fn
 
+    if cfg.strategy in ("slim", "uvc"):  # learned masks (issue 17)
+        from vitrim.pipeline.stages.masks import run_mask_search
+
+        return run_mask_search(teacher, student, lut, cfg, train_ds, val_ds, batch_size, kd_alpha, kd_T, log=log,
+                               device=device, workers=workers)
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     spec = lut.spec

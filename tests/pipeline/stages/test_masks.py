@@ -1,0 +1,94 @@
+"""The learned-mask strategies (issue 17): slim (ViT-Slim) and uvc (UVC), on a tiny model and a real ORT LUT."""
+import pytest
+import torch
+
+from vitrim.pipeline.core.plan import Plan
+from vitrim.pipeline.core.slicing import full_size_compact
+from vitrim.pipeline.stages.search import run_search
+from tests.pipeline.stages.test_search import cfg, teacher
+
+
+@pytest.fixture(scope="module")
+def data(fmnist_dir):
+    from vitrim.pipeline.core.config import DataConfig
+    from vitrim.pipeline.core.data import build_splits
+
+    return build_splits(DataConfig(root=fmnist_dir, train_limit=512, val_limit=128, test_limit=128))
+
+
+def frac_for(lut, frac, skip_blocks=False):
+    """``frac`` raised, where needed, to 40% of the way from the no-skip floor (the tiny LUT's floor is high)."""
+    from vitrim.pipeline.core.plan import Floors
+    from vitrim.pipeline.stages.search import floor_plan
+
+    blocks = 1 if skip_blocks else lut.spec["depth"]
+    lower = lut.predict(floor_plan(lut.spec, Floors(), lut.grid.embed[0], blocks, 8)) / lut.predict(Plan.full(lut.spec))
+    return max(frac, round(lower + 0.4 * (1 - lower), 3))
+
+
+def mcfg(strategy, **kw):
+    base = dict(strategy=strategy, mask_iters=40, kd_iters=3, steps=2, budget_fraction=0.6, mask_lr=0.05)
+    base.update(kw)
+    return cfg(**base)
+
+
+def search(t, lut, data, c):
+    student, _ = full_size_compact(t)
+    return run_search(t, student, lut, c, data.train, data.val, batch_size=64, log=lambda m: None)
+
+
+@pytest.mark.parametrize("strategy", ["slim", "uvc"])
+def test_plan_meets_the_budget_and_the_seed_fixes_it(strategy, data, tiny_lut):
+    lut, _ = tiny_lut
+    f = frac_for(lut, 0.6)
+    runs = [search(teacher(seed=3), lut, data, mcfg(strategy, budget_fraction=f)) for _ in range(2)]
+    for r in runs:
+        assert lut.predict(r.plan) <= r.budget + 1e-9
+        assert r.budget == pytest.approx(f * lut.predict(Plan.full(lut.spec)))
+        assert r.plan.meta["strategy"] == strategy and r.log[-1]["val_top1"] is not None
+    assert runs[0].plan.to_dict() == runs[1].plan.to_dict()
+    if strategy == "uvc":  # the soft-versus-realised gap is reported
+        g = runs[0].plan.meta["uvc"]
+        assert g["soft"] > 0 and g["realised"] > 0 and "gap_pct" in g
+
+
+def dead_head_teacher():
+    t = teacher(seed=5)
+    hd = 16
+    with torch.no_grad():  # head 1 of block 0 computes nothing
+        a = t.blocks[0].attn
+        for part in range(3):
+            rows = slice(part * 32 + hd, part * 32 + 2 * hd)
+            a.qkv.weight[rows] = 0
+            a.qkv.bias[rows] = 0
+        a.proj.weight[:, hd:2 * hd] = 0
+    return t
+
+
+@pytest.mark.parametrize("strategy", ["slim", "uvc"])
+def test_planted_dead_head_is_removed(strategy, data, tiny_lut):
+    lut, _ = tiny_lut
+    r = search(dead_head_teacher(), lut, data, mcfg(strategy, budget_fraction=frac_for(lut, 0.8), prune_blocks=False))
+    b0 = r.plan.blocks[0]
+    assert b0.keep and 1 not in b0.heads
+
+
+def test_uvc_skips_a_block_planted_as_identity(data, tiny_lut):
+    lut, _ = tiny_lut
+    t = teacher(seed=6)
+    with torch.no_grad():  # block 1's residual branches add nothing: the block is the identity
+        for lin in (t.blocks[1].attn.proj, t.blocks[1].mlp.fc2):
+            lin.weight.zero_()
+            lin.bias.zero_()
+    r = search(t, lut, data, mcfg("uvc", budget_fraction=0.7, mask_iters=60, min_blocks=1))
+    assert not r.plan.blocks[1].keep and r.plan.blocks[0].keep
+
+
+def test_slim_masks_stay_in_unit_interval_and_l1_falls(data, tiny_lut):
+    lut, _ = tiny_lut
+    r = search(teacher(seed=3), lut, data, mcfg("slim", steps=4, budget_fraction=frac_for(lut, 0.6)))
+    recs = [h for h in r.log if "l1" in h]
+    assert len(recs) == 4
+    assert all(0.0 <= h["mask_min"] <= h["mask_max"] <= 1.0 for h in recs)
+    assert recs[-1]["l1"] < recs[0]["l1"]
+    assert recs[0]["mask_min"] < 1.0  # the masks moved
