@@ -10,6 +10,8 @@ ORT-CPU latency) every method is matched to the same measured latency:
    ``--tol`` (3%):
 
    * ``nvit``: vitrim's NViT ``S - eta*dLat`` penalty (budget bisected);
+   * ``slim``, ``uvc``: vitrim's learned-mask strategies (ViT-Slim's l1 masks, UVC's
+     primal-dual budget with block skipping; budget bisected);
    * ``magnitude``: L1 weight magnitude in the same loop (budget bisected);
    * ``uniform``: one width fraction for every block (budget bisected);
    * ``torch-pruning``: Torch-Pruning's MetaPruner, Taylor importance, one
@@ -122,7 +124,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config")
     ap.add_argument("--fractions", default="0.5,0.35", help="targets as fractions of the teacher's measured latency")
-    ap.add_argument("--baselines", default="nvit,magnitude,uniform,torch-pruning")
+    ap.add_argument("--baselines", default="nvit,slim,uvc,magnitude,uniform,torch-pruning")
     ap.add_argument("--out", default="runs/bench")
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--tol", type=float, default=0.03, help="relative latency tolerance of the match")
@@ -170,13 +172,14 @@ def main() -> int:
         y_cal = splits.train[list(range(256))][1]
 
         def make(keep: float) -> Optional[Path]:
+            t0 = time.time()
             try:
                 m = torch_pruning_model(teacher, 1.0 - keep, x_cal, y_cal)
             except Exception as e:  # e.g. a ratio that leaves a layer without channels
                 log(f"[bench] torch-pruning keep {keep:.3f} failed: {type(e).__name__}: {e}")
                 return None
             path = export_onnx(m, out / "onnx" / f"torch-pruning_{keep:.5f}.onnx", shape)
-            artifacts[("torch-pruning", keep)] = {"onnx": path, "model": m}
+            artifacts[("torch-pruning", keep)] = {"onnx": path, "model": m, "search_s": time.time() - t0}
             return path
         return make
 
@@ -232,7 +235,7 @@ def main() -> int:
             acc = top1(student, splits.test, cfg.data.eval_batch_size)
             onnx_path = export_onnx(student.eval(), out / "onnx" / f"final_{method}_{f:g}.onnx", shape)
             rows.append({"fraction": f, "method": method, "p": p, "onnx": str(onnx_path), "top1": acc, "params": params,
-                         "finetune_s": round(time.time() - t0, 1)})
+                         "search_s": round(a["search_s"], 1), "finetune_s": round(time.time() - t0, 1)})
             log(f"[bench] {method}@{f:g}: test top-1 {acc:.2f}% ({params / 1e6:.3f}M params)")
             atomic_write_json(out / "results.json", rows)
 
@@ -269,17 +272,17 @@ def main() -> int:
              f"final session) and fine-tuned with the same KD recipe ({cfg.finetune.epochs} epochs). Latency: median "
              f"of {args.repeats} runs per model over {args.rounds} round-robin visits, every model in one session.", "",
              f"| target | method | params (M) | measured ms | speedup | lat. vs {d} | test top-1 (%) | Δ vs teacher (pt) "
-             f"| {d} ahead by (pt) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| {d} ahead by (pt) | search (s) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if not r["onnx"]:
-            lines.append(f"| {r['fraction']:.0%} | {r['method']} | - | - | - | not reached | - | - | - |")
+            lines.append(f"| {r['fraction']:.0%} | {r['method']} | - | - | - | not reached | - | - | - | - |")
             continue
         name = r["method"] + (" (default)" if r["method"] == d else "")
         vs = r.get("vs_default_latency")
         ahead = "" if r["method"] == d else f"{r.get('vs_default_top1', float('nan')):+.2f}"
         lines.append(f"| {r['fraction']:.0%} | {name} | {r['params'] / 1e6:.3f} | {r['measured_ms']:.3f} | "
                      f"{r['speedup']:.2f}x | {'' if vs is None or r['method'] == d else f'{vs:+.1%}'} | {r['top1']:.2f} | "
-                     f"{r['delta']:+.2f} | {ahead} |")
+                     f"{r['delta']:+.2f} | {ahead} | {r['search_s']:.0f} |")
     lines += ["", f"Wall time: {(time.time() - t_start) / 60:.1f} min."]
     table = "\n".join(lines) + "\n"
     atomic_write_text(out / "results.md", table)

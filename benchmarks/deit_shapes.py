@@ -50,6 +50,19 @@ def grid_cfg(text: str, a) -> ProfileConfig:
                          calibration_plans=a.calibration_plans)
 
 
+def magnitude_plan(teacher, lut, fraction: float) -> Plan:
+    """A plan at ``fraction`` of the teacher's predicted latency, searched on ``lut`` with the ``magnitude``
+    strategy's selection (random weights leave no data to score on): knapsack on L1 magnitude per ms saved,
+    then refill; no block skipping (magnitude has no block score on the groups' scale)."""
+    compact, full = full_size_compact(teacher)
+    scores = {k: v / (v.mean() + 1e-12) for k, v in magnitude_scores(compact).items()}
+    cost = LatencyCost(lut)
+    budget = fraction * cost.predict(full)
+    plan, removed = prune_to(full, scores, cost, budget, "knapsack", SearchConfig(prune_blocks=False),
+                             lut.grid.embed[0])
+    return refill(plan, removed, cost, budget)[0]
+
+
 def bench_one(name: str, a, out: Path) -> dict:
     torch.manual_seed(0)
     teacher = timm.create_model(MODELS[name], pretrained=False).eval()
@@ -65,14 +78,9 @@ def bench_one(name: str, a, out: Path) -> dict:
     print(lut.summary(), flush=True)
     rep = validate_lut(lut, canonical_state(teacher), target, a.plans, out / name, seed=a.seed, warmup=a.warmup,
                        repeats=a.repeats, rounds=a.rounds)
-    # a 50% plan, searched on the LUT (magnitude scores: random weights, no data)
-    compact, full = full_size_compact(teacher)
-    scores = {k: v / (v.mean() + 1e-12) for k, v in magnitude_scores(compact).items()}
-    cost = LatencyCost(lut)
+    plan = magnitude_plan(teacher, lut, 0.5)
+    cost, full = LatencyCost(lut), Plan.full(spec)
     t_pred = cost.predict(full)
-    scfg = SearchConfig(prune_blocks=False)  # magnitude has no block score on the groups' scale
-    plan, removed = prune_to(full, scores, cost, 0.5 * t_pred, "knapsack", scfg, lut.grid.embed[0])
-    plan, _ = refill(plan, removed, cost, 0.5 * t_pred)
     with tempfile.TemporaryDirectory() as tmp:
         t, s = measure_plans([full, plan], canonical_state(teacher), target, a.warmup, max(a.repeats, 30),
                              max(a.rounds, 6), Path(tmp), progress=False, paired=True)

@@ -4,15 +4,17 @@ Part 1, the embedded default (latency and test top-1): the teacher in fp32 and
 int8, and a student searched and fine-tuned against the fp32 LUT and one
 against the int8 LUT (``vitrim run`` with ``target.precision`` fp32 / int8),
 each engine released in fp32 and int8. Part 2, deit_small at 224 px (random
-weights, batch 8, latency only): the teacher and a half-width slice (half the
-heads and MLP in every block; not searched: no data for random weights) in
-fp32, static int8 and dynamic int8. Also: which of ORT's transformer-optimizer
+weights, batch 8, latency only): a LUT in fp32 and one in int8 (``--deit-mode``,
+dynamic by default), a 50% plan searched against each (the ``magnitude``
+selection: random weights leave no data to score on), and the teacher and both
+students exported in fp32 and int8. Also: which of ORT's transformer-optimizer
 fusions apply to the exported graphs.
 
 Every block of engines is timed round-robin in one session (machine drift
 hits all alike).
 
     .venv/bin/python benchmarks/int8.py configs/fmnist_cpu.yaml --out runs/int8
+    .venv/bin/python benchmarks/int8.py --skip-embedded --out runs/int8_deit      # deit_small only
 """
 from __future__ import annotations
 
@@ -91,38 +93,59 @@ def embedded(cfg_path: str, out: Path, sets: list[str]) -> list[dict]:
     return rows
 
 
-def deit_small(out: Path) -> list[dict]:
+def deit_small(out: Path, grid: str = "embed=2,heads=3,qk=2,v=2,mlp=3", mode: str = "dynamic") -> tuple:
+    """deit_small: LUTs in fp32 and int8 (``mode``), a 50% plan searched against each, all timed together."""
     import timm
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from deit_shapes import magnitude_plan
 
     from vitrim.export.onnx import export_onnx
     from vitrim.export.quantize import quantize_ort, random_calibration, transformer_fusions
-    from vitrim.pipeline.core.config import QuantConfig
+    from vitrim.export.target import Target
+    from vitrim.pipeline.core.config import ProfileConfig, QuantConfig
     from vitrim.pipeline.core.models import describe
-    from vitrim.pipeline.core.plan import Plan
+    from vitrim.pipeline.core.plan import Floors, Plan
     from vitrim.pipeline.core.slicing import slice_model
+    from vitrim.profiling.lut import LatencyTable, build_lut
 
     torch.manual_seed(0)
     teacher = timm.create_model("deit_small_patch16_224").eval()
     spec = describe(teacher, "deit_small_patch16_224")
-    half = Plan.full(spec)
-    for b in half.blocks:
-        b.heads, b.mlp = b.heads[: spec["num_heads"] // 2], b.mlp[: spec["mlp_hidden"] // 2]
+    kw = {f"{k}_points" if k != "heads" else "head_points": int(v) for k, v in (p.split("=") for p in grid.split(","))}
+    pcfg = ProfileConfig(**kw, warmup=2, repeats=12, rounds=4, checks=3, calibration_plans=6)
+    q = QuantConfig(mode=mode)
+    plans, luts = {"teacher": Plan.full(spec)}, {}
+    for prec in ("fp32", "int8"):
+        target = Target(batch=8, threads=2, precision=prec, quant=q)
+        path = out / f"lut-deit_small-{prec}.json"
+        t0 = time.time()
+        if path.is_file():
+            lut = LatencyTable.load(path, expect=target.signature(Plan.full(spec).num_tokens))
+        else:
+            lut = build_lut(spec, target, pcfg, Floors(), 8, path, progress=False)
+        luts[prec] = {"build_s": lut.meta.get("build_s", round(time.time() - t0, 1)), "teacher_pred_ms": lut.predict(
+            Plan.full(spec))}
+        plans[f"student ({prec} LUT)"] = plan = magnitude_plan(teacher, lut, 0.5)
+        luts[prec]["plan"] = plan.summary()
+        print(f"[int8] deit_small {prec} LUT ({luts[prec]['build_s']} s): 50% plan {plan.summary()}", flush=True)
     paths, fusions = {}, {}
     calib = random_calibration((3, 224, 224), 16)  # latency only: the scales do not change the timing
-    for name, plan in (("teacher", Plan.full(spec)), ("half-width slice", half)):
-        p = export_onnx(slice_model(teacher, plan), out / f"deit_{name[:4]}.onnx", (3, 224, 224))
-        fusions[name] = transformer_fusions(p, spec["num_heads"], spec["embed_dim"])
+    for name, plan in plans.items():
+        tag = name.split(" ")[0] + ("" if name == "teacher" else "_" + name.split("(")[1][:4])
+        p = export_onnx(slice_model(teacher, plan), out / f"deit_{tag}.onnx", (3, 224, 224))
+        if name == "teacher":
+            fusions[name] = transformer_fusions(p, spec["num_heads"], spec["embed_dim"])
         paths[f"{name} fp32"] = p
-        for mode in ("static", "dynamic"):
-            q = out / f"deit_{name[:4]}.{mode}.onnx"
-            quantize_ort(p, q, QuantConfig(mode=mode), calib)
-            paths[f"{name} int8 {mode}"] = q
+        qp = out / f"deit_{tag}.{mode}.onnx"
+        quantize_ort(p, qp, q, calib)
+        paths[f"{name} int8 {mode}"] = qp
     ms = _time(paths, 8, 2)
     t = ms["teacher fp32"]
-    rows = [{"model": k.rsplit(" ", 1)[0] if "fp32" in k else k.split(" int8")[0],
+    rows = [{"model": k.rsplit(" ", 1)[0] if k.endswith("fp32") else k.split(" int8")[0],
              "engine": "fp32" if k.endswith("fp32") else "int8 " + k.rsplit(" ", 1)[1], "ms": v, "speedup": t / v}
             for k, v in ms.items()]
-    return rows, fusions
+    return rows, fusions, luts
 
 
 def main() -> int:
@@ -131,6 +154,8 @@ def main() -> int:
     ap.add_argument("--out", default="runs/int8")
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--skip-deit", action="store_true")
+    ap.add_argument("--skip-embedded", action="store_true")
+    ap.add_argument("--deit-mode", default="dynamic", help="int8 mode of the deit_small part (dynamic or static)")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     out = Path(args.out)
@@ -142,17 +167,18 @@ def main() -> int:
     lines = [f"# INT8 on ORT-CPU ({cpu_name()}, onnxruntime, 2 threads)", ""]
     res = {}
     if not args.skip_deit:
-        rows, fusions = deit_small(out)
-        res["deit_small"], res["fusions"] = rows, fusions
+        rows, fusions, luts = deit_small(out, mode=args.deit_mode)
+        res["deit_small"], res["fusions"], res["deit_luts"] = rows, fusions, luts
         lines += ["## deit_small, 224 px, random weights, batch 8 (latency only, one interleaved session)", "",
                   "| model | engine | ms | speedup vs fp32 teacher |", "|---|---|---:|---:|"]
         lines += [f"| {r['model']} | {r['engine']} | {r['ms']:.1f} | {r['speedup']:.2f}x |" for r in rows]
-        lines += ["", f"ORT transformer-optimizer fusions that apply: {json.dumps(fusions)}", ""]
+        lines += ["", f"LUTs (build s, teacher predicted ms, 50% plan): {json.dumps(luts)}", "",
+                  f"ORT transformer-optimizer fusions that apply: {json.dumps(fusions)}", ""]
         atomic_write_text(out / "int8.md", "\n".join(lines) + "\n")  # partial results survive a later failure
         print("\n".join(lines), flush=True)
-    rows = embedded(args.config, out, args.set)
+    rows = [] if args.skip_embedded else embedded(args.config, out, args.set)
     res["embedded"] = rows
-    lines += ["## Embedded default (Fashion-MNIST), batch 64 (one interleaved session)", "",
+    lines += [] if args.skip_embedded else ["## Embedded default (Fashion-MNIST), batch 64 (one interleaved session)", "",
               "| model | engine | ms | speedup | test top-1 engine (%) | torch fp32 top-1 (%) | note |",
               "|---|---|---:|---:|---:|---:|---|"]
     lines += [f"| {r['model']} | {r['engine']} | {r['ms']:.2f} | {r['speedup']:.2f}x | {r['engine_top1']:.2f} | "
