@@ -70,7 +70,7 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
             predicted_ms: Optional[float] = None, warmup: int = 10, repeats: int = 60, name: str = "model",
             extra_artifacts: Optional[dict] = None, manifest_extra: Optional[dict] = None,
             config_hash: Optional[str] = None, calib_data: Optional[Iterable] = None,
-            log: Callable[[str], None] = print) -> dict:
+            baseline_top1: Optional[float] = None, log: Callable[[str], None] = print) -> dict:
     """Export (unless ``onnx_path`` is given), build the engine, gate on parity, time it, write the manifest.
 
     Args:
@@ -80,6 +80,9 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
         predicted_ms: a latency prediction to record beside the measurement.
         extra_artifacts: more files to hash into the manifest (name -> path).
         calib_data: image batches (real training images) for a static int8/fp8 calibration.
+        baseline_top1: a further gate: the engine's top-1 on the same images must stay within the
+            precision's ``max_acc_delta`` of this figure (the fp32 model before a quantization-aware
+            recovery changed the weights that ``model`` now holds).
 
     Returns:
         ``{"parity", "latency", "manifest", "params", "onnx", "engine"}``.
@@ -167,7 +170,15 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
     with reference, eng_runner, (second or contextlib.nullcontext()):
         report = check_parity(reference, eng_runner, data, tol, target.precision, ecfg.parity_batches,
                               max_images=ecfg.parity_images, second=second, second_name="fp32 engine")
+    if baseline_top1 is not None:
+        d = report.engine_top1 - baseline_top1
+        if abs(d) > tol.max_acc_delta:
+            report.failures.append(f"output 'logits': accuracy delta {d:+.2f} pt against the fp32 model before "
+                                   f"recovery ({baseline_top1:.2f}%) exceeds ±{tol.max_acc_delta} pt")
+            report.passed = False
     rep = report.to_dict()
+    if baseline_top1 is not None:
+        rep["baseline_top1"] = baseline_top1
     rep["onnx"] = str(onnx_path)
     rep["reference"] = ref_desc
     atomic_write_json(out / "parity.json", rep)
@@ -218,14 +229,21 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
 
 def release_from_config(cfg, model, out_dir: str | os.PathLike, test_set, *, plan=None,
                         predicted_ms: Optional[float] = None, onnx_path=None, name: str = "model",
-                        calib_set=None, log: Callable[[str], None] = print) -> dict:
-    """:func:`release` driven by a :class:`~vitrim.pipeline.core.config.RunConfig` and a test dataset."""
+                        calib_set=None, baseline_top1: Optional[float] = None, manifest_extra: Optional[dict] = None,
+                        weights: Optional[Path] = None, log: Callable[[str], None] = print) -> dict:
+    """:func:`release` driven by a :class:`~vitrim.pipeline.core.config.RunConfig` and a test dataset.
+
+    ``weights`` names the student weights the release was made from when they are not
+    ``out_dir/student.safetensors`` (after an int8 recovery).
+    """
     from vitrim.pipeline.core.config import config_hash
     from vitrim.pipeline.core.data import make_loader
 
     out = Path(out_dir)
     extra = {key: out / fname for key, fname in (("student", "student.safetensors"), ("plan", "plan.json"),
                                                  ("lut", "lut.json")) if (out / fname).is_file()}
+    if weights is not None:
+        extra["student"] = Path(weights)
     loader = make_loader(test_set, cfg.target.batch, workers=cfg.data.workers)
     calib = None
     if calib_set is not None and cfg.target.precision in ("int8", "fp8"):  # training images, in a fixed order
@@ -233,5 +251,6 @@ def release_from_config(cfg, model, out_dir: str | os.PathLike, test_set, *, pla
     return release(out, Target.from_config(cfg.target), loader, model=model, onnx_path=onnx_path,
                    export_cfg=cfg.export, predicted_ms=predicted_ms, warmup=cfg.profile.warmup,
                    repeats=cfg.profile.repeats, name=name, extra_artifacts=extra,
-                   manifest_extra={"model": {"macs": plan.macs() if plan is not None else None}},
-                   config_hash=config_hash(cfg), calib_data=calib, log=log)
+                   manifest_extra={"model": {"macs": plan.macs() if plan is not None else None},
+                                   **(manifest_extra or {})},
+                   config_hash=config_hash(cfg), calib_data=calib, baseline_top1=baseline_top1, log=log)

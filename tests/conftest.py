@@ -79,3 +79,24 @@ def tiny_lut(tiny_spec, tmp_path_factory):
     path = tmp_path_factory.mktemp("lut") / "lut.json"
     lut = build_lut(tiny_spec, Target(batch=4, threads=1), ProfileConfig(**TINY_PCFG), Floors(), 8, path, progress=False)
     return lut, path
+
+
+INT8_SETS = ["data.train_limit=2048", "data.val_limit=256", "data.test_limit=384", "data.val_size=1000",
+             "data.batch_size=64", "model.arch=vit_tiny_patch16_224",
+             "model.kwargs={img_size: 28, patch_size: 7, in_chans: 1, num_classes: 10, embed_dim: 32, depth: 2, "
+             "num_heads: 2, mlp_ratio: 2.0}", "teacher.epochs=2", "teacher.lr=0.003"]
+
+
+@pytest.fixture(scope="session")
+def int8_teacher(tmp_path_factory, fmnist_dir):
+    """A tiny teacher trained for 2 epochs on a real Fashion-MNIST slice (int8 needs real logit margins);
+    (cache dir, teacher, splits), shared by the int8 and int8-recovery tests."""
+    from vitrim.pipeline.core.config import load_config
+    from vitrim.pipeline.core.data import build_splits
+    from vitrim.pipeline.stages.teacher import load_teacher
+
+    d = tmp_path_factory.mktemp("int8")
+    cfg = load_config(None, [f"cache_dir={d}", f"data.root={fmnist_dir}", *INT8_SETS])
+    splits = build_splits(cfg.data)
+    teacher, _ = load_teacher(cfg, splits, log=lambda m: None)
+    return d, teacher, splits

@@ -33,6 +33,7 @@ and blocks with ``p >= 0.5``. Its LUT prediction (the *realised* latency) is
 reported beside the soft one, as UVC reported its soft and realised FLOPs; if
 rounding made the realised plan miss the budget, the knapsack selection on
 ``p`` removes the least probable groups until it fits (logged as a repair).
+Kept units then run with gate 1 (the samples were near-binary at the end).
 """
 from __future__ import annotations
 
@@ -189,7 +190,7 @@ def run_mask_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchCon
     lam = 0.0
     history = [{"step": 0, "cost": T, "val_top1": None, "removed": 0, "s": 0.0}]
     n_iters = max(1, cfg.mask_iters)
-    log_every = max(1, n_iters // max(1, cfg.steps))
+    log_at = {max(1, round(k * n_iters / max(1, cfg.steps))) for k in range(1, max(1, cfg.steps) + 1)}
     tau0, tau1 = cfg.gumbel_tau
 
     def soft_latency(p: dict) -> torch.Tensor:
@@ -221,22 +222,22 @@ def run_mask_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchCon
             soft = soft_latency(p)
             viol = (soft - budget) / T
             loss = kd(student, x, y) + lam * viol
-            aux = {"soft_cost": float(soft), "lambda": lam}
+            aux = {"soft_cost": float(soft.detach()), "lambda": lam}
         else:
             l1 = sum((ms[k] / T * gates[k]).sum() for k in width_keys)
             loss = kd(student, x, y) + cfg.slim_l1 * l1
-            aux = {"l1": float(l1)}
+            aux = {"l1": float(l1.detach())}
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         if uvc:
-            lam = max(0.0, lam + cfg.dual_lr * float(viol))
+            lam = max(0.0, lam + cfg.dual_lr * float(viol.detach()))
         else:
             with torch.no_grad():
                 for k in width_keys:
                     gates[k].clamp_(0.0, 1.0)
-        if it % log_every == 0 or it == n_iters:
+        if it in log_at:  # search.steps progress records, the last at the end
             if not uvc:  # the masks' range after the clamp (ViT-Slim keeps them in [0, 1])
                 aux["mask_min"] = min(float(gates[k].min()) for k in width_keys)
                 aux["mask_max"] = max(float(gates[k].max()) for k in width_keys)
@@ -281,14 +282,13 @@ def run_mask_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchCon
     if cost.predict(plan) > budget + 1e-9:
         raise UserError("search", f"{cfg.strategy} could not reach the budget {budget:.3f} {cost.unit}; stopped at "
                         f"{cost.predict(plan):.3f}", "raise the budget, lower the floors or use strategy knapsack")
-    # fold the kept units' mask values into the weights, then adapt with hard 0/1 gates
-    with torch.no_grad():
-        for k in width_keys:
-            gates[k].requires_grad_(False)
-            if uvc:
-                gates[k] = torch.sigmoid(logits[k]).detach()
-                _set_gate(student, k, gates[k])
-        fold_masks(student, {k: (gates[k] if k in width_keys else torch.ones_like(gates[k])) for k in gates})
+    # slim: fold the kept units' mask values into the weights (the network the masks trained); uvc's gates were
+    # (near-)binary samples, so a kept unit's gate is 1. Then adapt with hard 0/1 gates.
+    if not uvc:
+        with torch.no_grad():
+            for k in width_keys:
+                gates[k].requires_grad_(False)
+            fold_masks(student, gates)
     detach_gates(student)
     attach_gates(student, masks_from_plan(plan))
     student.train()

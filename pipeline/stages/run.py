@@ -137,7 +137,8 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
     if cache.fresh("export", h_exp, [out / "manifest.json"]):
         log("[export] inputs unchanged; reusing manifest.json")
         exp = json.loads((out / "manifest.json").read_text())
-        student_exp = {"parity": exp["parity"], "latency": exp["latency"], "params": exp["model"]["params"]}
+        student_exp = {"parity": exp["parity"], "latency": exp["latency"], "params": exp["model"]["params"],
+                       "int8_recovery": exp.get("int8_recovery")}
         texp = json.loads((out / "teacher" / "manifest.json").read_text())
         teacher_exp = {"parity": texp["parity"], "latency": texp["latency"], "params": texp["model"]["params"]}
         t0 = None
@@ -147,14 +148,17 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
         teacher_exp = release_from_config(cfg, teacher, out / "teacher", splits.test, plan=Plan.full(spec),
                                           predicted_ms=lut.predict(Plan.full(spec)),
                                           name=f"teacher {cfg.model.arch}", calib_set=splits.val, log=log)
-        student_exp = release_from_config(cfg, student, out, splits.test, plan=plan, predicted_ms=lut.predict(plan),
-                                          name="student", calib_set=splits.val, log=log)
+        from vitrim.pipeline.stages.qat import release_student  # an int8 engine failing the gate: recovery
+
+        student_exp = release_student(cfg, teacher, student, plan, splits, out, predicted_ms=lut.predict(plan),
+                                      device=device, log=log)
         cache.done("export", h_exp)
     timings["export_s"] = round(time.time() - t0, 1) if t0 else "cached"
     onnx_name = f"model.{cfg.target.precision}.onnx" if cfg.target.precision in ("int8", "fp8") else "model.onnx"
     same = retime_pair(cfg, out / "teacher" / onnx_name, out / onnx_name, log)
 
     summary = make_summary(cfg, spec, plan, lut, teacher_acc, teacher_exp, student_exp, out, timings)
+    summary["int8_recovery"] = student_exp.get("int8_recovery")  # None: not needed (or not an int8 target)
     if same is not None:  # the speedup is a ratio measured in one interleaved session
         for key, t in zip(("teacher", "student"), same):
             summary[key]["measured_ms"], summary[key]["p90_ms"] = t.median_ms, t.p90_ms
@@ -170,6 +174,21 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
         f"student {summary['student']['measured_ms']:.2f} ms / {summary['student']['top1']:.2f}%  "
         f"(measured speedup {summary['speedup']:.2f}x, {summary['delta_top1']:+.2f} pt); report: {out / 'report.md'}")
     return summary
+
+
+def recovery_lines(s: dict) -> list[str]:
+    """The report's int8-recovery paragraph (issue 16), when the target is int8."""
+    if s["signature"].get("precision") != "int8":
+        return []
+    r = s.get("int8_recovery")
+    if not r:
+        return ["## int8 recovery", "", "Not needed: the int8 engine passed the gate as quantized.", ""]
+    b = r["before"]
+    return ["## int8 recovery", "",
+            f"The first int8 engine failed the gate (engine top-1 {b['engine_top1']:.2f}% against "
+            f"{b['torch_top1']:.2f}% in fp32 torch): {'; '.join(b['failures'])}. {r['steps']} KD steps with int8 "
+            f"fake-quant on {r['linear_layers']} Linear layers ({r['wall_s']:.0f} s) made the released engine "
+            "(weights in `int8_recovery/`).", ""]
 
 
 def _weights_key(source) -> str | None:
@@ -260,6 +279,7 @@ def write_report(out: Path, s: dict) -> None:
               f"Student: predicted {st['predicted_ms']:.3f} ms, measured {st['measured_ms']:.3f} ms "
               f"({100 * (st['predicted_ms'] - st['measured_ms']) / st['measured_ms']:+.1f}%).", "",
               *report_lines(s), "",  # issue 14
+              *recovery_lines(s),
               "## Stage times (s)", "", "| " + " | ".join(s["timings"]) + " |",
               "|" + "---:|" * len(s["timings"]), "| " + " | ".join(str(v) for v in s["timings"].values()) + " |", "",
               "Artifacts: `model.onnx`, `model.ort.onnx` (engine), `student.safetensors`, `plan.json`, `lut.json`, "

@@ -15,20 +15,8 @@ from tests.conftest import TINY_PCFG
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, fmnist_dir):
-    """A tiny teacher trained for 2 epochs on a real Fashion-MNIST slice (int8 needs real logit margins)."""
-    from vitrim.pipeline.core.config import load_config
-    from vitrim.pipeline.core.data import build_splits
-    from vitrim.pipeline.stages.teacher import load_teacher
-
-    d = tmp_path_factory.mktemp("q")
-    cfg = load_config(None, [
-        f"cache_dir={d}", f"data.root={fmnist_dir}", "data.train_limit=2048", "data.val_limit=256",
-        "data.test_limit=384", "data.val_size=1000", "data.batch_size=64", "model.arch=vit_tiny_patch16_224",
-        "model.kwargs={img_size: 28, patch_size: 7, in_chans: 1, num_classes: 10, embed_dim: 32, depth: 2, "
-        "num_heads: 2, mlp_ratio: 2.0}", "teacher.epochs=2", "teacher.lr=0.003"])
-    splits = build_splits(cfg.data)
-    teacher, _ = load_teacher(cfg, splits, log=lambda m: None)
+def trained(int8_teacher):
+    _, teacher, splits = int8_teacher
     student, _ = full_size_compact(teacher)
     return student, splits
 

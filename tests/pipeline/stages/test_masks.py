@@ -27,7 +27,7 @@ def frac_for(lut, frac, skip_blocks=False):
 
 
 def mcfg(strategy, **kw):
-    base = dict(strategy=strategy, mask_iters=40, kd_iters=3, steps=2, budget_fraction=0.6, mask_lr=0.05)
+    base = dict(strategy=strategy, mask_iters=30, kd_iters=3, steps=2, budget_fraction=0.6, mask_lr=0.05)
     base.update(kw)
     return cfg(**base)
 
@@ -41,7 +41,7 @@ def search(t, lut, data, c):
 def test_plan_meets_the_budget_and_the_seed_fixes_it(strategy, data, tiny_lut):
     lut, _ = tiny_lut
     f = frac_for(lut, 0.6)
-    runs = [search(teacher(seed=3), lut, data, mcfg(strategy, budget_fraction=f)) for _ in range(2)]
+    runs = [search(teacher(seed=3), lut, data, mcfg(strategy, budget_fraction=f, steps=4)) for _ in range(2)]
     for r in runs:
         assert lut.predict(r.plan) <= r.budget + 1e-9
         assert r.budget == pytest.approx(f * lut.predict(Plan.full(lut.spec)))
@@ -50,6 +50,11 @@ def test_plan_meets_the_budget_and_the_seed_fixes_it(strategy, data, tiny_lut):
     if strategy == "uvc":  # the soft-versus-realised gap is reported
         g = runs[0].plan.meta["uvc"]
         assert g["soft"] > 0 and g["realised"] > 0 and "gap_pct" in g
+    else:  # slim's masks stay in [0, 1], moved, and the l1 term falls over training
+        recs = [h for h in runs[0].log if "l1" in h]
+        assert len(recs) == 4
+        assert all(0.0 <= h["mask_min"] <= h["mask_max"] <= 1.0 for h in recs)
+        assert recs[-1]["l1"] < recs[0]["l1"] and recs[0]["mask_min"] < 1.0
 
 
 def dead_head_teacher():
@@ -82,13 +87,3 @@ def test_uvc_skips_a_block_planted_as_identity(data, tiny_lut):
             lin.bias.zero_()
     r = search(t, lut, data, mcfg("uvc", budget_fraction=0.7, mask_iters=60, min_blocks=1))
     assert not r.plan.blocks[1].keep and r.plan.blocks[0].keep
-
-
-def test_slim_masks_stay_in_unit_interval_and_l1_falls(data, tiny_lut):
-    lut, _ = tiny_lut
-    r = search(teacher(seed=3), lut, data, mcfg("slim", steps=4, budget_fraction=frac_for(lut, 0.6)))
-    recs = [h for h in r.log if "l1" in h]
-    assert len(recs) == 4
-    assert all(0.0 <= h["mask_min"] <= h["mask_max"] <= 1.0 for h in recs)
-    assert recs[-1]["l1"] < recs[0]["l1"]
-    assert recs[0]["mask_min"] < 1.0  # the masks moved
