@@ -239,8 +239,8 @@ def run_mask_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchCon
                     gates[k].clamp_(0.0, 1.0)
         if it in log_at:  # search.steps progress records, the last at the end
             if not uvc:  # the masks' range after the clamp (ViT-Slim keeps them in [0, 1])
-                aux["mask_min"] = min(float(gates[k].min()) for k in width_keys)
-                aux["mask_max"] = max(float(gates[k].max()) for k in width_keys)
+                aux["mask_min"] = min(float(gates[k].detach().min()) for k in width_keys)
+                aux["mask_max"] = max(float(gates[k].detach().max()) for k in width_keys)
             vals = _values(gates, logits if uvc else None, width_keys)
             bk = _block_keep(logits, spec, cfg.min_blocks) if skip else None
             hard = plan_from_values(spec, vals, 0.5, fl, e_min, cfg.align, bk) if uvc else \
