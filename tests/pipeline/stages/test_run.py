@@ -139,3 +139,20 @@ def test_parity_batches_zero_is_refused(tmp_path):
                         "export.parity_batches=0", "--set", f"out_dir={tmp_path / 'o'}"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "export.parity_batches" in p.stderr and not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_readme_run_int8_with_a_mask_strategy(tmp_path, fmnist_dir, cache):
+    """The README's int8 recipe (`--set target.precision=int8`) with `search.strategy=slim`, end to end."""
+    rc = main(["run", "configs/fmnist_cpu.yaml", *sets(tmp_path, [f"data.root={fmnist_dir}", "target.precision=int8",
+                                                                  "search.strategy=slim", "search.mask_iters=10",
+                                                                  "search.measured_rounds=0"], cache)])
+    assert rc == 0
+    run = tmp_path / "run"
+    m = verify_manifest(run)
+    assert m["parity"]["passed"] and m["parity"]["precision"] == "int8" and "onnx_int8" in m["artifacts"]
+    assert m["device_signature"]["precision"] == "int8" and m["quantization"]["mode"] == "static"
+    s = json.loads((run / "summary.json").read_text())
+    assert s["strategy"] == "slim" and s["student"]["params"] < s["teacher"]["params"]
+    report = (run / "report.md").read_text()
+    assert "## int8 recovery" in report and ("Not needed" in report) == (s["int8_recovery"] is None)
