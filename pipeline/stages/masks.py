@@ -338,7 +338,7 @@ def _values(gates: dict, logits: dict | None, keys: list[str]) -> dict:
 
 
 def _block_keep(logits: dict, spec: dict, min_blocks: int) -> list[bool]:
-    p = [float(torch.sigmoid(logits[f"b{i}.block"])) for i in range(spec["depth"])]
+    p = [float(torch.sigmoid(logits[f"b{i}.block"].detach())) for i in range(spec["depth"])]
     keep = [q >= 0.5 for q in p]
     if sum(keep) < min_blocks:  # the most probable blocks up to the floor
         for i in sorted(range(len(p)), key=lambda i: -p[i])[:min_blocks]:
