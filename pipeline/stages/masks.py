@@ -118,27 +118,6 @@ def fold_masks(model: CompactViT, gates: dict) -> None:
         blk.mlp.fc2.weight.mul_(gates[f"b{j}.mlp"][None, :])
 
 
-class _Batches:
-    """An endless stream of training batches on ``device``."""
-
-    def __init__(self, ds, batch_size: int, seed: int, device: str, workers: int):
-        from vitrim.pipeline.core.data import make_loader
-
-        self.make = lambda ep: make_loader(ds, batch_size, shuffle=True, seed=seed, drop_last=True, epoch=ep,
-                                           workers=workers, pin_memory=str(device).startswith("cuda"))
-        self.epoch, self.device = 0, device
-        self.it = iter(self.make(0))
-
-    def __call__(self):
-        try:
-            x, y = next(self.it)
-        except StopIteration:
-            self.epoch += 1
-            self.it = iter(self.make(self.epoch))
-            x, y = next(self.it)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-
 def run_mask_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchConfig, train_ds, val_ds,
                     batch_size: int = 128, kd_alpha: float = 1.0, kd_T: float = 2.0,
                     log: Callable[[str], None] = print, device: str = "cpu", workers: int = 0):
@@ -146,8 +125,8 @@ def run_mask_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchCon
     from vitrim.pipeline.core.errors import UserError
     from vitrim.pipeline.stages.distill import make_kd_fn
     from vitrim.pipeline.stages.saliency import attach_gates, detach_gates
-    from vitrim.pipeline.stages.search import (SearchResult, _val_top1, floor_plan, masks_from_plan, prune_to,
-                                               resolve_budget)
+    from vitrim.pipeline.stages.search import (BatchStream, SearchResult, _val_top1, floor_plan, kd_adapt,
+                                               masks_from_plan, prune_to, resolve_budget)
 
     t0 = time.time()
     torch.manual_seed(cfg.seed)
@@ -184,7 +163,7 @@ def run_mask_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchCon
         mask_params = [gates[k] for k in width_keys]
     opt = torch.optim.AdamW([{"params": list(student.parameters()), "lr": cfg.lr, "weight_decay": 0.0},
                              {"params": mask_params, "lr": cfg.mask_lr, "weight_decay": 0.0}])
-    batches = _Batches(train_ds, batch_size, cfg.seed, device, workers)
+    batches = BatchStream(train_ds, batch_size, cfg.seed, device, workers)
     shell = T - sum(float(ms[f"b{i}.block"]) for i in range(spec["depth"]))
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     lam = 0.0
@@ -291,15 +270,7 @@ def run_mask_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchCon
             fold_masks(student, gates)
     detach_gates(student)
     attach_gates(student, masks_from_plan(plan))
-    student.train()
-    for _ in range(cfg.kd_iters):
-        x, y = batches()
-        loss = kd(student, x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-    student.eval()
+    kd_adapt(student, kd, batches, opt, cfg.kd_iters)
     acc = _val_top1(student, val_ds, workers=workers)
     history.append({"step": len(history), "cost": cost.predict(plan), "val_top1": acc, "removed": None,
                     "s": round(time.time() - t0, 1), **gap})

@@ -334,6 +334,38 @@ class SearchResult:
     wall_s: float = 0.0
 
 
+class BatchStream:
+    """An endless stream of shuffled training batches on ``device`` (a new epoch order when one runs out)."""
+
+    def __init__(self, ds, batch_size: int, seed: int, device: str, workers: int = 0):
+        self.make = lambda ep: make_loader(ds, batch_size, shuffle=True, seed=seed, drop_last=True, epoch=ep,
+                                           workers=workers, pin_memory=str(device).startswith("cuda"))
+        self.epoch, self.device = 0, device
+        self.it = iter(self.make(0))
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            x, y = next(self.it)
+        except StopIteration:
+            self.epoch += 1
+            self.it = iter(self.make(self.epoch))
+            x, y = next(self.it)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def kd_adapt(student: nn.Module, kd, next_batch: Callable, opt, iters: int) -> None:
+    """``iters`` KD steps on the (gated) student, then eval mode: the search's short adaptation."""
+    student.train()
+    for _ in range(iters):
+        x, y = next_batch()
+        loss = kd(student, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+    student.eval()
+
+
 def _val_top1(model: nn.Module, val_ds, n: int = 2000, workers: int = 0) -> float:
     from vitrim.pipeline.core.data import TensorImages
     from vitrim.pipeline.core.evaluate import top1
@@ -391,26 +423,7 @@ def run_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchConfig, 
     plan = full
     opt = torch.optim.AdamW([p for p in student.parameters()], lr=cfg.lr, weight_decay=0.0)
     steps = max(1, cfg.steps)
-    epoch = 0
-    pin = str(device).startswith("cuda")
-
-    def loader_for(ep: int):
-        return make_loader(train_ds, batch_size, shuffle=True, seed=cfg.seed, drop_last=True, epoch=ep,
-                           workers=workers, pin_memory=pin)
-
-    loader = loader_for(epoch)
-    it = iter(loader)
-
-    def next_batch():
-        nonlocal it, epoch, loader
-        try:
-            x, y = next(it)
-        except StopIteration:
-            epoch += 1
-            loader = loader_for(epoch)
-            it = iter(loader)
-            x, y = next(it)
-        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    next_batch = BatchStream(train_ds, batch_size, cfg.seed, device, workers)
 
     removed_all: list[Candidate] = []
     for step in range(1, steps + 1):
@@ -431,15 +444,7 @@ def run_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchConfig, 
         if step == steps and cfg.refill:
             plan, added = refill(plan, removed_all, cost, budget)
         gates = attach_gates(student, masks_from_plan(plan))
-        student.train()
-        for _ in range(cfg.kd_iters):
-            x, y = next_batch()
-            loss = kd(student, x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            opt.step()
-        student.eval()
+        kd_adapt(student, kd, next_batch, opt, cfg.kd_iters)
         acc = _val_top1(student, val_ds, workers=workers)
         c = cost.predict(plan)
         counts = {}

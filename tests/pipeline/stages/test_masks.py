@@ -5,7 +5,7 @@ import torch
 from vitrim.pipeline.core.plan import Plan
 from vitrim.pipeline.core.slicing import full_size_compact
 from vitrim.pipeline.stages.search import run_search
-from tests.pipeline.stages.test_search import cfg, teacher
+from tests.pipeline.stages.test_search import cfg, kill_head, teacher
 
 
 @pytest.fixture(scope="module")
@@ -57,23 +57,10 @@ def test_plan_meets_the_budget_and_the_seed_fixes_it(strategy, data, tiny_lut):
         assert recs[-1]["l1"] < recs[0]["l1"] and recs[0]["mask_min"] < 1.0
 
 
-def dead_head_teacher():
-    t = teacher(seed=5)
-    hd = 16
-    with torch.no_grad():  # head 1 of block 0 computes nothing
-        a = t.blocks[0].attn
-        for part in range(3):
-            rows = slice(part * 32 + hd, part * 32 + 2 * hd)
-            a.qkv.weight[rows] = 0
-            a.qkv.bias[rows] = 0
-        a.proj.weight[:, hd:2 * hd] = 0
-    return t
-
-
 @pytest.mark.parametrize("strategy", ["slim", "uvc"])
 def test_planted_dead_head_is_removed(strategy, data, tiny_lut):
     lut, _ = tiny_lut
-    r = search(dead_head_teacher(), lut, data, mcfg(strategy, budget_fraction=frac_for(lut, 0.8), prune_blocks=False))
+    r = search(kill_head(teacher(seed=5)), lut, data, mcfg(strategy, budget_fraction=frac_for(lut, 0.8), prune_blocks=False))
     b0 = r.plan.blocks[0]
     assert b0.keep and 1 not in b0.heads
 

@@ -41,17 +41,21 @@ def cfg(**kw):
     return SearchConfig(**base)
 
 
-def test_planted_dead_head_goes_first(data, tiny_lut):
-    lut, _ = tiny_lut
-    t = teacher()
-    hd = 16
-    with torch.no_grad():  # head 1 of block 0 computes nothing
-        blk = t.blocks[0].attn
+def kill_head(t, hd=16):
+    """Head 1 of block 0 computes nothing (every weight and bias of its q, k, v and output is zero)."""
+    with torch.no_grad():
+        a = t.blocks[0].attn
         for part in range(3):
             rows = slice(part * 32 + hd, part * 32 + 2 * hd)
-            blk.qkv.weight[rows] = 0
-            blk.qkv.bias[rows] = 0
-        blk.proj.weight[:, hd:2 * hd] = 0
+            a.qkv.weight[rows] = 0
+            a.qkv.bias[rows] = 0
+        a.proj.weight[:, hd:2 * hd] = 0
+    return t
+
+
+def test_planted_dead_head_goes_first(data, tiny_lut):
+    lut, _ = tiny_lut
+    t = kill_head(teacher())
     sc = scores_for(t, data)
     assert sc["b0.heads"][1].item() == 0.0
     assert sc["b0.heads"][0].item() > 0 and (sc["b1.heads"] > 0).all()
