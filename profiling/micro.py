@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vitrim.pipeline.core.compact import CompactBlock, CompactViT
+from vitrim.pipeline.core.compact import CompactBlock, CompactViT, TokenMerge
 from vitrim.pipeline.core.plan import BlockPlan, Plan
 
 
@@ -78,6 +78,11 @@ def make_part(kind: str, spec: dict, E: int, H: int = 1, QK: int = 8, V: int = 8
         return NullPart(E).eval()
     blk = make_block(spec, E, H, QK, V, M)
     return {"attn": AttnPart, "mlp": MlpPart}[kind](blk) if kind != "block" else blk
+
+
+def make_merge(spec: dict, grid: tuple[int, int], kind: str) -> TokenMerge:
+    """A token merge of type ``kind`` receiving ``grid`` (input [B, prefix + h*w, E])."""
+    return TokenMerge(grid, kind, int(spec["class_token"]) + int(spec["dist_token"])).eval()
 
 
 def make_plan_model(plan: Plan) -> CompactViT:

@@ -41,16 +41,20 @@ plan computes (tested for every gate kind, alone and combined, to 1e-5):
 
 With a keep-everything plan and no gates the forward runs exactly timm's ops on
 exactly timm's tensors, so the outputs are bit-identical (pinned by a test).
+
+Token merges (``plan.tokens``, :class:`TokenMerge`) sit at block boundaries and
+shrink the patch grid for every later block; they have no parameters.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitrim.pipeline.core.plan import Plan
+from vitrim.pipeline.core.plan import MERGE_TYPES, Plan, merged_grid
 
 
 def gated_layer_norm(ln: nn.LayerNorm, x: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.Tensor:
@@ -66,6 +70,60 @@ def gated_layer_norm(ln: nn.LayerNorm, x: torch.Tensor, gate: Optional[torch.Ten
     xc = x - mean
     var = (xc * xc * gate).sum(-1, keepdim=True) / n
     return (xc * torch.rsqrt(var + ln.eps) * ln.weight + ln.bias) * gate
+
+
+class TokenMerge(nn.Module):
+    """Merge neighbouring patch tokens with static shapes (CAIT-style; no parameters).
+
+    The patch grid (h, w) is cut into windows of (1, 2), (2, 1) or (2, 2)
+    neighbours (type ``w``, ``h``, ``hw``) and each window becomes one token; the
+    result is again a row-major grid, (h, ceil(w/2)) etc., so dense heads can
+    reshape it. Odd sides are padded: the last row/column merges alone (its pad
+    slots get weight 0). Class/distillation tokens pass through untouched.
+
+    Weights: within a window, ``softmax(rms(token))`` where ``rms`` is the token's
+    root-mean-square over (kept) channels, so a window's larger-norm tokens
+    dominate: an asymmetric, data-dependent weighting in the spirit of CAIT's
+    ATME (which weights neighbours by importance) rather than ToMe's bipartite
+    matching. Shapes never depend on the data, so the ONNX graph is
+    Slice/Pad/Reshape/Transpose/ReduceMean/Softmax/Mul/ReduceSum/Concat with no
+    Scatter, TopK or data-dependent shapes (pinned by a test), and TensorRT gets
+    the same graph.
+
+    ``gate`` (the search's embedding gate, set by :class:`CompactViT`): the rms is
+    taken over the kept channels only, so a gated full-size model merges exactly
+    like the sliced one.
+    """
+
+    def __init__(self, grid: tuple[int, int], kind: str, num_prefix: int):
+        super().__init__()
+        self.grid, self.kind, self.num_prefix = (int(grid[0]), int(grid[1])), kind, num_prefix
+        self.window = MERGE_TYPES[kind]
+        self.out_grid = merged_grid(self.grid, kind)
+        h, w = self.grid
+        sh, sw = self.window
+        self.pad = (self.out_grid[0] * sh - h, self.out_grid[1] * sw - w)  # rows, cols appended
+        valid = F.pad(torch.zeros(h, w), (0, self.pad[1], 0, self.pad[0]), value=-1e4)  # pad slots: weight ~0
+        oh, ow = self.out_grid
+        valid = valid.reshape(oh, sh, ow, sw).permute(0, 2, 1, 3).reshape(oh * ow, sh * sw)
+        self.register_buffer("pad_bias", valid, persistent=False)
+        self.gate: Optional[torch.Tensor] = None
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}: {self.grid[0]}x{self.grid[1]} -> {self.out_grid[0]}x{self.out_grid[1]}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, E = x.shape
+        P, (h, w), (sh, sw), (oh, ow) = self.num_prefix, self.grid, self.window, self.out_grid
+        t = x[:, P:].reshape(B, h, w, E)
+        if self.pad[0] or self.pad[1]:
+            t = F.pad(t, (0, 0, 0, self.pad[1], 0, self.pad[0]))
+        t = t.reshape(B, oh, sh, ow, sw, E).permute(0, 1, 3, 2, 4, 5).reshape(B, oh * ow, sh * sw, E)
+        sq = t * t if self.gate is None else t * t * self.gate
+        ms = sq.mean(-1) if self.gate is None else sq.sum(-1) / self.gate.sum()
+        wgt = torch.softmax(torch.sqrt(ms + 1e-12) + self.pad_bias, dim=-1)
+        t = (t * wgt.unsqueeze(-1)).sum(2)
+        return torch.cat([x[:, :P], t], dim=1) if P else t
 
 
 class CompactAttention(nn.Module):
@@ -180,6 +238,21 @@ class CompactViT(nn.Module):
         self.head_dist = nn.Linear(E, s["num_classes"]) if s["dist_token"] else None
         self.distilled_training = False
         self._gate_embed: Optional[torch.Tensor] = None
+        self.set_token_merges(plan.merges)
+
+    def set_token_merges(self, merges: dict[int, str]) -> None:
+        """Install token merges {teacher block index: type} (the search tries them on a full-size model)."""
+        p = dataclasses.replace(self.plan, tokens=None).set_merges(dict(merges))  # shares the (unchanged) blocks
+        p._validate_tokens("token merges")
+        inputs = p.merge_inputs()
+        self.merges = nn.ModuleDict({str(i): TokenMerge(inputs[i], k, self.num_prefix) for i, k in sorted(merges.items())})
+        dev = self.pos_embed.device
+        self.merges.to(dev)
+        for m in self.merges.values():
+            m.gate = self._gate_embed
+        # (merge or None, block or None) per teacher block, in order: what forward_features walks
+        kept = {i: j for j, i in enumerate(self.block_ids)}
+        self._schedule = [(str(i) if str(i) in self.merges else None, kept.get(i)) for i in range(len(self.plan.blocks))]
 
     @property
     def gate_embed(self) -> Optional[torch.Tensor]:
@@ -191,6 +264,8 @@ class CompactViT(nn.Module):
         self._gate_embed = gate
         for blk in self.blocks:
             blk.gate_embed = gate
+        for m in self.merges.values():
+            m.gate = gate
 
     def _norm(self, ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
         return gated_layer_norm(ln, x, self._gate_embed)
@@ -208,8 +283,15 @@ class CompactViT(nn.Module):
             x = x + self.pos_embed
         if self.norm_pre is not None:
             x = self._norm(self.norm_pre, x)
-        for blk in self.blocks:
-            x = blk(x)
+        if not self.merges:
+            for blk in self.blocks:
+                x = blk(x)
+        else:
+            for merge, j in self._schedule:
+                if merge is not None:
+                    x = self.merges[merge](x)
+                if j is not None:
+                    x = self.blocks[j](x)
         if self.norm is not None:
             x = self._norm(self.norm, x)
         return x

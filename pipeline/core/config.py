@@ -129,6 +129,8 @@ class ProfileConfig:
     seed: int = 0
     # issue 14: whole plans (teacher included) measured with the micro-models to fit the composition
     calibration_plans: int = 6
+    # issue 15: token-count points of the LUT when the search merges tokens (search.prune_tokens)
+    token_points: int = 3
 
 
 STRATEGIES = ("knapsack", "nvit", "slim", "uvc", "uniform", "magnitude")
@@ -168,6 +170,9 @@ class SearchConfig:
     slim_l1: float = 2.0  # slim: weight of the latency-weighted l1 term (in units of the teacher's latency)
     dual_lr: float = 0.5  # uvc: dual ascent rate on the relative budget violation
     gumbel_tau: list = field(default_factory=lambda: [1.0, 0.1])  # uvc: temperature, start and end
+    # issue 15: CAIT-style token merges at block boundaries as candidates (knapsack and nvit)
+    prune_tokens: bool = False
+    max_merges: int = 2  # token merges per plan at most (each halves one or both grid sides)
 
 
 @dataclass
@@ -381,9 +386,12 @@ def validate_search(cfg: SearchConfig, source: str = "<config>") -> None:
         bad("search.budget_ms", f"is {cfg.budget_ms}", "use a positive latency in ms")
     if cfg.align < 1:
         bad("search.align", f"is {cfg.align}", "use a group size >= 1 (8 keeps widths fit for fast kernels)")
-    for k in ("steps", "saliency_batches", "min_heads", "min_blocks"):
+    for k in ("steps", "saliency_batches", "min_heads", "min_blocks", "max_merges"):
         if getattr(cfg, k) < 1:
             bad(f"search.{k}", f"is {getattr(cfg, k)}", "use a value >= 1")
+    if cfg.prune_tokens and cfg.strategy not in ("knapsack", "nvit"):
+        bad("search.prune_tokens", f"is true with strategy '{cfg.strategy}'",
+            "token merges are searched by the knapsack and nvit strategies: use one of them or set prune_tokens: false")
 
 
 def validate_config(cfg: RunConfig, source: str = "<config>") -> None:
@@ -427,6 +435,9 @@ def validate_config(cfg: RunConfig, source: str = "<config>") -> None:
         bad("search.measured_rounds", f"is {cfg.search.measured_rounds}", "use 0 or more rounds")
     if cfg.profile.calibration_plans < 1:
         bad("profile.calibration_plans", f"is {cfg.profile.calibration_plans}", "use at least 1 (the teacher)")
+    if cfg.search.prune_tokens and cfg.profile.token_points < 2:
+        bad("profile.token_points", f"is {cfg.profile.token_points} with search.prune_tokens",
+            "use at least 2 (the input token count and the fewest the merges reach), 3 is the default")
     if cfg.export.int8_recovery_steps < 0:
         bad("export.int8_recovery_steps", f"is {cfg.export.int8_recovery_steps}", "use 0 (off) or a number of KD steps")
     if not cfg.export.int8_recovery_lr > 0:

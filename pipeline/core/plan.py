@@ -10,6 +10,13 @@ by block number, so slicing is reproducible from the teacher alone::
 
 QK and V indices are dims *within* a head, shared by all the block's kept heads
 (as in NViT). Dims, parameter counts and MACs are derived properties.
+
+``tokens`` is null (no token reduction) or ``{"merges": [{"block": i, "type": t}, ...]}``:
+before teacher block ``i`` the patch grid is merged (CAIT-style, see
+:class:`vitrim.pipeline.core.compact.TokenMerge`) by type ``w`` (h, w) -> (h, ceil(w/2)),
+``h`` -> (ceil(h/2), w) or ``hw`` -> (ceil(h/2), ceil(w/2)). A merge sits at a block
+*boundary*, so it applies whether or not block ``i`` itself is kept. The file also
+carries ``grids``, the patch grid entering every block (derived; checked on load).
 """
 from __future__ import annotations
 
@@ -20,6 +27,19 @@ from typing import Any
 from vitrim.pipeline.core.errors import UserError
 
 SCHEMA_VERSION = 1
+MERGE_TYPES = {"w": (1, 2), "h": (2, 1), "hw": (2, 2)}  # merge window (rows, cols) of each type
+
+
+def merged_grid(grid: tuple[int, int], kind: str) -> tuple[int, int]:
+    """The patch grid after a merge of type ``kind`` (odd sides round up: the last row/column merges alone)."""
+    sh, sw = MERGE_TYPES[kind]
+    return (-(-grid[0] // sh), -(-grid[1] // sw))
+
+
+def merge_valid(grid: tuple[int, int], kind: str) -> bool:
+    """A merge must halve every side it merges; merging a side of 1 is impossible."""
+    sh, sw = MERGE_TYPES[kind]
+    return (sh == 1 or grid[0] > 1) and (sw == 1 or grid[1] > 1)
 
 
 @dataclass
@@ -81,12 +101,53 @@ class Plan:
         return [i for i, b in enumerate(self.blocks) if b.keep]
 
     @property
-    def num_tokens(self) -> int:
+    def num_prefix(self) -> int:
+        return int(self.spec["class_token"]) + int(self.spec["dist_token"])
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The patch grid (rows, cols) of the input image."""
         s = self.spec
-        grid = 1
-        for a, p in zip(s["img_size"], s["patch_size"]):
-            grid *= a // p
-        return grid + int(s["class_token"]) + int(s["dist_token"])
+        return (s["img_size"][0] // s["patch_size"][0], s["img_size"][1] // s["patch_size"][1])
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens entering the network (patches plus class/distillation tokens)."""
+        h, w = self.grid
+        return h * w + self.num_prefix
+
+    @property
+    def merges(self) -> dict[int, str]:
+        """{block index: merge type} of the token merges (empty: none)."""
+        if not self.tokens:
+            return {}
+        return {int(m["block"]): m["type"] for m in self.tokens.get("merges", [])}
+
+    def set_merges(self, merges: dict[int, str]) -> "Plan":
+        """Replace the token merges in place (an empty dict clears ``tokens``)."""
+        self.tokens = ({"merges": [{"block": i, "type": merges[i]} for i in sorted(merges)]} if merges else None)
+        return self
+
+    def block_grids(self) -> list[tuple[int, int]]:
+        """The patch grid entering every teacher block (after the merge at its boundary, if any)."""
+        g, m, out = self.grid, self.merges, []
+        for i in range(len(self.blocks)):
+            if i in m:
+                g = merged_grid(g, m[i])
+            out.append(g)
+        return out
+
+    def block_tokens(self) -> list[int]:
+        """Tokens entering every teacher block (class/distillation tokens included)."""
+        return [h * w + self.num_prefix for h, w in self.block_grids()]
+
+    def merge_inputs(self) -> dict[int, tuple[int, int]]:
+        """{block index: the grid a merge at that boundary receives}."""
+        g, out = self.grid, {}
+        for i, kind in sorted(self.merges.items()):
+            out[i] = g
+            g = merged_grid(g, kind)
+        return out
 
     def block_dims(self) -> list[tuple[int, int, int, int]]:
         return [b.dims for b in self.blocks]
@@ -117,12 +178,12 @@ class Plan:
 
     def macs(self) -> int:
         """Multiply-accumulates per image (matmuls and attention)."""
-        s, E, N = self.spec, self.embed_dim, self.num_tokens
+        s, E = self.spec, self.embed_dim
         ph, pw = s["patch_size"]
-        grid = N - int(s["class_token"]) - int(s["dist_token"])
+        grid = self.num_tokens - self.num_prefix
         n = grid * E * s["in_chans"] * ph * pw
         n += E * s["num_classes"] * (2 if s["dist_token"] else 1)
-        for b in self.blocks:
+        for b, N in zip(self.blocks, self.block_tokens()):
             if b.keep:
                 H, QK, V, M = b.dims
                 n += N * E * (2 * H * QK + H * V) + H * N * N * (QK + V) + N * H * V * E + 2 * N * E * M
@@ -163,14 +224,42 @@ class Plan:
             check(f"blocks[{i}].qk", b.qk, s["head_dim"], f.qk)
             check(f"blocks[{i}].v", b.v, s["head_dim"], f.v)
             check(f"blocks[{i}].mlp", b.mlp, s["mlp_hidden"], f.mlp)
-        if self.tokens is not None:
-            raise UserError("plan", f"{source}: token reduction ('tokens') is not supported yet", "set tokens to null")
+        self._validate_tokens(source)
         return self
+
+    def _validate_tokens(self, source: str) -> None:
+        t = self.tokens
+        if t is None:
+            return
+        fix = 'use null, or {"merges": [{"block": i, "type": "w" | "h" | "hw"}, ...]}'
+        if not isinstance(t, dict) or not isinstance(t.get("merges"), list) or set(t) - {"merges", "grids"}:
+            raise UserError("plan", f"{source}: tokens must be null or an object with a 'merges' list", fix)
+        seen = set()
+        for k, m in enumerate(t["merges"]):
+            if not isinstance(m, dict) or set(m) != {"block", "type"}:
+                raise UserError("plan", f"{source}: tokens.merges[{k}] must have exactly 'block' and 'type'", fix)
+            i, kind = m["block"], m["type"]
+            if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(self.blocks):
+                raise UserError("plan", f"{source}: tokens.merges[{k}].block is {i!r}, not a block 0..{len(self.blocks) - 1}", fix)
+            if kind not in MERGE_TYPES:
+                raise UserError("plan", f"{source}: tokens.merges[{k}].type is {kind!r}", f"use one of {', '.join(MERGE_TYPES)}")
+            if i in seen:
+                raise UserError("plan", f"{source}: two token merges before block {i}", "merge at most once per block boundary (type hw merges both sides)")
+            seen.add(i)
+        for i, g in self.merge_inputs().items():
+            if not merge_valid(g, self.merges[i]):
+                raise UserError("plan", f"{source}: merge '{self.merges[i]}' before block {i} is impossible: the grid "
+                                f"there is {g[0]}x{g[1]}", "drop that merge or merge along a side longer than 1")
+        if "grids" in t and [list(g) for g in t["grids"]] != [list(g) for g in self.block_grids()]:
+            raise UserError("plan", f"{source}: tokens.grids do not follow from tokens.merges",
+                            "delete 'grids' (vitrim derives them) or fix the merges")
 
     # -- (de)serialisation --------------------------------------------------
     def to_dict(self) -> dict:
         return {"schema": SCHEMA_VERSION, "spec": self.spec, "embed_keep": list(self.embed_keep),
-                "blocks": [b.to_dict() for b in self.blocks], "tokens": self.tokens, "meta": self.meta,
+                "blocks": [b.to_dict() for b in self.blocks], "meta": self.meta,
+                "tokens": None if not self.merges else {"merges": self.tokens["merges"],
+                                                        "grids": [list(g) for g in self.block_grids()]},
                 "derived": {"embed_dim": self.embed_dim, "blocks": [list(d) for d in self.block_dims()],
                             "params": self.num_params(), "macs": self.macs()}}
 
@@ -209,6 +298,9 @@ class Plan:
 
     def summary(self) -> str:
         rows = [f"embed {self.embed_dim}/{self.spec['embed_dim']}  params {self.num_params() / 1e6:.3f}M  MACs {self.macs() / 1e6:.1f}M"]
+        merges, grids = self.merges, self.block_grids()
         for i, b in enumerate(self.blocks):
+            if i in merges:
+                rows.append(f"  merge '{merges[i]}' -> grid {grids[i][0]}x{grids[i][1]}")
             rows.append(f"  block {i:2d}: " + ("skipped" if not b.keep else "H=%d QK=%d V=%d MLP=%d" % b.dims))
         return "\n".join(rows)

@@ -229,6 +229,7 @@ def saliency_for(cfg: RunConfig, teacher, state: dict, plan: Plan, train_ds) -> 
     student.to(device)
     teacher.to(device).eval()
     gates = attach_gates(student, masks_from_plan(plan))
+    student.set_token_merges(plan.merges)  # the plan's network, token merges included (they stay as searched)
     loader = make_loader(train_ds, cfg.data.batch_size, shuffle=True, seed=cfg.search.seed + 1, drop_last=True,
                          workers=cfg.data.workers, pin_memory=device.startswith("cuda"))
     it = iter(loader)

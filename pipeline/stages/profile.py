@@ -21,6 +21,15 @@ def floors(cfg: RunConfig) -> Floors:
     return Floors(heads=s.min_heads, qk=s.min_qk, v=s.min_v, mlp=s.min_mlp)
 
 
+def lut_tokens(cfg: RunConfig, spec: dict) -> Optional[list[int]]:
+    """The LUT's token axis: the counts token merges reach when the search merges tokens, else None (input only)."""
+    from vitrim.profiling.lut import token_axis
+
+    if not cfg.search.prune_tokens:
+        return None
+    return token_axis(spec, cfg.profile.token_points, cfg.search.max_merges)
+
+
 def spec_hash(spec: dict) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
 
@@ -29,7 +38,9 @@ def lut_path(cfg: RunConfig, spec: dict, target: Target) -> Path:
     if cfg.profile.lut:
         return Path(cfg.profile.lut)
     sig = target.signature(Plan.full(spec).num_tokens)
-    return Path(cfg.cache_dir) / f"lut-{sig.key()}-{spec_hash(spec)}.json"
+    axis = lut_tokens(cfg, spec)  # a token axis is its own table: toggling prune_tokens does not evict the other
+    tok = "" if axis is None else "-tok" + "_".join(map(str, axis))
+    return Path(cfg.cache_dir) / f"lut-{sig.key()}-{spec_hash(spec)}{tok}.json"
 
 
 def stage_profile(cfg: RunConfig, spec: dict, rebuild: bool = False, progress: bool = True,
@@ -51,7 +62,8 @@ def stage_profile(cfg: RunConfig, spec: dict, rebuild: bool = False, progress: b
             log(f"[profile] reusing LUT {path} ({want.key()})")
             return LatencyTable.load(path, expect=want), path
         log(f"[profile] rebuilding cached LUT {path}: {stale}")
-    lut = build_lut(spec, target, cfg.profile, floors(cfg), cfg.search.align, path, progress=progress, log=log)
+    lut = build_lut(spec, target, cfg.profile, floors(cfg), cfg.search.align, path, progress=progress, log=log,
+                    tokens=lut_tokens(cfg, spec))
     return lut, path
 
 
@@ -67,7 +79,7 @@ def _stale_reason(path: Path, cfg: RunConfig, spec: dict, target: Target, want) 
         return str(e).splitlines()[0]
     if lut.spec != spec:
         return "built for another teacher"
-    grid = Grid.for_spec(spec, cfg.profile, floors(cfg), max(cfg.search.align, target.align))
+    grid = Grid.for_spec(spec, cfg.profile, floors(cfg), max(cfg.search.align, target.align), lut_tokens(cfg, spec))
     if asdict(lut.grid) != asdict(grid):
         return "the profile grid settings changed"
     m = lut.meta

@@ -303,6 +303,7 @@ def run_curve(cfg: RunConfig, budgets: list[float], baselines: list[str], log: C
         for b in budgets:
             c = copy.deepcopy(cfg)
             c.search.strategy = method
+            c.search.prune_tokens = cfg.search.prune_tokens and method in ("knapsack", "nvit")  # others merge none
             c.search.budget_fraction, c.search.budget_ms = b, None
             c.search.flops_fraction = c.search.params_fraction = None
             c.out_dir = str(base / f"{method}_{b:g}")

@@ -13,6 +13,18 @@ heads, QK/V dims, MLP neurons, embedding channels and blocks are comparable
 without per-type rescaling; groups of several units add their unit scores.
 
 ``magnitude_scores`` gives the L1 baseline (mean |w| of each unit's weights).
+
+Token merges (:func:`merge_scores`) have no gate: a merge changes the token
+count, not a weight. There are few of them (boundaries x 3 types), so their
+saliency is the KD-loss increase of applying the merge, measured directly on
+the saliency batches. To put it on the gates' scale, the same direct loss
+increase is measured for the width groups the selection is choosing among
+(the cheapest group of every block and dim, whole blocks, the embedding
+group), and the merges' loss increases are multiplied by the median ratio
+``gate saliency / direct loss increase`` of those groups. The gates' Fisher
+score and the direct increase estimate the same loss change up to a scale (the
+batch-gradient Fisher is smaller than the per-sample one by about the batch
+size), which this ratio measures on the model at hand rather than assumes.
 """
 from __future__ import annotations
 
@@ -77,6 +89,48 @@ def hessian_scores(model: CompactViT, gates: dict, loss_fn: Callable[[nn.Module,
         for g in gates.values():
             g.requires_grad_(False)
     return {k: v.cpu() for k, v in scores.items()}  # selection reads scores unit by unit: no GPU sync per unit
+
+
+@torch.no_grad()
+def _mean_loss(model: nn.Module, loss_fn, batches) -> float:
+    return float(sum(float(loss_fn(model, x, y)) for x, y in batches) / max(1, len(batches)))
+
+
+@torch.no_grad()
+def merge_scores(model: CompactViT, gates: dict, loss_fn, batches: list, merges: dict, options: list,
+                 groups: list) -> tuple[dict, dict]:
+    """Saliency of each token merge in ``options`` [(block, type)], on the gate saliencies' scale.
+
+    ``merges``: the merges already in the plan (installed on ``model``); ``groups``:
+    search candidates (width groups, blocks, embedding) whose direct loss change
+    calibrates the scale. Returns ({(block, type): saliency}, a log record).
+    """
+    model.eval()
+    base = _mean_loss(model, loss_fn, batches)
+    raw = {}
+    for i, kind in options:
+        model.set_token_merges({**merges, i: kind})
+        raw[(i, kind)] = _mean_loss(model, loss_fn, batches) - base
+    model.set_token_merges(merges)
+    ratios = []
+    for c in groups:
+        key = "embed" if c.dim == "embed" else f"b{c.block}.{c.dim}"
+        g = gates[key]
+        old = g.clone()
+        if c.dim == "block":
+            g.zero_()
+        else:
+            g[c.units] = 0
+        d = _mean_loss(model, loss_fn, batches) - base
+        g.copy_(old)
+        if d > 1e-6 and c.saliency > 0:
+            ratios.append(c.saliency / d)
+    scale = float(torch.tensor(ratios).median()) if ratios else 1.0
+    tol = 1e-6 * max(1.0, abs(base))  # float32 rounding of a mean loss: a change below it is no change
+    out = {k: scale * (v if v > tol else 0.0) for k, v in raw.items()}
+    info = {"base_loss": base, "scale": scale, "calibration_groups": len(ratios),
+            "loss_increase": {f"{i}:{k}": v for (i, k), v in raw.items()}}
+    return out, info
 
 
 def magnitude_scores(model: CompactViT) -> dict:

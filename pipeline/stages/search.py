@@ -9,7 +9,11 @@ UVC and ViT-Slim.
 
 Groups: heads (1 at a time), QK and V dims shared across a block's heads,
 MLP neurons and embedding channels (``align`` units at a time, so widths stay
-multiples of 8 for the target's fast kernels), and whole blocks (UVC).
+multiples of 8 for the target's fast kernels), whole blocks (UVC), and, with
+``search.prune_tokens``, token merges ("merge type T before block i", CAIT):
+their saliency is the KD-loss change of applying the merge, measured directly
+(:func:`vitrim.pipeline.stages.saliency.merge_scores`), and their saving is the
+LUT's prediction with every later block at the merged token count.
 
 Selection strategies (same interface):
 
@@ -40,7 +44,7 @@ from vitrim.pipeline.core.config import DEFAULT_BUDGET_FRACTION, RunConfig, Sear
 from vitrim.pipeline.core.data import make_loader
 from vitrim.pipeline.core.errors import UserError
 from vitrim.pipeline.core.plan import BlockPlan, Floors, Plan
-from vitrim.pipeline.stages.saliency import attach_gates, detach_gates, hessian_scores, magnitude_scores
+from vitrim.pipeline.stages.saliency import attach_gates, detach_gates, hessian_scores, magnitude_scores, merge_scores
 
 DIMS = ("heads", "qk", "v", "mlp")
 
@@ -57,8 +61,8 @@ class Cost:
     def predict(self, plan: Plan) -> float:
         raise NotImplementedError
 
-    def saved(self, plan: Plan, block: Optional[int], dim: str, n: int) -> float:
-        after = apply_removal(plan, block, dim, n)
+    def saved(self, plan: Plan, block: Optional[int], dim: str, n: int, kind: str = "hw") -> float:
+        after = apply_removal(plan, block, dim, n, kind=kind)
         return self.predict(plan) - self.predict(after)
 
 
@@ -71,8 +75,8 @@ class LatencyCost(Cost):
     def predict(self, plan: Plan) -> float:
         return self.lut.predict(plan)
 
-    def saved(self, plan: Plan, block: Optional[int], dim: str, n: int) -> float:
-        return self.lut.marginal(plan, block, dim, groups=1, group_size=n if dim != "block" else 1)
+    def saved(self, plan: Plan, block: Optional[int], dim: str, n: int, kind: str = "hw") -> float:
+        return self.lut.marginal(plan, block, dim, groups=1, group_size=n if dim != "block" else 1, merge_type=kind)
 
 
 class MacsCost(Cost):
@@ -110,9 +114,13 @@ def resolve_budget(cfg: SearchConfig, lut) -> tuple[Cost, float, str]:
 # Plan surgery
 
 
-def apply_removal(plan: Plan, block: Optional[int], dim: str, n: int, units: Optional[list[int]] = None) -> Plan:
-    """A copy of ``plan`` without ``units`` of ``dim`` (any ``n`` of them when ``units`` is None)."""
+def apply_removal(plan: Plan, block: Optional[int], dim: str, n: int, units: Optional[list[int]] = None,
+                  kind: str = "hw") -> Plan:
+    """A copy of ``plan`` without ``units`` of ``dim`` (any ``n`` of them when ``units`` is None);
+    ``dim`` merge: with a token merge of type ``kind`` before ``block``."""
     p = plan.copy()
+    if dim == "merge":
+        return p.set_merges({**p.merges, block: kind}).validate()
     if dim == "embed":
         keep = p.embed_keep
         drop = set(units) if units is not None else set(keep[-n:])
@@ -170,12 +178,40 @@ class Candidate:
     saliency: float
     saved: float = 0.0
     snapshot: Optional[BlockPlan] = None  # a removed block's widths, to restore it
+    kind: str = ""  # dim merge: the merge type
+
+
+def merge_options(plan: Plan, max_merges: int, min_tokens: int) -> list[tuple[int, str]]:
+    """(block, type) of every token merge that can be added to ``plan``: a free boundary, a grid side
+    to halve, at most ``max_merges`` merges, no block below ``min_tokens`` (the LUT's token axis)."""
+    from vitrim.pipeline.core.plan import MERGE_TYPES
+
+    if len(plan.merges) >= max_merges:
+        return []
+    out = []
+    for i in range(len(plan.blocks)):
+        if i in plan.merges:
+            continue
+        for kind in MERGE_TYPES:
+            p = plan.copy().set_merges({**plan.merges, i: kind})
+            try:
+                p._validate_tokens("merge")
+            except UserError:
+                continue
+            if min(p.block_tokens()) >= min_tokens:
+                out.append((i, kind))
+    return out
 
 
 def candidates(plan: Plan, scores: dict, fl: Floors, e_min: int, min_blocks: int, align: int,
-               allow_embed: bool, allow_blocks: bool) -> list[Candidate]:
-    """The cheapest group of every (block, dim), plus whole blocks and embedding channels."""
+               allow_embed: bool, allow_blocks: bool, merges: Optional[dict] = None, max_merges: int = 0,
+               min_tokens: int = 1) -> list[Candidate]:
+    """The cheapest group of every (block, dim), plus whole blocks, embedding channels and, given
+    ``merges`` ({(block, type): saliency}), the token merges still possible."""
     out = []
+    if merges:
+        out += [Candidate(i, "merge", [], float(merges[(i, k)]), kind=k)
+                for i, k in merge_options(plan, max_merges, min_tokens) if (i, k) in merges]
     floors = {"heads": fl.heads, "qk": fl.qk, "v": fl.v, "mlp": fl.mlp}
     kept = plan.kept_blocks
     for i in kept:
@@ -201,17 +237,20 @@ def candidates(plan: Plan, scores: dict, fl: Floors, e_min: int, min_blocks: int
 
 
 def prune_to(plan: Plan, scores: dict, cost: Cost, target: float, strategy: str, cfg: SearchConfig,
-             e_min: int) -> tuple[Plan, list[Candidate]]:
-    """Greedily remove groups until ``cost.predict(plan) <= target``."""
+             e_min: int, merges: Optional[dict] = None, min_tokens: int = 1) -> tuple[Plan, list[Candidate]]:
+    """Greedily remove groups until ``cost.predict(plan) <= target``.
+
+    ``merges``: {(block, type): saliency} of token merges to consider (``search.prune_tokens``)."""
     fl = Floors(cfg.min_heads, cfg.min_qk, cfg.min_v, cfg.min_mlp)
     removed: list[Candidate] = []
     norm_s = norm_l = None
     while cost.predict(plan) > target:
-        cands = candidates(plan, scores, fl, e_min, cfg.min_blocks, cfg.align, cfg.prune_embed, cfg.prune_blocks)
+        cands = candidates(plan, scores, fl, e_min, cfg.min_blocks, cfg.align, cfg.prune_embed, cfg.prune_blocks,
+                           merges, cfg.max_merges, min_tokens)
         if not cands:
             break
         for c in cands:
-            c.saved = cost.saved(plan, c.block, c.dim, len(c.units) or 1)
+            c.saved = cost.saved(plan, c.block, c.dim, len(c.units) or 1, kind=c.kind or "hw")
         # A group that saves no time is never taken while one that does exists: with a noisy,
         # non-monotone LUT a near-dead group of zero or negative saving would otherwise win the
         # ratio below (0/0-ish) and the loop would then fall back to the biggest saving, whatever
@@ -227,11 +266,12 @@ def prune_to(plan: Plan, scores: dict, cost: Cost, target: float, strategy: str,
             key = lambda c: c.saliency / norm_s - cfg.eta * c.saved / norm_l  # noqa: E731
         else:  # knapsack (HALP): least importance per unit of latency saved
             key = lambda c: c.saliency / c.saved  # noqa: E731
-        best = min(cands, key=lambda c: (key(c), c.block if c.block is not None else -1, c.dim))
+        # equal keys (e.g. several free groups): the bigger saving first, then a fixed order
+        best = min(cands, key=lambda c: (key(c), -c.saved, c.block if c.block is not None else -1, c.dim))
         if best.dim == "block":
             b = plan.blocks[best.block]
             best.snapshot = BlockPlan(True, list(b.heads), list(b.qk), list(b.v), list(b.mlp))
-        plan = apply_removal(plan, best.block, best.dim, len(best.units), best.units or None)
+        plan = apply_removal(plan, best.block, best.dim, len(best.units), best.units or None, kind=best.kind or "hw")
         removed.append(best)
     return plan, removed
 
@@ -239,6 +279,15 @@ def prune_to(plan: Plan, scores: dict, cost: Cost, target: float, strategy: str,
 def apply_addition(plan: Plan, c: Candidate) -> Optional[Plan]:
     """``plan`` with a removed group put back, or None when it cannot be (its block is gone)."""
     p = plan.copy()
+    if c.dim == "merge":
+        if p.merges.get(c.block) != c.kind:
+            return None
+        rest = {i: k for i, k in p.merges.items() if i != c.block}
+        p.set_merges(rest)
+        try:  # later merges see a bigger grid, which merges whenever the smaller one did; validate all the same
+            return p.validate()
+        except UserError:
+            return None
     if c.dim == "embed":
         if set(c.units) & set(p.embed_keep):
             return None
@@ -399,13 +448,24 @@ def run_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchConfig, 
     cost, budget, desc = resolve_budget(cfg, lut)
     e_min = lut.grid.embed[0] if cfg.prune_embed else spec["embed_dim"]
     fl = Floors(cfg.min_heads, cfg.min_qk, cfg.min_v, cfg.min_mlp)
-    lower = cost.predict(floor_plan(spec, fl, e_min, cfg.min_blocks if cfg.prune_blocks else spec["depth"], cfg.align))
+    if cfg.prune_tokens and len(lut.grid.tokens) < 2:
+        raise UserError("search", f"search.prune_tokens needs a LUT with a token axis; this one has tokens "
+                        f"{lut.grid.tokens}", "rebuild it with `vitrim profile build` on this config (prune_tokens on)")
+    min_tokens = lut.grid.tokens[0] if cfg.prune_tokens else Plan.full(spec).num_tokens
+    smallest = floor_plan(spec, fl, e_min, cfg.min_blocks if cfg.prune_blocks else spec["depth"], cfg.align)
+    while True:  # the floor with the merges that save the most (greedy)
+        opts = merge_options(smallest, cfg.max_merges, min_tokens) if cfg.prune_tokens else []
+        if not opts:
+            break
+        smallest = min((apply_removal(smallest, i, "merge", 0, kind=k) for i, k in opts), key=cost.predict)
+    lower = cost.predict(smallest)
     full = Plan.full(spec)
     start = cost.predict(full)
     if budget < lower:
         raise UserError("search", f"budget {budget:.3f} {cost.unit} ({desc}) is below the smallest reachable "
                         f"{lower:.3f} {cost.unit} (floors: heads>={fl.heads}, QK>={fl.qk}, V>={fl.v}, MLP>={fl.mlp}, "
-                        f"embed>={e_min}, blocks>={cfg.min_blocks})",
+                        f"embed>={e_min}, blocks>={cfg.min_blocks}"
+                        + (f", tokens>={min_tokens} in <={cfg.max_merges} merges" if cfg.prune_tokens else "") + ")",
                         f"raise the budget above {lower:.3f} {cost.unit} or lower the floors")
     log(f"[search] {cfg.strategy}: teacher {start:.3f} {cost.unit} -> budget {budget:.3f} {cost.unit} ({desc})")
     rec = {"step": 0, "cost": start, "val_top1": None, "removed": 0, "s": 0.0}
@@ -426,24 +486,35 @@ def run_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchConfig, 
     next_batch = BatchStream(train_ds, batch_size, cfg.seed, device, workers)
 
     removed_all: list[Candidate] = []
+    merge_log = []
     for step in range(1, steps + 1):
         target = start * (budget / start) ** (step / steps)
         if step == steps:
             target = budget
         masks = masks_from_plan(plan)
         gates = attach_gates(student, masks)
+        student.set_token_merges(plan.merges)
+        merges = None
         if cfg.strategy == "magnitude":
             raw = magnitude_scores(student)
             scores = {k: v / (v.mean() + 1e-12) for k, v in raw.items()}  # per-group relative magnitude
         else:
             batches = [next_batch() for _ in range(cfg.saliency_batches)]
             scores = hessian_scores(student, gates, kd, batches)
-        plan, removed = prune_to(plan, scores, cost, target, "nvit" if cfg.strategy == "nvit" else "knapsack", cfg, e_min)
+            if cfg.prune_tokens:
+                options = merge_options(plan, cfg.max_merges, min_tokens)
+                groups = candidates(plan, scores, Floors(cfg.min_heads, cfg.min_qk, cfg.min_v, cfg.min_mlp), e_min,
+                                    cfg.min_blocks, cfg.align, cfg.prune_embed, cfg.prune_blocks)
+                merges, info = merge_scores(student, gates, kd, batches, plan.merges, options, groups)
+                merge_log.append({"step": step, **info})
+        plan, removed = prune_to(plan, scores, cost, target, "nvit" if cfg.strategy == "nvit" else "knapsack", cfg, e_min,
+                                 merges, min_tokens)
         removed_all += removed
         added = []
         if step == steps and cfg.refill:
             plan, added = refill(plan, removed_all, cost, budget)
         gates = attach_gates(student, masks_from_plan(plan))
+        student.set_token_merges(plan.merges)
         kd_adapt(student, kd, next_batch, opt, cfg.kd_iters)
         acc = _val_top1(student, val_ds, workers=workers)
         c = cost.predict(plan)
@@ -451,6 +522,9 @@ def run_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchConfig, 
         for r in removed:
             counts[r.dim] = counts.get(r.dim, 0) + 1
         rec = {"step": step, "target": target, "cost": c, "val_top1": acc, "removed": counts, "s": round(time.time() - t0, 1)}
+        if cfg.prune_tokens:
+            rec["merges"] = {str(i): k for i, k in plan.merges.items()}
+            rec["tokens"] = plan.block_tokens()
         if added:
             rec["refilled"] = len(added)
         history.append(rec)
@@ -460,10 +534,13 @@ def run_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchConfig, 
         raise UserError("search", f"could not reach the budget {budget:.3f} {cost.unit}; stopped at "
                         f"{cost.predict(plan):.3f}", "raise the budget, lower the floors or allow block/embed pruning")
     detach_gates(student)
+    student.set_token_merges({})
     # zero nothing: slicing drops pruned units; keep adapted weights for the slice stage
     state = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
     plan.meta = {"strategy": cfg.strategy, "budget": budget, "unit": cost.unit, "predicted": cost.predict(plan),
                  "budget_desc": desc}
+    if merge_log:
+        plan.meta["merge_saliency"] = merge_log
     return SearchResult(plan.validate(fl), state, history, budget, cost.unit, desc, time.time() - t0)
 
 
@@ -489,6 +566,13 @@ def plot_widths(plan: Plan, path, title: str = "") -> None:
     for i, b in enumerate(plan.blocks):
         if not b.keep:
             ax.text(i, 0.02, "skipped", rotation=90, ha="center", va="bottom", fontsize=8)
+    if plan.merges:  # token merges: the token count entering every block, on its own axis
+        ax2 = ax.twinx()
+        ax2.step(x, plan.block_tokens(), where="mid", color="k", lw=1.2, label="tokens")
+        ax2.set_ylabel("tokens entering the block")
+        ax2.set_ylim(0, plan.num_tokens * 1.05)
+        for i, kind in plan.merges.items():
+            ax2.annotate(f"merge {kind}", (i - 0.5, plan.block_tokens()[i]), fontsize=7, rotation=90, va="bottom")
     ax.set_xticks(x, [str(i) for i in range(depth)])
     ax.set_xlabel("block")
     ax.set_ylabel("kept fraction")

@@ -64,6 +64,20 @@ def test_student_exports_passes_parity_and_manifest_verifies(env):
     assert main(["verify-manifest", str(out)]) == 2
 
 
+def test_student_with_token_merges_exports_and_passes_parity(env):
+    """A plan with token merges (issue 15) slices, exports and passes the gate; the manifest records the grids."""
+    tmp_path, cfg, splits = env
+    teacher = random_init(timm.create_model("vit_tiny_patch16_224", **TINY_KW), seed=0, std=0.2)
+    plan = random_plan(describe(teacher), random.Random(2), embed=True, skip=False).set_merges({0: "w", 1: "h"})
+    save_compact(slice_model(teacher, plan.validate()), plan, tmp_path / "merged")
+    out = tmp_path / "exp_merged"
+    assert main(["export", str(tmp_path / "c.yaml"), "--student", str(tmp_path / "merged"), "--out", str(out)]) == 0
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["passed"] and parity["top1_agreement"] == 1.0
+    assert parity["outputs"]["logits"]["max_absdiff"] <= 1e-4
+    assert json.loads((out / "plan.json").read_text())["tokens"]["grids"] == [[4, 2], [2, 2]]
+
+
 def test_corrupted_engine_fails_gate_and_writes_no_manifest(env):
     tmp_path, cfg, splits = env
     student = load_compact(tmp_path / "student")

@@ -54,7 +54,7 @@ def test_interpolation_reproduces_grid_points(built):
         assert lut.shell_ms(E) == pytest.approx(lut.shell[i], rel=1e-12)
         for j, H in enumerate(g.heads):
             for m, M in enumerate(g.mlp):
-                want = lut.attn[i, j, 0, 0] + lut.mlp[i, m] + lut.block_correction_ms
+                want = lut.attn[0, i, j, 0, 0] + lut.mlp[0, i, m] + lut.block_correction_ms
                 assert lut.block_ms(E, H, g.qk[0], g.v[0], M) == pytest.approx(want, rel=1e-12)
     # between grid points: between the neighbours
     mid = lut.shell_ms(20)
@@ -87,7 +87,7 @@ def test_corrupt_and_old_schema_files(built, tmp_path):
     with pytest.raises(UserError, match="schema 0"):
         LatencyTable.load(bad)
     d = json.loads(path.read_text())
-    d["attn_ms"] = d["attn_ms"][:1]
+    d["attn_ms"][0] = d["attn_ms"][0][:1]
     bad.write_text(json.dumps(d))
     with pytest.raises(UserError, match="do not match its grid"):
         LatencyTable.load(bad)
