@@ -139,20 +139,71 @@ def build_engine(onnx_path, out_dir, target: Target, sample_shape: tuple[int, ..
     return build_torch_engine(model, out_dir / "model.pt2", target, sample_shape, onnx_path)
 
 
+_EXPORT_CACHE: dict = {"dir": None, "paths": {}}
+EXPORT_CACHE_MAX_BYTES = 16 << 20  # micro-models up to 16 MB of weights (a deit_small block); bigger ones re-export
+
+
+def _module_key(model, sample_shape: tuple[int, ...]) -> Optional[str]:
+    """A content key of a module for the export cache: every submodule's class and plain attributes
+    (dims, scale, grid, ...), every tensor's bytes, the input shape. None: too big to cache."""
+    import hashlib
+
+    import torch
+
+    tensors = list(model.state_dict(keep_vars=False).items()) + [(f"buffer:{n}", b) for n, b in model.named_buffers()]
+    if sum(t.numel() * t.element_size() for _, t in tensors) > EXPORT_CACHE_MAX_BYTES:
+        return None
+    h = hashlib.sha256(repr(tuple(sample_shape)).encode())
+    plain = (bool, int, float, str, tuple, list, dict, type(None))
+    for name, m in model.named_modules():
+        attrs = sorted((k, repr(v)) for k, v in vars(m).items() if not k.startswith("_") and isinstance(v, plain))
+        h.update(f"{name}:{type(m).__module__}.{type(m).__qualname__}:{attrs}".encode())
+    for name, t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.flatten().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def export_cached(model, path: Path, sample_shape: tuple[int, ...]) -> Path:
+    """``export_onnx`` for profiling, reusing an identical module's export made earlier in this process
+    (a LUT built again for another precision, the tests' several tiny LUTs, a repeated entry)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from vitrim.export.onnx import export_onnx
+
+    key = _module_key(model, sample_shape)
+    hit = _EXPORT_CACHE["paths"].get(key) if key else None
+    if hit is not None and hit.is_file():
+        shutil.copyfile(hit, path)
+        return path
+    export_onnx(model, path, sample_shape)
+    if key:
+        if _EXPORT_CACHE["dir"] is None:
+            _EXPORT_CACHE["dir"] = Path(tempfile.mkdtemp(prefix="vitrim-exports-"))
+            atexit.register(shutil.rmtree, _EXPORT_CACHE["dir"], True)
+        keep = _EXPORT_CACHE["dir"] / f"{key}.onnx"
+        shutil.copyfile(path, keep)
+        _EXPORT_CACHE["paths"][key] = keep
+    return path
+
+
 def runner_for_module(model, sample_shape: tuple[int, ...], target: Target, workdir, name: str) -> Runner:
     """Export ``model`` (and build its engine) for ``target``; return an (inactive) runner.
 
     The one path by which profiling times micro-models and whole plans, so both
     go through the exporter and engine builder a release uses.
     """
-    from vitrim.export.onnx import export_onnx, to_fp16
+    from vitrim.export.onnx import to_fp16
     from vitrim.export.runners import make_runner
 
     if target.backend in ("torch-cpu", "torch-cuda"):
         return make_runner(target.backend, model=model, sample_shape=sample_shape, threads=target.threads,
                            precision=target.precision)
     workdir = Path(workdir)
-    onnx_path = export_onnx(model, workdir / f"{name}.onnx", sample_shape)
+    onnx_path = export_cached(model, workdir / f"{name}.onnx", sample_shape)
     if target.quantized:  # the table measures the quantized engine a release ships
         from vitrim.export.quantize import quantize_for_target, random_calibration
 

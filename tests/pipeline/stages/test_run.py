@@ -145,6 +145,8 @@ def test_parity_batches_zero_is_refused(tmp_path):
 def test_readme_run_int8_with_a_mask_strategy(tmp_path, fmnist_dir, cache):
     """The README's int8 recipe (`--set target.precision=int8`) with `search.strategy=slim`, end to end."""
     rc = main(["run", "configs/fmnist_cpu.yaml", *sets(tmp_path, [f"data.root={fmnist_dir}", "target.precision=int8",
+                                                                  "search.budget_fraction=0.85",  # slim keeps every
+                                                                  # block: 70% sat at the tiny int8 LUT's floor
                                                                   "search.strategy=slim", "search.mask_iters=10",
                                                                   "search.measured_rounds=0"], cache)])
     assert rc == 0
