@@ -165,7 +165,7 @@ def test_readme_run_with_token_merges(tmp_path, fmnist_dir, cache):
     """The README's token-merging recipe (`--set search.prune_tokens=true`), end to end: a LUT with a token
     axis is built, the search may merge, the shipped plan and ONNX agree and the gate passes."""
     rc = main(["run", "configs/fmnist_cpu.yaml", *sets(tmp_path, [
-        f"data.root={fmnist_dir}", "search.prune_tokens=true", "search.budget_fraction=0.45",
+        f"data.root={fmnist_dir}", "search.prune_tokens=true", "search.budget_fraction=0.6",  # 45% sat at the floor
         "profile.embed_points=1", "profile.head_points=1", "profile.mlp_points=1", "profile.token_points=2",
         "profile.checks=1", "profile.calibration_plans=1", "search.measured_rounds=0"], cache)])
     assert rc == 0
@@ -176,7 +176,7 @@ def test_readme_run_with_token_merges(tmp_path, fmnist_dir, cache):
     assert m["parity"]["passed"]
     plan = json.loads((run / "plan.json").read_text())
     s = json.loads((run / "summary.json").read_text())
-    assert s["student"]["predicted_ms"] <= 0.45 * s["teacher"]["predicted_ms"] + 1e-9
+    assert s["student"]["predicted_ms"] <= 0.6 * s["teacher"]["predicted_ms"] + 1e-9
     steps = json.loads((run / "search" / "search_log.json").read_text())["steps"]
     assert all("tokens" in r for r in steps[1:])
     assert plan["meta"]["merge_saliency"][0]["calibration_groups"] > 0  # merges were scored at every step
