@@ -243,7 +243,7 @@ class CompactViT(nn.Module):
     def set_token_merges(self, merges: dict[int, str]) -> None:
         """Install token merges {teacher block index: type} (the search tries them on a full-size model)."""
         p = dataclasses.replace(self.plan, tokens=None).set_merges(dict(merges))  # shares the (unchanged) blocks
-        p._validate_tokens("token merges")
+        p.check_tokens("token merges")
         inputs = p.merge_inputs()
         self.merges = nn.ModuleDict({str(i): TokenMerge(inputs[i], k, self.num_prefix) for i, k in sorted(merges.items())})
         dev = self.pos_embed.device

@@ -224,10 +224,10 @@ class Plan:
             check(f"blocks[{i}].qk", b.qk, s["head_dim"], f.qk)
             check(f"blocks[{i}].v", b.v, s["head_dim"], f.v)
             check(f"blocks[{i}].mlp", b.mlp, s["mlp_hidden"], f.mlp)
-        self._validate_tokens(source)
+        self.check_tokens(source)
         return self
 
-    def _validate_tokens(self, source: str) -> None:
+    def check_tokens(self, source: str) -> None:
         t = self.tokens
         if t is None:
             return

@@ -195,7 +195,7 @@ def merge_options(plan: Plan, max_merges: int, min_tokens: int) -> list[tuple[in
         for kind in MERGE_TYPES:
             p = plan.copy().set_merges({**plan.merges, i: kind})
             try:
-                p._validate_tokens("merge")
+                p.check_tokens("merge")
             except UserError:
                 continue
             if min(p.block_tokens()) >= min_tokens:
@@ -282,12 +282,8 @@ def apply_addition(plan: Plan, c: Candidate) -> Optional[Plan]:
     if c.dim == "merge":
         if p.merges.get(c.block) != c.kind:
             return None
-        rest = {i: k for i, k in p.merges.items() if i != c.block}
-        p.set_merges(rest)
-        try:  # later merges see a bigger grid, which merges whenever the smaller one did; validate all the same
-            return p.validate()
-        except UserError:
-            return None
+        # later merges see a bigger grid, which merges wherever the smaller one did: always valid
+        return p.set_merges({i: k for i, k in p.merges.items() if i != c.block})
     if c.dim == "embed":
         if set(c.units) & set(p.embed_keep):
             return None
@@ -503,8 +499,7 @@ def run_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchConfig, 
             scores = hessian_scores(student, gates, kd, batches)
             if cfg.prune_tokens:
                 options = merge_options(plan, cfg.max_merges, min_tokens)
-                groups = candidates(plan, scores, Floors(cfg.min_heads, cfg.min_qk, cfg.min_v, cfg.min_mlp), e_min,
-                                    cfg.min_blocks, cfg.align, cfg.prune_embed, cfg.prune_blocks)
+                groups = candidates(plan, scores, fl, e_min, cfg.min_blocks, cfg.align, cfg.prune_embed, cfg.prune_blocks)
                 merges, info = merge_scores(student, gates, kd, batches, plan.merges, options, groups)
                 merge_log.append({"step": step, **info})
         plan, removed = prune_to(plan, scores, cost, target, "nvit" if cfg.strategy == "nvit" else "knapsack", cfg, e_min,
