@@ -38,7 +38,8 @@ from vitrim.pipeline.core.plan import Floors, Plan
 from vitrim.pipeline.core.slicing import full_size_compact
 from vitrim.pipeline.stages.saliency import magnitude_scores
 from vitrim.pipeline.stages.search import LatencyCost, prune_to, refill
-from vitrim.profiling.lut import LatencyTable, build_lut
+from vitrim.profiling.table import LatencyTable
+from vitrim.profiling.build import build_lut
 from vitrim.profiling.validate import measure_plans, validate_lut
 
 MODELS = {"deit_tiny": "deit_tiny_patch16_224", "deit_small": "deit_small_patch16_224"}

@@ -107,7 +107,8 @@ def deit_small(out: Path, grid: str = "embed=2,heads=3,qk=2,v=2,mlp=3", mode: st
     from vitrim.pipeline.core.models import describe
     from vitrim.pipeline.core.plan import Floors, Plan
     from vitrim.pipeline.core.slicing import slice_model
-    from vitrim.profiling.lut import LatencyTable, build_lut
+    from vitrim.profiling.table import LatencyTable
+    from vitrim.profiling.build import build_lut
 
     torch.manual_seed(0)
     teacher = timm.create_model("deit_small_patch16_224").eval()

@@ -90,7 +90,8 @@ def deit_small(out: Path) -> dict:
     from vitrim.pipeline.core.config import ProfileConfig
     from vitrim.pipeline.core.models import canonical_state, describe
     from vitrim.pipeline.core.plan import Floors, Plan
-    from vitrim.profiling.lut import build_lut, token_axis
+    from vitrim.profiling.table import token_axis
+    from vitrim.profiling.build import build_lut
     from vitrim.profiling.validate import measure_plans
 
     torch.manual_seed(0)

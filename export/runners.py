@@ -14,10 +14,12 @@ manifest come from the same code.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -377,6 +379,24 @@ class TrtRunner(Runner):
         return {k: float(np.median(v)) for k, v in times.items()}
 
 
+@contextlib.contextmanager
+def interleaved(runners: Sequence[Runner]) -> Iterator[list[Runner]]:
+    """Activate every runner for side-by-side timing; deactivate them all on exit, even after an error.
+
+    The one guard around :func:`time_interleaved` and :func:`time_ratio` (Polygraphy's
+    ``activate()``/``deactivate()`` pattern): callers never activate runners by hand.
+    """
+    active: list[Runner] = []
+    try:
+        for r in runners:
+            r.activate()
+            active.append(r)
+        yield list(runners)
+    finally:
+        for r in reversed(active):
+            r.deactivate()
+
+
 def time_interleaved(runners: list[Runner], batch: int, repeats: int = 30, rounds: int = 6, warmup: int = 10,
                      discard: int = 1) -> list[Timing]:
     """Time several (activated) runners round-robin, so drifts of a shared machine hit all alike.
@@ -396,6 +416,43 @@ def time_interleaved(runners: list[Runner], batch: int, repeats: int = 30, round
                 r._run_once()
             samples[i] += [r._run_once() for _ in range(per_visit)]
     return [Timing.from_samples(s) for s in samples]
+
+
+def time_ratio(runners: list[Runner], batch: int, repeats: int, rounds: int, warmup: int) -> tuple[list[Timing],
+                                                                                                   list[float]]:
+    """Time ``runners[1:]`` each bracketed by the reference ``runners[0]``: T P1 T P2 ... T Pn T, ``rounds`` times.
+
+    On a shared machine the load changes within one round-robin pass (a pass over
+    16 DeiT-sized models takes a minute), so the median of a plan against the
+    median of the teacher is biased by where the bursts fell. Each plan visit is
+    divided by the teacher visits right before and after it, and the ratio is the
+    median of those per-visit ratios. Returns (timings, ratios of runners[1:] to runners[0]).
+    """
+    per_visit = max(1, repeats // max(1, rounds))
+    per_ref = max(1, per_visit // 2)  # the teacher is visited n times per round: fewer runs per visit
+    samples: list[list[float]] = [[] for _ in runners]
+    ratios: list[list[float]] = [[] for _ in runners]
+    ref = runners[0]
+    for r in runners:
+        r._prepare(batch)
+        for _ in range(warmup):
+            r._run_once()
+
+    def visit(r: Runner, n: int) -> list[float]:
+        r._run_once()  # discarded: the first run after a switch pays for cold caches
+        return [r._run_once() for _ in range(n)]
+
+    for _ in range(max(1, rounds)):
+        before = visit(ref, per_ref)
+        samples[0] += before
+        for i, r in enumerate(runners[1:], start=1):
+            got = visit(r, per_visit)
+            after = visit(ref, per_ref)
+            samples[i] += got
+            samples[0] += after
+            ratios[i].append(float(np.median(got) / np.median(before + after)))
+            before = after
+    return [Timing.from_samples(s) for s in samples], [float(np.median(x)) for x in ratios[1:]]
 
 
 def make_runner(backend: str, *, onnx_path=None, engine_path=None, model=None, sample_shape=None, threads: int = 2,

@@ -103,7 +103,7 @@ def _teacher_and_spec(cfg, splits=None, train_if_missing=True):
 
 def cmd_profile(args) -> int:
     from vitrim.pipeline.stages.profile import lut_path, stage_profile
-    from vitrim.profiling.lut import LatencyTable
+    from vitrim.profiling.table import LatencyTable
 
     cfg = _cfg(args)
     if args.action == "show":

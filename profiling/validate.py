@@ -5,7 +5,7 @@ teacher's), and budgets are fractions of the teacher. So validation draws N
 held-out plans stratified over 30-95% of the teacher's predicted latency (one
 plan per equal-width stratum; the calibration plans of the build are excluded),
 slices and exports each, times them **together with the teacher in one
-session, each plan visit bracketed by teacher visits** (:func:`time_paired`), and reports (:func:`vitrim.profiling.calibrate.error_stats`):
+session, each plan visit bracketed by teacher visits** (:func:`vitrim.export.runners.time_ratio`), and reports (:func:`vitrim.profiling.calibrate.error_stats`):
 
 * the ratio error (predicted plan/teacher against measured plan/teacher):
   median, max, share within +-5% and +-10%, Spearman. This is the headline;
@@ -31,7 +31,7 @@ from vitrim.export.target import Target, check_compatible
 from vitrim.pipeline.core.io import atomic_write_json
 from vitrim.pipeline.core.plan import Plan
 from vitrim.profiling.calibrate import error_stats, stratified_plans
-from vitrim.profiling.lut import LatencyTable
+from vitrim.profiling.table import LatencyTable
 
 VALIDATION_RANGE = (0.30, 0.95)
 
@@ -45,57 +45,19 @@ def validation_plans(lut: LatencyTable, n: int, seed: int = 0, lo: float = VALID
                             random.Random(seed), align, exclude=exclude)
 
 
-def time_paired(runners: list, batch: int, repeats: int, rounds: int, warmup: int) -> tuple[list, list[float]]:
-    """Time ``runners[1:]`` each bracketed by the reference ``runners[0]``: T P1 T P2 ... T Pn T, ``rounds`` times.
-
-    On a shared machine the load changes within one round-robin pass (a pass over
-    16 DeiT-sized models takes a minute), so the median of a plan against the
-    median of the teacher is biased by where the bursts fell. Each plan visit is
-    divided by the teacher visits right before and after it, and the ratio is the
-    median of those per-visit ratios. Returns (timings, ratios[1:]).
-    """
-    from vitrim.export.runners import Timing
-
-    per_visit = max(1, repeats // max(1, rounds))
-    per_ref = max(1, per_visit // 2)  # the teacher is visited n times per round: fewer runs per visit
-    samples: list[list[float]] = [[] for _ in runners]
-    ratios: list[list[float]] = [[] for _ in runners]
-    ref = runners[0]
-    for r in runners:
-        r._prepare(batch)
-        for _ in range(warmup):
-            r._run_once()
-
-    def visit(r, n: int) -> list[float]:
-        r._run_once()  # discarded: the first run after a switch pays for cold caches
-        return [r._run_once() for _ in range(n)]
-
-    for _ in range(max(1, rounds)):
-        before = visit(ref, per_ref)
-        samples[0] += before
-        for i, r in enumerate(runners[1:], start=1):
-            got = visit(r, per_visit)
-            after = visit(ref, per_ref)
-            samples[i] += got
-            samples[0] += after
-            ratios[i].append(float(np.median(got) / np.median(before + after)))
-            before = after
-    return [Timing.from_samples(s) for s in samples], [float(np.median(x)) for x in ratios[1:]]
-
-
 def measure_plans(plans: list[Plan], state: dict, target: Target, warmup: int, repeats: int, rounds: int,
                   workdir: Path, progress: bool = True, paired: bool = False) -> list[dict]:
     """Slice and export every plan, then time them all in one interleaved session.
 
     ``paired``: plan 0 is the reference (the teacher) and brackets every other
-    plan (:func:`time_paired`); each other row gets its ``ratio`` to it.
+    plan (:func:`vitrim.export.runners.time_ratio`); each other row gets its ``ratio`` to it.
     """
     import gc
 
     from tqdm import tqdm
 
     from vitrim.export.engine import runner_for_module
-    from vitrim.export.runners import time_interleaved
+    from vitrim.export.runners import interleaved, time_interleaved, time_ratio
     from vitrim.pipeline.core.slicing import slice_model
 
     runners = []
@@ -103,17 +65,12 @@ def measure_plans(plans: list[Plan], state: dict, target: Target, warmup: int, r
         shape = (plan.spec["in_chans"], *plan.spec["img_size"])
         runners.append(runner_for_module(slice_model(state, plan), shape, target, workdir, f"plan{i}"))
     gc.collect()
-    for r in runners:
-        r.activate()
     ratios = None
-    try:
+    with interleaved(runners):
         if paired:
-            timings, ratios = time_paired(runners, target.batch, repeats, rounds, warmup)
+            timings, ratios = time_ratio(runners, target.batch, repeats, rounds, warmup)
         else:
             timings = time_interleaved(runners, target.batch, repeats, rounds, warmup)
-    finally:
-        for r in runners:
-            r.deactivate()
     out = [{"median_ms": t.median_ms, "p90_ms": t.p90_ms, "n": t.repeats} for t in timings]
     for row, q in zip(out[1:], ratios or []):
         row["ratio"] = q

@@ -74,7 +74,7 @@ def tiny_lut(tiny_spec, tmp_path_factory):
     from vitrim.export.target import Target
     from vitrim.pipeline.core.config import ProfileConfig
     from vitrim.pipeline.core.plan import Floors
-    from vitrim.profiling.lut import build_lut
+    from vitrim.profiling.build import build_lut
 
     path = tmp_path_factory.mktemp("lut") / "lut.json"
     lut = build_lut(tiny_spec, Target(batch=4, threads=1), ProfileConfig(**TINY_PCFG), Floors(), 8, path, progress=False)

@@ -113,7 +113,7 @@ def test_imports_point_one_way():
 
 def test_layering_check_catches_a_violation(tmp_path):
     # the same checker, fed modules that break the rule, must flag each of them
-    cases = {"vitrim.export.bad": "def f():\n    from vitrim.profiling.lut import LatencyTable\n",
+    cases = {"vitrim.export.bad": "def f():\n    from vitrim.profiling.table import LatencyTable\n",
              "vitrim.pipeline.core.bad": "from vitrim.pipeline.stages.search import run_search\n",
              "vitrim.profiling.bad": "import vitrim.pipeline.stages.run\n",
              "vitrim.pipeline.core.bare": "from pipeline.core.plan import Plan\n"}

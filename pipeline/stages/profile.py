@@ -1,6 +1,6 @@
 """The profile stage: reuse the latency table (LUT) that matches this target and teacher, or build one.
 
-The measuring itself is :mod:`vitrim.profiling.lut`; this stage decides where the
+The measuring itself is :mod:`vitrim.profiling.build`; this stage decides where the
 table lives, whether a cached one is stale, and finds one for ``vitrim export``.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ def floors(cfg: RunConfig) -> Floors:
 
 def lut_tokens(cfg: RunConfig, spec: dict) -> Optional[list[int]]:
     """The LUT's token axis: the counts token merges reach when the search merges tokens, else None (input only)."""
-    from vitrim.profiling.lut import token_axis
+    from vitrim.profiling.table import token_axis
 
     if not cfg.search.prune_tokens:
         return None
@@ -46,7 +46,8 @@ def lut_path(cfg: RunConfig, spec: dict, target: Target) -> Path:
 def stage_profile(cfg: RunConfig, spec: dict, rebuild: bool = False, progress: bool = True,
                   log: Callable[[str], None] = print):
     """Reuse a LUT whose signature matches this target and teacher, else build one."""
-    from vitrim.profiling.lut import LatencyTable, build_lut
+    from vitrim.profiling.table import LatencyTable
+    from vitrim.profiling.build import build_lut
 
     target = Target.from_config(cfg.target)
     path = lut_path(cfg, spec, target)
@@ -71,7 +72,7 @@ def _stale_reason(path: Path, cfg: RunConfig, spec: dict, target: Target, want) 
     """Why a cached LUT no longer fits the config (None when it does)."""
     from dataclasses import asdict
 
-    from vitrim.profiling.lut import Grid, LatencyTable
+    from vitrim.profiling.table import Grid, LatencyTable
 
     try:
         lut = LatencyTable.load(path, expect=want)
@@ -92,7 +93,7 @@ def _stale_reason(path: Path, cfg: RunConfig, spec: dict, target: Target, want) 
 
 def find_lut(cfg: RunConfig, spec: dict, build: bool = False, log: Callable[[str], None] = print):
     """The matching LUT (built when ``build``), or None with a note when there is none."""
-    from vitrim.profiling.lut import LatencyTable
+    from vitrim.profiling.table import LatencyTable
 
     target = Target.from_config(cfg.target)
     if build:

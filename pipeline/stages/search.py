@@ -4,7 +4,7 @@ Loop: score every prunable group with Hessian-aware saliency
 (:mod:`vitrim.pipeline.stages.saliency`), remove the cheapest groups until the step's latency
 target is met, fine-tune briefly with KD so the weights keep adapting, repeat
 until ``cost(plan) <= budget``. Latency comes from a measured LUT
-(:mod:`vitrim.profiling.lut`); FLOPs/params budgets are supported for comparison with
+(:mod:`vitrim.profiling.table`); FLOPs/params budgets are supported for comparison with
 UVC and ViT-Slim.
 
 Groups: heads (1 at a time), QK and V dims shared across a block's heads,

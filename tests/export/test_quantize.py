@@ -74,7 +74,8 @@ def test_signatures_differ_by_precision_and_quantization():
 
 def test_int8_lut_builds_reloads_and_is_refused_for_fp32(tiny_spec, tmp_path):
     from vitrim.pipeline.core.plan import Floors, Plan
-    from vitrim.profiling.lut import LatencyTable, build_lut
+    from vitrim.profiling.table import LatencyTable
+    from vitrim.profiling.build import build_lut
 
     t8 = Target(precision="int8", batch=4, threads=1)
     path = tmp_path / "lut8.json"

@@ -58,7 +58,8 @@ class KnownLatencyRunner(Runner):
 
 
 def test_calibration_recovers_planted_scale_and_offset(tiny_spec, tmp_path):
-    from vitrim.profiling.lut import LatencyTable, build_lut
+    from vitrim.profiling.table import LatencyTable
+    from vitrim.profiling.build import build_lut
 
     pcfg = ProfileConfig(**{**TINY_PCFG, "qk_points": 2, "v_points": 2, "calibration_plans": 5})
     seen = []

@@ -7,7 +7,8 @@ from vitrim.export.target import Target
 from vitrim.pipeline.core.config import ProfileConfig
 from vitrim.pipeline.core.errors import UserError
 from vitrim.pipeline.core.plan import Floors, Plan
-from vitrim.profiling.lut import LatencyTable, build_lut, reachable_grids, token_axis
+from vitrim.profiling.table import LatencyTable, reachable_grids, token_axis
+from vitrim.profiling.build import build_lut
 from tests.conftest import TINY_PCFG
 
 

@@ -10,7 +10,7 @@ from vitrim.pipeline.core.models import describe
 from vitrim.pipeline.core.plan import Floors, Plan
 from vitrim.pipeline.stages.measured import closed_loop
 from vitrim.pipeline.stages.search import LatencyCost, masks_from_plan, prune_to, refill
-from vitrim.profiling.lut import Grid, LatencyTable
+from vitrim.profiling.table import Grid, LatencyTable
 
 DEMO_KW = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=64, depth=8, num_heads=4,
                mlp_ratio=4.0, global_pool="avg", class_token=False)

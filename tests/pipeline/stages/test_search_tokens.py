@@ -16,7 +16,7 @@ from vitrim.pipeline.stages.distill import make_kd_fn
 from vitrim.pipeline.stages.saliency import attach_gates, hessian_scores, merge_scores
 from vitrim.pipeline.stages.search import (LatencyCost, candidates, masks_from_plan, merge_options, prune_to,
                                            refill, run_search)
-from vitrim.profiling.lut import Grid, LatencyTable, token_axis
+from vitrim.profiling.table import Grid, LatencyTable, token_axis
 from tests.conftest import TINY_KW, random_init
 
 # the embedded default's layout: no class token, average pooling (so identical tokens merge losslessly)

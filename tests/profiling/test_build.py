@@ -12,7 +12,8 @@ from vitrim.pipeline.core.config import ProfileConfig
 from vitrim.pipeline.core.errors import UserError
 from vitrim.pipeline.core.models import describe
 from vitrim.pipeline.core.plan import Plan
-from vitrim.profiling.lut import Item, LatencyTable, measure_items
+from vitrim.profiling.table import LatencyTable
+from vitrim.profiling.build import Item, measure_items
 from tests.conftest import TINY_KW, TINY_PCFG
 
 PCFG = ProfileConfig(**TINY_PCFG)
