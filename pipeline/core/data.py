@@ -6,15 +6,17 @@ train, used for search and fine-tune decisions) and ``test`` (final reports only
 from __future__ import annotations
 
 import gzip
+import itertools
 import os
+import random
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
 from vitrim.pipeline.core.config import FMNIST_DEFAULT_DIR, DataConfig
 from vitrim.pipeline.core.errors import UserError
@@ -260,36 +262,116 @@ def _imagefolder(cfg: DataConfig, model: torch.nn.Module | None, model_cfg: Any 
     return train, val, test, len(classes), size[0], size[-1]
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 64-bit seed for one sample's augmentation, a function of (seed, epoch, index) alone."""
+    ss = np.random.SeedSequence([seed % 2**64, epoch, index])
+    return int(ss.generate_state(1, np.uint64)[0])
+
+
+class SeededSamples(Dataset):
+    """``ds`` whose random transforms draw from a generator of (seed, epoch, sample index) alone.
+
+    Each ``__getitem__`` seeds torch's CPU generator, Python's ``random`` and NumPy's global
+    generator from :func:`sample_seed`, runs the wrapped dataset, and puts the caller's states
+    back. A sample's augmentation is then the same whichever worker loads it, in whichever
+    order, with any number of workers or ranks, and on a resumed run (the way timm's and
+    webdataset's pipelines make workers reproducible); loading a sample leaves the main
+    process's random stream (dropout, the trainer's flips) untouched. Workers copy the
+    dataset when an epoch's iterator starts, so set ``epoch`` before iterating.
+    """
+
+    def __init__(self, ds: Dataset, seed: int, epoch: int = 0):
+        self.ds, self.seed, self.epoch = ds, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> Any:
+        s = sample_seed(self.seed, self.epoch, int(index))
+        py, npy = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)
+            random.seed(s)
+            np.random.seed(s % 2**32)
+            try:
+                return self.ds[index]
+            finally:
+                random.setstate(py)
+                np.random.set_state(npy)
+
+
+class FromPosition(Sampler[int]):
+    """The indices of ``sampler`` from position ``start`` on.
+
+    Resuming mid-epoch skips the first ``start`` indices of the epoch's (seeded) order
+    without loading their samples.
+    """
+
+    def __init__(self, sampler: Sampler[int], start: int = 0):
+        self.sampler, self.start = sampler, start
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.sampler), self.start, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.start)  # type: ignore[arg-type]
+
+
+def _loader_seed(seed: int, epoch: int) -> int:
+    return seed * 1000 + epoch
+
+
 def make_loader(ds: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
                 workers: int = 0, distributed: bool = False, epoch: int = 0, pin_memory: bool = False) -> DataLoader:
-    """A loader; in-memory datasets are fetched a whole batch at a time.
+    """A loader whose every draw is seeded by (``seed``, epoch), never by the global random state.
 
-    With ``distributed`` a ``DistributedSampler`` shards the data across ranks;
-    call ``loader.batch_sampler.sampler.set_epoch`` (done by :func:`set_epoch`).
+    In-memory datasets are fetched a whole batch at a time; other datasets are wrapped in
+    :class:`SeededSamples`, so their random transforms depend on (seed, epoch, sample index)
+    only. With ``distributed`` a ``DistributedSampler`` shards the data across ranks. Call
+    :func:`set_epoch` before each epoch (and with ``start_batch`` to resume mid-epoch).
     """
     if distributed:
         from torch.utils.data.distributed import DistributedSampler
 
-        sampler = DistributedSampler(ds, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        sampler: Sampler[int] = DistributedSampler(ds, shuffle=shuffle, seed=seed, drop_last=drop_last)
         sampler.set_epoch(epoch)
     elif shuffle:
-        g = torch.Generator().manual_seed(seed * 1000 + epoch)
-        sampler = RandomSampler(ds, generator=g)
+        sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(_loader_seed(seed, epoch)))
     else:
         sampler = SequentialSampler(ds)
+    sampler = FromPosition(sampler)
+    # the iterator draws its workers' base seed from this generator: without one it draws from
+    # the global torch state, which then differs between an interrupted and an uninterrupted run
+    gen = torch.Generator().manual_seed(_loader_seed(seed, epoch))
     if isinstance(ds, TensorImages):
         bs = BatchSampler(sampler, batch_size, drop_last)
-        return DataLoader(ds, sampler=bs, batch_size=None, num_workers=0, pin_memory=pin_memory)  # in memory already
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=workers,
-                      pin_memory=pin_memory, persistent_workers=False)
+        return DataLoader(ds, sampler=bs, batch_size=None, num_workers=0, pin_memory=pin_memory,  # in memory already
+                          generator=gen)
+    return DataLoader(SeededSamples(ds, seed, epoch), batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                      num_workers=workers, pin_memory=pin_memory, persistent_workers=False, generator=gen)
 
 
-def set_epoch(loader: DataLoader, epoch: int, seed: int) -> None:
-    """Reseed the loader's shuffling for ``epoch`` (single process or DDP)."""
+def set_epoch(loader: DataLoader, epoch: int, seed: int, start_batch: int = 0) -> None:
+    """Seed the loader for ``epoch`` (single process or DDP) and start it at batch ``start_batch``.
+
+    The skipped batches are neither loaded nor drawn: the epoch's order, each sample's
+    augmentation and the workers' seeds depend on (seed, epoch) alone.
+    """
     s = loader.sampler
+    batch_size = loader.batch_size
     if isinstance(s, BatchSampler):
+        batch_size = s.batch_size
         s = s.sampler
+    if isinstance(s, FromPosition):
+        s.start = start_batch * int(batch_size or 1)
+        s = s.sampler
+    elif start_batch:
+        raise ValueError("start_batch needs a loader from make_loader")
     if hasattr(s, "set_epoch"):
         s.set_epoch(epoch)
     elif isinstance(s, RandomSampler) and s.generator is not None:
-        s.generator.manual_seed(seed * 1000 + epoch)
+        s.generator.manual_seed(_loader_seed(seed, epoch))
+    if isinstance(loader.dataset, SeededSamples):
+        loader.dataset.epoch = epoch
+    if loader.generator is not None:
+        loader.generator.manual_seed(_loader_seed(seed, epoch))

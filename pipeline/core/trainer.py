@@ -7,8 +7,12 @@ with a DistributedSampler; logging and checkpoints on rank 0 only).
 
 Checkpoints are written atomically once per epoch, and on SIGTERM/SIGINT at the
 current step. ``resume=True`` restores the model, optimizer, scheduler, scaler,
-EMA, RNG states and the epoch/step position, so an interrupted run finishes with
-the same weights as an uninterrupted one (bit-identical on CPU).
+EMA, RNG states, the epoch/step position and the epoch's losses so far, so an
+interrupted run finishes with the same weights and log as an uninterrupted one
+(bit-identical on CPU), also mid-epoch, with random train transforms and loader
+workers: the loader's order, each sample's augmentation and the workers' seeds are
+functions of (seed, epoch, sample) (:func:`~vitrim.pipeline.core.data.make_loader`),
+and the loader starts at the saved batch without loading the skipped ones.
 """
 from __future__ import annotations
 
@@ -162,6 +166,7 @@ def train(model: nn.Module, loss_fn: LossFn, train_ds: Dataset, spec: TrainSpec,
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(spec.ema))
     result = TrainResult()
     start_epoch, start_step = 0, 0
+    resumed_losses: list[torch.Tensor] = []
     if resume and ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path, model)
         model.load_state_dict(ck["model"])
@@ -173,22 +178,26 @@ def train(model: nn.Module, loss_fn: LossFn, train_ds: Dataset, spec: TrainSpec,
             ema.load_state_dict(ck["ema"])
         _set_rng_state(ck["rng"][min(rank, len(ck["rng"]) - 1)])
         start_epoch, start_step = ck["epoch"], ck["step"]
+        done_losses = ck.get("epoch_losses") or []
+        # this rank's losses of the interrupted epoch's finished steps, so the epoch's mean is the full one
+        resumed_losses = [torch.tensor(v, dtype=torch.float32, device=device) for v in done_losses[min(rank, len(done_losses) - 1)]] if done_losses else []
         result.history = ck.get("history", [])
         result.resumed_from = start_epoch
         if rank == 0:
             log(f"[{desc}] resumed from {ckpt_path} at epoch {start_epoch}, step {start_step}")
 
-    def save(epoch: int, step: int) -> None:
-        rngs = [_rng_state()]
+    def save(epoch: int, step: int, losses: list) -> None:
+        per_rank = [(_rng_state(), [float(v) for v in losses])]
         if world > 1:
             gathered: list = [None] * world
-            dist.all_gather_object(gathered, rngs[0])
-            rngs = gathered
+            dist.all_gather_object(gathered, per_rank[0])
+            per_rank = gathered
         if rank != 0:
             return
         ck = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
               "scaler": scaler.state_dict() if scaler is not None else None,
-              "ema": ema.state_dict() if ema is not None else None, "rng": rngs, "epoch": epoch, "step": step,
+              "ema": ema.state_dict() if ema is not None else None, "rng": [r for r, _ in per_rank],
+              "epoch": epoch, "step": step, "epoch_losses": [v for _, v in per_rank] if step else None,
               "history": result.history, "spec": asdict(spec), "fingerprint": _fingerprint(model)}
         atomic_save(ckpt_path, lambda tmp: torch.save(ck, str(tmp)))
 
@@ -204,17 +213,16 @@ def train(model: nn.Module, loss_fn: LossFn, train_ds: Dataset, spec: TrainSpec,
 
         for epoch in range(start_epoch, spec.epochs):
             ddp_model.train()
-            set_epoch(loader, epoch, spec.seed)
             skip = start_step if epoch == start_epoch else 0
+            # data position on resume: the loader starts at the saved batch of the epoch's seeded order
+            set_epoch(loader, epoch, spec.seed, start_batch=skip)
             bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"[{desc}] epoch {epoch + 1}/{spec.epochs}",
                        disable=rank != 0 or not sys.stderr.isatty(), leave=False)
-            losses = []
+            losses = resumed_losses if skip else []
             ep_t0 = time.time()
-            for step, batch in enumerate(loader):
+            for step, batch in enumerate(loader, start=skip):
                 if step >= steps_per_epoch:
                     break
-                if step < skip:  # data position on resume: the epoch's order is seeded
-                    continue
                 x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
                 if spec.hflip:
                     flip = torch.rand(x.shape[0], device=x.device) < 0.5
@@ -242,7 +250,7 @@ def train(model: nn.Module, loss_fn: LossFn, train_ds: Dataset, spec: TrainSpec,
                 if not bar.disable:  # .item() syncs the GPU: only when someone watches the bar
                     bar.set_postfix(loss=f"{losses[-1].item():.3f}")
                 if _stop_requested(stop, world, device):
-                    save(epoch, step + 1)
+                    save(epoch, step + 1, losses)
                     raise Interrupted(stop["sig"] or signal.SIGTERM, ckpt_path)
             bar.close()
             eval_model = ema.module if ema is not None else model
@@ -253,11 +261,12 @@ def train(model: nn.Module, loss_fn: LossFn, train_ds: Dataset, spec: TrainSpec,
                    "val_top1": val, "lr": sched.get_last_lr()[0], "epoch_s": round(time.time() - ep_t0, 1)}
             result.history.append(rec)
             if rank == 0:
-                msg = f"[{desc}] epoch {epoch + 1}/{spec.epochs}  loss {rec['train_loss']:.4f}"
+                loss_s = "n/a" if rec["train_loss"] is None else f"{rec['train_loss']:.4f}"  # no step ran here
+                msg = f"[{desc}] epoch {epoch + 1}/{spec.epochs}  loss {loss_s}"
                 if val is not None:
                     msg += f"  val top-1 {val:.2f}%"
                 log(msg + f"  ({rec['epoch_s']}s)")
-            save(epoch + 1, 0)
+            save(epoch + 1, 0, [])
             if _stop_requested(stop, world, device):
                 raise Interrupted(stop["sig"] or signal.SIGTERM, ckpt_path)
             if stop_after is not None and epoch + 1 - start_epoch >= stop_after and epoch + 1 < spec.epochs:
