@@ -98,7 +98,7 @@ def _env():
 
 @pytest.mark.slow
 def test_torchrun_two_processes_gloo(setup):
-    tmp_path, _, _ = setup
+    tmp_path, teacher, _ = setup
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
            "-m", "vitrim", "finetune", str(tmp_path / "c.yaml"), "--student", str(tmp_path / "student"),
@@ -106,12 +106,24 @@ def test_torchrun_two_processes_gloo(setup):
     p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.count("fine-tuned in") == 1  # rank 0 only
-    student = load_compact(tmp_path / "ddp")
-    from vitrim.pipeline.core.evaluate import top1
+    # the distillation did its job on held-out images: the student moved towards its teacher, well beyond
+    # what training on the labels alone does (measured: KL 0.17 -> 0.06 and top-1 agreement 1% -> 49% with
+    # KD; 0.17 -> 0.13 and 20% with alpha=0, i.e. CE only; nothing moves when the ranks do not step)
+    before = _kd_fit(load_compact(tmp_path / "student"), teacher, tmp_path)
+    after = _kd_fit(load_compact(tmp_path / "ddp"), teacher, tmp_path)
+    assert after["kl"] < 0.5 * before["kl"], (before, after)
+    assert after["agree"] > max(0.3, before["agree"] + 0.2), (before, after)
 
-    cfg = load_config(tmp_path / "c.yaml")
-    acc = top1(student, build_splits(cfg.data).test)
-    assert 0.0 <= acc <= 100.0
+
+def _kd_fit(student, teacher, tmp_path) -> dict:
+    """The student's KL to the teacher (T=2) and its top-1 agreement with it on the held-out test split."""
+    from vitrim.pipeline.stages.distill import kd_term
+
+    test = build_splits(load_config(tmp_path / "c.yaml").data).test
+    x, _ = test[list(range(len(test)))]
+    with torch.no_grad():
+        s, t = student.eval()(x), teacher.eval()(x)
+    return {"kl": float(kd_term(s, t, 2.0)), "agree": float((s.argmax(1) == t.argmax(1)).float().mean())}
 
 
 @pytest.mark.slow
