@@ -1,8 +1,9 @@
 """Learned-mask strategies on the measured LUT: ViT-Slim (``slim``) and UVC (``uvc``) (issue 17).
 
 Both train continuous masks jointly with the weights under KD, on the *same*
-gate tensors the saliency search uses (``saliency.attach_gates``), so a mask
-of 0 or 1 computes exactly what the sliced model computes. Both then hand a
+gate tensors the saliency search uses (``saliency.attach_gates``; slim's
+embedding mask excepted, see below), so a mask of 0 or 1 computes exactly what
+the sliced model computes. Both then hand a
 hard :class:`~vitrim.pipeline.core.plan.Plan` to the usual slice, fine-tune
 and export.
 
@@ -15,9 +16,17 @@ teacher's predicted latency), so the penalty is in milliseconds, not in unit
 counts (ViT-Slim weighs each dim *type* by a constant). After
 ``search.mask_iters`` steps one global threshold on the mask values is found by
 bisection so that ``predict(plan) <= budget``; widths are rounded up to
-``search.align`` and held at the floors. Kept masks are folded into the weights
-(exact for heads, QK, V and MLP: each is a per-unit scale on a linear map),
+``search.align`` and held at the floors. Kept masks are folded into the weights,
 then a short KD pass (``search.kd_iters``) with the hard masks adapts them.
+Every mask is a per-unit scale on a linear map, so the fold is exact: the
+network handed on computes what the masked network computes at the plan
+(the trained mask values on the kept units, 0 on the pruned ones; tested).
+The embedding mask scales the output of every LayerNorm on the residual stream
+(its affine weight and bias), and the head's input where no LayerNorm precedes
+it (:func:`scale_embed`); the LayerNorms' statistics are not weighted by it. A
+mask inside the statistics (the search gates' masked LayerNorm fed soft values)
+cannot be folded into any sliced network: its mean and variance would be
+mask-weighted, and a LayerNorm over the kept channels has no weights for that.
 
 **uvc** (UVC, Yu et al., ICLR 2022). Every unit and every block has a logit;
 each step samples Gumbel-sigmoid gates (temperature annealed geometrically
@@ -103,9 +112,67 @@ def threshold_to_budget(spec: dict, vals: dict, cost, budget: float, fl: Floors,
     return plan_from_values(spec, vals, hi, fl, e_min, align, block_keep), hi
 
 
+def embed_mask_sites(model: CompactViT) -> tuple[list[nn.LayerNorm], list[nn.Linear]]:
+    """Where slim's embedding mask acts: every LayerNorm on the residual stream (its output), and the
+    classifier heads whose input comes from the residual stream with no LayerNorm in between."""
+    lns = [model.norm_pre, *[n for b in model.blocks for n in (b.norm1, b.norm2)], model.norm, model.fc_norm]
+    heads = []
+    if model.norm is None:  # CompactViT.forward_head: the heads read the residual stream (masked by gate_embed)
+        if model.head_dist is not None:
+            heads = [model.head, model.head_dist]
+        elif model.fc_norm is None:
+            heads = [model.head]
+    return [ln for ln in lns if ln is not None], heads
+
+
+class _Scaled(nn.Module):
+    """A parametrization: ``w * mask`` along ``dim`` (the mask is a plain tensor, trained apart from the weights)."""
+
+    def __init__(self, mask: torch.Tensor, dim: int):
+        super().__init__()
+        self.mask, self.dim = mask, dim
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * (self.mask if self.dim == -1 or w.dim() == 1 else self.mask[None, :])
+
+
+def scale_embed(model: CompactViT, mask: torch.Tensor) -> Callable[[], None]:
+    """Install slim's embedding ``mask`` (per residual channel) on ``model``; returns the function that removes it.
+
+    The mask multiplies each residual-stream LayerNorm's weight and bias and the columns of the
+    heads in :func:`embed_mask_sites`, as a parametrization (the weights' own tensors stay the
+    optimizer's, the mask gets its gradient), so :func:`fold_masks` with the same mask reproduces it.
+    """
+    from torch.nn.utils import parametrize
+
+    lns, heads = embed_mask_sites(model)
+    sites = [(ln, name, -1) for ln in lns for name in ("weight", "bias")] + [(h, "weight", 1) for h in heads]
+    for mod, name, dim in sites:
+        parametrize.register_parametrization(mod, name, _Scaled(mask, dim), unsafe=True)
+
+    def remove() -> None:  # back to the unscaled tensors (the same Parameter objects)
+        for mod, name, _ in sites:
+            parametrize.remove_parametrizations(mod, name, leave_parametrized=False)
+
+    return remove
+
+
 @torch.no_grad()
 def fold_masks(model: CompactViT, gates: dict) -> None:
-    """Fold the width gates' values into the weights (exact: each is a per-unit scale of a linear map)."""
+    """Fold the masks' values into the weights (exact: each is a per-unit scale of a linear map).
+
+    ``gates``: ``b{j}.heads|qk|v|mlp`` and, when present, ``embed`` (slim's embedding mask, acting as
+    :func:`scale_embed` installs it). Folded, with 0/1 gates at the plan, the model computes what it
+    computed with these mask values on the kept units and 0 on the pruned ones.
+    """
+    if "embed" in gates:
+        m = gates["embed"]
+        lns, heads = embed_mask_sites(model)
+        for ln in lns:
+            ln.weight.mul_(m)
+            ln.bias.mul_(m)
+        for h in heads:
+            h.weight.mul_(m[None, :])
     for j, blk in enumerate(model.blocks):
         a = blk.attn
         H, QK, V = a.heads, a.qk, a.v
@@ -151,16 +218,21 @@ def run_mask_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchCon
     student.to(device)
     kd = make_kd_fn(teacher, kd_alpha, kd_T)
     gates = attach_gates(student)
+    unscale = None
     if uvc:  # logits of Gumbel-sigmoid gates; p = sigmoid(logit) starts at 0.95
         logits = {k: torch.full_like(gates[k], 3.0, requires_grad=True) for k in width_keys}
         if skip:
             logits.update({f"b{i}.block": torch.full((1,), 3.0, device=device, requires_grad=True)
                            for i in range(spec["depth"])})
         mask_params = list(logits.values())
-    else:
-        for k in width_keys:
-            gates[k].requires_grad_(True)
-        mask_params = [gates[k] for k in width_keys]
+    else:  # the width masks are the gates themselves; the embedding mask scales the residual LayerNorms' outputs
+        masks = {k: gates[k] for k in width_keys}
+        if "embed" in masks:  # (gate_embed stays 1: statistics over every channel while searching)
+            masks["embed"] = torch.ones_like(gates["embed"])
+            unscale = scale_embed(student, masks["embed"])
+        for m in masks.values():
+            m.requires_grad_(True)
+        mask_params = list(masks.values())
     opt = torch.optim.AdamW([{"params": list(student.parameters()), "lr": cfg.lr, "weight_decay": 0.0},
                              {"params": mask_params, "lr": cfg.mask_lr, "weight_decay": 0.0}])
     batches = BatchStream(train_ds, batch_size, cfg.seed, device, workers)
@@ -203,7 +275,7 @@ def run_mask_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchCon
             loss = kd(student, x, y) + lam * viol
             aux = {"soft_cost": float(soft.detach()), "lambda": lam}
         else:
-            l1 = sum((ms[k] / T * gates[k]).sum() for k in width_keys)
+            l1 = sum((ms[k] / T * masks[k]).sum() for k in width_keys)
             loss = kd(student, x, y) + cfg.slim_l1 * l1
             aux = {"l1": float(l1.detach())}
         opt.zero_grad(set_to_none=True)
@@ -214,13 +286,13 @@ def run_mask_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchCon
             lam = max(0.0, lam + cfg.dual_lr * float(viol.detach()))
         else:
             with torch.no_grad():
-                for k in width_keys:
-                    gates[k].clamp_(0.0, 1.0)
+                for m in masks.values():
+                    m.clamp_(0.0, 1.0)
         if it in log_at:  # search.steps progress records, the last at the end
             if not uvc:  # the masks' range after the clamp (ViT-Slim keeps them in [0, 1])
-                aux["mask_min"] = min(float(gates[k].detach().min()) for k in width_keys)
-                aux["mask_max"] = max(float(gates[k].detach().max()) for k in width_keys)
-            vals = _values(gates, logits if uvc else None, width_keys)
+                aux["mask_min"] = min(float(m.detach().min()) for m in masks.values())
+                aux["mask_max"] = max(float(m.detach().max()) for m in masks.values())
+            vals = _values(gates if uvc else {**gates, **masks}, logits if uvc else None, width_keys)
             bk = _block_keep(logits, spec, cfg.min_blocks) if skip else None
             hard = plan_from_values(spec, vals, 0.5, fl, e_min, cfg.align, bk) if uvc else \
                 threshold_to_budget(spec, vals, cost, budget, fl, e_min, cfg.align)[0]
@@ -232,7 +304,9 @@ def run_mask_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchCon
                    f"(at the budget's threshold; l1 {aux['l1']:.4f})"))
 
     # the hard plan
-    vals = _values(gates, logits if uvc else None, width_keys)
+    if unscale is not None:  # the mask is folded below (or the search fails): the weights' own tensors back
+        unscale()
+    vals = _values(gates if uvc else {**gates, **masks}, logits if uvc else None, width_keys)
     repair = 0
     if uvc:
         bk = _block_keep(logits, spec, cfg.min_blocks) if skip else None
@@ -261,13 +335,14 @@ def run_mask_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchCon
     if cost.predict(plan) > budget + 1e-9:
         raise UserError("search", f"{cfg.strategy} could not reach the budget {budget:.3f} {cost.unit}; stopped at "
                         f"{cost.predict(plan):.3f}", "raise the budget, lower the floors or use strategy knapsack")
-    # slim: fold the kept units' mask values into the weights (the network the masks trained); uvc's gates were
-    # (near-)binary samples, so a kept unit's gate is 1. Then adapt with hard 0/1 gates.
+    # slim: fold the masks' values (embedding included) into the weights, so the network handed on is the
+    # masked one at the plan; uvc's gates were (near-)binary samples, so a kept unit's gate is 1. Then adapt
+    # with hard 0/1 gates.
     if not uvc:
         with torch.no_grad():
-            for k in width_keys:
-                gates[k].requires_grad_(False)
-            fold_masks(student, gates)
+            for m in masks.values():
+                m.requires_grad_(False)
+            fold_masks(student, masks)
     detach_gates(student)
     attach_gates(student, masks_from_plan(plan))
     kd_adapt(student, kd, batches, opt, cfg.kd_iters)
