@@ -12,7 +12,13 @@ Two steps around the search of ``vitrim run`` (issue 14; DESIGN.md "Closed loop"
   for plans next to it), the plan is pruned or refilled to it with the search's
   own selection (:func:`~vitrim.pipeline.stages.search.prune_to`,
   :func:`~vitrim.pipeline.stages.search.refill`), and measured again, for at
-  most ``search.measured_rounds`` rounds.
+  most ``search.measured_rounds`` rounds. Corrections keep the strategy's own
+  constraints (:func:`~vitrim.pipeline.stages.search.searched_config`: a
+  width-only ``magnitude`` or ``slim`` plan never loses a block to a correction).
+  The tolerance is symmetric (``|measured / requested - 1| <= tolerance``); a
+  loop that ends without meeting it (rounds spent, or a correction that gives a
+  plan already measured) returns the measured plan closest to the requested
+  ratio (the faster one on a tie), not the last one, and says it did not converge.
 """
 from __future__ import annotations
 
@@ -24,17 +30,19 @@ from typing import Callable, Optional
 
 from vitrim.pipeline.core.config import RunConfig, SearchConfig
 from vitrim.pipeline.core.plan import BlockPlan, Floors, Plan
-from vitrim.pipeline.stages.search import Candidate, LatencyCost, prune_to, refill
+from vitrim.pipeline.stages.search import Candidate, LatencyCost, prune_to, refill, searched_config
 
 Measure = Callable[[Plan], tuple[float, float]]  # plan -> (teacher ms, student ms), one interleaved session
 
 
 @dataclass
 class LoopResult:
-    plan: Plan
+    plan: Plan  # the converged plan, else the measured plan closest to the requested ratio
     requested: float  # requested ratio to the teacher (measured)
     rounds: list = field(default_factory=list)
     converged: bool = False
+    chosen_round: int = 0  # the round that measured ``plan``
+    plans: list = field(default_factory=list)  # every measured plan, by round
 
 
 def is_latency_budget(s: SearchConfig) -> bool:
@@ -72,7 +80,9 @@ def removed_pool(plan: Plan, scores: dict, align: int, per_dim: int = 4) -> list
 
 
 def correct_plan(plan: Plan, lut, scores: dict, cfg: SearchConfig, e_min: int, budget_ms: float) -> Plan:
-    """Prune (then refill) or refill ``plan`` to the LUT budget ``budget_ms`` with the search's selection."""
+    """Prune (then refill) or refill ``plan`` to the LUT budget ``budget_ms`` with the search's selection,
+    under the constraints of the strategy that made it."""
+    cfg = searched_config(cfg)
     cost = LatencyCost(lut)
     if cost.predict(plan) > budget_ms:
         plan, removed = prune_to(plan, scores, cost, budget_ms, "knapsack", cfg, e_min)
@@ -89,8 +99,11 @@ def closed_loop(plan: Plan, lut, requested: float, measure: Measure, scores: dic
 
     Each round records the LUT budget the plan was made for, the predicted and
     measured ratios, the miss, and the corrected budget for the next round (all
-    as fractions of the teacher).
+    as fractions of the teacher). Corrections use ``cfg`` as the plan's strategy
+    searched under it (:func:`~vitrim.pipeline.stages.search.searched_config`).
+    Without convergence the result is the measured plan closest to ``requested``.
     """
+    cfg = searched_config(cfg)
     t_pred = lut.predict(Plan.full(lut.spec))
     budget = plan.meta.get("budget", requested * t_pred) if plan.meta.get("unit", "ms") == "ms" else requested * t_pred
     res = LoopResult(plan, requested)
@@ -102,6 +115,7 @@ def closed_loop(plan: Plan, lut, requested: float, measure: Measure, scores: dic
         rec = {"round": r, "budget_ratio": budget / t_pred, "predicted_ratio": p, "measured_ratio": m,
                "teacher_ms": t_ms, "student_ms": s_ms, "miss_pct": 100.0 * miss, "corrected_budget_ratio": None}
         res.rounds.append(rec)
+        res.plans.append(plan)
         if abs(miss) <= cfg.measured_tolerance:
             res.converged = True
             log(f"[measure] round {r}: predicted {p:.1%}, measured {m:.1%} of the teacher (requested {requested:.1%}, "
@@ -126,7 +140,15 @@ def closed_loop(plan: Plan, lut, requested: float, measure: Measure, scores: dic
             break
         new.meta = {**plan.meta, "budget": budget, "predicted": lut.predict(new)}
         plan = new
-    res.plan = plan
+    res.chosen_round = len(res.rounds) - 1
+    if not res.converged:  # the closest measured plan; on a tie the faster one (a budget is an upper bound)
+        res.chosen_round = min(range(len(res.rounds)), key=lambda i: (abs(res.rounds[i]["miss_pct"]),
+                                                                       res.rounds[i]["measured_ratio"]))
+        c = res.rounds[res.chosen_round]
+        log(f"[measure] did NOT converge to within +-{cfg.measured_tolerance:.0%} of the requested {requested:.1%} "
+            f"in {len(res.rounds)} measurements: keeping round {res.chosen_round}'s plan, the closest measured "
+            f"({c['measured_ratio']:.1%} of the teacher, {c['miss_pct']:+.1f}%)")
+    res.plan = res.plans[res.chosen_round]
     return res
 
 
@@ -247,13 +269,14 @@ def stage_closed_loop(cfg: RunConfig, teacher, lut, res, splits, out_dir: Path, 
 
     out_dir = Path(out_dir)
     requested = requested_ratio(cfg)
-    e_min = lut.grid.embed[0] if cfg.search.prune_embed else lut.spec["embed_dim"]
+    scfg = searched_config(cfg.search)  # the strategy's constraints hold for its corrections too
+    e_min = lut.grid.embed[0] if scfg.prune_embed else lut.spec["embed_dim"]
     scores = saliency_for(cfg, teacher, res.state, res.plan, splits.train) if cfg.search.measured_rounds else {}
-    loop = closed_loop(res.plan, lut, requested, lambda p: timer(p, res.state), scores, cfg.search, e_min, log=log)
+    loop = closed_loop(res.plan, lut, requested, lambda p: timer(p, res.state), scores, scfg, e_min, log=log)
     plan = loop.plan.validate(Floors(cfg.search.min_heads, cfg.search.min_qk, cfg.search.min_v, cfg.search.min_mlp))
     plan.save(out_dir / "plan.json")
     info = {"requested": requested, "tolerance": cfg.search.measured_tolerance, "anchor": anchor,
-            "converged": loop.converged, "rounds": loop.rounds}
+            "converged": loop.converged, "chosen_round": loop.chosen_round, "rounds": loop.rounds}
     atomic_write_json(out_dir / "measured_budget.json", info)
     slog = read_json(out_dir / "search_log.json", "search", "search log", "rerun the search")
     slog["closed_loop"] = info
@@ -303,6 +326,14 @@ def report_lines(s: dict) -> list[str]:
         cb = "" if r["corrected_budget_ratio"] is None else f"{r['corrected_budget_ratio']:.1%}"
         lines.append(f"| {r['round']} | {r['budget_ratio']:.1%} | {r['predicted_ratio']:.1%} | {r['measured_ratio']:.1%} "
                      f"| {r['miss_pct']:+.1f}% | {cb} |")
+    if not m.get("converged", True):
+        k = m.get("chosen_round", len(m["rounds"]) - 1)
+        c = m["rounds"][k]
+        lines += ["", f"**The closed loop did not converge**: no measured plan came within +-{m['tolerance']:.0%} of "
+                  f"the requested {m['requested']:.1%} in {len(m['rounds'])} measurements. The plan kept is round "
+                  f"{k}'s, the closest measured ({c['measured_ratio']:.1%} of the teacher, {c['miss_pct']:+.1f}%); "
+                  "raise `search.measured_rounds` or `search.measured_tolerance` (or `profile.repeats` on a "
+                  "noisy machine)."]
     d = m.get("delivered")
     if d:
         lines += ["", f"**Delivered engine: {d['measured_ratio']:.1%} of the teacher, measured "

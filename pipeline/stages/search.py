@@ -110,6 +110,23 @@ def resolve_budget(cfg: SearchConfig, lut) -> tuple[Cost, float, str]:
     return c, frac * c.predict(full), f"{frac:.0%} of the teacher's predicted latency"
 
 
+# what a strategy never removes, whatever the config says (magnitude: L1 of a whole block has no scale
+# comparable with a width group's; slim: its masks are on widths only). uniform is not corrected afterwards.
+STRATEGY_CONSTRAINTS = {"magnitude": {"prune_blocks": False}, "slim": {"prune_blocks": False}}
+
+
+def searched_config(cfg: SearchConfig) -> SearchConfig:
+    """``cfg`` as its strategy searches under it: with the strategy's constraints applied.
+
+    Everything that changes a strategy's plan afterwards (the closed loop's corrections) uses this
+    same configuration, so a width-only baseline stays width-only.
+    """
+    import dataclasses
+
+    fixed = {k: v for k, v in STRATEGY_CONSTRAINTS.get(cfg.strategy, {}).items() if getattr(cfg, k) != v}
+    return dataclasses.replace(cfg, **fixed) if fixed else cfg
+
+
 # ---------------------------------------------------------------------------
 # Plan surgery
 
@@ -429,6 +446,7 @@ def run_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchConfig, 
     """
     from vitrim.pipeline.stages.distill import make_kd_fn
 
+    cfg = searched_config(cfg)
     if cfg.strategy in ("slim", "uvc"):  # learned masks (issue 17)
         from vitrim.pipeline.stages.masks import run_mask_search
 
@@ -437,10 +455,6 @@ def run_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchConfig, 
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     spec = lut.spec
-    if cfg.strategy == "magnitude" and cfg.prune_blocks:
-        import dataclasses
-
-        cfg = dataclasses.replace(cfg, prune_blocks=False)
     cost, budget, desc = resolve_budget(cfg, lut)
     e_min = lut.grid.embed[0] if cfg.prune_embed else spec["embed_dim"]
     fl = Floors(cfg.min_heads, cfg.min_qk, cfg.min_v, cfg.min_mlp)
