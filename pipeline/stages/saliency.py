@@ -16,15 +16,20 @@ without per-type rescaling; groups of several units add their unit scores.
 
 Token merges (:func:`merge_scores`) have no gate: a merge changes the token
 count, not a weight. There are few of them (boundaries x 3 types), so their
-saliency is the KD-loss increase of applying the merge, measured directly on
-the saliency batches. To put it on the gates' scale, the same direct loss
-increase is measured for the width groups the selection is choosing among
-(the cheapest group of every block and dim, whole blocks, the embedding
-group), and the merges' loss increases are multiplied by the median ratio
-``gate saliency / direct loss increase`` of those groups. The gates' Fisher
-score and the direct increase estimate the same loss change up to a scale (the
-batch-gradient Fisher is smaller than the per-sample one by about the batch
-size), which this ratio measures on the model at hand rather than assumes.
+saliency is the KD-loss increase ``dL`` of applying the merge, measured
+directly on the saliency batches. A gate's saliency is *quadratic* in the loss
+change it estimates (to first order ``dL = -dL/dg``, and the score is its
+square, summed over batches), so a merge is priced as ``scale * dL**2``: the
+same direct loss increase is measured for the width groups the selection is
+choosing among (the cheapest group of every block and dim, whole blocks, the
+embedding group), and ``scale`` is the median of ``gate saliency / dL**2``
+over those groups. A merge and a width group with the same loss change then get
+the same score, and twice the loss change costs four times the score for
+either. (A linear map, ``gate saliency / dL`` times the merge's ``dL``, priced
+a merge right only at the calibration groups' typical ``dL``: too cheap above
+it, too dear below.) The scale (the batch-gradient Fisher is smaller than the
+per-sample one by about the batch size) is measured on the model at hand
+rather than assumed.
 """
 from __future__ import annotations
 
@@ -103,7 +108,8 @@ def merge_scores(model: CompactViT, gates: dict, loss_fn, batches: list, merges:
 
     ``merges``: the merges already in the plan (installed on ``model``); ``groups``:
     search candidates (width groups, blocks, embedding) whose direct loss change
-    calibrates the scale. Returns ({(block, type): saliency}, a log record).
+    ``d`` calibrates ``scale = median(saliency / d**2)``; a merge with loss change
+    ``d`` scores ``scale * d**2``. Returns ({(block, type): saliency}, a log record).
     """
     model.eval()
     base = _mean_loss(model, loss_fn, batches)
@@ -124,10 +130,10 @@ def merge_scores(model: CompactViT, gates: dict, loss_fn, batches: list, merges:
         d = _mean_loss(model, loss_fn, batches) - base
         g.copy_(old)
         if d > 1e-6 and c.saliency > 0:
-            ratios.append(c.saliency / d)
-    scale = float(torch.tensor(ratios).median()) if ratios else 1.0
+            ratios.append(c.saliency / d ** 2)  # the gate saliency is quadratic in the loss change
+    scale = float(torch.tensor(ratios, dtype=torch.float64).median()) if ratios else 1.0
     tol = 1e-6 * max(1.0, abs(base))  # float32 rounding of a mean loss: a change below it is no change
-    out = {k: scale * (v if v > tol else 0.0) for k, v in raw.items()}
+    out = {k: scale * (v * v if v > tol else 0.0) for k, v in raw.items()}
     info = {"base_loss": base, "scale": scale, "calibration_groups": len(ratios),
             "loss_increase": {f"{i}:{k}": v for (i, k), v in raw.items()}}
     return out, info

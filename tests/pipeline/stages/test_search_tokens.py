@@ -129,3 +129,47 @@ def test_run_search_with_token_merges_meets_the_budget_and_slices(data):
     with pytest.raises(Exception, match="token axis"):
         run_search(copy.deepcopy(t), full_size_compact(t)[0], flat, cfg, data.train, data.val, batch_size=64,
                    log=lambda s: None)
+
+
+def test_merges_are_priced_like_width_groups_with_the_same_loss_change(data):
+    """A gate's saliency is quadratic in the loss change it estimates (NViT's (sum dL/dw * w)^2). With width groups
+    planted on that law (saliency = kappa * dL^2, dL measured, spread over > 4x), a merge's score must be what a
+    width group with the same loss change scores: kappa * dL_merge^2. So equal loss changes get equal scores, and
+    k times the loss change costs k^2 times the score, for merges as for width groups."""
+    import dataclasses
+
+    from vitrim.pipeline.stages.saliency import _mean_loss
+
+    t = random_init(timm.create_model("vit_tiny_patch16_224", **POOL_KW), seed=0, std=0.15)
+    full = Plan.full(describe(t))
+    student, gates, kd, batches, scores = scored(t, data, full)
+    base = _mean_loss(student, kd, batches)
+
+    def group_dl(c):
+        g = gates["embed" if c.dim == "embed" else f"b{c.block}.{c.dim}"]
+        old = g.clone()
+        g[c.units if c.dim != "block" else slice(None)] = 0
+        d = _mean_loss(student, kd, batches) - base
+        g.copy_(old)
+        return d
+
+    def merge_dl(i, kind):
+        student.set_token_merges({i: kind})
+        d = _mean_loss(student, kd, batches) - base
+        student.set_token_merges({})
+        return d
+
+    kappa = 3.0
+    groups = [(c, group_dl(c)) for c in candidates(full, scores, Floors(), 8, 1, 8, True, True)]
+    planted = [dataclasses.replace(c, saliency=kappa * d * d) for c, d in groups if d > 1e-3]
+    dls = [d for _, d in groups if d > 1e-3]
+    assert len(planted) >= 4 and max(dls) > 4 * min(dls)  # a spread a linear map cannot follow
+    options = merge_options(full, 2, 1)
+    merges, info = merge_scores(student, gates, kd, batches, {}, options, planted)
+    dl = {o: merge_dl(*o) for o in options}
+    assert max(dl.values()) > 4 * min(dl.values()) > 0
+    for o, d in dl.items():  # the saliency a width group with this loss change has
+        assert merges[o] == pytest.approx(kappa * d * d, rel=1e-3)
+    lo, hi = min(dl, key=dl.get), max(dl, key=dl.get)
+    r = dl[hi] / dl[lo]
+    assert merges[hi] / merges[lo] == pytest.approx(r * r, rel=1e-3)  # as for two width groups r times apart
