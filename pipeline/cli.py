@@ -185,7 +185,7 @@ def cmd_export(args) -> int:
     if args.onnx and not Path(args.onnx).is_file():
         raise UserError("export", f"ONNX file '{args.onnx}' not found", "pass the path of an existing .onnx file")
     out = Path(args.out or cfg.out_dir)
-    plan = predicted = None
+    plan = predicted = note = None
     if args.student:
         model = load_compact(args.student)
         plan, name = model.plan, f"student {args.student}"
@@ -205,9 +205,16 @@ def cmd_export(args) -> int:
         if not args.no_lut:
             lut = find_lut(cfg, plan.spec, build=args.profile)
             if lut is not None:
-                copy_into(lut.path, out / "lut.json")
-                predicted = lut.predict(plan)
-    release_from_config(cfg, model, out, splits.test, plan=plan, predicted_ms=predicted,
+                try:
+                    predicted = lut.predict(plan)
+                except UserError as e:  # the prediction is optional here: a LUT that cannot price this plan (a
+                    # merged student, a LUT without a token axis) leaves the release without one, and says why
+                    note = {"latency_prediction": {"available": False, "lut": str(lut.path), "reason": e.what,
+                                                   "fix": e.fix}}
+                    print(f"[export] predicted latency unavailable: {e.what} (LUT {lut.path}); fix: {e.fix}")
+                else:
+                    copy_into(lut.path, out / "lut.json")
+    release_from_config(cfg, model, out, splits.test, plan=plan, predicted_ms=predicted, manifest_extra=note,
                         onnx_path=Path(args.onnx) if args.onnx else None, name=name, calib_set=splits.val)
     return 0
 

@@ -160,3 +160,34 @@ def test_tensorrt_engine_parity(env):
         assert rep.passed, rep.failures
         assert trt_runner.time(16, 5, 20).median_ms > 0
         assert trt_runner.layer_profile(16, 3)
+
+
+def test_merged_student_exports_when_the_lut_has_no_token_axis(env, tiny_lut, capsys):
+    """`vitrim export --student` of a merged student, with a cached LUT measured without a token axis: the
+    prediction is optional there, so the student is exported and verified, and the prediction is reported
+    unavailable with the reason (in the log and the manifest) instead of aborting."""
+    from vitrim.export.target import Target
+    from vitrim.pipeline.stages.profile import lut_path
+
+    tmp_path, cfg, splits = env
+    lut, src = tiny_lut  # a real ORT LUT, tokens [16] only (batch 4, 1 thread)
+    assert len(lut.grid.tokens) == 1
+    teacher = random_init(timm.create_model("vit_tiny_patch16_224", **TINY_KW), seed=0, std=0.2)
+    plan = random_plan(describe(teacher), random.Random(2), embed=True, skip=False).set_merges({0: "w", 1: "h"})
+    save_compact(slice_model(teacher, plan.validate()), plan, tmp_path / "merged")
+    sets = ["--set", "target.batch=4", "--set", "data.test_limit=64"]
+    c4 = load_config(tmp_path / "c.yaml", [s for s in sets if s != "--set"])
+    dest = lut_path(c4, plan.spec, Target.from_config(c4.target))  # where `vitrim export` looks for it
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(src.read_bytes())
+    out = tmp_path / "exp_merged_flat"
+    rc = main(["export", str(tmp_path / "c.yaml"), "--student", str(tmp_path / "merged"), "--out", str(out), *sets])
+    assert rc == 0
+    log = capsys.readouterr().out
+    assert "predicted latency unavailable" in log and "token axis" in log
+    assert main(["verify-manifest", str(out)]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["parity"]["passed"] and m["latency"]["median_ms"] > 0 and m["latency"]["predicted_ms"] is None
+    p = m["latency_prediction"]
+    assert p["available"] is False and "token axis" in p["reason"] and "prune_tokens" in p["fix"]
+    assert not (out / "lut.json").exists()  # a LUT that cannot price the plan is not shipped with it
