@@ -44,12 +44,14 @@ class DataConfig:
     batch_size: int = 128
     eval_batch_size: int = 512
     workers: int = 0  # DataLoader worker processes for image folders (every loader honours it)
-    # ImageFolder transforms come from the teacher (input size, channels, and mean/std/
-    # interpolation/crop_pct of its pretrained config); these override them.
+    # ImageFolder preprocessing (pipeline/core/preprocessing.py): the input size and channels are the
+    # teacher's; these keys win over a config.json beside model.checkpoint, which wins over timm's
+    # defaults for the architecture. Fashion-MNIST's is fixed.
     mean: Optional[list] = None
     std: Optional[list] = None
-    interpolation: Optional[str] = None  # bilinear | bicubic | nearest
-    crop_pct: Optional[float] = None
+    interpolation: Optional[str] = None  # bilinear | bicubic | nearest (| box | hamming | lanczos)
+    crop_pct: Optional[float] = None  # 1.0: no crop (resize to the input size)
+    crop_mode: Optional[str] = None  # center | squash | border (timm)
     train_limit: Optional[int] = None  # tiny slices for tests and smoke runs
     val_limit: Optional[int] = None
     test_limit: Optional[int] = None
@@ -61,8 +63,12 @@ class ModelConfig:
 
     arch: str = "vit_tiny_patch16_224"
     kwargs: dict = field(default_factory=dict)  # e.g. img_size, patch_size, embed_dim, depth
-    checkpoint: Optional[str] = None  # .safetensors or .pth (weights_only)
+    checkpoint: Optional[str] = None  # .safetensors or .pth (weights_only); a config.json beside it sets preprocessing
     pretrained: bool = False  # timm hub download; needs network
+    # the teacher's top-1 (%) in the user's own loop: a teacher that evaluates more than the tolerance below it
+    # on the test split stops the command (exit 2) before any search or training; the usual cause is preprocessing
+    expected_top1: Optional[float] = None
+    expected_top1_tolerance: float = 1.0  # points
 
 
 @dataclass
@@ -331,6 +337,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
                         f"({' and '.join('search.' + k for k in file_budgets)})",
                         "keep exactly one of search.budget_ms, budget_fraction, flops_fraction, params_fraction")
     layer: dict = {}
+    if isinstance(data, dict) and isinstance(data.get("preprocessing"), dict):
+        data.pop("preprocessing")  # the record in a resolved config (save_resolved); data.* carry its values
     for item in overrides or []:
         _apply_override(layer, item)
     set_budgets = _budgets_in(layer)
@@ -405,8 +413,9 @@ def validate_config(cfg: RunConfig, source: str = "<config>") -> None:
         bad("device", f"is '{cfg.device}'", "use auto, cpu or cuda")
     if cfg.data.workers < 0:
         bad("data.workers", f"is {cfg.data.workers}", "use 0 (load in the main process) or more workers")
-    if cfg.data.interpolation not in (None, "bilinear", "bicubic", "nearest"):
-        bad("data.interpolation", f"is '{cfg.data.interpolation}'", "use bilinear, bicubic or nearest")
+    if cfg.data.interpolation not in (None, "bilinear", "bicubic", "nearest", "box", "hamming", "lanczos"):
+        bad("data.interpolation", f"is '{cfg.data.interpolation}'", "use bilinear, bicubic or nearest (or box, "
+            "hamming, lanczos)")
     if cfg.data.crop_pct is not None and not 0 < cfg.data.crop_pct <= 1:
         bad("data.crop_pct", f"is {cfg.data.crop_pct}", "use a fraction in (0, 1]")
     if cfg.target.backend not in ("ort-cpu", "tensorrt", "torch-cpu", "torch-cuda"):
@@ -415,6 +424,18 @@ def validate_config(cfg: RunConfig, source: str = "<config>") -> None:
     if cfg.target.precision not in allowed:
         bad("target.precision", f"is '{cfg.target.precision}', which {cfg.target.backend} does not offer",
             f"use one of {', '.join(allowed)} for {cfg.target.backend}")
+    if cfg.data.crop_mode not in (None, "center", "squash", "border"):
+        bad("data.crop_mode", f"is '{cfg.data.crop_mode}'", "use center, squash or border")
+    if cfg.data.name == "fmnist":
+        for key in ("mean", "std", "interpolation", "crop_pct", "crop_mode"):
+            if getattr(cfg.data, key) is not None:
+                bad(f"data.{key}", "is set, but data.name=fmnist has a fixed preprocessing (28x28 L, mean 0.2860, "
+                    "std 0.3530, no resize or crop)", f"remove data.{key}, or use data.name=imagefolder")
+    e = cfg.model.expected_top1
+    if e is not None and not 0 < e <= 100:
+        bad("model.expected_top1", f"is {e}", "give the teacher's top-1 in percent, e.g. 96.7")
+    if not cfg.model.expected_top1_tolerance >= 0:
+        bad("model.expected_top1_tolerance", f"is {cfg.model.expected_top1_tolerance}", "use points >= 0, e.g. 1.0")
     q = cfg.target.quant
     if q.mode not in ("static", "dynamic"):
         bad("target.quant.mode", f"is '{q.mode}'", "use static or dynamic")
@@ -460,10 +481,28 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def save_resolved(cfg: RunConfig, out_dir: str | os.PathLike) -> Path:
-    """Write ``resolved_config.yaml`` atomically into ``out_dir``."""
+RESOLVED_HEADER = ("# Written by vitrim. 'preprocessing' records what was resolved and where each field came from;\n"
+                   "# the data.* keys carry the same values, so this file alone reproduces the evaluation.\n")
+
+
+def save_resolved(cfg: RunConfig, out_dir: str | os.PathLike, preprocessing: Any = None) -> Path:
+    """Write ``resolved_config.yaml`` atomically into ``out_dir``.
+
+    With the run's :class:`~vitrim.pipeline.core.preprocessing.Preprocessing`, an image folder's
+    resolved transforms are written into ``data.*`` and the whole object (with its sources) into a
+    ``preprocessing`` section, which :func:`load_config` skips as a record.
+    """
     from vitrim.pipeline.core.io import atomic_write_text
 
     path = Path(out_dir) / "resolved_config.yaml"
-    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, text + yaml.safe_dump(d, sort_keys=False))
     return path
+    d = config_to_dict(cfg)
+    text = ""
+    if preprocessing is not None:
+        if cfg.data.name != "fmnist":  # fmnist's preprocessing is fixed: it has no data.* keys
+            p = preprocessing.timm_kwargs()
+            d["data"].update({k: (list(p[k]) if isinstance(p[k], tuple) else p[k])
+                              for k in ("mean", "std", "interpolation", "crop_pct", "crop_mode")})
+        d["preprocessing"] = preprocessing.to_dict()
+        text = RESOLVED_HEADER

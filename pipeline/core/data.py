@@ -20,8 +20,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 from vitrim.pipeline.core.config import FMNIST_DEFAULT_DIR, DataConfig
 from vitrim.pipeline.core.errors import UserError
-
-FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
+from vitrim.pipeline.core.preprocessing import FMNIST_MEAN, FMNIST_PREPROCESSING, FMNIST_STD, Preprocessing, \
+    resolve_preprocessing
 FMNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
@@ -102,6 +102,7 @@ class Splits:
     num_classes: int
     in_chans: int
     img_size: int
+    preprocessing: Preprocessing | None = None  # resolved once; printed and recorded by every command
 
 
 def split_indices(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,65 +127,30 @@ def build_splits(cfg: DataConfig, model: torch.nn.Module | None = None, model_cf
 
     For ``imagefolder`` the transforms and the class count come from the teacher:
     pass the model, or its :class:`~vitrim.pipeline.core.config.ModelConfig`
-    (the architecture is then instantiated on the meta device, without weights).
+    (the architecture is then instantiated on the meta device, without weights), and the
+    model config (its ``checkpoint`` locates a ``config.json`` carrying the preprocessing).
+    ``Splits.preprocessing`` holds what was resolved (:mod:`vitrim.pipeline.core.preprocessing`).
     """
     if cfg.name == "fmnist":
         full = load_fmnist(cfg.root, "train")
         tr, va = split_indices(len(full), cfg.val_size, cfg.split_seed)
         train, val, test = full.subset(tr), full.subset(va), load_fmnist(cfg.root, "test")
-        nc, ch, size = 10, 1, 28
+        nc, ch, size, prep = 10, 1, 28, FMNIST_PREPROCESSING
     elif cfg.name == "imagefolder":
-        train, val, test, nc, ch, size = _imagefolder(cfg, model, model_cfg)
+        train, val, test, nc, ch, size, prep = _imagefolder(cfg, model, model_cfg)
     else:
         raise UserError("data", f"unknown dataset '{cfg.name}'", "use fmnist or imagefolder")
-    return Splits(_limit(train, cfg.train_limit), _limit(val, cfg.val_limit), _limit(test, cfg.test_limit), nc, ch, size)
-
-
-def _meta_model(model_cfg: Any) -> torch.nn.Module:
-    if model_cfg is None:
-        raise UserError("data", "data.name=imagefolder needs the teacher to resolve its transforms",
-                        "call build_splits(cfg.data, model_cfg=cfg.model) (the CLI does)")
-    import timm
-
-    if model_cfg.arch not in timm.list_models():
-        raise UserError("model", f"'{model_cfg.arch}' is not a timm model name",
-                        "use a ViT name from timm.list_models('*vit*') or timm.list_models('deit*')")
-    try:
-        with torch.device("meta"):
-            return timm.create_model(model_cfg.arch, pretrained=False, **model_cfg.kwargs)
-    except TypeError as e:
-        raise UserError("model", f"timm rejected model.kwargs {model_cfg.kwargs} for '{model_cfg.arch}': {e}",
-                        "remove or rename the offending key in model.kwargs") from None
+    return Splits(_limit(train, cfg.train_limit), _limit(val, cfg.val_limit), _limit(test, cfg.test_limit), nc, ch,
+                  size, prep)
 
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-def resolve_transform_config(cfg: DataConfig, model: torch.nn.Module) -> dict:
-    """timm's data config for the teacher: its input size and channels, and mean/std/interpolation/crop
-    from its pretrained config, each overridable by ``data.mean|std|interpolation|crop_pct``."""
-    import timm.data
-
-    pe = model.patch_embed
-    C = pe.proj.in_channels
-    H, W = (int(s) for s in pe.img_size)
-    dcfg = timm.data.resolve_data_config({}, model=model)
-    dcfg["input_size"] = (C, H, W)  # the model's own, whatever its pretrained config says
-    for key in ("mean", "std"):
-        v = getattr(cfg, key)
-        v = tuple(float(a) for a in (v if isinstance(v, (list, tuple)) else [v])) if v is not None else tuple(dcfg[key])
-        if len(v) != C:
-            if getattr(cfg, key) is None and C == 1:
-                v = (sum(v) / len(v),)  # a grayscale teacher: the RGB statistics averaged
-            else:
-                raise UserError("data", f"data.{key} has {len(v)} values but the teacher takes {C} channels",
-                                f"give data.{key} one value per input channel")
-        dcfg[key] = v
-    if cfg.interpolation is not None:
-        dcfg["interpolation"] = cfg.interpolation
-    if cfg.crop_pct is not None:
-        dcfg["crop_pct"] = cfg.crop_pct
-    return dcfg
+def resolve_transform_config(cfg: DataConfig, model: torch.nn.Module, model_cfg: Any = None) -> dict:
+    """timm's ``create_transform`` arguments for the teacher: :func:`resolve_preprocessing`
+    (``data.*`` keys, else the checkpoint's config.json, else timm's defaults) as a dict."""
+    return resolve_preprocessing(cfg, model_cfg, model).timm_kwargs()
 
 
 def _open_image(path: str, mode: str):
@@ -215,8 +181,9 @@ def _imagefolder(cfg: DataConfig, model: torch.nn.Module | None, model_cfg: Any 
     """ImageNet layout: ``root/train/<class>/*.JPEG`` and ``root/val/<class>/*.JPEG``.
 
     ``val`` here is held out of ``train``; the folder named ``val`` is the test split.
-    Transforms come from the teacher (:func:`resolve_transform_config`); a 1-channel
-    teacher reads the images as grayscale.
+    Transforms come from :func:`resolve_preprocessing` (``data.*``, else the checkpoint's
+    config.json, else the architecture's timm defaults); a 1-channel teacher reads the
+    images as grayscale.
     """
     import functools
 
@@ -234,14 +201,17 @@ def _imagefolder(cfg: DataConfig, model: torch.nn.Module | None, model_cfg: Any 
         raise UserError("data", f"'{root / 'val'}' and '{root / 'train'}' have different class folders "
                         f"(e.g. {extra[:3]})", "use the same class folder names in train/ and val/")
     if model is None:
-        model = _meta_model(model_cfg)
+        from vitrim.pipeline.core.models import meta_model
+
+        model = meta_model(model_cfg)
     num_classes = getattr(model, "num_classes", None)
     if num_classes is not None and num_classes != len(classes):
         raise UserError("data", f"'{root / 'train'}' has {len(classes)} classes but the teacher's head has "
                         f"{num_classes} outputs (model.kwargs.num_classes)",
                         f"set model.kwargs.num_classes: {len(classes)} (and fine-tune the teacher with "
                         "`vitrim train-teacher`), or use the matching data")
-    dcfg = resolve_transform_config(cfg, model)
+    prep = resolve_preprocessing(cfg, model_cfg, model)
+    dcfg = prep.timm_kwargs()
     C = dcfg["input_size"][0]
     loader = functools.partial(_open_image, mode="L" if C == 1 else "RGB")
     t_train = timm.data.create_transform(**dcfg, is_training=True)
@@ -259,7 +229,7 @@ def _imagefolder(cfg: DataConfig, model: torch.nn.Module | None, model_cfg: Any 
     train = torch.utils.data.Subset(train_full, tr.tolist())
     val = torch.utils.data.Subset(train_eval, va.tolist())
     size = dcfg["input_size"]
-    return train, val, test, len(classes), size[0], size[-1]
+    return train, val, test, len(classes), size[0], size[-1], prep
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

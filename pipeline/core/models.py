@@ -48,6 +48,60 @@ def create_model(cfg: ModelConfig, load_checkpoint: bool = True, pretrained: boo
     return model
 
 
+def meta_model(cfg: ModelConfig) -> nn.Module:
+    """The architecture of ``cfg`` on the meta device (no weights, no memory): its shapes and timm defaults."""
+    if cfg is None:
+        raise UserError("data", "data.name=imagefolder needs the teacher to resolve its transforms",
+                        "call build_splits(cfg.data, model_cfg=cfg.model) (the CLI does)")
+    import timm
+
+    if cfg.arch not in timm.list_models():
+        raise UserError("model", f"'{cfg.arch}' is not a timm model name",
+                        "use a ViT name from timm.list_models('*vit*') or timm.list_models('deit*')")
+    try:
+        with torch.device("meta"):
+            return timm.create_model(cfg.arch, pretrained=False, **cfg.kwargs)
+    except TypeError as e:
+        raise UserError("model", f"timm rejected model.kwargs {cfg.kwargs} for '{cfg.arch}': {e}",
+                        "remove or rename the offending key in model.kwargs") from None
+
+
+def read_pretrained_cfg(path: str | os.PathLike) -> dict:
+    """A timm ``pretrained_cfg`` stored inside a checkpoint, or ``{}``.
+
+    ``.pth``: a ``pretrained_cfg`` dict beside the state dict (``{"state_dict": ..., "pretrained_cfg": ...}``);
+    ``.safetensors``: JSON under the metadata key ``pretrained_cfg``. Only the header / the pickle's
+    small objects are read (tensors are memory-mapped where the format allows).
+    """
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        return {}
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(p), "pt") as f:
+                raw = (f.metadata() or {}).get("pretrained_cfg")
+            try:
+                cfg = json.loads(raw) if raw else {}
+            except json.JSONDecodeError as e:
+                raise UserError("model", f"checkpoint '{p}': its 'pretrained_cfg' metadata is not JSON ({e})",
+                                "re-save it with metadata={'pretrained_cfg': json.dumps(cfg)}") from None
+        else:
+            try:
+                obj = torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
+                obj = torch.load(str(p), map_location="cpu", weights_only=True)
+            cfg = obj.get("pretrained_cfg", {}) if isinstance(obj, dict) else {}
+    except UserError:
+        raise
+    except Exception:  # an unreadable file is reported by read_state_dict, which names the fix
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
 def read_state_dict(path: str | os.PathLike, stage: str = "model") -> dict[str, torch.Tensor]:
     """Read a ``.safetensors`` or ``.pth`` (``weights_only=True``) state dict."""
     p = Path(path)
