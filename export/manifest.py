@@ -1,8 +1,9 @@
 """The release manifest: what was shipped, how it was checked, how fast it is.
 
 ``manifest.json`` holds the sha256 of every artifact, library versions, the
-device signature, accuracy, measured and predicted latency, the parity figures
-and a config hash. It is written only after the parity gate passed;
+device signature, the preprocessing the engine expects (input size, resize, crop,
+interpolation, mean/std, channels, layout, value range, and where each came from),
+accuracy, measured and predicted latency, the parity figures and a config hash. It is written only after the parity gate passed;
 :func:`verify_manifest` re-checks the hashes.
 """
 from __future__ import annotations
@@ -32,10 +33,13 @@ def library_versions() -> dict:
 
 
 def write_manifest(run_dir: str | os.PathLike, artifacts: dict[str, str | os.PathLike], *, parity: dict,
-                   signature: dict, accuracy: dict, latency: dict, config_hash: str, extra: dict | None = None) -> Path:
+                   signature: dict, accuracy: dict, latency: dict, config_hash: str, extra: dict | None = None,
+                   preprocessing: dict | None = None) -> Path:
     """Hash the artifacts and write ``run_dir/manifest.json`` atomically.
 
-    Artifacts are stored relative to ``run_dir`` where they live inside it.
+    Artifacts are stored relative to ``run_dir`` where they live inside it. ``preprocessing`` is
+    :meth:`~vitrim.pipeline.core.preprocessing.Preprocessing.to_dict` of what the model was
+    evaluated with; ``None`` is recorded as such (an ONNX released without a config).
     """
     if not parity.get("passed"):
         raise InternalError("write_manifest called for a model that failed the parity gate")
@@ -56,6 +60,7 @@ def write_manifest(run_dir: str | os.PathLike, artifacts: dict[str, str | os.Pat
         "artifacts": entries,
         "libraries": library_versions(),
         "device_signature": signature,
+        "preprocessing": preprocessing,
         "accuracy": accuracy,
         "latency": latency,
         "parity": parity,

@@ -70,7 +70,7 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
             predicted_ms: Optional[float] = None, warmup: int = 10, repeats: int = 60, name: str = "model",
             extra_artifacts: Optional[dict] = None, manifest_extra: Optional[dict] = None,
             config_hash: Optional[str] = None, calib_data: Optional[Iterable] = None,
-            baseline_top1: Optional[float] = None, log: Callable[[str], None] = print) -> dict:
+            baseline_top1: Optional[float] = None, preprocessing=None, log: Callable[[str], None] = print) -> dict:
     """Export (unless ``onnx_path`` is given), build the engine, gate on parity, time it, write the manifest.
 
     Args:
@@ -83,6 +83,8 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
         baseline_top1: a further gate: the engine's top-1 on the same images must stay within the
             precision's ``max_acc_delta`` of this figure (the fp32 model before a quantization-aware
             recovery changed the weights that ``model`` now holds).
+        preprocessing: the :class:`~vitrim.pipeline.core.preprocessing.Preprocessing` that ``data`` was
+            made with, recorded in the manifest (what the engine expects as input).
 
     Returns:
         ``{"parity", "latency", "manifest", "params", "onnx", "engine"}``.
@@ -221,7 +223,8 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
     manifest = write_manifest(out, artifacts, parity=rep, signature=sig.to_dict(),
                               accuracy={"images": report.images, "reference": ref_desc,
                                         "torch_top1": report.torch_top1, "engine_top1": report.engine_top1},
-                              latency=latency, config_hash=config_hash, extra=info)
+                              latency=latency, config_hash=config_hash, extra=info,
+                              preprocessing=preprocessing.to_dict() if preprocessing is not None else None)
     log(f"[export] manifest {manifest}")
     return {"parity": rep, "latency": latency, "manifest": str(manifest), "params": n_params,
             "onnx": str(onnx_path), "engine": str(engine.path) if engine.path else None}
@@ -230,15 +233,19 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
 def release_from_config(cfg, model, out_dir: str | os.PathLike, test_set, *, plan=None,
                         predicted_ms: Optional[float] = None, onnx_path=None, name: str = "model",
                         calib_set=None, baseline_top1: Optional[float] = None, manifest_extra: Optional[dict] = None,
-                        weights: Optional[Path] = None, log: Callable[[str], None] = print) -> dict:
+                        weights: Optional[Path] = None, preprocessing=None,
+                        log: Callable[[str], None] = print) -> dict:
     """:func:`release` driven by a :class:`~vitrim.pipeline.core.config.RunConfig` and a test dataset.
 
     ``weights`` names the student weights the release was made from when they are not
-    ``out_dir/student.safetensors`` (after an int8 recovery).
+    ``out_dir/student.safetensors`` (after an int8 recovery). ``preprocessing`` is the one the
+    test set was built with (``Splits.preprocessing``); without it, it is resolved from ``cfg``
+    the same way.
     """
     from vitrim.pipeline.core.config import config_hash
     from vitrim.pipeline.core.data import make_loader
 
+    from vitrim.pipeline.core.preprocessing import resolve_preprocessing
     out = Path(out_dir)
     extra = {key: out / fname for key, fname in (("student", "student.safetensors"), ("plan", "plan.json"),
                                                  ("lut", "lut.json")) if (out / fname).is_file()}
@@ -253,4 +260,5 @@ def release_from_config(cfg, model, out_dir: str | os.PathLike, test_set, *, pla
                    repeats=cfg.profile.repeats, name=name, extra_artifacts=extra,
                    manifest_extra={"model": {"macs": plan.macs() if plan is not None else None},
                                    **(manifest_extra or {})},
-                   config_hash=config_hash(cfg), calib_data=calib, baseline_top1=baseline_top1, log=log)
+                   config_hash=config_hash(cfg), calib_data=calib, baseline_top1=baseline_top1,
+                   preprocessing=preprocessing or resolve_preprocessing(cfg.data, cfg.model), log=log)

@@ -21,10 +21,26 @@ def _cfg(args):
 
 
 def _splits(cfg):
-    """The data splits; image folders resolve their transforms from the teacher's config."""
+    """The data splits, and the preprocessing resolved for them printed (one line, with each field's source)."""
     from vitrim.pipeline.core.data import build_splits
 
-    return build_splits(cfg.data, model_cfg=cfg.model)
+    splits = build_splits(cfg.data, model_cfg=cfg.model)
+    print(splits.preprocessing.line())
+    return splits
+
+
+def _expect_teacher(cfg, teacher, splits, acc: float | None = None) -> None:
+    """With ``model.expected_top1`` set: evaluate the teacher on the test split and stop (exit 2) when it
+    falls short, before any search, training or export."""
+    from vitrim.pipeline.core.preprocessing import check_expected_top1
+
+    if cfg.model.expected_top1 is None:
+        return
+    if acc is None:
+        from vitrim.pipeline.core.evaluate import top1
+
+        acc = top1(teacher, splits.test, cfg.data.eval_batch_size, workers=cfg.data.workers)
+    print(check_expected_top1(cfg.model, acc, len(splits.test), splits.preprocessing))
 
 
 def _check_target(cfg):
@@ -50,6 +66,9 @@ def cmd_train_teacher(args) -> int:
     if args.force or not teacher_path(cfg).is_file():
         train_teacher(cfg)  # from scratch, or fine-tuned from model.checkpoint
     else:
+        from vitrim.pipeline.core.preprocessing import resolve_preprocessing
+
+        print(resolve_preprocessing(cfg.data, cfg.model).line())  # what the cached teacher was trained with
         _, info = load_teacher(cfg)
         if "test_top1" in info:
             print(f"[teacher] test top-1 {info['test_top1']:.2f}% (trained in {info.get('train_s', 0):.0f}s)")
@@ -71,6 +90,10 @@ def cmd_eval(args) -> int:
     ds = getattr(splits, args.split)
     acc = top1(model, ds, cfg.data.eval_batch_size)
     print(f"{what}: {args.split} top-1 {acc:.2f}% on {len(ds)} images")
+    if not args.student and args.split == "test":
+        _expect_teacher(cfg, model, splits, acc)
+    elif not args.student and cfg.model.expected_top1 is not None:
+        print(f"(model.expected_top1 is checked on the test split, not on {args.split})")
     return 0
 
 
@@ -144,6 +167,7 @@ def cmd_search(args) -> int:
     _check_target(cfg)
     splits = _splits(cfg)
     teacher, spec, _ = _teacher_and_spec(cfg, splits)
+    _expect_teacher(cfg, teacher, splits)
     lut, _ = stage_profile(cfg, spec)
     out = Path(args.out or cfg.out_dir)
     res = stage_search(cfg, teacher, lut, splits, out)
@@ -162,6 +186,7 @@ def cmd_finetune(args) -> int:
     teacher, _ = load_teacher(cfg, splits, train_if_missing=False)
     student = load_compact(args.student)
     check_plan_matches_teacher(student.plan, teacher, cfg)
+    _expect_teacher(cfg, teacher, splits)
     res = finetune(cfg, teacher, student, student.plan, splits, args.out, resume=args.resume,
                    stop_after=args.stop_after)
     from vitrim.pipeline.core.device import dist_info
@@ -198,6 +223,8 @@ def cmd_export(args) -> int:
                         "pass --student DIR (plan.json + student.safetensors), --teacher, or --onnx FILE")
     _check_target(cfg)
     splits = _splits(cfg)  # image-folder transforms come from the teacher's config
+    if plan is None:  # the config's teacher is the reference: check it against model.expected_top1 first
+        _expect_teacher(cfg, model, splits)
     out.mkdir(parents=True, exist_ok=True)
     if plan is not None:
         for f in ("student.safetensors", "plan.json"):
@@ -215,7 +242,8 @@ def cmd_export(args) -> int:
                 else:
                     copy_into(lut.path, out / "lut.json")
     release_from_config(cfg, model, out, splits.test, plan=plan, predicted_ms=predicted, manifest_extra=note,
-                        onnx_path=Path(args.onnx) if args.onnx else None, name=name, calib_set=splits.val)
+                        onnx_path=Path(args.onnx) if args.onnx else None, name=name, calib_set=splits.val,
+                        preprocessing=splits.preprocessing)
     return 0
 
 

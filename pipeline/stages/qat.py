@@ -131,7 +131,8 @@ def release_student(cfg: RunConfig, teacher: nn.Module, student: nn.Module, plan
 
     out = Path(out_dir)
     rec_dir = out / "int8_recovery"
-    kw = dict(plan=plan, predicted_ms=predicted_ms, name="student", calib_set=splits.val, log=log)
+    kw = dict(plan=plan, predicted_ms=predicted_ms, name="student", calib_set=splits.val, log=log,
+              preprocessing=splits.preprocessing)
     try:
         return release_from_config(cfg, student, out, splits.test, **kw)
     except ParityError as e:

@@ -63,12 +63,11 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
     Target.from_config(cfg.target).check_available()
     device = resolve_device(cfg.device)
     splits = build_splits(cfg.data, model_cfg=cfg.model)
+    prep = splits.preprocessing
+    log(prep.line())
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     for stale in ("summary.json", "report.md"):  # never leave a previous run's verdict beside a failed one
         (out / stale).unlink(missing_ok=True)
-    save_resolved(cfg, out)
-    cache = StageCache(out)
     timings: dict = {}
 
     t0 = time.time()
@@ -79,7 +78,15 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
         teacher_acc = top1(teacher.to(device), splits.test, cfg.data.eval_batch_size, workers=cfg.data.workers)
         teacher.cpu()
     log(f"[teacher] {cfg.model.arch}: test top-1 {teacher_acc:.2f}% ({sum(p.numel() for p in teacher.parameters()) / 1e6:.3f}M params)")
+    from vitrim.pipeline.core.preprocessing import check_expected_top1
+
+    expected = check_expected_top1(cfg.model, teacher_acc, len(splits.test), prep)  # exit 2 before any artifact
+    if expected:
+        log(expected)
     timings["teacher_s"] = round(time.time() - t0, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, out, prep)
+    cache = StageCache(out)
 
     t0 = time.time()
     lut, lut_src = stage_profile(cfg, spec, progress=progress, log=log)
@@ -87,6 +94,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
     timings["profile_s"] = round(time.time() - t0, 1)
 
     data_key = {k: getattr(cfg.data, k) for k in ("name", "root", "val_size", "split_seed", "train_limit", "batch_size")}
+    data_key["preprocessing"] = prep.key()  # other transforms: another search and fine-tune
     t_hash = _weights_key(tinfo.get("source")) or cfg.model.checkpoint or teacher_key(cfg)
     h_search = config_hash({"teacher": t_hash, "lut": lut.signature.key(), "lut_created": lut.meta.get("created"),
                             "search": cfg.search, "data": data_key, "kd": [cfg.finetune.alpha, cfg.finetune.temperature]})
@@ -147,7 +155,8 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
             stale.unlink(missing_ok=True)
         teacher_exp = release_from_config(cfg, teacher, out / "teacher", splits.test, plan=Plan.full(spec),
                                           predicted_ms=lut.predict(Plan.full(spec)),
-                                          name=f"teacher {cfg.model.arch}", calib_set=splits.val, log=log)
+                                          name=f"teacher {cfg.model.arch}", calib_set=splits.val,
+                                          preprocessing=prep, log=log)
         from vitrim.pipeline.stages.qat import release_student  # an int8 engine failing the gate: recovery
 
         student_exp = release_student(cfg, teacher, student, plan, splits, out, predicted_ms=lut.predict(plan),
@@ -158,6 +167,8 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
     same = retime_pair(cfg, out / "teacher" / onnx_name, out / onnx_name, log)
 
     summary = make_summary(cfg, spec, plan, lut, teacher_acc, teacher_exp, student_exp, out, timings)
+    summary["preprocessing"] = prep.to_dict()
+    summary["expected_top1"] = cfg.model.expected_top1
     summary["int8_recovery"] = student_exp.get("int8_recovery")  # None: not needed (or not an int8 target)
     if same is not None:  # the speedup is a ratio measured in one interleaved session
         for key, t in zip(("teacher", "student"), same):
@@ -174,6 +185,27 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
         f"student {summary['student']['measured_ms']:.2f} ms / {summary['student']['top1']:.2f}%  "
         f"(measured speedup {summary['speedup']:.2f}x, {summary['delta_top1']:+.2f} pt); report: {out / 'report.md'}")
     return summary
+
+
+def preprocessing_lines(s: dict) -> list[str]:
+    """The report's preprocessing section (issue 21): what the teacher, the student and the engine expect."""
+    p = s.get("preprocessing")
+    if not p:
+        return []
+    lines = ["## Preprocessing", "",
+             "Every figure above was measured with this input; the engine expects it too (also in `manifest.json`).",
+             "", "| field | value | from |", "|---|---|---|"]
+    for k in ("input_size", "resize", "crop_pct", "crop_mode", "interpolation", "mean", "std", "channels", "layout",
+              "dtype", "value_range"):
+        v = p.get(k)
+        v = "x".join(str(a) for a in v) if k in ("input_size", "resize") and v else v
+        src = p["sources"].get(k, "derived" if k in ("resize", "channels") else "vitrim")
+        lines.append(f"| {k} | `{v}` | {src} |")
+    lines += ["", "Steps: " + "; ".join(p["steps"]) + "."]
+    if s.get("expected_top1") is not None:
+        lines.append(f"The teacher's test top-1 ({s['teacher']['top1']:.2f}%) was checked against "
+                     f"model.expected_top1 = {s['expected_top1']:g}%.")
+    return lines + [""]
 
 
 def recovery_lines(s: dict) -> list[str]:
@@ -280,6 +312,7 @@ def write_report(out: Path, s: dict) -> None:
               f"({100 * (st['predicted_ms'] - st['measured_ms']) / st['measured_ms']:+.1f}%).", "",
               *report_lines(s), "",  # issue 14
               *recovery_lines(s),
+              *preprocessing_lines(s),
               "## Stage times (s)", "", "| " + " | ".join(s["timings"]) + " |",
               "|" + "---:|" * len(s["timings"]), "| " + " | ".join(str(v) for v in s["timings"].values()) + " |", "",
               "Artifacts: `model.onnx`, `model.ort.onnx` (engine), `student.safetensors`, `plan.json`, `lut.json`, "

@@ -22,10 +22,17 @@ from vitrim.pipeline.core.trainer import TrainSpec, train
 
 
 def teacher_key(cfg: RunConfig) -> str:
-    d = cfg.data
-    return config_hash({"model": cfg.model, "teacher": {k: v for k, v in vars(cfg.teacher).items() if k != "cache"},
-                        "data": {"name": d.name, "root": d.root, "val_size": d.val_size, "split_seed": d.split_seed,
-                                 "train_limit": d.train_limit, "batch_size": d.batch_size}})
+    d, m = cfg.data, cfg.model
+    # the weights' identity only (model.expected_top1 is a check, not an input), spelled as the dataclass repr
+    # it replaces so that teachers cached before those keys existed stay valid
+    model = f"ModelConfig(arch={m.arch!r}, kwargs={m.kwargs!r}, checkpoint={m.checkpoint!r}, pretrained={m.pretrained!r})"
+    data = {"name": d.name, "root": d.root, "val_size": d.val_size, "split_seed": d.split_seed,
+            "train_limit": d.train_limit, "batch_size": d.batch_size}
+    transforms = {k: getattr(d, k) for k in ("mean", "std", "interpolation", "crop_pct", "crop_mode")}
+    if any(v is not None for v in transforms.values()):  # a teacher trained under other transforms is another one
+        data["transforms"] = transforms
+    return config_hash({"model": model, "teacher": {k: v for k, v in vars(cfg.teacher).items() if k != "cache"},
+                        "data": data})
 
 
 def teacher_path(cfg: RunConfig) -> Path:
@@ -86,7 +93,9 @@ def train_teacher(cfg: RunConfig, splits: Splits | None = None, log=print) -> tu
 
         fresh = load_weights(model, cfg.model.checkpoint, stage="teacher", allow_new_head=True)
         start = f"from {cfg.model.checkpoint}" + (f" (new head: {', '.join(fresh)})" if fresh else "")
-    splits = splits or build_splits(cfg.data, model=model)
+    if splits is None:
+        splits = build_splits(cfg.data, model=model, model_cfg=cfg.model)
+        log(splits.preprocessing.line())
     n_params = sum(p.numel() for p in model.parameters())
     log(f"[teacher] training {cfg.model.arch} {cfg.model.kwargs} ({n_params / 1e6:.2f}M params) {start} "
         f"for {cfg.teacher.epochs} epochs on {len(splits.train)} images ({device})")

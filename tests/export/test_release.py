@@ -48,6 +48,7 @@ def test_vitrim_export_releases_a_foreign_onnx(foreign):
     assert m["artifacts"]["onnx"]["path"].endswith("theirs.onnx")
     assert (out / "model.ort.onnx").is_file() and m["latency"]["median_ms"] > 0
     assert not (out / "model.onnx").exists()  # nothing re-exported
+    assert m["preprocessing"]["input_size"] == [1, 28, 28] and m["preprocessing"]["mean"] == [0.286]  # issue 21
     assert main(["verify-manifest", str(out)]) == 0
 
 

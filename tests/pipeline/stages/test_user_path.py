@@ -78,6 +78,15 @@ def test_run_end_to_end_on_users_imagefolder(tmp_path, channels):
     assert main(["verify-manifest", str(out)]) == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["speedup"] > 0 and 0 <= s["student"]["top1"] <= 100
+    # issue 21: the preprocessing the engine expects is recorded wherever the results are
+    mean = [0.5] if channels == 1 else [0.5, 0.5, 0.5]  # vit_tiny's timm defaults (averaged for one channel)
+    for prep in (m["preprocessing"], json.loads((out / "teacher" / "manifest.json").read_text())["preprocessing"],
+                 yaml.safe_load((out / "resolved_config.yaml").read_text())["preprocessing"]):
+        assert prep["input_size"] == [channels, 32, 32] and prep["mean"] == mean and prep["crop_pct"] == 0.9
+        assert prep["channels"] == ("L" if channels == 1 else "RGB") and prep["resize"] == [35, 35]
+        assert prep["sources"]["crop_pct"] == "timm default for vit_tiny_patch16_224"
+    assert "## Preprocessing" in (out / "report.md").read_text()
+    assert "| crop_pct | `0.9` | timm default for vit_tiny_patch16_224 |" in (out / "report.md").read_text()
 
 
 def test_transforms_come_from_the_teacher_and_config(tmp_path):
@@ -97,6 +106,122 @@ def test_transforms_come_from_the_teacher_and_config(tmp_path):
     # without overrides: the pretrained config's RGB statistics, averaged for a 1-channel teacher
     d0 = resolve_transform_config(load_config(write_config(tmp_path, root, 1)).data, m)
     assert len(d0["mean"]) == 1 and d0["input_size"] == (1, 32, 32)
+
+
+SIDES = ("bottom", "left", "right", "top")  # the classes, in ImageFolder's (sorted) order
+BORDER_KW = dict(img_size=32, patch_size=4, num_classes=4, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def write_border_folder(root: Path, n_train: int = 40, n_val: int = 10, seed: int = 0) -> Path:
+    """32x32 RGB noise with a bright 1-pixel line on one border; the side is the class.
+
+    timm's default eval transform (resize to 35, centre crop 32) cuts every border line away.
+    """
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c, side in enumerate(SIDES):
+            d = root / split / side
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                a = rng.integers(0, 150, (32, 32, 3), dtype=np.uint8)
+                {"top": a[0], "bottom": a[-1], "left": a[:, 0], "right": a[:, -1]}[side][...] = 255
+                Image.fromarray(a).save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def users_checkpoint(tmp_path_factory):
+    """The user's own loop, outside vitrim: ImageNet mean/std, no resize or crop, a tiny ViT trained at 32x32.
+
+    Returns (images root, folder holding my_vit.safetensors + timm's config.json, the loop's test top-1).
+    """
+    from timm.models._hub import save_config_for_hf
+    from torchvision import transforms as T
+    from torchvision.datasets import ImageFolder
+
+    d = tmp_path_factory.mktemp("user")
+    root = write_border_folder(d / "imgs")
+    tf = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    train = ImageFolder(str(root / "train"), transform=tf)
+    x = torch.stack([train[i][0] for i in range(len(train))])
+    y = torch.tensor(train.targets)
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", **BORDER_KW)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        idx = torch.randint(0, len(x), (32,), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for xb, yb in torch.utils.data.DataLoader(ImageFolder(str(root / "val"), transform=tf), batch_size=7):
+            correct += int((model(xb).argmax(1) == yb).sum())
+            total += len(yb)
+    ckpt_dir = d / "ckpt"
+    ckpt_dir.mkdir()
+    save_weights(model, ckpt_dir / "my_vit.safetensors")
+    save_config_for_hf(model, str(ckpt_dir / "config.json"),
+                       data_config=dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=1.0))
+    return root, ckpt_dir, 100.0 * correct / total
+
+
+def _border_config(tmp_path: Path, root: Path, ckpt: Path, *sets: str) -> list[str]:
+    cfg = {"name": "user", "out_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"),
+           "data": {"name": "imagefolder", "root": str(root), "val_size": 8, "batch_size": 8, "eval_batch_size": 16},
+           "model": {"arch": "vit_tiny_patch16_224", "kwargs": BORDER_KW, "checkpoint": str(ckpt)},
+           "target": {"batch": 4, "threads": 1}, "profile": dict(TINY_PCFG, embed_points=1)}
+    path = tmp_path / "user.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return [str(path)] + [a for s in sets for a in ("--set", s)]
+
+
+def _eval_top1(capsys, args: list[str]) -> tuple[str, str]:
+    assert main(["eval", *args]) == 0
+    out = capsys.readouterr().out
+    return out.split("test top-1 ")[1].split("%")[0], out
+
+
+def test_eval_reproduces_the_users_own_loop_from_the_checkpoints_config_json(users_checkpoint, tmp_path, capsys):
+    root, ckpt_dir, own = users_checkpoint
+    assert own >= 90  # the loop learned the border lines: the comparison below has room to fail
+    got, out = _eval_top1(capsys, _border_config(tmp_path, root, ckpt_dir / "my_vit.safetensors"))
+    assert got == f"{own:.2f}", out  # the same number, not a close one: the same tensors
+    line = next(ln for ln in out.splitlines() if ln.startswith("preprocessing:"))
+    assert "crop 1.0 (center)" in line and "(0.485, 0.456, 0.406)" in line and "config.json" in line
+    # the same checkpoint without its config.json: timm's defaults for the architecture (the issue's bug)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "my_vit.safetensors").write_bytes((ckpt_dir / "my_vit.safetensors").read_bytes())
+    got, out = _eval_top1(capsys, _border_config(tmp_path, root, bare / "my_vit.safetensors"))
+    assert float(got) <= own - 30 and "crop 0.9 (center)" in out
+    # or the user says it with data.* keys
+    got, _ = _eval_top1(capsys, _border_config(tmp_path, root, bare / "my_vit.safetensors", "data.crop_pct=1.0",
+                                               f"data.mean={list(IMAGENET_MEAN)}", f"data.std={list(IMAGENET_STD)}"))
+    assert got == f"{own:.2f}"
+
+
+def test_expected_top1_mismatch_stops_run_before_any_artifact(users_checkpoint, tmp_path, capsys):
+    root, ckpt_dir, own = users_checkpoint
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "my_vit.safetensors").write_bytes((ckpt_dir / "my_vit.safetensors").read_bytes())
+    args = _border_config(tmp_path, root, bare / "my_vit.safetensors", f"model.expected_top1={own}")
+    assert main(["run", *args]) == 2
+    err = capsys.readouterr().err
+    assert f"below model.expected_top1={own:g}" in err and "crop 0.9 (center)" in err
+    for key in ("data.crop_pct", "data.mean", "data.std", "data.interpolation", "config.json"):
+        assert key in err, key
+    assert not (tmp_path / "run").exists()  # no resolved config, no stages.json, no LUT copy
+    assert not any((tmp_path / "cache").glob("lut-*"))  # nothing measured either
+    # the checkpoint with its config.json meets the expectation
+    args = _border_config(tmp_path, root, ckpt_dir / "my_vit.safetensors", f"model.expected_top1={own}")
+    _, out = _eval_top1(capsys, args)
+    assert f"within 1 pt of model.expected_top1={own:g}" in out
 
 
 def _cli(args, cwd):
