@@ -244,8 +244,8 @@ def release_from_config(cfg, model, out_dir: str | os.PathLike, test_set, *, pla
     """
     from vitrim.pipeline.core.config import config_hash
     from vitrim.pipeline.core.data import make_loader
-
     from vitrim.pipeline.core.preprocessing import resolve_preprocessing
+
     out = Path(out_dir)
     extra = {key: out / fname for key, fname in (("student", "student.safetensors"), ("plan", "plan.json"),
                                                  ("lut", "lut.json")) if (out / fname).is_file()}
