@@ -331,14 +331,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise UserError("config", f"{p} is not valid YAML: {e}", "fix the syntax at the line shown") from None
+    if isinstance(data, dict) and isinstance(data.get("preprocessing"), dict):
+        data.pop("preprocessing")  # the record in a resolved config (save_resolved); data.* carry its values
     file_budgets = _budgets_in(data)
     if len(file_budgets) > 1:
         raise UserError("config", f"{source}: sets {len(file_budgets)} budgets at once "
                         f"({' and '.join('search.' + k for k in file_budgets)})",
                         "keep exactly one of search.budget_ms, budget_fraction, flops_fraction, params_fraction")
     layer: dict = {}
-    if isinstance(data, dict) and isinstance(data.get("preprocessing"), dict):
-        data.pop("preprocessing")  # the record in a resolved config (save_resolved); data.* carry its values
     for item in overrides or []:
         _apply_override(layer, item)
     set_budgets = _budgets_in(layer)
@@ -418,12 +418,6 @@ def validate_config(cfg: RunConfig, source: str = "<config>") -> None:
             "hamming, lanczos)")
     if cfg.data.crop_pct is not None and not 0 < cfg.data.crop_pct <= 1:
         bad("data.crop_pct", f"is {cfg.data.crop_pct}", "use a fraction in (0, 1]")
-    if cfg.target.backend not in ("ort-cpu", "tensorrt", "torch-cpu", "torch-cuda"):
-        bad("target.backend", f"is '{cfg.target.backend}'", "use ort-cpu, tensorrt, torch-cpu or torch-cuda")
-    allowed = PRECISIONS.get(cfg.target.backend, ("fp32",))
-    if cfg.target.precision not in allowed:
-        bad("target.precision", f"is '{cfg.target.precision}', which {cfg.target.backend} does not offer",
-            f"use one of {', '.join(allowed)} for {cfg.target.backend}")
     if cfg.data.crop_mode not in (None, "center", "squash", "border"):
         bad("data.crop_mode", f"is '{cfg.data.crop_mode}'", "use center, squash or border")
     if cfg.data.name == "fmnist":
@@ -436,6 +430,12 @@ def validate_config(cfg: RunConfig, source: str = "<config>") -> None:
         bad("model.expected_top1", f"is {e}", "give the teacher's top-1 in percent, e.g. 96.7")
     if not cfg.model.expected_top1_tolerance >= 0:
         bad("model.expected_top1_tolerance", f"is {cfg.model.expected_top1_tolerance}", "use points >= 0, e.g. 1.0")
+    if cfg.target.backend not in ("ort-cpu", "tensorrt", "torch-cpu", "torch-cuda"):
+        bad("target.backend", f"is '{cfg.target.backend}'", "use ort-cpu, tensorrt, torch-cpu or torch-cuda")
+    allowed = PRECISIONS.get(cfg.target.backend, ("fp32",))
+    if cfg.target.precision not in allowed:
+        bad("target.precision", f"is '{cfg.target.precision}', which {cfg.target.backend} does not offer",
+            f"use one of {', '.join(allowed)} for {cfg.target.backend}")
     q = cfg.target.quant
     if q.mode not in ("static", "dynamic"):
         bad("target.quant.mode", f"is '{q.mode}'", "use static or dynamic")
@@ -494,9 +494,6 @@ def save_resolved(cfg: RunConfig, out_dir: str | os.PathLike, preprocessing: Any
     """
     from vitrim.pipeline.core.io import atomic_write_text
 
-    path = Path(out_dir) / "resolved_config.yaml"
-    atomic_write_text(path, text + yaml.safe_dump(d, sort_keys=False))
-    return path
     d = config_to_dict(cfg)
     text = ""
     if preprocessing is not None:
@@ -506,3 +503,6 @@ def save_resolved(cfg: RunConfig, out_dir: str | os.PathLike, preprocessing: Any
                               for k in ("mean", "std", "interpolation", "crop_pct", "crop_mode")})
         d["preprocessing"] = preprocessing.to_dict()
         text = RESOLVED_HEADER
+    path = Path(out_dir) / "resolved_config.yaml"
+    atomic_write_text(path, text + yaml.safe_dump(d, sort_keys=False))
+    return path
