@@ -86,13 +86,24 @@ class TokenMerge(nn.Module):
     dominate: an asymmetric, data-dependent weighting in the spirit of CAIT's
     ATME (which weights neighbours by importance) rather than ToMe's bipartite
     matching. Shapes never depend on the data, so the ONNX graph is
-    Slice/Pad/Reshape/Transpose/ReduceMean/Softmax/Mul/ReduceSum/Concat with no
-    Scatter, TopK or data-dependent shapes (pinned by a test), and TensorRT gets
-    the same graph.
+    Slice/Pad/Reshape/Transpose, elementwise ops (Abs/Clip/Div/Mul/Sqrt/Add),
+    ReduceMax/ReduceMean/ReduceSum, Softmax and Concat, with no Scatter, TopK or
+    data-dependent shapes (pinned by a test), and TensorRT gets the same graph.
 
     ``gate`` (the search's embedding gate, set by :class:`CompactViT`): the rms is
     taken over the kept channels only, so a gated full-size model merges exactly
     like the sliced one.
+
+    Numerics: the rms is computed as ``m * sqrt(mean((t / m)**2))`` with
+    ``m = max|t|`` over the (kept) channels, the same number as
+    ``sqrt(mean(t**2))`` in fp32 (to rounding) but with no intermediate above
+    ``max|t|``. The plain mean of squares overflows fp16 (max 65504) at any
+    ``|t| > 255``: one residual channel at 300 gave inf, then NaN, in TensorRT
+    fp16 engines and torch fp16 targets (``model.half()``; under fp16 autocast
+    the residual stream stays fp32). The form needs no upcast, which an fp32
+    export would not even record (``x.float()`` on an fp32 tensor exports no
+    Cast), so the fp16 ONNX that TensorRT builds from is safe for any finite
+    activation.
     """
 
     def __init__(self, grid: tuple[int, int], kind: str, num_prefix: int):
@@ -112,6 +123,25 @@ class TokenMerge(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.kind}: {self.grid[0]}x{self.grid[1]} -> {self.out_grid[0]}x{self.out_grid[1]}"
 
+    def _rms(self, t: torch.Tensor) -> torch.Tensor:
+        """Root-mean-square of ``t`` over its (kept) channels, with no intermediate above ``max|t|``.
+
+        ``(t / m)**2 <= 1``, so nothing overflows in fp16. The channel at ``max|t|``
+        gives ``t / m == ±1`` exactly, so the mean of squares is at least ``1/E``
+        (for gates in [0, 1]) and flooring it there changes no token; the floor
+        only keeps ``sqrt`` differentiable at all-zero tokens (the pad slots).
+        ``m``'s floor 2**-14 (the smallest normal fp16, exact in every float
+        dtype, and no subnormal that a flush-to-zero kernel would zero) keeps an
+        all-zero token from dividing 0 by 0; a token whose ``max|t|`` is below it
+        gets an rms off by less than 2**-14, a negligible shift of a softmax logit.
+        """
+        a = t.abs() if self.gate is None else t.abs() * self.gate
+        m = a.amax(-1, keepdim=True).clamp_min(2.0 ** -14)
+        r = t / m
+        sq = r * r if self.gate is None else r * r * self.gate
+        ms = sq.mean(-1) if self.gate is None else sq.sum(-1) / self.gate.sum()
+        return m.squeeze(-1) * torch.sqrt(ms.clamp_min(1.0 / t.shape[-1]))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, _, E = x.shape
         P, (h, w), (sh, sw), (oh, ow) = self.num_prefix, self.grid, self.window, self.out_grid
@@ -119,9 +149,7 @@ class TokenMerge(nn.Module):
         if self.pad[0] or self.pad[1]:
             t = F.pad(t, (0, 0, 0, self.pad[1], 0, self.pad[0]))
         t = t.reshape(B, oh, sh, ow, sw, E).permute(0, 1, 3, 2, 4, 5).reshape(B, oh * ow, sh * sw, E)
-        sq = t * t if self.gate is None else t * t * self.gate
-        ms = sq.mean(-1) if self.gate is None else sq.sum(-1) / self.gate.sum()
-        wgt = torch.softmax(torch.sqrt(ms + 1e-12) + self.pad_bias, dim=-1)
+        wgt = torch.softmax(self._rms(t) + self.pad_bias, dim=-1)
         t = (t * wgt.unsqueeze(-1)).sum(2)
         return torch.cat([x[:, :P], t], dim=1) if P else t
 

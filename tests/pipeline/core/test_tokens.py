@@ -151,3 +151,46 @@ def test_compact_refuses_impossible_merges():
     m = CompactViT(Plan.full(spec_of(**dict(TINY_KW, img_size=14))))  # a 2x2 grid
     with pytest.raises(UserError, match="impossible"):
         m.set_token_merges({0: "hw", 1: "h"})
+
+
+def _merge_f64(m: TokenMerge, x: torch.Tensor) -> torch.Tensor:
+    """The merge's definition in float64: softmax(sqrt(mean(t**2))) weights over each window, pad slots excluded."""
+    P, (h, w), (sh, sw), (oh, ow) = m.num_prefix, m.grid, m.window, m.out_grid
+    x = x.double()
+    B, _, E = x.shape
+    t = torch.nn.functional.pad(x[:, P:].reshape(B, h, w, E), (0, 0, 0, m.pad[1], 0, m.pad[0]))
+    t = t.reshape(B, oh, sh, ow, sw, E).permute(0, 1, 3, 2, 4, 5).reshape(B, oh * ow, sh * sw, E)
+    wgt = torch.softmax(t.pow(2).mean(-1).sqrt() + m.pad_bias.double(), dim=-1)
+    return torch.cat([x[:, :P], (t * wgt.unsqueeze(-1)).sum(2)], dim=1)
+
+
+@pytest.mark.parametrize("scale", [1.0, 300.0, 3e4, 6e4])
+def test_merge_is_finite_and_accurate_in_fp16_for_any_finite_activation(scale):
+    """Issue 21: the rms squared activations in the graph's dtype, so one channel above 255 overflowed fp16
+    (300**2 > 65504): inf, then NaN in TensorRT fp16 engines and torch fp16 targets."""
+    g = torch.Generator().manual_seed(0)
+    m = TokenMerge((5, 5), "hw", 1)  # odd grid: pad slots (all-zero tokens) too
+    x = torch.randn(2, 26, 32, generator=g)
+    x[..., 7] = scale * (1 + 0.01 * torch.randn(2, 26, generator=g))  # one large residual channel
+    x[:, 3] = 0.0  # an all-zero token
+    x = x.half().float()  # exactly representable in fp16, so both runs see the same input
+    y16 = TokenMerge((5, 5), "hw", 1).half()(x.half())  # as in a model.half(): its pad_bias in fp16 too
+    assert y16.dtype == torch.float16 and torch.isfinite(y16).all()
+    want = _merge_f64(m, x)
+    # within 4 fp16 ulps of max|x| (measured <= 8e-4 over seeds and scales); fp32 to rounding (measured <= 6e-7)
+    assert (y16.double() - want).abs().max() <= 4e-3 * x.abs().max()
+    assert (m(x).double() - want).abs().max() <= 1e-5 * x.abs().max()
+
+
+def test_merge_gradient_is_finite_at_pad_slots_and_zero_tokens():
+    """The rms's floors keep sqrt differentiable where a token is all zero (pad slots, dead tokens); elsewhere the
+    gradient is the definition's (the max-abs rescaling cancels)."""
+    g = torch.Generator().manual_seed(0)
+    m = TokenMerge((5, 5), "hw", 0)  # 3x3 windows of 2x2 with pad slots along the last row and column
+    x = torch.randn(2, 25, 16, dtype=torch.float64, generator=g)
+    x[:, 0] = 0.0
+    x.requires_grad_(True)
+    m(x).pow(2).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    x = torch.randn(1, 25, 4, dtype=torch.float64, generator=g).requires_grad_(True)
+    assert torch.autograd.gradcheck(m, (x,))
