@@ -15,6 +15,7 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -100,20 +101,43 @@ def _simplify(path: Path) -> None:
     onnx.save(model, str(path))
 
 
+FP16_MAX = 65504.0  # the largest finite float16
+
+
 def to_fp16(src: str | os.PathLike, dst: str | os.PathLike, keep_io_types: bool = True) -> Path:
     """Convert an fp32 ONNX to fp16 (weights and compute), fp32 inputs/outputs kept.
 
     TensorRT 11 removed weak typing (no ``BuilderFlag.FP16``), so an fp16 engine
-    is built from an fp16 ONNX. ORT-CPU runs it too (slowly), which is how the
-    fp16 tolerances are checked without a GPU.
+    is built from an fp16 ONNX. ORT-CPU runs it too, but computes most of it in
+    fp32 (it inserts Casts around every op without an fp16 CPU kernel), so the
+    fp16 tests also run it op by op in fp16 with ``onnx.reference``.
+
+    onnxconverter-common clamps weights above ``max_finite_val`` (default 1e4)
+    to it, silently changing the model; vitrim passes fp16's own maximum, so a
+    representable weight is only rounded, and refuses weights beyond it.
+
+    Raises:
+        UserError: a weight or constant exceeds fp16's range.
     """
     import onnx
+    from onnx import numpy_helper
     from onnxconverter_common import float16
 
     model = onnx.load(str(src))
+    consts = list(model.graph.initializer) + [a.t for n in model.graph.node if n.op_type == "Constant"
+                                              for a in n.attribute if a.name == "value"]
+    for t in consts:
+        if t.data_type != onnx.TensorProto.FLOAT:
+            continue
+        a = numpy_helper.to_array(t)
+        a = np.abs(a[np.isfinite(a)])  # +-inf (masks) converts to fp16's inf unchanged
+        if a.size and float(a.max()) > FP16_MAX:
+            raise UserError("export", f"'{src}': weight '{t.name}' reaches {float(a.max()):.4g}, beyond fp16's "
+                            f"range (±{FP16_MAX:g}); the converter would clamp it, changing the model",
+                            "use target.precision=fp32 (or int8), or rescale that layer before exporting")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        half = float16.convert_float_to_float16(model, keep_io_types=keep_io_types)
+        half = float16.convert_float_to_float16(model, keep_io_types=keep_io_types, max_finite_val=FP16_MAX)
     dst = Path(dst)
     with atomic_path(dst) as tmp:
         onnx.save(half, str(tmp))
