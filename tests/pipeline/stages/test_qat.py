@@ -45,42 +45,79 @@ def test_fake_quant_wraps_every_linear_and_unwraps_exactly(trained):
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
 
-def test_int8_gate_failure_runs_recovery_and_regates(trained, fmnist_dir, tmp_path):
+def _plant_activation_outliers(student, k: float = 300.0) -> None:
+    """Scale channel 0 of every block's MLP input by ``k`` and its fc1 weights by ``1/k``: the fp32 network
+    computes the same function, but a per-tensor int8 activation range is now set by that one channel, so
+    the other channels are left a few int8 levels (the outlier channels of SmoothQuant, LLM.int8())."""
+    with torch.no_grad():
+        for blk in student.blocks:
+            blk.norm2.weight[0] *= k
+            blk.norm2.bias[0] *= k
+            blk.mlp.fc1.weight[:, 0] /= k
+
+
+def _int8_fit(onnx_path, x: torch.Tensor, ref: torch.Tensor) -> dict:
+    """An int8 ONNX model's top-1 agreement with, and KL to, the reference logits on ``x`` (ORT, 1 thread)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    s = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    e = torch.from_numpy(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0])
+    kl = torch.nn.functional.kl_div(e.log_softmax(1), ref.log_softmax(1), reduction="batchmean", log_target=True)
+    return {"agree": float((e.argmax(1) == ref.argmax(1)).float().mean()), "kl": float(kl)}
+
+
+def test_int8_gate_failure_runs_recovery_that_repairs_the_engine(trained, fmnist_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
     from vitrim.export.parity import ParityError
     from vitrim.pipeline.stages.qat import release_student
 
     d, teacher, splits = trained
-    # per-channel MatMul+Gemm int8 on this tiny model agrees with fp32 on ~89-95% of images: below the gate
-    cfg = tiny_cfg(d, fmnist_dir, "target.quant.op_types=[MatMul, Gemm]", "target.quant.per_channel=true",
-                   "export.min_top1_agreement_int8=0.985", "export.int8_recovery_steps=30",
-                   "export.int8_recovery_lr=3e-4")
     student, _ = full_size_compact(teacher)
+    _plant_activation_outliers(student)
+    x = splits.test[list(range(len(splits.test)))][0]
+    with torch.no_grad():
+        ref = teacher.eval()(x)  # what the student computed before recovery: the gate's first reference
+        assert torch.allclose(student.eval()(x), ref, atol=1e-4, rtol=0)  # the planting is exact in fp32
+    orig = {k: v.clone() for k, v in student.state_dict().items()}  # recovery trains the student in place
+    cfg = tiny_cfg(d, fmnist_dir, "export.int8_recovery_steps=30", "export.int8_recovery_lr=3e-4")
     out = tmp_path / "rel"
     logs = []
+
+    def log(m: str) -> None:
+        logs.append(m)
+        if "[int8-recovery] the int8 engine failed the gate" in m:  # keep the failing engine for the comparison
+            shutil.copy(out / "model.int8.onnx", tmp_path / "before.int8.onnx")
+
     try:
-        res = release_student(cfg, teacher, student, student.plan, splits, out, log=logs.append)
+        res, err = release_student(cfg, teacher, student, student.plan, splits, out, log=log), None
     except ParityError as e:
         res, err = None, e
-    assert any("[int8-recovery] the int8 engine failed the gate" in m for m in logs), logs
-    # the recovered weights are written beside the run and differ from the fine-tuned ones
-    from safetensors.torch import load_file
-
+    assert (tmp_path / "before.int8.onnx").is_file(), logs  # the first gate failed and recovery ran
+    before = _int8_fit(tmp_path / "before.int8.onnx", x, ref)
+    after = _int8_fit(out / "model.int8.onnx", x, ref)
+    # recovery was needed (measured: agreement 61%, KL 0.078) and did its job: the re-quantized engine of the
+    # recovered weights is far closer to the model the user validated (measured: 93%, KL 0.008); a recovery
+    # that changes nothing, or re-quantizes the old weights, leaves both figures where they were
+    assert before["agree"] < 0.8, before
+    assert after["agree"] > before["agree"] + 0.15 and after["kl"] < 0.3 * before["kl"], (before, after)
+    print("int8 engine against the fp32 student before recovery:", before, "after:", after)
     rec = load_file(str(out / "int8_recovery" / "student.safetensors"))
-    orig = full_size_compact(teacher)[0].state_dict()
     assert any(not torch.equal(rec[k], orig[k]) for k in rec if k.endswith("qkv.weight"))
     assert not (out / "int8_recovery" / "checkpoint.pt").exists()
-    if res is None:
-        # On this 2-epoch tiny model (~50% top-1, thin logit margins) 30 steps do not lift the agreement
-        # above the gate; the re-gate must then refuse, naming both gates and the recovery, with no manifest.
+    if err is not None:
+        # the re-gate compares the engine with the recovered fp32 weights, which QAT moves; when it refuses,
+        # it names both gates and the recovery, and writes no manifest
         msg = str(err)
-        assert "against the fp32 model before recovery" in msg and "int8-recovery steps" in msg
-        assert not (out / "manifest.json").exists()
+        assert "int8-recovery steps" in msg and not (out / "manifest.json").exists()
         return
     m = json.loads((out / "manifest.json").read_text())
-    before, after = m["int8_recovery"]["before"], res["parity"]
-    assert before["top1_agreement"] < 0.985 <= after["top1_agreement"]
-    assert abs(after["engine_top1"] - before["torch_top1"]) <= cfg.export.max_acc_delta_int8
-    assert after["baseline_top1"] == before["torch_top1"]
+    assert m["int8_recovery"]["before"]["top1_agreement"] < 0.8
+    assert res["parity"]["baseline_top1"] == m["int8_recovery"]["before"]["torch_top1"]
     assert m["artifacts"]["student"]["path"].endswith("int8_recovery/student.safetensors")
 
 
