@@ -190,6 +190,7 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
                           rep)
     log(f"[export] parity passed against {ref_desc}: top-1 agreement {100 * report.top1_agreement:.2f}% over "
         f"{report.images} images, max |diff| {max(s['max_absdiff'] for s in report.outputs.values()):.2e}, "
+        f"relative L2 error {max(s['max_rel_l2'] for s in report.outputs.values()):.2e} (<= {tol.max_rel_l2:g}), "
         f"top-1 reference {report.torch_top1:.2f}% / engine {report.engine_top1:.2f}%")
     if report.vs_second:
         v = report.vs_second
