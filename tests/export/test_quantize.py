@@ -1,13 +1,14 @@
 """INT8 as a target precision: export, the int8 gate, calibration, the int8 LUT and its signature."""
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 
-from vitrim.export.parity import ParityError
+from vitrim.export.parity import ParityError, Tolerances
 from vitrim.export.release import release
 from vitrim.export.target import Target
-from vitrim.pipeline.core.config import ProfileConfig, QuantConfig
+from vitrim.pipeline.core.config import ExportConfig, ProfileConfig, QuantConfig
 from vitrim.pipeline.core.data import make_loader
 from vitrim.pipeline.core.errors import UserError
 from vitrim.pipeline.core.slicing import full_size_compact
@@ -21,19 +22,28 @@ def trained(int8_teacher):
     return student, splits
 
 
-def _release(out, student, splits, calib, **quant):
+# At 384 test images one image is 0.26 pt, and the CPU's int8 kernels (AVX2, AVX-512 VNNI, AMX) decide which of
+# the tiny model's near-ties flip: the top-1 checks get room for a few images here, so no CPU decides a verdict.
+# What these tests pin is the mechanism: the int8 release computes its error statistics and enforces each of them.
+ROOMY = dict(max_acc_delta_int8=2.0, min_top1_agreement_int8=0.95)
+
+
+def _release(out, student, splits, calib, export_cfg=None, **quant):
     t = Target(precision="int8", batch=32, threads=1, quant=QuantConfig(**quant))
     return release(out, t, make_loader(splits.test, 32), model=student, warmup=1, repeats=5, calib_data=calib,
-                   log=lambda m: None)
+                   export_cfg=export_cfg or ExportConfig(**ROOMY), log=lambda m: None)
 
 
-def test_int8_static_release_passes_the_int8_gate(trained, tmp_path):
+def test_int8_static_release_computes_and_enforces_its_statistics(trained, tmp_path):
     student, splits = trained
     r = _release(tmp_path / "s", student, splits, make_loader(splits.val, 32), calib_images=128)
-    p = r["parity"]
-    assert p["passed"] and p["precision"] == "int8" and p["images"] == 384
-    assert 0 < p["outputs"]["logits"]["max_absdiff"] < 1.0  # it really ran quantized, within the int8 atol
-    assert p["vs_second"]["reference"] == "fp32 engine" and p["vs_second"]["top1_agreement"] >= 0.97
+    p, o = r["parity"], r["parity"]["outputs"]["logits"]
+    tol = Tolerances.for_precision(ExportConfig(**ROOMY), "int8")
+    assert p["passed"] and p["precision"] == "int8" and p["images"] == 384 and p["tolerances"] == asdict(tol)
+    assert o["elements"] == 3840 and o["batches"] == 12 and o["nonfinite_engine"] == 0 and o["mismatched"] == 0
+    # it really ran quantized (non-zero error), and the figures the gate enforced are recorded
+    assert 0 < o["max_rel_l2"] <= tol.max_rel_l2 and 0 < o["max_over_allowed"] <= 1.0 and o["max_absdiff"] > 0
+    assert p["vs_second"]["reference"] == "fp32 engine" and p["vs_second"]["engine_top1"] == p["engine_top1"]
     m = json.loads((tmp_path / "s" / "manifest.json").read_text())
     q = m["quantization"]
     assert q["mode"] == "static" and q["calib_images"] == 128 and len(q["calib_sha256"]) == 64
@@ -43,19 +53,40 @@ def test_int8_static_release_passes_the_int8_gate(trained, tmp_path):
 
     ops = {n.op_type for n in onnx.load(str(tmp_path / "s" / "model.int8.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    # each statistic is enforced: the same release with that tolerance just below the figure it measured fails,
+    # naming that check alone, and writes no manifest (the int8 model and its outputs are deterministic)
+    k = 0.8 * o["max_over_allowed"]
+    for name, cfg in (("relative L2 error", ExportConfig(**ROOMY, max_rel_l2_int8=0.8 * o["max_rel_l2"])),
+                      ("elementwise", ExportConfig(**ROOMY, atol_int8=k * tol.atol, rtol_int8=k * tol.rtol))):
+        with pytest.raises(ParityError) as e:
+            _release(tmp_path / "tight", student, splits, make_loader(splits.val, 32), cfg, calib_images=128)
+        assert len(e.value.report["failures"]) == 1 and name in e.value.report["failures"][0], e.value.report
+        assert not (tmp_path / "tight" / "manifest.json").exists()
     # dynamic int8: no calibration, weights quantized
     r = _release(tmp_path / "d", student, splits, None, mode="dynamic")
     assert r["parity"]["passed"] and "calib_sha256" not in json.loads((tmp_path / "d" / "manifest.json").read_text())["quantization"]
 
 
-def test_broken_calibration_fails_the_gate_naming_the_statistic(trained, tmp_path):
+def test_broken_int8_engine_fails_the_int8_release_naming_the_check(trained, tmp_path):
+    """A sign flip on the logits, quantized by the release with real calibration images, fails the int8 gate.
+
+    (A calibration on blank images is not a broken engine: LayerNorm re-normalises every MatMul input, and on
+    this model it measured a relative L2 error of 0.04 with 99% top-1 agreement, a pass.)
+    """
+    from vitrim.export.onnx import export_onnx
+    from tests.export.test_parity import append_to_output
+
     student, splits = trained
-    zeros = [(np.zeros((32, 1, 28, 28), np.float32), np.zeros(32, np.int64))] * 4
-    with pytest.raises(ParityError, match="top-1 agreement|max_absdiff"):
-        _release(tmp_path / "z", student, splits, zeros, calib_images=128)
-    assert not (tmp_path / "z" / "manifest.json").exists()
-    rep = json.loads((tmp_path / "z" / "parity.json").read_text())
-    assert not rep["passed"] and rep["failures"]
+    flipped = append_to_output(export_onnx(student, tmp_path / "m.onnx", (1, 28, 28)), tmp_path / "neg.onnx", "Neg")
+    t = Target(precision="int8", batch=32, threads=1, quant=QuantConfig(calib_images=128))
+    with pytest.raises(ParityError, match="relative L2 error") as e:
+        release(tmp_path / "b", t, make_loader(splits.test, 32), model=student, onnx_path=flipped, warmup=1,
+                repeats=5, calib_data=make_loader(splits.val, 32), export_cfg=ExportConfig(**ROOMY),
+                log=lambda m: None)
+    assert e.value.report["outputs"]["logits"]["max_rel_l2"] > 1.5  # ||-e - r|| / ||r|| ~ 2, far above 0.3
+    assert not (tmp_path / "b" / "manifest.json").exists()
+    rep = json.loads((tmp_path / "b" / "parity.json").read_text())
+    assert not rep["passed"] and rep["precision"] == "int8" and (tmp_path / "b" / "model.int8.onnx").is_file()
 
 
 def test_static_int8_without_calibration_is_refused(trained, tmp_path):
