@@ -169,8 +169,46 @@ class OrtCpuRunner(Runner):
         return (time.perf_counter() - t) * 1e3
 
 
+class tf32_off:
+    """Context manager: fp32 matmuls and convolutions in full fp32 on CUDA (TF32 off), the caller's flags restored.
+
+    cuDNN allows TF32 by default, so a "fp32" torch reference on an Ampere+ GPU
+    would carry ~1e-3 relative error against a true-fp32 engine checked at atol
+    1e-4. The flags are process-global; only CUDA kernels read them, so setting
+    them on a CPU-only machine is harmless. torch >= 2.9 has a second TF32 API
+    (``fp32_precision``) and refuses to read the legacy flags once the two
+    disagree, so the flags are saved and restored through whichever API the
+    current state can be read with.
+    """
+
+    def __enter__(self) -> "tf32_off":
+        import torch
+
+        b = torch.backends
+        try:  # the legacy API, readable unless the caller set TF32 through the new one
+            self._saved = ("legacy", torch.get_float32_matmul_precision(), b.cudnn.allow_tf32)
+            torch.set_float32_matmul_precision("highest")
+            b.cudnn.allow_tf32 = False
+        except RuntimeError:  # torch >= 2.9 with the new API in use: stay on it
+            knobs = [b.cuda.matmul, b.cudnn.conv, b.cudnn.rnn]
+            self._saved = ("new", knobs, [k.fp32_precision for k in knobs])
+            for k in knobs:
+                k.fp32_precision = "ieee"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        if self._saved[0] == "legacy":
+            torch.set_float32_matmul_precision(self._saved[1])
+            torch.backends.cudnn.allow_tf32 = self._saved[2]
+        else:
+            for k, v in zip(self._saved[1], self._saved[2]):
+                k.fp32_precision = v
+
+
 class TorchRunner(Runner):
-    """Eager PyTorch; CUDA events on a GPU."""
+    """Eager PyTorch; CUDA events on a GPU. fp32 inference runs with TF32 off (:class:`tf32_off`)."""
 
     def __init__(self, model, sample_shape: tuple[int, ...], device: str = "cpu", threads: int | None = None,
                  half: bool = False):
@@ -204,9 +242,19 @@ class TorchRunner(Runner):
     def sample_shape(self) -> tuple[int, ...]:
         return self._shape
 
+    def numerics(self):
+        """The context every inference and timed run executes in: TF32 off unless the runner is fp16.
+
+        Not conditioned on the device (the flags only act on CUDA), so a test on a
+        CPU-only machine runs the very path a CUDA fp32 reference takes.
+        """
+        from contextlib import nullcontext
+
+        return nullcontext() if self.half else tf32_off()
+
     def infer(self, x: np.ndarray) -> np.ndarray:
         t = self.torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
-        with self.torch.inference_mode():
+        with self.torch.inference_mode(), self.numerics():
             out = self.model(t.half() if self.half else t)
         return out.float().cpu().numpy()
 
@@ -217,7 +265,7 @@ class TorchRunner(Runner):
 
     def _run_once(self) -> float:
         torch = self.torch
-        with torch.inference_mode():
+        with torch.inference_mode(), self.numerics():  # timed as it was gated
             if self.name == "torch-cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
