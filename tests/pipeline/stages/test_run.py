@@ -164,22 +164,41 @@ def test_readme_run_int8_with_a_mask_strategy(tmp_path, fmnist_dir, cache):
 @pytest.mark.slow
 def test_readme_run_with_token_merges(tmp_path, fmnist_dir, cache):
     """The README's token-merging recipe (`--set search.prune_tokens=true`), end to end: a LUT with a token
-    axis is built, the search may merge, the shipped plan and ONNX agree and the gate passes."""
+    axis is built, the search merges, the shipped plan and ONNX agree and the gate passes.
+
+    Merges are forced, not hoped for: this LUT has one grid point per width (a narrower block is priced
+    like a full one) and blocks are kept, so nothing but a merge saves time and a budget of 80% can only
+    be met by merging (one merge after the stem measures ~60% of the teacher).
+    """
     rc = main(["run", "configs/fmnist_cpu.yaml", *sets(tmp_path, [
-        f"data.root={fmnist_dir}", "search.prune_tokens=true", "search.budget_fraction=0.6",  # 45% sat at the floor
-        "profile.embed_points=1", "profile.head_points=1", "profile.mlp_points=1", "profile.token_points=2",
-        "profile.checks=1", "profile.calibration_plans=1", "search.measured_rounds=0"], cache)])
+        f"data.root={fmnist_dir}", "search.prune_tokens=true", "search.budget_fraction=0.8",
+        "search.prune_blocks=false", "profile.embed_points=1", "profile.head_points=1", "profile.qk_points=1",
+        "profile.v_points=1", "profile.mlp_points=1", "profile.token_points=2", "profile.checks=1",
+        "profile.calibration_plans=1", "search.measured_rounds=0"], cache)])
     assert rc == 0
     run = tmp_path / "run"
     lut = json.loads((run / "lut.json").read_text())
     assert lut["grid"]["tokens"] == [1, 16] and len(lut["merge_ms"]) == 2
     m = verify_manifest(run)
-    assert m["parity"]["passed"]
+    assert m["parity"]["passed"] and m["parity"]["top1_agreement"] >= 0.99
     plan = json.loads((run / "plan.json").read_text())
     s = json.loads((run / "summary.json").read_text())
-    assert s["student"]["predicted_ms"] <= 0.6 * s["teacher"]["predicted_ms"] + 1e-9
+    assert s["student"]["predicted_ms"] <= 0.8 * s["teacher"]["predicted_ms"] + 1e-9
     steps = json.loads((run / "search" / "search_log.json").read_text())["steps"]
     assert all("tokens" in r for r in steps[1:])
     assert plan["meta"]["merge_saliency"][0]["calibration_groups"] > 0  # merges were scored at every step
-    if plan["tokens"] is not None:  # whatever the search chose, the shipped plan is the exported model's
-        assert plan["tokens"]["grids"][-1] != [4, 4] and m["parity"]["top1_agreement"] >= 0.99
+    assert all(b["keep"] for b in plan["blocks"])
+    assert plan["tokens"] is not None and plan["tokens"]["merges"], plan["tokens"]
+    assert plan["tokens"]["grids"][-1] != [4, 4]
+    # the shipped student really merges: the same weights without the merges compute something else
+    import torch
+
+    from vitrim.pipeline.core.slicing import load_compact
+
+    student = load_compact(run).eval()
+    assert student.plan.merges
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        merged = student(x)
+        student.set_token_merges({})
+        assert not torch.allclose(student(x), merged, atol=1e-3)
