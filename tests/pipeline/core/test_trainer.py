@@ -77,6 +77,9 @@ def test_resume_mid_epoch_is_exact_on_imagefolder_with_random_transforms_and_wor
     splits = build_splits(DataConfig(name="imagefolder", root=str(tmp_path / "data"), val_size=4), model)
     # the train split really is random (timm's RandomResizedCrop and flip), else this test proves nothing
     assert not torch.equal(splits.train[0][0], splits.train[0][0])
+    # each sample's augmentation is a function of (seed, epoch, index): the same batches with or without workers
+    one, two = (list(make_loader(splits.train, 4, shuffle=True, seed=3, workers=w)) for w in (0, 2))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(one, two)) and len(one) == len(two) == 4
 
     def make_model():
         torch.manual_seed(0)
