@@ -43,7 +43,7 @@ from typing import Callable, Optional
 import torch
 
 from vitrim.export.onnx import export_onnx
-from vitrim.export.runners import OrtCpuRunner, time_interleaved
+from vitrim.export.runners import OrtCpuRunner, interleaved, time_interleaved
 from vitrim.pipeline.core.config import load_config
 from vitrim.pipeline.core.data import build_splits
 from vitrim.pipeline.core.errors import UserError
@@ -65,13 +65,8 @@ class PairTimer:
 
     def ratio(self, onnx_path: Path) -> float:
         runners = [OrtCpuRunner(self.teacher_onnx, self.threads, self.opt), OrtCpuRunner(onnx_path, self.threads, self.opt)]
-        for r in runners:
-            r.activate()
-        try:
+        with interleaved(runners):
             t, m = time_interleaved(runners, self.batch, self.repeats, self.rounds, warmup=5)
-        finally:
-            for r in runners:
-                r.deactivate()
         return m.median_ms / t.median_ms
 
 
@@ -242,13 +237,8 @@ def main() -> int:
     # One interleaved timing session: the teacher and every matched model.
     models = [("teacher", teacher_onnx)] + [(f"{r['method']}@{r['fraction']:g}", Path(r["onnx"])) for r in rows if r["onnx"]]
     runners = [OrtCpuRunner(path, cfg.target.threads, cfg.target.opt_level) for _, path in models]
-    for r in runners:
-        r.activate()
-    try:
+    with interleaved(runners):
         timings = time_interleaved(runners, cfg.target.batch, args.repeats, args.rounds, warmup=10)
-    finally:
-        for r in runners:
-            r.deactivate()
     med = {name: t.median_ms for (name, _), t in zip(models, timings)}
     t_ms = med["teacher"]
     t_top1 = tinfo.get("test_top1") if cfg.data.test_limit is None and tinfo.get("test_top1") is not None \

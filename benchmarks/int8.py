@@ -30,16 +30,11 @@ import torch
 
 
 def _time(paths: dict, batch: int, threads: int) -> dict:
-    from vitrim.export.runners import OrtCpuRunner, time_interleaved
+    from vitrim.export.runners import OrtCpuRunner, interleaved, time_interleaved
 
     runners = [OrtCpuRunner(p, threads, "all") for p in paths.values()]
-    for r in runners:
-        r.activate()
-    try:
+    with interleaved(runners):
         ts = time_interleaved(runners, batch, repeats=60, rounds=12, warmup=5)
-    finally:
-        for r in runners:
-            r.deactivate()
     return {k: t.median_ms for k, t in zip(paths, ts)}
 
 

@@ -19,7 +19,7 @@ import torch
 
 
 from vitrim.export.onnx import export_onnx
-from vitrim.export.runners import OrtCpuRunner, time_interleaved
+from vitrim.export.runners import OrtCpuRunner, interleaved, time_interleaved
 from vitrim.pipeline.core.models import describe
 from vitrim.pipeline.core.plan import Plan
 from vitrim.pipeline.core.slicing import slice_model
@@ -47,11 +47,8 @@ def main() -> int:
             print(f"{name}: {plan.num_params() / 1e6:.2f}M params, {plan.macs() / 1e9:.2f} GMACs, "
                   f"ONNX {paths[name].stat().st_size / 1e6:.1f} MB")
         runners = [OrtCpuRunner(paths["full"], 2), OrtCpuRunner(paths["half"], 2)]
-        for r in runners:
-            r.activate()
-        t_full, t_half = time_interleaved(runners, 8, repeats=20, rounds=5, warmup=3)
-        for r in runners:
-            r.deactivate()
+        with interleaved(runners):
+            t_full, t_half = time_interleaved(runners, 8, repeats=20, rounds=5, warmup=3)
     print(f"ORT-CPU batch 8, 2 threads, median of 20 interleaved runs: full {t_full.median_ms:.1f} ms, "
           f"half {t_half.median_ms:.1f} ms -> {t_full.median_ms / t_half.median_ms:.2f}x")
     return 0

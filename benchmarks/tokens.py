@@ -30,7 +30,7 @@ import torch
 
 def embedded(cfg_path: str, out: Path, fractions: list[float], baseline_dir: Path | None, sets: list[str]) -> dict:
     from vitrim.export.onnx import export_onnx
-    from vitrim.export.runners import OrtCpuRunner, time_interleaved
+    from vitrim.export.runners import OrtCpuRunner, interleaved, time_interleaved
     from vitrim.pipeline.core.config import load_config
     from vitrim.pipeline.core.data import build_splits
     from vitrim.pipeline.core.evaluate import top1
@@ -70,13 +70,8 @@ def embedded(cfg_path: str, out: Path, fractions: list[float], baseline_dir: Pat
                          "block_tokens": plan.block_tokens(), "predicted_ms": s["student"]["predicted_ms"]})
             (out / "tokens.partial.json").write_text(json.dumps(rows, indent=1, default=str))
     runners = [OrtCpuRunner(p, base.target.threads, base.target.opt_level) for p in onnx.values()]
-    for r in runners:
-        r.activate()
-    try:
+    with interleaved(runners):
         ts = time_interleaved(runners, base.target.batch, repeats=60, rounds=12, warmup=10)
-    finally:
-        for r in runners:
-            r.deactivate()
     ms = {k: t.median_ms for k, t in zip(onnx, ts)}
     for r in rows:
         r.update(measured_ms=ms[r["name"]], speedup=ms["teacher"] / ms[r["name"]], delta=r["top1"] - t_top1)

@@ -22,6 +22,7 @@ from vitrim.export.runners import OrtCpuRunner, Runner, TrtRunner
 from vitrim.export.target import Target, import_tensorrt, trt_major
 from vitrim.pipeline.core.errors import UserError
 from vitrim.pipeline.core.io import atomic_path, atomic_write_bytes
+from vitrim.pipeline.core.rundir import RunDir
 
 
 @dataclass
@@ -128,15 +129,14 @@ def build_torch_engine(model, out_path: str | os.PathLike, target: Target, sampl
 
 def build_engine(onnx_path, out_dir, target: Target, sample_shape: tuple[int, ...], model=None) -> Engine:
     """Build the target's engine into ``out_dir``: from the ONNX file, or for torch targets from ``model``."""
-    out_dir = Path(out_dir)
+    rd = RunDir(out_dir)
     if target.backend == "ort-cpu":
-        return build_ort_engine(onnx_path, out_dir / "model.ort.onnx", target)
+        return build_ort_engine(onnx_path, rd.ort_engine, target)
     if target.backend == "tensorrt":
-        return build_trt_engine(onnx_path, out_dir / "model.plan", target, sample_shape,
-                                timing_cache=out_dir / "timing.cache")
+        return build_trt_engine(onnx_path, rd.trt_engine, target, sample_shape, timing_cache=rd.trt_timing_cache)
     if model is None:
         raise UserError("export", f"a {target.backend} engine is built from the torch model", "pass the model")
-    return build_torch_engine(model, out_dir / "model.pt2", target, sample_shape, onnx_path)
+    return build_torch_engine(model, rd.torch_program, target, sample_shape, onnx_path)
 
 
 _EXPORT_CACHE: dict = {"dir": None, "paths": {}}

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from vitrim.pipeline.core.errors import InternalError, UserError
 from vitrim.pipeline.core.io import atomic_write_json, sha256_file
+from vitrim.pipeline.core.rundir import RunDir
 
 MANIFEST_SCHEMA = 1
 _LIBS = ("vitrim", "torch", "timm", "onnx", "onnxruntime", "onnxscript", "polygraphy", "numpy", "safetensors", "tensorrt")
@@ -67,7 +68,7 @@ def write_manifest(run_dir: str | os.PathLike, artifacts: dict[str, str | os.Pat
         "config_hash": config_hash,
         **(extra or {}),
     }
-    path = run_dir / "manifest.json"
+    path = RunDir(run_dir).manifest
     atomic_write_json(path, manifest)
     return path
 
@@ -75,7 +76,7 @@ def write_manifest(run_dir: str | os.PathLike, artifacts: dict[str, str | os.Pat
 def verify_manifest(run_dir: str | os.PathLike) -> dict:
     """Re-hash every artifact. Raises :class:`UserError` listing each mismatch."""
     run_dir = Path(run_dir)
-    path = run_dir / "manifest.json" if run_dir.is_dir() else run_dir
+    path = RunDir(run_dir).manifest if run_dir.is_dir() else run_dir
     if not path.is_file():
         raise UserError("verify-manifest", f"no manifest at '{path}'", "run `vitrim export` (it writes one after parity passes)")
     try:

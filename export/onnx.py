@@ -70,8 +70,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
             tmp_onnx.unlink(missing_ok=True)
         # intermediate shapes recorded for the example batch go stale under a dynamic batch, and
         # quantizers then refuse the graph ("Inferred shape and existing shape differ"): drop them
-        from vitrim.export.quantize import strip_value_info
-
         strip_value_info(tmp)
         if simplify:
             _simplify(tmp)
@@ -143,6 +141,20 @@ def to_fp16(src: str | os.PathLike, dst: str | os.PathLike, keep_io_types: bool 
         onnx.save(half, str(tmp))
         onnx.checker.check_model(str(tmp))
     return dst
+
+
+def strip_value_info(path: str | os.PathLike) -> None:
+    """Drop intermediate ``value_info`` so quantizers re-infer shapes.
+
+    Exported graphs can carry shapes recorded for the example batch; ORT's
+    quantizer then fails ("Inferred shape and existing shape differ").
+    """
+    import onnx
+
+    m = onnx.load(str(path))
+    if len(m.graph.value_info):
+        del m.graph.value_info[:]
+        onnx.save(m, str(path))
 
 
 def onnx_io(path: str | os.PathLike) -> tuple[list[str], list[str]]:

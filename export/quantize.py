@@ -22,6 +22,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from vitrim.export.onnx import onnx_io, strip_value_info
 from vitrim.pipeline.core.config import QuantConfig
 from vitrim.pipeline.core.errors import UserError
 from vitrim.pipeline.core.io import atomic_path
@@ -54,8 +55,6 @@ def random_calibration(sample_shape: tuple[int, ...], n: int = 16, seed: int = 0
 
 
 def _input_name(path) -> str:
-    from vitrim.export.onnx import onnx_io
-
     return onnx_io(path)[0][0]
 
 
@@ -74,20 +73,6 @@ class _Reader:
 
     def rewind(self):
         self.i = 0
-
-
-def strip_value_info(path: str | os.PathLike) -> None:
-    """Drop intermediate ``value_info`` so quantizers re-infer shapes.
-
-    Exported graphs can carry shapes recorded for the example batch; ORT's
-    quantizer then fails ("Inferred shape and existing shape differ").
-    """
-    import onnx
-
-    m = onnx.load(str(path))
-    if len(m.graph.value_info):
-        del m.graph.value_info[:]
-        onnx.save(m, str(path))
 
 
 def activation_matmuls(path) -> list[str]:

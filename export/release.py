@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Optional
 from vitrim.export.target import Target
 from vitrim.pipeline.core.config import ExportConfig
 from vitrim.pipeline.core.errors import UserError
+from vitrim.pipeline.core.rundir import RunDir
 
 
 def model_io(model) -> tuple[tuple[int, ...], int]:
@@ -121,11 +122,12 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
     if sample_shape is None:
         sample_shape = onnx_sample_shape(onnx_path)
     sig = target.signature(tokens or 0)  # fails fast on an unavailable target
-    for stale in ("manifest.json", "parity.json"):
-        (out / stale).unlink(missing_ok=True)
+    rd = RunDir(out)
+    for stale in rd.verdicts():
+        stale.unlink(missing_ok=True)
 
     if onnx_path is None:
-        onnx_path = export_onnx(model, out / "model.onnx", sample_shape, opset=ecfg.opset, simplify=ecfg.simplify)
+        onnx_path = export_onnx(model, rd.onnx, sample_shape, opset=ecfg.opset, simplify=ecfg.simplify)
         log(f"[export] {onnx_path} ({onnx_path.stat().st_size / 1e6:.2f} MB)")
     else:
         log(f"[export] releasing the given ONNX {onnx_path}")
@@ -137,7 +139,7 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
         from vitrim.export.target import trt_major
 
         if trt_major() >= 11:  # strongly typed: fp16 lives in the ONNX
-            src = to_fp16(onnx_path, out / "model.fp16.onnx")
+            src = to_fp16(onnx_path, rd.engine_onnx("fp16"))
     qinfo = None
     if target.quantized:
         from vitrim.export.quantize import collect_calibration, quantize_for_target
@@ -148,7 +150,7 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
                 raise UserError("export", f"a static {target.precision} engine needs calibration images",
                                 "pass calib_data (training images), or set target.quant.mode=dynamic")
             calib = collect_calibration(calib_data, target.quant.calib_images)
-        src = out / f"model.{target.precision}.onnx"
+        src = rd.engine_onnx(target.precision)
         qinfo = quantize_for_target(onnx_path, src, target, calib)
         log(f"[export] quantized {target.precision} ({target.quant_key()}"
             + (f", {qinfo['calib_images']} calibration images" if calib is not None else "") + f"): {src}")
@@ -183,10 +185,10 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
         rep["baseline_top1"] = baseline_top1
     rep["onnx"] = str(onnx_path)
     rep["reference"] = ref_desc
-    atomic_write_json(out / "parity.json", rep)
+    atomic_write_json(rd.parity, rep)
     if not report.passed:
         raise ParityError(f"[export] parity gate FAILED for {name} on {target.backend}/{target.precision}:\n  "
-                          + "\n  ".join(report.failures) + f"\n  details: {out / 'parity.json'}; no manifest written",
+                          + "\n  ".join(report.failures) + f"\n  details: {rd.parity}; no manifest written",
                           rep)
     log(f"[export] parity passed against {ref_desc}: top-1 agreement {100 * report.top1_agreement:.2f}% over "
         f"{report.images} images, max |diff| {max(s['max_absdiff'] for s in report.outputs.values()):.2e}, "
@@ -209,7 +211,7 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
     log(f"[export] latency at batch {target.batch}: median {t.median_ms:.3f} ms, p90 {t.p90_ms:.3f} ms"
         + (f" (predicted {predicted_ms:.3f} ms)" if predicted_ms is not None else ""))
 
-    artifacts = {"onnx": onnx_path, "parity": out / "parity.json"}
+    artifacts = {"onnx": onnx_path, "parity": rd.parity}
     if engine.path is not None:
         artifacts["engine"] = engine.path
     if src != onnx_path:
@@ -248,8 +250,8 @@ def release_from_config(cfg, model, out_dir: str | os.PathLike, test_set, *, pla
     from vitrim.pipeline.core.preprocessing import resolve_preprocessing
 
     out = Path(out_dir)
-    extra = {key: out / fname for key, fname in (("student", "student.safetensors"), ("plan", "plan.json"),
-                                                 ("lut", "lut.json")) if (out / fname).is_file()}
+    rd = RunDir(out)
+    extra = {key: path for key, path in (("student", rd.student), ("plan", rd.plan), ("lut", rd.lut)) if path.is_file()}
     if weights is not None:
         extra["student"] = Path(weights)
     loader = make_loader(test_set, cfg.target.batch, workers=cfg.data.workers)

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from vitrim.pipeline.core.io import atomic_save, atomic_write_text
+from vitrim.pipeline.core.rundir import RunDir
 
 FIELDS = ["method", "budget", "predicted_ms", "measured_ms", "p90_ms", "top1", "params", "macs", "speedup",
           "delta_top1"]
@@ -26,7 +27,7 @@ def write_curve(rows: list[dict], out_dir: str | os.PathLike, title: str = "") -
     w.writeheader()
     for r in rows:
         w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
-    atomic_write_text(out / "curve.csv", buf.getvalue())
+    atomic_write_text(RunDir(out).curve_csv, buf.getvalue())
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,6 +51,6 @@ def write_curve(rows: list[dict], out_dir: str | os.PathLike, title: str = "") -
     ax.set_title(title or "latency vs accuracy", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_save(out / "curve.png", lambda tmp: fig.savefig(tmp, format="png"))
+    atomic_save(RunDir(out).curve_plot, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
-    return out / "curve.csv", out / "curve.png"
+    return RunDir(out).curve_csv, RunDir(out).curve_plot

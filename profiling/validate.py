@@ -30,6 +30,7 @@ import numpy as np
 from vitrim.export.target import Target, check_compatible
 from vitrim.pipeline.core.io import atomic_write_json
 from vitrim.pipeline.core.plan import Plan
+from vitrim.pipeline.core.rundir import RunDir
 from vitrim.profiling.calibrate import error_stats, stratified_plans
 from vitrim.profiling.table import LatencyTable
 
@@ -113,8 +114,8 @@ def validate_lut(lut: LatencyTable, state: dict, target: Target, n: int, out_dir
               "lut_created": lut.meta.get("created"), "validate_s": round(time.time() - t0, 1), "rows": rows}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "lut_validation.json", report)
-    scatter_png(rows, report, out / "lut_validation.png")
+    atomic_write_json(RunDir(out).lut_validation, report)
+    scatter_png(rows, report, RunDir(out).lut_validation_plot)
     r, d = report["ratio"], report["drift"]
     log(f"[profile] validation on {n} held-out plans ({r['measured_range'][0]:.0%}-{r['measured_range'][1]:.0%} of the "
         f"teacher, measured): ratio error median {r['median_abs_err_pct']:.1f}%, max {r['max_abs_err_pct']:.1f}%, "

@@ -513,6 +513,8 @@ def save_resolved(cfg: RunConfig, out_dir: str | os.PathLike, preprocessing: Any
                               for k in ("mean", "std", "interpolation", "crop_pct", "crop_mode")})
         d["preprocessing"] = preprocessing.to_dict()
         text = RESOLVED_HEADER
-    path = Path(out_dir) / "resolved_config.yaml"
+    from vitrim.pipeline.core.rundir import RunDir
+
+    path = RunDir(out_dir).resolved_config
     atomic_write_text(path, text + yaml.safe_dump(d, sort_keys=False))
     return path

@@ -21,6 +21,7 @@ from torch import nn
 from vitrim.pipeline.core.compact import CompactViT
 from vitrim.pipeline.core.errors import UserError
 from vitrim.pipeline.core.plan import Plan
+from vitrim.pipeline.core.rundir import RunDir
 
 
 def _qkv_rows(H: int, hd: int, heads: list[int], qk: list[int], v: list[int]) -> torch.Tensor:
@@ -133,8 +134,8 @@ def save_compact(model: CompactViT, plan: Plan, out_dir: str | os.PathLike) -> N
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plan.save(out / "plan.json")
-    save_weights(model, out / "student.safetensors", metadata={"format": "vitrim.compact", "schema": "1"})
+    plan.save(RunDir(out).plan)
+    save_weights(model, RunDir(out).student, metadata={"format": "vitrim.compact", "schema": "1"})
 
 
 def load_compact(path: str | os.PathLike) -> CompactViT:
@@ -142,7 +143,7 @@ def load_compact(path: str | os.PathLike) -> CompactViT:
     from vitrim.pipeline.core.models import load_weights
 
     d = Path(path)
-    plan = Plan.load(d / "plan.json")
+    plan = Plan.load(RunDir(d).plan)
     model = CompactViT(plan)
-    load_weights(model, d / "student.safetensors", stage="slice")
+    load_weights(model, RunDir(d).student, stage="slice")
     return model.eval()

@@ -36,8 +36,8 @@ from torch.utils.data import Dataset
 from vitrim.pipeline.core.data import make_loader, set_epoch
 from vitrim.pipeline.core.device import collective_device, init_distributed, mean_over_ranks
 from vitrim.pipeline.core.errors import Interrupted, UserError
+from vitrim.pipeline.core.rundir import RunDir
 
-CKPT_NAME = "checkpoint.pt"
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -139,7 +139,7 @@ def train(model: nn.Module, loss_fn: LossFn, train_ds: Dataset, spec: TrainSpec,
 
     rank, world = init_distributed(device)
     out = Path(out_dir)
-    ckpt_path = out / CKPT_NAME
+    ckpt_path = RunDir(out).checkpoint
     torch.manual_seed(spec.seed)
     random.seed(spec.seed)
     np.random.seed(spec.seed)

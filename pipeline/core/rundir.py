@@ -1,0 +1,153 @@
+"""RunDir: the one place that names a run's artifacts.
+
+Every stage reads and writes through a :class:`RunDir`, so a file name such as
+``plan.json`` is spelled once, here, and a stage that wants another stage's output
+asks for it by attribute instead of re-deriving the name (STYLE.md 14). A release
+directory is a RunDir too: ``vitrim export --out DIR`` writes the same names.
+
+The layout of a ``vitrim run`` directory::
+
+    resolved_config.yaml  stages.json          the config as run; which stages finished, with their keys
+    lut.json  lut_validation.{json,png}        the latency table (a copy of the cached one) and its check
+    plan.json  search_log.json  widths.png     the searched architecture, the search's steps, its plot
+    search_state.safetensors                   the KD-adapted weights the search ended with
+    measured_budget.json                       the closed loop's rounds (measured against the teacher)
+    student.safetensors  checkpoint.pt         the fine-tuned student; the trainer's resumable state
+    finetune_log.json
+    model.onnx  model.<precision>.onnx         the exported graph; the quantized / fp16 graph built from it
+    model.ort.onnx | model.plan | model.pt2    the engine (ORT-optimized graph, TensorRT plan, torch.export)
+    parity.json  manifest.json                 the parity gate's figures; the release manifest
+    summary.json  report.md  curve.{csv,png}   the run's summary, its report, the latency-accuracy curve
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class RunDir:
+    """The artifact paths of one run (or release) directory. Creates nothing by itself."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    def __truediv__(self, name: str) -> Path:
+        return self.root / name
+
+    def mkdir(self) -> "RunDir":
+        self.root.mkdir(parents=True, exist_ok=True)
+        return self
+
+    # configuration and bookkeeping
+    @property
+    def resolved_config(self) -> Path:
+        return self.root / "resolved_config.yaml"
+
+    @property
+    def stages(self) -> Path:
+        return self.root / "stages.json"
+
+    # profile
+    @property
+    def lut(self) -> Path:
+        return self.root / "lut.json"
+
+    @property
+    def lut_validation(self) -> Path:
+        return self.root / "lut_validation.json"
+
+    @property
+    def lut_validation_plot(self) -> Path:
+        return self.root / "lut_validation.png"
+
+    # search
+    @property
+    def plan(self) -> Path:
+        return self.root / "plan.json"
+
+    @property
+    def search_log(self) -> Path:
+        return self.root / "search_log.json"
+
+    @property
+    def search_state(self) -> Path:
+        return self.root / "search_state.safetensors"
+
+    @property
+    def widths_plot(self) -> Path:
+        return self.root / "widths.png"
+
+    @property
+    def measured_budget(self) -> Path:
+        return self.root / "measured_budget.json"
+
+    # fine-tune
+    @property
+    def student(self) -> Path:
+        return self.root / "student.safetensors"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoint.pt"
+
+    @property
+    def finetune_log(self) -> Path:
+        return self.root / "finetune_log.json"
+
+    # export
+    @property
+    def onnx(self) -> Path:
+        """The fp32 graph exported from the torch model."""
+        return self.root / "model.onnx"
+
+    def engine_onnx(self, precision: str) -> Path:
+        """The graph the engine is built from: ``model.onnx`` for fp32, else ``model.<precision>.onnx``."""
+        return self.onnx if precision == "fp32" else self.root / f"model.{precision}.onnx"
+
+    @property
+    def ort_engine(self) -> Path:
+        return self.root / "model.ort.onnx"
+
+    @property
+    def trt_engine(self) -> Path:
+        return self.root / "model.plan"
+
+    @property
+    def trt_timing_cache(self) -> Path:
+        return self.root / "timing.cache"
+
+    @property
+    def torch_program(self) -> Path:
+        return self.root / "model.pt2"
+
+    @property
+    def parity(self) -> Path:
+        return self.root / "parity.json"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    # reports
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def curve_csv(self) -> Path:
+        return self.root / "curve.csv"
+
+    @property
+    def curve_plot(self) -> Path:
+        return self.root / "curve.png"
+
+    def verdicts(self) -> tuple[Path, ...]:
+        """Files that state a verdict; removed before a stage that re-decides them runs."""
+        return (self.manifest, self.parity)
