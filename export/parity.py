@@ -35,15 +35,11 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from vitrim.pipeline.core.errors import UserError, VitrimError
+from vitrim.pipeline.core.errors import AccuracyGateError, UserError
 
 
-class ParityError(VitrimError):
-    """The engine diverges from PyTorch beyond the configured tolerances."""
-
-    def __init__(self, message: str, report: dict):
-        self.report = report
-        super().__init__(message)
+class ParityError(AccuracyGateError):
+    """The engine diverges from PyTorch beyond the configured tolerances (exit 3)."""
 
 
 @dataclass
@@ -188,6 +184,7 @@ class OutputErrors:
                 "max_over_allowed": fin(self.max_over_allowed), "max_rel_l2": fin(self.max_rel_l2),
                 "worst_batch": self.worst_batch, "rel_l2": fin(self.rel_l2),
                 "nonfinite_engine": self.nonfinite_engine, "nonfinite_reference": self.nonfinite_reference,
+                "shape_mismatch": self.shape_mismatch,
                 "worst_batches": [{"batch": b, "rel_l2": fin(r), "max_absdiff": fin(a)}
                                   for r, b, a in sorted(self._worst, key=lambda w: (-w[0], w[1]))]}
 

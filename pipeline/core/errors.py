@@ -2,7 +2,22 @@
 
 A :class:`UserError` is something the user can fix: it names the stage, the
 offending input and the fix. The CLI prints it without a traceback and exits 2.
-Anything else is a bug in vitrim and keeps its traceback.
+A :class:`GateError` is a release gate that decided "fail" (Polygraphy's
+``--save-results`` and MLflow's ``validate_evaluation_results`` convention: the
+process fails by itself and the evidence, ``verdict.json``, stays on disk); its
+class carries the exit code. Anything else is a bug in vitrim and keeps its traceback.
+
+Exit codes of the ``vitrim`` command (stable; a CI job may branch on them):
+
+====  ===========================================================================
+0     every gate passed
+1     an internal error (a bug in vitrim: please report it with the traceback)
+2     user error: a config, a file, a budget, a signature (the message names the fix)
+3     accuracy/parity gate: the engine diverges from PyTorch (:class:`AccuracyGateError`)
+4     latency gate: the delivered latency misses the budget, with ``export.require_budget``
+5     regression gate: the candidate is slower or less accurate than the baseline release
+130   interrupted (SIGINT); 143 terminated (SIGTERM), after a checkpoint was saved
+====  ===========================================================================
 """
 from __future__ import annotations
 
@@ -30,6 +45,47 @@ class UserError(VitrimError):
 
     def __reduce__(self):  # picklable across worker processes
         return (type(self), (self.stage, self.what, self.fix))
+
+
+EXIT_PASS = 0
+EXIT_INTERNAL = 1
+EXIT_USER = 2
+EXIT_ACCURACY = 3
+EXIT_LATENCY = 4
+EXIT_REGRESSION = 5
+EXIT_CODES = {EXIT_PASS: "pass", EXIT_INTERNAL: "internal error", EXIT_USER: "user error",
+              EXIT_ACCURACY: "accuracy/parity gate", EXIT_LATENCY: "latency gate", EXIT_REGRESSION: "regression gate"}
+
+
+class GateError(VitrimError):
+    """A release gate failed. Subclasses fix :attr:`exit_code`; ``report`` holds the gate's figures."""
+
+    exit_code = EXIT_INTERNAL  # only the subclasses below are raised
+
+    def __init__(self, message: str, report: dict | None = None):
+        self.report = report if report is not None else {}
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.report))
+
+
+class AccuracyGateError(GateError):
+    """The engine's outputs or accuracy diverge from the reference beyond the tolerances (exit 3)."""
+
+    exit_code = EXIT_ACCURACY
+
+
+class LatencyGateError(GateError):
+    """The delivered engine's measured latency misses the requested budget (exit 4)."""
+
+    exit_code = EXIT_LATENCY
+
+
+class RegressionGateError(GateError):
+    """A candidate release is slower or less accurate than its baseline release (exit 5)."""
+
+    exit_code = EXIT_REGRESSION
 
 
 class InternalError(VitrimError):

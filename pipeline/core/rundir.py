@@ -17,6 +17,8 @@ The layout of a ``vitrim run`` directory::
     model.onnx  model.<precision>.onnx         the exported graph; the quantized / fp16 graph built from it
     model.ort.onnx | model.plan | model.pt2    the engine (ORT-optimized graph, TensorRT plan, torch.export)
     parity.json  manifest.json                 the parity gate's figures; the release manifest
+    verdict.json  manifest.json.sig            every gate's figure, threshold, pass/fail and exit code; the
+                                               manifest's detached Ed25519 signature (``vitrim sign``)
     summary.json  report.md  curve.{csv,png}   the run's summary, its report, the latency-accuracy curve
 """
 from __future__ import annotations
@@ -130,6 +132,16 @@ class RunDir:
     @property
     def manifest(self) -> Path:
         return self.root / "manifest.json"
+
+    @property
+    def manifest_signature(self) -> Path:
+        """The detached Ed25519 signature of ``manifest.json`` (``vitrim sign``)."""
+        return self.root / "manifest.json.sig"
+
+    @property
+    def verdict(self) -> Path:
+        """Every gate's figure, threshold, pass/fail and the exit code (written on failure too)."""
+        return self.root / "verdict.json"
 
     # reports
     @property

@@ -1,0 +1,257 @@
+"""``verdict.json``: one machine-readable answer per run or release directory.
+
+A CI job reads one file to know whether a build may ship, and why not: every gate
+that decided the exit code, with the measured figure, the threshold, the
+comparison, pass/fail and the exit code it gave. It follows Polygraphy's
+``--save-results`` and MLflow's ``validate_evaluation_results``: a failing gate
+fails the process by itself (the exit code of its :class:`GateError` class) and
+the evidence stays on disk, because the verdict is written *before* the error is
+raised.
+
+Format (schema 1)::
+
+    {"schema": 1, "kind": "export" | "run" | ..., "created": ISO-8601,
+     "passed": bool, "exit_code": int, "exit_meaning": "pass" | "accuracy/parity gate" | ...,
+     "error": str | null,                   # the failing gate's message
+     "gates": [{"gate": "parity" | "int8_vs_fp32" | "latency" | "regression" | ...,
+                "check": str, "subject": str | null, "output": str | null,
+                "measured": float | null,   # null: not finite (NaN/Inf in an output)
+                "threshold": float, "op": "<=" | ">=" | "abs<=", "unit": str | null,
+                "passed": bool, "exit_code": int,   # 0 when passed, else the gate's code (3, 4, 5)
+                "detail": str | null}],
+     "info": {...}}                         # figures that decided nothing (e.g. int8 against the fp32 engine)
+
+Every entry in ``gates`` is enforced; ``passed`` is all of them, and ``exit_code``
+is the lowest code among the failed ones (accuracy 3 before latency 4 before
+regression 5: the process stops at the first gate it fails, in that order).
+Figures that are only reported go to ``info``, so ``all(g["passed"] for g in
+gates)`` is always the verdict.
+
+Other gates (the regression gate of ``vitrim compare``) add their entries to an
+existing verdict with :func:`merge_gates` and raise with :func:`raise_for`.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+from pathlib import Path
+from typing import Iterable, Optional
+
+from vitrim.pipeline.core.errors import (EXIT_ACCURACY, EXIT_CODES, EXIT_LATENCY, EXIT_PASS, AccuracyGateError,
+                                         GateError, InternalError, LatencyGateError, RegressionGateError, UserError)
+from vitrim.pipeline.core.io import atomic_write_json
+from vitrim.pipeline.core.rundir import RunDir
+
+VERDICT_SCHEMA = 1
+_OPS = ("<=", ">=", "abs<=")
+_ERRORS = {c.exit_code: c for c in (AccuracyGateError, LatencyGateError, RegressionGateError)}
+
+
+def _finite(v) -> Optional[float]:
+    if v is None:
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def gate(gate: str, check: str, measured, threshold: float, op: str, exit_code: int, *, subject: str | None = None,
+         output: str | None = None, unit: str | None = None, detail: str | None = None) -> dict:
+    """One verdict entry; ``passed`` is decided here, from the figure, the threshold and ``op``.
+
+    A measured figure that is ``None`` or not finite fails (NaN/Inf never passes a gate).
+    """
+    if op not in _OPS:
+        raise InternalError(f"verdict gate {gate}/{check}: unknown comparison {op!r}")
+    m = _finite(measured)
+    if m is None:
+        ok = False
+    elif op == "<=":
+        ok = m <= threshold
+    elif op == ">=":
+        ok = m >= threshold
+    else:
+        ok = abs(m) <= threshold
+    return {"gate": gate, "check": check, "subject": subject, "output": output, "measured": m,
+            "threshold": float(threshold), "op": op, "unit": unit, "passed": bool(ok),
+            "exit_code": EXIT_PASS if ok else int(exit_code), "detail": detail}
+
+
+def parity_gates(rep: dict, subject: str | None = None) -> list[dict]:
+    """The parity gate's checks as verdict entries, from ``parity.json`` (:meth:`ParityReport.to_dict`).
+
+    Per output: shape, non-finite values, elementwise ``|e - r| <= atol + rtol*|r|``, the worst batch's
+    relative L2 error; then top-1 agreement and the accuracy delta; and, when the report carries a
+    ``baseline_top1`` (an int8 engine after recovery), the accuracy delta against the fp32 model.
+    The pass/fail of each follows :mod:`vitrim.export.parity`'s own decision.
+    """
+    tol, out = rep["tolerances"], []
+    for name, o in rep["outputs"].items():
+        kw = dict(subject=subject, output=name)
+        if o.get("shape_mismatch"):
+            out.append(gate("parity", "shape", None, 0, "<=", EXIT_ACCURACY, detail=o["shape_mismatch"], **kw))
+        nonfinite = o["nonfinite_engine"] + o["nonfinite_reference"]
+        out.append(gate("parity", "non_finite", nonfinite, 0, "<=", EXIT_ACCURACY, unit="elements",
+                        detail=f"NaN/Inf: {o['nonfinite_engine']} in the engine's output, "
+                               f"{o['nonfinite_reference']} in the reference's, of {o['elements']}", **kw))
+        out.append(gate("parity", "elementwise", o["mismatched"], 0, "<=", EXIT_ACCURACY, unit="elements",
+                        detail=f"elements outside atol {tol['atol']:g} + rtol {tol['rtol']:g} * |reference| "
+                               f"of {o['elements']}; max |diff| {o['max_absdiff']:.3g}", **kw))
+        out.append(gate("parity", "rel_l2", o["max_rel_l2"], tol["max_rel_l2"], "<=", EXIT_ACCURACY,
+                        detail=f"worst batch's ||engine - reference|| / ||reference|| (batch {o['worst_batch']} "
+                               f"of {o['batches']})", **kw))
+    out.append(gate("parity", "top1_agreement", rep["top1_agreement"], tol["min_top1_agreement"], ">=",
+                    EXIT_ACCURACY, subject=subject, unit="fraction",
+                    detail=f"engine and reference agree on the top-1 class of {rep['images']} images"))
+    out.append(gate("parity", "accuracy_delta", rep["acc_delta"], tol["max_acc_delta"], "abs<=", EXIT_ACCURACY,
+                    subject=subject, unit="pt",
+                    detail=f"top-1 engine {rep['engine_top1']:.2f}% - reference {rep['torch_top1']:.2f}%"))
+    if rep.get("baseline_top1") is not None:
+        d = rep["engine_top1"] - rep["baseline_top1"]
+        out.append(gate("int8_vs_fp32", "accuracy_delta", d, tol["max_acc_delta"], "abs<=", EXIT_ACCURACY,
+                        subject=subject, unit="pt",
+                        detail=f"top-1 {rep['precision']} engine {rep['engine_top1']:.2f}% - fp32 model before "
+                               f"recovery {rep['baseline_top1']:.2f}%"))
+    if bool(rep.get("passed")) != all(g["passed"] for g in out):  # the gate and its record must never disagree
+        raise InternalError(f"parity report passed={rep.get('passed')} but its verdict entries say otherwise: "
+                            f"{rep.get('failures')}")
+    return out
+
+
+def parity_info(rep: dict) -> dict:
+    """What the parity report measured without deciding on it (an int8 engine against the fp32 engine)."""
+    return {"vs_fp32_engine": rep["vs_second"]} if rep.get("vs_second") else {}
+
+
+def latency_gate(measured_ratio: float, requested_ratio: float, tolerance: float, *, teacher_ms: float | None = None,
+                 student_ms: float | None = None, subject: str | None = "student") -> dict:
+    """``export.require_budget``: the delivered engine's measured ratio to the teacher against the budget.
+
+    One-sided: the engine may be at most ``tolerance`` (``search.measured_tolerance``, relative) slower
+    than the requested fraction of the teacher's latency, both timed in one session on this machine. An
+    engine faster than asked is not a latency failure (its accuracy has gates of its own).
+    """
+    limit = requested_ratio * (1.0 + tolerance)
+    ms = f"; student {student_ms:.3f} ms / teacher {teacher_ms:.3f} ms" if teacher_ms and student_ms else ""
+    return gate("latency", "budget", measured_ratio, limit, "<=", EXIT_LATENCY, subject=subject,
+                unit="ratio to the teacher",
+                detail=f"requested {requested_ratio:.1%} of the teacher's latency, +{tolerance:.0%} tolerance "
+                       f"(search.measured_tolerance){ms}")
+
+
+def decide(gates: Iterable[dict]) -> tuple[bool, int]:
+    """(passed, exit code) of a list of entries: the lowest failing code, 0 when none failed."""
+    failed = [g["exit_code"] for g in gates if not g["passed"]]
+    return (not failed, min(failed) if failed else EXIT_PASS)
+
+
+def make_verdict(gates: list[dict], kind: str, *, error: str | None = None, info: dict | None = None) -> dict:
+    """The verdict dict (see the module docstring)."""
+    passed, code = decide(gates)
+    if error is not None and passed:  # a gate error with every entry passing: the record is wrong, not the gate
+        raise InternalError(f"verdict of kind {kind!r} has an error but no failed gate: {error}")
+    return {"schema": VERDICT_SCHEMA, "kind": kind,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "passed": passed, "exit_code": code, "exit_meaning": EXIT_CODES[code], "error": error,
+            "gates": list(gates), "info": info or {}}
+
+
+def _path(where: str | os.PathLike) -> Path:
+    p = Path(where)
+    return RunDir(p).verdict if p.is_dir() or not p.suffix else p
+
+
+def write_verdict(where: str | os.PathLike, gates: list[dict], kind: str, *, error: str | None = None,
+                  info: dict | None = None) -> dict:
+    """Write ``verdict.json`` atomically into a directory (or to a file path); returns the verdict."""
+    v = make_verdict(gates, kind, error=error, info=info)
+    atomic_write_json(_path(where), v)
+    return v
+
+
+def read_verdict(where: str | os.PathLike) -> dict:
+    """Read a verdict (a directory or a file); raises :class:`UserError` for a missing or foreign one."""
+    p = _path(where)
+    if not p.is_file():
+        raise UserError("verdict", f"no verdict at '{p}'", "run `vitrim run` or `vitrim export` on that directory")
+    try:
+        v = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError("verdict", f"'{p}' is not valid JSON ({e})", "re-run the stage that wrote it") from None
+    if v.get("schema") != VERDICT_SCHEMA:
+        raise UserError("verdict", f"'{p}' has schema {v.get('schema')!r}, not {VERDICT_SCHEMA}",
+                        "re-run the stage with this vitrim version")
+    return v
+
+
+def _key(g: dict) -> tuple:
+    return g["gate"], g["check"], g.get("subject"), g.get("output")
+
+
+def merge_gates(where: str | os.PathLike, gates: list[dict], *, kind: str | None = None, error: str | None = None,
+                info: dict | None = None) -> dict:
+    """Add entries to the verdict in ``where`` (created when absent) and rewrite it atomically.
+
+    An entry with the same (gate, check, subject, output) replaces the old one, so a rerun of the same
+    gate does not pile up entries. ``passed`` and ``exit_code`` are recomputed over every entry; ``kind``
+    replaces the old kind when given, ``info`` is merged key by key. An existing ``error`` is kept unless
+    the merged verdict passes or a new one is given. This is the hook the regression gate uses::
+
+        v = merge_gates(run_dir, [gate("regression", "latency", ratio, 1 + max_reg, "<=", EXIT_REGRESSION)])
+        raise_for(v)  # RegressionGateError (exit 5) when it failed
+    """
+    p = _path(where)
+    old = read_verdict(p) if p.is_file() else {"kind": kind or "export", "gates": [], "info": {}, "error": None}
+    new_keys = {_key(g) for g in gates}
+    merged = [g for g in old["gates"] if _key(g) not in new_keys] + list(gates)
+    passed, _ = decide(merged)
+    err = None if passed else (error if error is not None else old.get("error"))
+    if not passed and err is None:
+        err = "; ".join(f"{g['gate']} {g['check']}" + (f" ({g['subject']})" if g.get("subject") else "")
+                        + " failed" for g in merged if not g["passed"])
+    return write_verdict(p, merged, kind or old["kind"], error=err, info={**old.get("info", {}), **(info or {})})
+
+
+def raise_for(verdict: dict, message: str | None = None) -> None:
+    """Raise the :class:`GateError` subclass of the verdict's exit code when it failed; nothing when it passed."""
+    if verdict["passed"]:
+        return
+    cls = _ERRORS.get(verdict["exit_code"], GateError)
+    lines = [f"{g['gate']} {g['check']}" + (f" ({g['subject']})" if g.get("subject") else "")
+             + (f" output '{g['output']}'" if g.get("output") else "")
+             + f": {g['measured']!r} {g['op']} {g['threshold']:g} fails" + (f" ({g['detail']})" if g.get("detail") else "")
+             for g in verdict["gates"] if not g["passed"]]
+    raise cls(message or ("gate failed:\n  " + "\n  ".join(lines)), verdict)
+
+
+def write_run_verdict(where: str | os.PathLike, teacher_parity: dict | None, student_parity: dict | None = None, *,
+                      measured_budget: dict | None = None, require_budget: bool = False,
+                      error: str | None = None) -> dict:
+    """The verdict of a ``vitrim run``: both releases' parity gates (subjects ``teacher`` and ``student``) and,
+    with ``require_budget``, the latency gate of the delivered engine; returns it after writing it.
+
+    ``measured_budget`` is the run's closed-loop record (``{"requested", "tolerance", "delivered":
+    {"measured_ratio", ...}}``); without ``require_budget`` its figures go to ``info`` only. ``error`` is
+    the message of a gate that already failed (the caller re-raises it). The caller raises for a failed
+    latency gate with :func:`raise_for`, after this wrote the evidence.
+    """
+    gates, info = [], {}
+    for subject, rep in (("teacher", teacher_parity), ("student", student_parity)):
+        if rep is not None:
+            gates += parity_gates(rep, subject)
+            info.update({f"{subject}_{k}": v for k, v in parity_info(rep).items()})
+    if measured_budget is not None and measured_budget.get("delivered"):
+        d = measured_budget["delivered"]
+        g = latency_gate(d["measured_ratio"], measured_budget["requested"], measured_budget["tolerance"],
+                         teacher_ms=d.get("teacher_ms"), student_ms=d.get("student_ms"))
+        if require_budget:
+            gates.append(g)
+        else:
+            info["latency_budget"] = {k: g[k] for k in ("measured", "threshold", "op", "unit", "detail")}
+            info["latency_budget"].update(within=g["passed"], enforced=False)  # export.require_budget=true enforces it
+    elif require_budget:
+        raise UserError("run", "export.require_budget is set but the run measured no delivered latency ratio",
+                        "use a latency budget (search.budget_fraction or budget_ms) on an ONNX Runtime target, or "
+                        "set export.require_budget=false")
+    return write_verdict(where, gates, "run", error=error, info=info)
