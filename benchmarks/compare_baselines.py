@@ -52,7 +52,7 @@ from vitrim.pipeline.core.io import atomic_write_json, atomic_write_text
 from vitrim.pipeline.core.models import describe
 from vitrim.pipeline.core.slicing import full_size_compact, slice_model
 from vitrim.pipeline.stages.profile import stage_profile
-from vitrim.pipeline.stages.search import run_search
+from vitrim.pipeline.search import run_search
 from vitrim.pipeline.stages.teacher import load_teacher
 
 
@@ -203,7 +203,7 @@ def main() -> int:
         atomic_write_json(out / "probes.json", probes)
 
     # Fine-tune every matched architecture with the same KD recipe.
-    from vitrim.pipeline.stages.distill import make_kd_fn
+    from vitrim.pipeline.core.distill import make_kd_fn
     from vitrim.pipeline.stages.finetune import finetune, train_spec
     from vitrim.pipeline.core.trainer import train
 

@@ -11,7 +11,7 @@ latency does not depend on the weight values):
 3. search a 50% plan and measure its speedup against the LUT's prediction. With
    random weights there is no data to score on, so the search is the
    ``magnitude`` strategy's selection (knapsack on L1 magnitude per ms saved,
-   :func:`vitrim.pipeline.stages.search.prune_to` + ``refill``) with no KD steps.
+   :func:`vitrim.pipeline.search.prune_to` + ``refill``) with no KD steps.
 
     .venv/bin/python benchmarks/deit_shapes.py --out runs/deit_shapes
 
@@ -36,8 +36,7 @@ from vitrim.pipeline.core.io import atomic_write_json
 from vitrim.pipeline.core.models import canonical_state, describe
 from vitrim.pipeline.core.plan import Floors, Plan
 from vitrim.pipeline.core.slicing import full_size_compact
-from vitrim.pipeline.stages.saliency import magnitude_scores
-from vitrim.pipeline.stages.search import LatencyCost, prune_to, refill
+from vitrim.pipeline.search import LatencyCost, prune_to, refill, relative_magnitude
 from vitrim.profiling.table import LatencyTable
 from vitrim.profiling.build import build_lut
 from vitrim.profiling.validate import measure_plans, validate_lut
@@ -56,11 +55,10 @@ def magnitude_plan(teacher, lut, fraction: float) -> Plan:
     strategy's selection (random weights leave no data to score on): knapsack on L1 magnitude per ms saved,
     then refill; no block skipping (magnitude has no block score on the groups' scale)."""
     compact, full = full_size_compact(teacher)
-    scores = {k: v / (v.mean() + 1e-12) for k, v in magnitude_scores(compact).items()}
+    scores = relative_magnitude(compact)
     cost = LatencyCost(lut)
     budget = fraction * cost.predict(full)
-    plan, removed = prune_to(full, scores, cost, budget, "knapsack", SearchConfig(prune_blocks=False),
-                             lut.grid.embed[0])
+    plan, removed = prune_to(full, scores, cost, budget, SearchConfig(prune_blocks=False), lut.grid.embed[0])
     return refill(plan, removed, cost, budget)[0]
 
 

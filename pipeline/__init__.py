@@ -1,9 +1,12 @@
-"""``vitrim.pipeline``: the model side of vitrim, in two layers.
+"""``vitrim.pipeline``: the model side of vitrim, in three layers.
 
 * :mod:`vitrim.pipeline.core` - below ``export``: config, data, the timm adapter,
-  the Plan, CompactViT, slicing, the training loop, atomic I/O, errors.
-* :mod:`vitrim.pipeline.stages` - above ``profiling``: teacher, profile, search,
-  fine-tune and the ``run`` orchestration; :mod:`vitrim.pipeline.cli` is the command.
+  the Plan, CompactViT, slicing, the training loop and KD loss, the RunDir, atomic I/O, errors.
+* :mod:`vitrim.pipeline.search` - above ``profiling``: the search algorithms (a registry of
+  strategies, group keys, costs, saliency, selection, the closed loop); no files, CLI or plots.
+* :mod:`vitrim.pipeline.stages` - the top: one module per subcommand (teacher, profile, search,
+  slice, fine-tune, release, run); :mod:`vitrim.pipeline.report` writes the run's report and
+  :mod:`vitrim.pipeline.cli` is the command.
 
 This namespace only re-exports the error types so the import stays cheap and
 free of optional backends.

@@ -37,7 +37,7 @@ plan computes (tested for every gate kind, alone and combined, to 1e-5):
   (``g**depth``), inflating ``dL/dgate`` several-fold; this way the embedding
   score is on the scale of the other gates' (all are first-order estimates of
   the loss change of removing the unit; NViT saliency,
-  :mod:`vitrim.pipeline.stages.saliency`).
+  :mod:`vitrim.pipeline.search.saliency`).
 
 With a keep-everything plan and no gates the forward runs exactly timm's ops on
 exactly timm's tensors, so the outputs are bit-identical (pinned by a test).

@@ -51,6 +51,11 @@ class Floors:
     v: int = 8
     mlp: int = 16
 
+    @classmethod
+    def from_config(cls, search) -> "Floors":
+        """The floors a search config sets (``search.min_heads``, ``min_qk``, ``min_v``, ``min_mlp``)."""
+        return cls(heads=search.min_heads, qk=search.min_qk, v=search.min_v, mlp=search.min_mlp)
+
 
 @dataclass
 class BlockPlan:

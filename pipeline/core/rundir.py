@@ -20,6 +20,11 @@ The layout of a ``vitrim run`` directory::
     verdict.json  manifest.json.sig            every gate's figure, threshold, pass/fail and exit code; the
                                                manifest's detached Ed25519 signature (``vitrim sign``)
     summary.json  report.md  curve.{csv,png}   the run's summary, its report, the latency-accuracy curve
+
+``vitrim run`` gives some stages a directory of their own inside it, laid out
+the same way: ``search/`` (the search's plan, log, plot, weights and closed
+loop), ``finetune/`` (the trainer's checkpoint), ``teacher/`` (the teacher's
+release, timed beside the student) and ``int8_recovery/``.
 """
 from __future__ import annotations
 
@@ -159,6 +164,31 @@ class RunDir:
     @property
     def curve_plot(self) -> Path:
         return self.root / "curve.png"
+
+    # a `vitrim run` directory's own sub-directories (each a RunDir)
+    @property
+    def search_dir(self) -> "RunDir":
+        """The search stage's outputs: plan, search log, widths plot, adapted weights, closed loop."""
+        return RunDir(self.root / "search")
+
+    @property
+    def finetune_dir(self) -> "RunDir":
+        """The fine-tune's resumable trainer state (its ``checkpoint``)."""
+        return RunDir(self.root / "finetune")
+
+    @property
+    def teacher_dir(self) -> "RunDir":
+        """The teacher's release, measured and reported beside the student's."""
+        return RunDir(self.root / "teacher")
+
+    @property
+    def int8_recovery_dir(self) -> "RunDir":
+        """The int8-recovery pass: its trainer state and the recovered student."""
+        return RunDir(self.root / "int8_recovery")
+
+    def curve_run(self, method: str, budget: float) -> "RunDir":
+        """The run directory of one point of ``vitrim curve`` (a strategy at a budget)."""
+        return RunDir(self.root / f"{method}_{budget:g}")
 
     def verdicts(self) -> tuple[Path, ...]:
         """Files that state a verdict; removed before a stage that re-decides them runs."""

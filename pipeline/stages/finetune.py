@@ -1,15 +1,15 @@
 """Fine-tune a sliced student with knowledge distillation from the original.
 
 A sliced model recovers accuracy only by fine-tuning with distillation (NViT,
-UVC and ViT-Slim all do). The loss is :func:`vitrim.pipeline.stages.distill.kd_loss`; the
+UVC and ViT-Slim all do). The loss is :func:`vitrim.pipeline.core.distill.kd_loss`; the
 loop is :func:`vitrim.pipeline.core.trainer.train` (AdamW + cosine, clipping, optional EMA,
 AMP on CUDA, torchrun/DDP, atomic per-epoch checkpoints, exact resume,
-SIGTERM-safe). Output: ``student.safetensors`` + ``plan.json``.
+SIGTERM-safe). Output: the student's weights and plan, and the fine-tune's log, in a
+:class:`~vitrim.pipeline.core.rundir.RunDir` (the trainer's checkpoint in its ``finetune_dir``).
 """
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -18,10 +18,11 @@ from vitrim.pipeline.core.compact import CompactViT
 from vitrim.pipeline.core.config import RunConfig
 from vitrim.pipeline.core.device import init_distributed, resolve_device
 from vitrim.pipeline.core.errors import UserError
-from vitrim.pipeline.stages.distill import make_kd_fn
+from vitrim.pipeline.core.distill import make_kd_fn
 from vitrim.pipeline.core.evaluate import top1
 from vitrim.pipeline.core.io import atomic_write_json
 from vitrim.pipeline.core.plan import Plan
+from vitrim.pipeline.core.rundir import RunDir
 from vitrim.pipeline.core.slicing import save_compact
 from vitrim.pipeline.core.device import dist_info
 from vitrim.pipeline.core.trainer import TrainResult, TrainSpec, train
@@ -41,19 +42,19 @@ def finetune(cfg: RunConfig, teacher: torch.nn.Module, student: CompactViT, plan
         student.distilled_training = True  # train both heads
     kd = make_kd_fn(teacher, f.alpha, f.temperature, f.label_smoothing)
     spec = train_spec(cfg)
-    out = Path(out_dir)
+    rd = RunDir(out_dir)
 
     def val_fn(m):
         return top1(m, splits.val, cfg.data.eval_batch_size, device, workers=cfg.data.workers)
 
-    res = train(student, kd, splits.train, spec, out / "finetune", val_fn=val_fn, resume=resume, device=device,
+    res = train(student, kd, splits.train, spec, rd.finetune_dir.root, val_fn=val_fn, resume=resume, device=device,
                 desc="finetune", log=log, stop_after=stop_after)
     student.distilled_training = False
     rank, _, _ = dist_info()
     if rank == 0 and not res.interrupted:
         student.to("cpu").eval()
-        save_compact(student, plan, out)
-        atomic_write_json(out / "finetune_log.json", {"history": res.history, "wall_s": round(res.wall_s, 1),
+        save_compact(student, plan, rd.root)
+        atomic_write_json(rd.finetune_log, {"history": res.history, "wall_s": round(res.wall_s, 1),
                                                        "resumed_from": res.resumed_from, "epochs": f.epochs})
     return res
 

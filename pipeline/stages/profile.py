@@ -16,11 +16,6 @@ from vitrim.pipeline.core.errors import UserError
 from vitrim.pipeline.core.plan import Floors, Plan
 
 
-def floors(cfg: RunConfig) -> Floors:
-    s = cfg.search
-    return Floors(heads=s.min_heads, qk=s.min_qk, v=s.min_v, mlp=s.min_mlp)
-
-
 def lut_tokens(cfg: RunConfig, spec: dict) -> Optional[list[int]]:
     """The LUT's token axis: the counts token merges reach when the search merges tokens, else None (input only)."""
     from vitrim.profiling.table import token_axis
@@ -63,7 +58,7 @@ def stage_profile(cfg: RunConfig, spec: dict, rebuild: bool = False, progress: b
             log(f"[profile] reusing LUT {path} ({want.key()})")
             return LatencyTable.load(path, expect=want), path
         log(f"[profile] rebuilding cached LUT {path}: {stale}")
-    lut = build_lut(spec, target, cfg.profile, floors(cfg), cfg.search.align, path, progress=progress, log=log,
+    lut = build_lut(spec, target, cfg.profile, Floors.from_config(cfg.search), cfg.search.align, path, progress=progress, log=log,
                     tokens=lut_tokens(cfg, spec))
     return lut, path
 
@@ -80,7 +75,7 @@ def _stale_reason(path: Path, cfg: RunConfig, spec: dict, target: Target, want) 
         return str(e).splitlines()[0]
     if lut.spec != spec:
         return "built for another teacher"
-    grid = Grid.for_spec(spec, cfg.profile, floors(cfg), max(cfg.search.align, target.align), lut_tokens(cfg, spec))
+    grid = Grid.for_spec(spec, cfg.profile, Floors.from_config(cfg.search), max(cfg.search.align, target.align), lut_tokens(cfg, spec))
     if asdict(lut.grid) != asdict(grid):
         return "the profile grid settings changed"
     m = lut.meta

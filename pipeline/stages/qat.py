@@ -92,7 +92,7 @@ def recover_int8(cfg: RunConfig, teacher: nn.Module, student: nn.Module, train_s
                  device: str = "cpu", log: Callable[[str], None] = print) -> dict:
     """KD with int8 fake-quant on ``student`` (in place); returns what was done, for the manifest."""
     from vitrim.pipeline.core.trainer import TrainSpec, train
-    from vitrim.pipeline.stages.distill import make_kd_fn
+    from vitrim.pipeline.core.distill import make_kd_fn
 
     e, f = cfg.export, cfg.finetune
     steps = e.int8_recovery_steps
@@ -122,15 +122,16 @@ def release_student(cfg: RunConfig, teacher: nn.Module, student: nn.Module, plan
                     predicted_ms=None, device: str = "cpu", log: Callable[[str], None] = print) -> dict:
     """Release the student; an int8 engine that fails the gate gets one recovery pass and is re-gated.
 
-    The recovered weights are written to ``OUT/int8_recovery/`` (the fine-tuned fp32 student in ``OUT``
-    is left as it was) and the manifest records the pass and both gates' figures.
+    The recovered weights are written to the run's ``int8_recovery_dir`` (the fine-tuned fp32 student in
+    ``OUT`` is left as it was) and the manifest records the pass and both gates' figures.
     """
     from vitrim.export.parity import ParityError
     from vitrim.export.release import release_from_config
+    from vitrim.pipeline.core.rundir import RunDir
     from vitrim.pipeline.core.slicing import save_compact
 
     out = Path(out_dir)
-    rec_dir = out / "int8_recovery"
+    rec = RunDir(out).int8_recovery_dir
     kw = dict(plan=plan, predicted_ms=predicted_ms, name="student", calib_set=splits.val, log=log,
               preprocessing=splits.preprocessing)
     try:
@@ -141,13 +142,13 @@ def release_student(cfg: RunConfig, teacher: nn.Module, student: nn.Module, plan
         before = e.report
     log(f"[int8-recovery] the int8 engine failed the gate (top-1 {before['engine_top1']:.2f}% against "
         f"{before['torch_top1']:.2f}% in fp32 torch, agreement {100 * before['top1_agreement']:.2f}%); recovering")
-    info = recover_int8(cfg, teacher, student, splits.train, rec_dir, device=device, log=log)
-    (rec_dir / "checkpoint.pt").unlink(missing_ok=True)
-    save_compact(student, plan, rec_dir)
+    info = recover_int8(cfg, teacher, student, splits.train, rec.root, device=device, log=log)
+    rec.checkpoint.unlink(missing_ok=True)
+    save_compact(student, plan, rec.root)
     info["before"] = {k: before.get(k) for k in ("torch_top1", "engine_top1", "top1_agreement", "failures")}
     try:
         res = release_from_config(cfg, student, out, splits.test, baseline_top1=before["torch_top1"],
-                                  manifest_extra={"int8_recovery": info}, weights=rec_dir / "student.safetensors", **kw)
+                                  manifest_extra={"int8_recovery": info}, weights=rec.student, **kw)
     except ParityError as e2:
         raise ParityError(f"{e2}\n  (after {info['steps']} int8-recovery steps; raise export.int8_recovery_steps "
                           f"or set target.quant.mode=dynamic / precision=fp32)", e2.report) from None

@@ -12,16 +12,15 @@ from pathlib import Path
 from typing import Callable
 
 from vitrim.pipeline.core.config import RunConfig, config_hash, save_resolved
-from vitrim.pipeline.core.io import atomic_write_json, atomic_write_text
-
-STAGES_FILE = "stages.json"
+from vitrim.pipeline.core.io import atomic_write_json
+from vitrim.pipeline.core.rundir import RunDir
 
 
 class StageCache:
-    """``out/stages.json``: the input hash each stage last completed with."""
+    """The run's ``stages`` file: the input hash each stage last completed with."""
 
-    def __init__(self, out: Path):
-        self.path = out / STAGES_FILE
+    def __init__(self, rd: RunDir):
+        self.path = rd.stages
         self.data = json.loads(self.path.read_text()) if self.path.is_file() else {}
 
     def fresh(self, stage: str, h: str, outputs: list[Path]) -> bool:
@@ -41,7 +40,7 @@ class StageCache:
 
 
 def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: bool = True) -> dict:
-    """Run every stage for one config; returns the summary written to ``summary.json``."""
+    """Run every stage for one config; returns the summary it writes."""
     from vitrim.pipeline.core.data import build_splits
     from vitrim.pipeline.core.evaluate import top1
     from vitrim.pipeline.stages.finetune import finetune
@@ -50,8 +49,10 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
     from vitrim.pipeline.core.slicing import load_compact, slice_model
     from vitrim.export.release import release_from_config
     from vitrim.pipeline.core.io import copy_into
+    from vitrim.pipeline.report import add_measured_budget, make_summary, write_summary
     from vitrim.pipeline.stages.profile import stage_profile
-    from vitrim.pipeline.stages.search import stage_search
+    from vitrim.pipeline.stages.search import (PairTimer, anchor_budget, stage_closed_loop, stage_search,
+                                               wants_closed_loop)
     from vitrim.pipeline.stages.teacher import load_teacher, teacher_key
 
     from vitrim.export.target import Target
@@ -65,9 +66,9 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
     splits = build_splits(cfg.data, model_cfg=cfg.model)
     prep = splits.preprocessing
     log(prep.line())
-    out = Path(cfg.out_dir)
-    for stale in ("summary.json", "report.md"):  # never leave a previous run's verdict beside a failed one
-        (out / stale).unlink(missing_ok=True)
+    rd = RunDir(cfg.out_dir)
+    for stale in (rd.summary, rd.report):  # never leave a previous run's verdict beside a failed one
+        stale.unlink(missing_ok=True)
     timings: dict = {}
 
     t0 = time.time()
@@ -84,13 +85,13 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
     if expected:
         log(expected)
     timings["teacher_s"] = round(time.time() - t0, 1)
-    out.mkdir(parents=True, exist_ok=True)
-    save_resolved(cfg, out, prep)
-    cache = StageCache(out)
+    rd.mkdir()
+    save_resolved(cfg, rd.root, prep)
+    cache = StageCache(rd)
 
     t0 = time.time()
     lut, lut_src = stage_profile(cfg, spec, progress=progress, log=log)
-    copy_into(lut_src, out / "lut.json")
+    copy_into(lut_src, rd.lut)
     timings["profile_s"] = round(time.time() - t0, 1)
 
     data_key = {k: getattr(cfg.data, k) for k in ("name", "root", "val_size", "split_seed", "train_limit", "batch_size")}
@@ -98,75 +99,74 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
     t_hash = _weights_key(tinfo.get("source")) or cfg.model.checkpoint or teacher_key(cfg)
     h_search = config_hash({"teacher": t_hash, "lut": lut.signature.key(), "lut_created": lut.meta.get("created"),
                             "search": cfg.search, "data": data_key, "kd": [cfg.finetune.alpha, cfg.finetune.temperature]})
-    search_out = out / "search"
+    search_rd = rd.search_dir
     t0 = time.time()
-    if cache.fresh("search", h_search, [search_out / "plan.json", search_out / "search_state.safetensors"]):
-        log("[search] inputs unchanged; reusing search/plan.json")
-        plan = Plan.load(search_out / "plan.json")
+    if cache.fresh("search", h_search, [search_rd.plan, search_rd.search_state]):
+        log(f"[search] inputs unchanged; reusing {search_rd.plan.relative_to(rd.root)}")
+        plan = Plan.load(search_rd.plan)
         t0 = None
     else:
         cache.invalidate("finetune")
         # issue 14: ms budgets anchored on the teacher measured now; after the search, the closed loop
         from vitrim.pipeline.core.models import canonical_state
-        from vitrim.pipeline.stages import measured
 
-        with measured.PairTimer(cfg, canonical_state(teacher), spec) as timer:
-            scfg, anchor = measured.anchor_budget(cfg, timer, log)
-            res = stage_search(scfg, teacher, lut, splits, search_out, log=log)
+        with PairTimer(cfg, canonical_state(teacher), spec) as timer:
+            scfg, anchor = anchor_budget(cfg, timer, log)
+            res = stage_search(scfg, teacher, lut, splits, search_rd.root, log=log)
             plan = res.plan
-            # uniform width scaling has no per-group scores to correct with: it keeps the search's plan
-            if measured.is_latency_budget(cfg.search) and cfg.search.strategy != "uniform":
-                plan = measured.stage_closed_loop(scfg, teacher, lut, res, splits, search_out, anchor, timer, log).plan
+            if wants_closed_loop(cfg):  # (a strategy without per-group scores keeps the search's plan)
+                plan = stage_closed_loop(scfg, teacher, lut, res, splits, search_rd.root, anchor, timer, log).plan
         cache.done("search", h_search, wall_s=round(res.wall_s, 1))
     timings["search_s"] = round(time.time() - t0, 1) if t0 else "cached"
 
     h_ft = config_hash({"search": h_search, "finetune": cfg.finetune, "data": data_key})
     t0 = time.time()
-    if cache.fresh("finetune", h_ft, [out / "student.safetensors", out / "plan.json"]):
-        log("[finetune] inputs unchanged; reusing student.safetensors")
-        student = load_compact(out)
+    if cache.fresh("finetune", h_ft, [rd.student, rd.plan]):
+        log(f"[finetune] inputs unchanged; reusing {rd.student.name}")
+        student = load_compact(rd.root)
         t0 = None
     else:
-        state = read_state_dict(search_out / "search_state.safetensors", "slice")
+        state = read_state_dict(search_rd.search_state, "slice")
         student = slice_model(state, plan)
         sliced_acc = top1(student.to(device), splits.val, cfg.data.eval_batch_size, workers=cfg.data.workers)
         student.cpu()
         log(f"[slice] {plan.num_params() / 1e6:.3f}M params, val top-1 right after slicing {sliced_acc:.2f}%")
         # an interrupted fine-tune with the same inputs resumes from its checkpoint
-        resume = (out / "finetune" / "checkpoint.pt").is_file() and cache.data.get("finetune_started") == h_ft
+        ckpt = rd.finetune_dir.checkpoint
+        resume = ckpt.is_file() and cache.data.get("finetune_started") == h_ft
         cache.mark("finetune_started", h_ft)
-        res = finetune(cfg, teacher, student, plan, splits, out, resume=resume, log=log)
+        res = finetune(cfg, teacher, student, plan, splits, rd.root, resume=resume, log=log)
         cache.done("finetune", h_ft, wall_s=round(res.wall_s, 1), sliced_val_top1=sliced_acc)
-        (out / "finetune" / "checkpoint.pt").unlink(missing_ok=True)
+        ckpt.unlink(missing_ok=True)
     timings["finetune_s"] = round(time.time() - t0, 1) if t0 else "cached"
 
     t0 = time.time()
     h_exp = config_hash({"ft": h_ft, "export": cfg.export, "target": cfg.target, "test_limit": cfg.data.test_limit})
-    if cache.fresh("export", h_exp, [out / "manifest.json"]):
-        log("[export] inputs unchanged; reusing manifest.json")
-        exp = json.loads((out / "manifest.json").read_text())
+    if cache.fresh("export", h_exp, [rd.manifest]):
+        log(f"[export] inputs unchanged; reusing {rd.manifest.name}")
+        exp = json.loads(rd.manifest.read_text())
         student_exp = {"parity": exp["parity"], "latency": exp["latency"], "params": exp["model"]["params"],
                        "int8_recovery": exp.get("int8_recovery")}
-        texp = json.loads((out / "teacher" / "manifest.json").read_text())
+        texp = json.loads(rd.teacher_dir.manifest.read_text())
         teacher_exp = {"parity": texp["parity"], "latency": texp["latency"], "params": texp["model"]["params"]}
         t0 = None
     else:
-        for stale in (out / "manifest.json", out / "teacher" / "manifest.json"):  # a failed gate leaves none behind
+        for stale in (rd.manifest, rd.teacher_dir.manifest):  # a failed gate leaves none behind
             stale.unlink(missing_ok=True)
-        teacher_exp = release_from_config(cfg, teacher, out / "teacher", splits.test, plan=Plan.full(spec),
+        teacher_exp = release_from_config(cfg, teacher, rd.teacher_dir.root, splits.test, plan=Plan.full(spec),
                                           predicted_ms=lut.predict(Plan.full(spec)),
                                           name=f"teacher {cfg.model.arch}", calib_set=splits.val,
                                           preprocessing=prep, log=log)
         from vitrim.pipeline.stages.qat import release_student  # an int8 engine failing the gate: recovery
 
-        student_exp = release_student(cfg, teacher, student, plan, splits, out, predicted_ms=lut.predict(plan),
+        student_exp = release_student(cfg, teacher, student, plan, splits, rd.root, predicted_ms=lut.predict(plan),
                                       device=device, log=log)
         cache.done("export", h_exp)
     timings["export_s"] = round(time.time() - t0, 1) if t0 else "cached"
-    onnx_name = f"model.{cfg.target.precision}.onnx" if cfg.target.precision in ("int8", "fp8") else "model.onnx"
-    same = retime_pair(cfg, out / "teacher" / onnx_name, out / onnx_name, log)
+    p = cfg.target.precision  # the graph each engine was built from (export.release names it)
+    same = retime_pair(cfg, rd.teacher_dir.engine_onnx(p), rd.engine_onnx(p), log)
 
-    summary = make_summary(cfg, spec, plan, lut, teacher_acc, teacher_exp, student_exp, out, timings)
+    summary = make_summary(cfg, spec, plan, lut, teacher_acc, teacher_exp, student_exp, rd, timings)
     summary["preprocessing"] = prep.to_dict()
     summary["expected_top1"] = cfg.model.expected_top1
     summary["int8_recovery"] = student_exp.get("int8_recovery")  # None: not needed (or not an int8 target)
@@ -175,52 +175,13 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
             summary[key]["measured_ms"], summary[key]["p90_ms"] = t.median_ms, t.p90_ms
         summary["speedup"] = same[0].median_ms / same[1].median_ms
         summary["latency_protocol"] = "teacher and student re-timed round-robin in one session"
-    from vitrim.pipeline.stages.measured import add_to_summary  # issue 14
-
-    add_to_summary(summary, out, same)
+    add_measured_budget(summary, rd, same)  # issue 14
     summary["wall_s"] = round(time.time() - t_start, 1)
-    atomic_write_json(out / "summary.json", summary)
-    write_report(out, summary)
+    write_summary(rd, summary)
     log(f"[run] teacher {summary['teacher']['measured_ms']:.2f} ms / {summary['teacher']['top1']:.2f}%  ->  "
         f"student {summary['student']['measured_ms']:.2f} ms / {summary['student']['top1']:.2f}%  "
-        f"(measured speedup {summary['speedup']:.2f}x, {summary['delta_top1']:+.2f} pt); report: {out / 'report.md'}")
+        f"(measured speedup {summary['speedup']:.2f}x, {summary['delta_top1']:+.2f} pt); report: {rd.report}")
     return summary
-
-
-def preprocessing_lines(s: dict) -> list[str]:
-    """The report's preprocessing section (issue 21): what the teacher, the student and the engine expect."""
-    p = s.get("preprocessing")
-    if not p:
-        return []
-    lines = ["## Preprocessing", "",
-             "Every figure above was measured with this input; the engine expects it too (also in `manifest.json`).",
-             "", "| field | value | from |", "|---|---|---|"]
-    for k in ("input_size", "resize", "crop_pct", "crop_mode", "interpolation", "mean", "std", "channels", "layout",
-              "dtype", "value_range"):
-        v = p.get(k)
-        v = "x".join(str(a) for a in v) if k in ("input_size", "resize") and v else v
-        src = p["sources"].get(k, "derived" if k in ("resize", "channels") else "vitrim")
-        lines.append(f"| {k} | `{v}` | {src} |")
-    lines += ["", "Steps: " + "; ".join(p["steps"]) + "."]
-    if s.get("expected_top1") is not None:
-        lines.append(f"The teacher's test top-1 ({s['teacher']['top1']:.2f}%) was checked against "
-                     f"model.expected_top1 = {s['expected_top1']:g}%.")
-    return lines + [""]
-
-
-def recovery_lines(s: dict) -> list[str]:
-    """The report's int8-recovery paragraph (issue 16), when the target is int8."""
-    if s["signature"].get("precision") != "int8":
-        return []
-    r = s.get("int8_recovery")
-    if not r:
-        return ["## int8 recovery", "", "Not needed: the int8 engine passed the gate as quantized.", ""]
-    b = r["before"]
-    return ["## int8 recovery", "",
-            f"The first int8 engine failed the gate (engine top-1 {b['engine_top1']:.2f}% against "
-            f"{b['torch_top1']:.2f}% in fp32 torch): {'; '.join(b['failures'])}. {r['steps']} KD steps with int8 "
-            f"fake-quant on {r['linear_layers']} Linear layers ({r['wall_s']:.0f} s) made the released engine "
-            "(weights in `int8_recovery/`).", ""]
 
 
 def _weights_key(source) -> str | None:
@@ -237,109 +198,38 @@ def retime_pair(cfg: RunConfig, teacher_onnx: Path, student_onnx: Path, log):
     """Median latency of teacher and student timed round-robin in one session (ORT-CPU)."""
     if cfg.target.backend != "ort-cpu" or not (teacher_onnx.is_file() and student_onnx.is_file()):
         return None
-    from vitrim.export.runners import OrtCpuRunner, time_interleaved
+    from vitrim.export.runners import OrtCpuRunner, interleaved, time_interleaved
 
     runners = [OrtCpuRunner(teacher_onnx, cfg.target.threads, cfg.target.opt_level),
                OrtCpuRunner(student_onnx, cfg.target.threads, cfg.target.opt_level)]
-    for r in runners:
-        r.activate()
-    try:
-        t, s = time_interleaved(runners, cfg.target.batch, max(60, cfg.profile.repeats), max(12, cfg.profile.rounds),
+    with interleaved(runners) as rs:
+        t, s = time_interleaved(rs, cfg.target.batch, max(60, cfg.profile.repeats), max(12, cfg.profile.rounds),
                                 cfg.profile.warmup)
-    finally:
-        for r in runners:
-            r.deactivate()
     log(f"[run] interleaved timing at batch {cfg.target.batch}: teacher {t.median_ms:.3f} ms, student {s.median_ms:.3f} ms")
     return t, s
-
-
-def make_summary(cfg, spec, plan, lut, teacher_acc, teacher_exp, student_exp, out: Path, timings: dict) -> dict:
-    from vitrim.pipeline.core.plan import Plan
-
-    full = Plan.full(spec)
-    t_ms, s_ms = teacher_exp["latency"]["median_ms"], student_exp["latency"]["median_ms"]
-    s_acc = student_exp["parity"]["torch_top1"]
-    search_log = json.loads((out / "search" / "search_log.json").read_text()) if (out / "search" / "search_log.json").is_file() else {}
-    return {
-        "name": cfg.name, "signature": lut.signature.to_dict(), "budget": search_log.get("budget_desc"),
-        "strategy": cfg.search.strategy,
-        "teacher": {"params": full.num_params(), "macs": full.macs(), "predicted_ms": lut.predict(full),
-                    "measured_ms": t_ms, "p90_ms": teacher_exp["latency"]["p90_ms"], "top1": teacher_acc,
-                    "engine_top1": teacher_exp["parity"]["engine_top1"],
-                    "parity_agreement": teacher_exp["parity"]["top1_agreement"]},
-        "student": {"params": plan.num_params(), "macs": plan.macs(), "predicted_ms": lut.predict(plan),
-                    "measured_ms": s_ms, "p90_ms": student_exp["latency"]["p90_ms"], "top1": s_acc,
-                    "engine_top1": student_exp["parity"]["engine_top1"],
-                    "parity_agreement": student_exp["parity"]["top1_agreement"],
-                    "parity_max_absdiff": max(o["max_absdiff"] for o in student_exp["parity"]["outputs"].values())},
-        "speedup": t_ms / s_ms, "delta_top1": s_acc - teacher_acc, "timings": timings,
-        "search_log": search_log.get("steps", []), "plan_summary": plan.summary(),
-    }
-
-
-def write_report(out: Path, s: dict) -> None:
-    from vitrim.pipeline.stages.measured import report_lines  # issue 14
-
-    t, st = s["teacher"], s["student"]
-    sig = s["signature"]
-    rows = [
-        ("params (M)", f"{t['params'] / 1e6:.3f}", f"{st['params'] / 1e6:.3f}"),
-        ("MACs / image (M)", f"{t['macs'] / 1e6:.1f}", f"{st['macs'] / 1e6:.1f}"),
-        ("predicted latency (ms, LUT)", f"{t['predicted_ms']:.3f}", f"{st['predicted_ms']:.3f}"),
-        ("measured latency (ms, median)", f"{t['measured_ms']:.3f}", f"{st['measured_ms']:.3f}"),
-        ("measured latency (ms, p90)", f"{t['p90_ms']:.3f}", f"{st['p90_ms']:.3f}"),
-        ("test top-1 (%, torch)", f"{t['top1']:.2f}", f"{st['top1']:.2f}"),
-        ("test top-1 (%, engine)", f"{t['engine_top1']:.2f}", f"{st['engine_top1']:.2f}"),
-        ("engine/torch top-1 agreement (%)", f"{100 * t['parity_agreement']:.2f}", f"{100 * st['parity_agreement']:.2f}"),
-    ]
-    lines = [f"# vitrim report: {s['name']}", "",
-             f"Target: `{sig['backend']}/{sig['precision']}` on **{sig['device']}** ({sig['engine_version']}), "
-             f"batch {sig['batch']}, {sig['tokens']} tokens, {sig['threads']} threads.  ",
-             f"Strategy `{s['strategy']}`, budget {s['budget']}.", "",
-             f"**Measured speedup {s['speedup']:.2f}x at {s['delta_top1']:+.2f} pt top-1.**", "",
-             "| | teacher | student |", "|---|---:|---:|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    lines += ["", "## Where the widths survived", "", "![widths](search/widths.png)", "",
-              "```", s["plan_summary"], "```", "", "## Search log", "",
-              "| step | predicted (ms) | val top-1 after short KD (%) | removed groups |", "|---:|---:|---:|---|"]
-    for r in s["search_log"]:
-        acc = "" if r.get("val_top1") is None else f"{r['val_top1']:.2f}"
-        lines.append(f"| {r['step']} | {r['cost']:.3f} | {acc} | {r.get('removed') or ''} |")
-    lines += ["", "## Predicted vs measured", "",
-              f"Teacher: predicted {t['predicted_ms']:.3f} ms, measured {t['measured_ms']:.3f} ms "
-              f"({100 * (t['predicted_ms'] - t['measured_ms']) / t['measured_ms']:+.1f}%).  ",
-              f"Student: predicted {st['predicted_ms']:.3f} ms, measured {st['measured_ms']:.3f} ms "
-              f"({100 * (st['predicted_ms'] - st['measured_ms']) / st['measured_ms']:+.1f}%).", "",
-              *report_lines(s), "",  # issue 14
-              *recovery_lines(s),
-              *preprocessing_lines(s),
-              "## Stage times (s)", "", "| " + " | ".join(s["timings"]) + " |",
-              "|" + "---:|" * len(s["timings"]), "| " + " | ".join(str(v) for v in s["timings"].values()) + " |", "",
-              "Artifacts: `model.onnx`, `model.ort.onnx` (engine), `student.safetensors`, `plan.json`, `lut.json`, "
-              "`parity.json`, `manifest.json` (verify with `vitrim verify-manifest`), `resolved_config.yaml`."]
-    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
 
 
 def run_curve(cfg: RunConfig, budgets: list[float], baselines: list[str], log: Callable[[str], None] = print) -> list[dict]:
     """Run the pipeline per budget (and per baseline strategy), sharing the teacher and the LUT.
 
-    Writes ``<out_dir>/curve.csv`` and ``curve.png``.
+    Writes the curve (CSV and plot) into ``out_dir``.
     """
     import copy
 
+    from vitrim.pipeline.search import strategy
     from vitrim.profiling.curve import write_curve
 
-    base = Path(cfg.out_dir)
+    base = RunDir(cfg.out_dir)
     rows: list[dict] = []
     teacher_row = None
     for method in [cfg.search.strategy] + [b for b in baselines if b != cfg.search.strategy]:
         for b in budgets:
             c = copy.deepcopy(cfg)
             c.search.strategy = method
-            c.search.prune_tokens = cfg.search.prune_tokens and method in ("knapsack", "nvit")  # others merge none
+            c.search.prune_tokens = cfg.search.prune_tokens and strategy(method).merges_tokens  # others merge none
             c.search.budget_fraction, c.search.budget_ms = b, None
             c.search.flops_fraction = c.search.params_fraction = None
-            c.out_dir = str(base / f"{method}_{b:g}")
+            c.out_dir = str(base.curve_run(method, b).root)
             c.name = f"{cfg.name}/{method}@{b:g}"
             log(f"[curve] {method} at {b:g} of the teacher's latency -> {c.out_dir}")
             try:
@@ -361,6 +251,6 @@ def run_curve(cfg: RunConfig, budgets: list[float], baselines: list[str], log: C
                            "params": t["params"], "macs": t["macs"], "speedup": 1.0, "delta_top1": 0.0}
     if teacher_row:
         rows.insert(0, teacher_row)
-    csv_p, png_p = write_curve(rows, base, f"{cfg.name}: measured latency vs test top-1")
+    csv_p, png_p = write_curve(rows, base.root, f"{cfg.name}: measured latency vs test top-1")
     log(f"[curve] wrote {csv_p} and {png_p}")
     return rows

@@ -115,7 +115,7 @@ def test_stratified_validation_plans_fall_in_the_requested_range(tiny_lut):
     t = lut.predict(Plan.full(lut.spec))
     # the tiny teacher (depth 2) cannot go below ~50-70% of itself (the measured LUT decides): ask for a range
     # starting above its smallest plan
-    from vitrim.pipeline.stages.search import floor_plan
+    from vitrim.pipeline.search import floor_plan
 
     smallest = lut.predict(floor_plan(lut.spec, Floors(), lut.grid.embed[0], 1, 8)) / t
     lo, hi = max(0.6, smallest + 0.05), 0.95

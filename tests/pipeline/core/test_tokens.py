@@ -14,8 +14,7 @@ from vitrim.pipeline.core.errors import UserError
 from vitrim.pipeline.core.models import describe
 from vitrim.pipeline.core.plan import Plan
 from vitrim.pipeline.core.slicing import slice_model
-from vitrim.pipeline.stages.saliency import attach_gates, detach_gates
-from vitrim.pipeline.stages.search import masks_from_plan
+from vitrim.pipeline.search import attach_gates, detach_gates, masks_from_plan
 from tests.conftest import TINY_KW, random_init
 
 # 35 px / 7 = a 5x5 grid (odd sides), with a class token, for the odd-grid cases

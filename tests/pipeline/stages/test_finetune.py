@@ -117,7 +117,7 @@ def test_torchrun_two_processes_gloo(setup):
 
 def _kd_fit(student, teacher, tmp_path) -> dict:
     """The student's KL to the teacher (T=2) and its top-1 agreement with it on the held-out test split."""
-    from vitrim.pipeline.stages.distill import kd_term
+    from vitrim.pipeline.core.distill import kd_term
 
     test = build_splits(load_config(tmp_path / "c.yaml").data).test
     x, _ = test[list(range(len(test)))]

@@ -1,4 +1,5 @@
-"""The closed loop: a LUT whose ratios are off by a planted 10% is corrected in one round."""
+"""The closed loop (pipeline/search/closed_loop.py): a LUT whose ratios are off by a planted 10% is corrected in one
+round; a loop that does not converge keeps the closest measured plan."""
 import numpy as np
 import pytest
 import timm
@@ -8,8 +9,7 @@ from vitrim.export.target import Target
 from vitrim.pipeline.core.config import ProfileConfig, SearchConfig
 from vitrim.pipeline.core.models import describe
 from vitrim.pipeline.core.plan import Floors, Plan
-from vitrim.pipeline.stages.measured import closed_loop
-from vitrim.pipeline.stages.search import LatencyCost, masks_from_plan, prune_to, refill
+from vitrim.pipeline.search import WIDTH_DIMS, GroupKey, LatencyCost, closed_loop, masks_from_plan, prune_to, refill
 from vitrim.profiling.table import Grid, LatencyTable
 
 DEMO_KW = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=64, depth=8, num_heads=4,
@@ -37,11 +37,11 @@ def test_closed_loop_converges_in_one_round_when_the_lut_is_off_by_10pct(off):
     g = torch.Generator().manual_seed(0)
     scores = {k: torch.rand(v.shape, generator=g) + 0.1 for k, v in masks_from_plan(Plan.full(spec)).items()}
     for i in range(spec["depth"]):  # a block is as important as all of its groups together
-        scores[f"b{i}.block"] = sum(scores[f"b{i}.{d}"].sum() for d in ("heads", "qk", "v", "mlp")).reshape(1)
+        scores[GroupKey("block", i)] = sum(scores[GroupKey(d, i)].sum() for d in WIDTH_DIMS).reshape(1)
     t_pred = lut.predict(Plan.full(spec))
     requested = 0.5
     cost = LatencyCost(lut)
-    plan, removed = prune_to(Plan.full(spec), scores, cost, requested * t_pred, "knapsack", cfg, lut.grid.embed[0])
+    plan, removed = prune_to(Plan.full(spec), scores, cost, requested * t_pred, cfg, lut.grid.embed[0])
     plan, _ = refill(plan, removed, cost, requested * t_pred)
     plan.meta = {"budget": requested * t_pred, "unit": "ms"}
 
@@ -60,56 +60,10 @@ def test_closed_loop_converges_in_one_round_when_the_lut_is_off_by_10pct(off):
     res.plan.validate(Floors())
 
 
-def test_width_only_plans_keep_every_block_through_real_corrections(fmnist_dir, tiny_lut):
-    """A magnitude plan (width-only), measured for real on ORT and found too slow for the requested ratio, is
-    corrected under its strategy's constraints: every block stays, for magnitude and for slim; the same
-    correction under the config as it stands (prune_blocks on) would have dropped a block."""
-    from vitrim.pipeline.core.config import DataConfig, load_config
-    from vitrim.pipeline.core.data import build_splits
-    from vitrim.pipeline.core.models import canonical_state
-    from vitrim.pipeline.core.slicing import full_size_compact
-    from vitrim.pipeline.stages.measured import PairTimer, correct_plan
-    from vitrim.pipeline.stages.saliency import magnitude_scores
-    from vitrim.pipeline.stages.search import run_search
-    from tests.conftest import TINY_KW
-    from tests.pipeline.stages.test_search import teacher
-
-    lut, _ = tiny_lut
-    data = build_splits(DataConfig(root=fmnist_dir, train_limit=256, val_limit=64, test_limit=64))
-    t = teacher(seed=2)
-    res = run_search(t, full_size_compact(t)[0], lut, SearchConfig(strategy="magnitude", steps=1, kd_iters=1,
-                     budget_fraction=0.9, prune_blocks=True), data.train, data.val, batch_size=64, log=lambda m: None)
-    assert all(b.keep for b in res.plan.blocks)  # the baseline searched width-only
-    student, _ = full_size_compact(t)
-    student.load_state_dict(res.state)
-    scores = {k: v / (v.mean() + 1e-12) for k, v in magnitude_scores(student).items()}
-    e_min = lut.grid.embed[0]
-    cfg = load_config(None, ["target.batch=4", "target.threads=1", "model.arch=vit_tiny_patch16_224"])
-    requested = 0.3  # far below what any width-only plan of this tiny model measures: the loop must prune
-    with PairTimer(cfg, canonical_state(t), lut.spec) as timer:
-        for strategy in ("magnitude", "slim"):
-            scfg = SearchConfig(strategy=strategy, measured_rounds=1)  # prune_blocks: true, as configured
-            measured = []
-
-            def measure(p):
-                measured.append(p.copy())
-                return timer(p, res.state)
-
-            loop = closed_loop(res.plan, lut, requested, measure, scores, scfg, e_min, log=lambda m: None)
-            r0 = loop.rounds[0]
-            assert r0["measured_ratio"] > requested * (1 + scfg.measured_tolerance)
-            assert len(measured) == 2 and lut.predict(measured[1]) < lut.predict(measured[0])  # it corrected
-            assert all(b.keep for p in measured for b in p.blocks) and all(b.keep for b in loop.plan.blocks)
-    # the positive control: the same correction, blocks allowed, skips one
-    budget = r0["corrected_budget_ratio"] * lut.predict(Plan.full(lut.spec))
-    free = correct_plan(res.plan, lut, scores, SearchConfig(strategy="knapsack"), e_min, budget)
-    assert not all(b.keep for b in free.blocks)
-
-
 def test_a_loop_that_does_not_converge_keeps_the_closest_measured_plan_and_says_so():
     """The selection, with a deterministic measure (the timer is not what is tested): misses of +16.7%, +3.3%,
     -16.7%, -8.3% around 60% (tolerance 3%) keep round 1's plan, not the last one, and report non-convergence."""
-    from vitrim.pipeline.stages.measured import report_lines
+    from vitrim.pipeline.report import measured_budget_lines
 
     spec = describe(timm.create_model("vit_tiny_patch16_224", **DEMO_KW))
     lut = hand_made_lut(spec)
@@ -118,7 +72,7 @@ def test_a_loop_that_does_not_converge_keeps_the_closest_measured_plan_and_says_
     scores = {k: torch.rand(v.shape, generator=g) + 0.1 for k, v in masks_from_plan(Plan.full(spec)).items()}
     t_pred = lut.predict(Plan.full(spec))
     cost = LatencyCost(lut)
-    plan, removed = prune_to(Plan.full(spec), scores, cost, 0.6 * t_pred, "knapsack", cfg, lut.grid.embed[0])
+    plan, removed = prune_to(Plan.full(spec), scores, cost, 0.6 * t_pred, cfg, lut.grid.embed[0])
     plan.meta = {"budget": 0.6 * t_pred, "unit": "ms"}
     ratios, measured, logs = iter([0.70, 0.62, 0.50, 0.55]), [], []
 
@@ -130,7 +84,7 @@ def test_a_loop_that_does_not_converge_keeps_the_closest_measured_plan_and_says_
     assert not res.converged and len(measured) >= 3  # (a correction may repeat a measured plan: the loop stops)
     assert res.plan.to_dict() == measured[1].to_dict() != measured[-1].to_dict()
     assert any("not converge" in m.lower() and "round 1" in m for m in logs)
-    text = "\n".join(report_lines({"measured_budget": {"requested": 0.6, "tolerance": cfg.measured_tolerance,
+    text = "\n".join(measured_budget_lines({"measured_budget": {"requested": 0.6, "tolerance": cfg.measured_tolerance,
                                                        "converged": res.converged, "chosen_round": res.chosen_round,
                                                        "rounds": res.rounds}}))
     assert "did not converge" in text and "round 1's" in text

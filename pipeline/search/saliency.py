@@ -12,7 +12,9 @@ batch. All scores are then estimates of the same quantity, a change in loss, so
 heads, QK/V dims, MLP neurons, embedding channels and blocks are comparable
 without per-type rescaling; groups of several units add their unit scores.
 
-``magnitude_scores`` gives the L1 baseline (mean |w| of each unit's weights).
+``magnitude_scores`` gives the L1 baseline (mean |w| of each unit's weights);
+:func:`relative_magnitude` puts each group's on one scale (the search, the
+closed loop's corrections and the benchmarks all use it).
 
 Token merges (:func:`merge_scores`) have no gate: a merge changes the token
 count, not a weight. There are few of them (boundaries x 3 types), so their
@@ -39,30 +41,42 @@ import torch
 from torch import nn
 
 from vitrim.pipeline.core.compact import CompactViT
+from vitrim.pipeline.search.groups import EMBED, Candidate, GroupKey
 
-KINDS = ("heads", "qk", "v", "mlp")
 
+def attach_gates(model: CompactViT, masks: dict | None = None) -> dict[GroupKey, torch.Tensor]:
+    """Put gate tensors (ones) on every prunable group of ``model``; returns {group: tensor}.
 
-def attach_gates(model: CompactViT, masks: dict | None = None) -> dict:
-    """Put gate tensors on every prunable unit; returns {name: tensor}.
-
-    Names: ``embed``, ``b{j}.heads|qk|v|mlp|block`` (j = index into model.blocks).
-    ``masks`` (same names, 0/1 tensors) sets pruned units to 0.
+    Groups: the embedding, each block's heads, QK, V and MLP, each whole block (block j = model.blocks[j]).
+    ``masks`` (same keys, 0/1 tensors: :func:`~vitrim.pipeline.search.groups.masks_from_plan`) sets pruned
+    units to 0.
     """
     dev = next(model.parameters()).device  # gates live where the model runs (CUDA in a GPU search)
-    gates = {"embed": torch.ones(model.embed_dim, device=dev)}
-    model.gate_embed = gates["embed"]
+    gates = {EMBED: torch.ones(model.embed_dim, device=dev)}
     for j, blk in enumerate(model.blocks):
         a = blk.attn
-        gates[f"b{j}.heads"] = a.gate_head = torch.ones(a.heads, device=dev)
-        gates[f"b{j}.qk"] = a.gate_qk = torch.ones(a.qk, device=dev)
-        gates[f"b{j}.v"] = a.gate_v = torch.ones(a.v, device=dev)
-        gates[f"b{j}.mlp"] = blk.mlp.gate = torch.ones(blk.mlp.fc1.out_features, device=dev)
-        gates[f"b{j}.block"] = blk.gate = torch.ones(1, device=dev)
+        for dim, n in (("heads", a.heads), ("qk", a.qk), ("v", a.v), ("mlp", blk.mlp.fc1.out_features), ("block", 1)):
+            gates[GroupKey(dim, j)] = torch.ones(n, device=dev)
+    for key, g in gates.items():
+        set_gate(model, key, g)
     if masks:
         for k, m in masks.items():
             gates[k].copy_(m)
     return gates
+
+
+def set_gate(model: CompactViT, key: GroupKey, value: torch.Tensor | None) -> None:
+    """Install ``value`` as the gate of group ``key`` on ``model`` (None removes it)."""
+    if key.dim == "embed":
+        model.gate_embed = value
+        return
+    blk = model.blocks[key.block]
+    if key.dim == "block":
+        blk.gate = value
+    elif key.dim == "mlp":
+        blk.mlp.gate = value
+    else:
+        setattr(blk.attn, {"heads": "gate_head", "qk": "gate_qk", "v": "gate_v"}[key.dim], value)
 
 
 def detach_gates(model: CompactViT) -> None:
@@ -97,37 +111,37 @@ def hessian_scores(model: CompactViT, gates: dict, loss_fn: Callable[[nn.Module,
 
 
 @torch.no_grad()
-def _mean_loss(model: nn.Module, loss_fn, batches) -> float:
+def mean_loss(model: nn.Module, loss_fn, batches) -> float:
+    """The mean of ``loss_fn`` over ``batches`` (no gradients)."""
     return float(sum(float(loss_fn(model, x, y)) for x, y in batches) / max(1, len(batches)))
 
 
 @torch.no_grad()
-def merge_scores(model: CompactViT, gates: dict, loss_fn, batches: list, merges: dict, options: list,
-                 groups: list) -> tuple[dict, dict]:
-    """Saliency of each token merge in ``options`` [(block, type)], on the gate saliencies' scale.
+def merge_scores(model: CompactViT, gates: dict, loss_fn, batches: list, merges: dict[int, str],
+                 options: list[GroupKey], groups: list[Candidate]) -> tuple[dict[GroupKey, float], dict]:
+    """Saliency of each token merge in ``options`` (merge keys), on the gate saliencies' scale.
 
     ``merges``: the merges already in the plan (installed on ``model``); ``groups``:
     search candidates (width groups, blocks, embedding) whose direct loss change
     ``d`` calibrates ``scale = median(saliency / d**2)``; a merge with loss change
-    ``d`` scores ``scale * d**2``. Returns ({(block, type): saliency}, a log record).
+    ``d`` scores ``scale * d**2``. Returns ({merge key: saliency}, a log record).
     """
     model.eval()
-    base = _mean_loss(model, loss_fn, batches)
+    base = mean_loss(model, loss_fn, batches)
     raw = {}
-    for i, kind in options:
-        model.set_token_merges({**merges, i: kind})
-        raw[(i, kind)] = _mean_loss(model, loss_fn, batches) - base
+    for key in options:
+        model.set_token_merges({**merges, key.block: key.type})
+        raw[key] = mean_loss(model, loss_fn, batches) - base
     model.set_token_merges(merges)
     ratios = []
     for c in groups:
-        key = "embed" if c.dim == "embed" else f"b{c.block}.{c.dim}"
-        g = gates[key]
+        g = gates[c.key]
         old = g.clone()
         if c.dim == "block":
             g.zero_()
         else:
             g[c.units] = 0
-        d = _mean_loss(model, loss_fn, batches) - base
+        d = mean_loss(model, loss_fn, batches) - base
         g.copy_(old)
         if d > 1e-6 and c.saliency > 0:
             ratios.append(c.saliency / d ** 2)  # the gate saliency is quadratic in the loss change
@@ -135,11 +149,11 @@ def merge_scores(model: CompactViT, gates: dict, loss_fn, batches: list, merges:
     tol = 1e-6 * max(1.0, abs(base))  # float32 rounding of a mean loss: a change below it is no change
     out = {k: scale * (v * v if v > tol else 0.0) for k, v in raw.items()}
     info = {"base_loss": base, "scale": scale, "calibration_groups": len(ratios),
-            "loss_increase": {f"{i}:{k}": v for (i, k), v in raw.items()}}
+            "loss_increase": {f"{k.block}:{k.type}": v for k, v in raw.items()}}
     return out, info
 
 
-def magnitude_scores(model: CompactViT) -> dict:
+def magnitude_scores(model: CompactViT) -> dict[GroupKey, torch.Tensor]:
     """L1 baseline: mean |w| of the weights that belong to each unit."""
     out = {}
     E = model.embed_dim
@@ -151,13 +165,22 @@ def magnitude_scores(model: CompactViT) -> dict:
         W = a.qkv.weight.detach().abs()
         q, k, v = W[:H * QK].view(H, QK, E), W[H * QK:2 * H * QK].view(H, QK, E), W[2 * H * QK:].view(H, V, E)
         P = a.proj.weight.detach().abs().view(E, H, V)
-        out[f"b{j}.heads"] = (q.mean((1, 2)) + k.mean((1, 2)) + v.mean((1, 2)) + P.mean((0, 2))) / 4
-        out[f"b{j}.qk"] = (q.mean((0, 2)) + k.mean((0, 2))) / 2
-        out[f"b{j}.v"] = (v.mean((0, 2)) + P.mean((0, 1))) / 2
+        out[GroupKey("heads", j)] = (q.mean((1, 2)) + k.mean((1, 2)) + v.mean((1, 2)) + P.mean((0, 2))) / 4
+        out[GroupKey("qk", j)] = (q.mean((0, 2)) + k.mean((0, 2))) / 2
+        out[GroupKey("v", j)] = (v.mean((0, 2)) + P.mean((0, 1))) / 2
         f1, f2 = blk.mlp.fc1.weight.detach().abs(), blk.mlp.fc2.weight.detach().abs()
-        out[f"b{j}.mlp"] = (f1.mean(1) + f2.mean(0)) / 2
-        out[f"b{j}.block"] = torch.stack([a.proj.weight.detach().abs().mean(), f2.mean()]).mean().view(1)
+        out[GroupKey("mlp", j)] = (f1.mean(1) + f2.mean(0)) / 2
+        out[GroupKey("block", j)] = torch.stack([a.proj.weight.detach().abs().mean(), f2.mean()]).mean().view(1)
         emb += W.mean(0) + a.proj.weight.detach().abs().mean(1) + f1.mean(0) + f2.mean(1)
         n_emb += 4
-    out["embed"] = emb / max(1, n_emb)
+    out[EMBED] = emb / max(1, n_emb)
     return {k: v.cpu() for k, v in out.items()}  # selection reads scores unit by unit: keep them off the GPU
+
+
+def relative_magnitude(model: CompactViT) -> dict[GroupKey, torch.Tensor]:
+    """:func:`magnitude_scores`, each group's divided by its mean: the ``magnitude`` strategy's scores.
+
+    Per-group relative magnitude, so groups whose weights differ in scale (an MLP
+    neuron's against a head's) compete on one scale.
+    """
+    return {k: v / (v.mean() + 1e-12) for k, v in magnitude_scores(model).items()}

@@ -1,0 +1,145 @@
+"""The closed loop: the LUT steers the search, the engine decides (issue 14; DESIGN.md "Closed loop").
+
+Pure selection on a ``measure(plan) -> (teacher ms, student ms)`` callable (the
+stage supplies one that exports and times on the target, interleaved with the
+teacher). When the measured ratio misses the requested one by more than
+``search.measured_tolerance``, the budget handed to the LUT is rescaled by the
+miss (the LUT's error on this plan's ratio is assumed to hold for plans next to
+it), the plan is pruned or refilled to it with the search's own selection
+(:func:`~vitrim.pipeline.search.greedy.prune_to`,
+:func:`~vitrim.pipeline.search.greedy.refill`), and measured again, for at most
+``search.measured_rounds`` rounds. Corrections use the configuration the plan
+was searched under (:meth:`~vitrim.pipeline.search.base.Strategy.searched_config`:
+a width-only ``magnitude`` or ``slim`` plan never loses a block to a
+correction), with the scores its strategy gives
+(:meth:`~vitrim.pipeline.search.base.Strategy.correction_scores`). The tolerance
+is symmetric (``|measured / requested - 1| <= tolerance``); a loop that ends
+without meeting it (rounds spent, or a correction that gives a plan already
+measured) returns the measured plan closest to the requested ratio (the faster
+one on a tie), not the last one, and says it did not converge.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from vitrim.pipeline.core.config import SearchConfig
+from vitrim.pipeline.core.plan import BlockPlan, Plan
+from vitrim.pipeline.search.cost import LatencyCost
+from vitrim.pipeline.search.greedy import prune_to, refill
+from vitrim.pipeline.search.groups import EMBED, WIDTH_DIMS, Candidate, GroupKey, full_widths
+
+Measure = Callable[[Plan], tuple[float, float]]  # plan -> (teacher ms, student ms), one interleaved session
+
+
+@dataclass
+class LoopResult:
+    plan: Plan  # the converged plan, else the measured plan closest to the requested ratio
+    requested: float  # requested ratio to the teacher (measured)
+    rounds: list = field(default_factory=list)
+    converged: bool = False
+    chosen_round: int = 0  # the round that measured ``plan``
+    plans: list = field(default_factory=list)  # every measured plan, by round
+
+
+def removed_pool(plan: Plan, scores: dict, align: int, per_dim: int = 4) -> list[Candidate]:
+    """Groups the plan lacks (against the teacher), most salient first, as refill candidates.
+
+    Only the ``per_dim`` most salient chunks of each (block, dim) are offered:
+    a correction moves the plan by a few groups, and the pool stays small.
+    """
+    s = plan.spec
+    out: list[Candidate] = []
+
+    def chunks(missing: list[int], sc, step: int) -> list[list[int]]:
+        order = sorted(missing, key=lambda u: (-float(sc[u]), u))
+        return [sorted(order[i:i + step]) for i in range(0, len(order), step)][:per_dim]
+
+    miss = [u for u in range(s["embed_dim"]) if u not in set(plan.embed_keep)]
+    for units in chunks(miss, scores[EMBED], align):
+        out.append(Candidate(EMBED, units, float(sum(scores[EMBED][u] for u in units))))
+    full = full_widths(s)
+    for i, b in enumerate(plan.blocks):
+        if not b.keep:
+            snap = BlockPlan(True, *[list(range(full[d])) for d in WIDTH_DIMS])
+            key = GroupKey("block", i)
+            out.append(Candidate(key, [], float(scores[key].sum()), snapshot=snap))
+            continue
+        for dim in WIDTH_DIMS:
+            have = set(getattr(b, dim))
+            key = GroupKey(dim, i)
+            sc = scores[key]
+            for units in chunks([u for u in range(full[dim]) if u not in have], sc, 1 if dim == "heads" else align):
+                out.append(Candidate(key, units, float(sum(sc[u] for u in units))))
+    return out
+
+
+def correct_plan(plan: Plan, lut, scores: dict, cfg: SearchConfig, e_min: int, budget_ms: float) -> Plan:
+    """Prune (then refill) or refill ``plan`` to the LUT budget ``budget_ms`` with the search's selection,
+    under ``cfg``, the configuration the plan was searched under."""
+    cost = LatencyCost(lut)
+    if cost.predict(plan) > budget_ms:
+        plan, removed = prune_to(plan, scores, cost, budget_ms, cfg, e_min)
+        # the last removal can overshoot by a whole block or an embedding chunk: fill back with any group
+        plan, _ = refill(plan, removed + removed_pool(plan, scores, cfg.align), cost, budget_ms)
+        return plan
+    plan, _ = refill(plan, removed_pool(plan, scores, cfg.align), cost, budget_ms)
+    return plan
+
+
+def closed_loop(plan: Plan, lut, requested: float, measure: Measure, scores: dict, cfg: SearchConfig, e_min: int,
+                log: Callable[[str], None] = print) -> LoopResult:
+    """Measure ``plan`` against the teacher and correct it until the ratio is within tolerance.
+
+    Each round records the LUT budget the plan was made for, the predicted and
+    measured ratios, the miss, and the corrected budget for the next round (all
+    as fractions of the teacher). ``cfg`` is the configuration the plan was searched under
+    (its strategy's constraints applied); corrections keep to it.
+    Without convergence the result is the measured plan closest to ``requested``.
+    """
+    t_pred = lut.predict(Plan.full(lut.spec))
+    budget = plan.meta.get("budget", requested * t_pred) if plan.meta.get("unit", "ms") == "ms" else requested * t_pred
+    res = LoopResult(plan, requested)
+    seen = set()
+    for r in range(cfg.measured_rounds + 1):
+        t_ms, s_ms = measure(plan)
+        m, p = s_ms / t_ms, lut.predict(plan) / t_pred
+        miss = m / requested - 1.0
+        rec = {"round": r, "budget_ratio": budget / t_pred, "predicted_ratio": p, "measured_ratio": m,
+               "teacher_ms": t_ms, "student_ms": s_ms, "miss_pct": 100.0 * miss, "corrected_budget_ratio": None}
+        res.rounds.append(rec)
+        res.plans.append(plan)
+        if abs(miss) <= cfg.measured_tolerance:
+            res.converged = True
+            log(f"[measure] round {r}: predicted {p:.1%}, measured {m:.1%} of the teacher (requested {requested:.1%}, "
+                f"{100 * miss:+.1f}%): within +-{cfg.measured_tolerance:.0%}")
+            break
+        if r == cfg.measured_rounds:
+            log(f"[measure] round {r}: measured {m:.1%} of the teacher, {100 * miss:+.1f}% off the requested "
+                f"{requested:.1%}; no correction rounds left (search.measured_rounds={cfg.measured_rounds})")
+            break
+        # the LUT's error on this plan's ratio (m / p) is assumed to hold for the plans next to it
+        budget = t_pred * p * requested / m
+        rec["corrected_budget_ratio"] = budget / t_pred
+        seen.add((plan.embed_dim, tuple(plan.block_dims())))
+        new = correct_plan(plan, lut, scores, cfg, e_min, budget)
+        log(f"[measure] round {r}: predicted {p:.1%}, measured {m:.1%} of the teacher (requested {requested:.1%}, "
+            f"{100 * miss:+.1f}%); correcting: LUT budget {rec['budget_ratio']:.1%} -> {budget / t_pred:.1%}, "
+            f"new plan predicted {lut.predict(new) / t_pred:.1%}")
+        key = (new.embed_dim, tuple(new.block_dims()))
+        if key in seen:  # the grain of the groups cannot express the correction
+            rec["note"] = "the correction gives a plan already measured; stopped"
+            log("[measure] the corrected plan equals one already measured; stopping")
+            break
+        new.meta = {**plan.meta, "budget": budget, "predicted": lut.predict(new)}
+        plan = new
+    res.chosen_round = len(res.rounds) - 1
+    if not res.converged:  # the closest measured plan; on a tie the faster one (a budget is an upper bound)
+        res.chosen_round = min(range(len(res.rounds)), key=lambda i: (abs(res.rounds[i]["miss_pct"]),
+                                                                       res.rounds[i]["measured_ratio"]))
+        c = res.rounds[res.chosen_round]
+        log(f"[measure] did NOT converge to within +-{cfg.measured_tolerance:.0%} of the requested {requested:.1%} "
+            f"in {len(res.rounds)} measurements: keeping round {res.chosen_round}'s plan, the closest measured "
+            f"({c['measured_ratio']:.1%} of the teacher, {c['miss_pct']:+.1f}%)")
+    res.plan = res.plans[res.chosen_round]
+    return res

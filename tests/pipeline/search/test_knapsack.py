@@ -1,0 +1,74 @@
+"""The stepwise search and its strategies (pipeline/search/knapsack.py): knapsack, nvit, magnitude; token merges."""
+import copy
+
+import pytest
+import timm
+import torch
+
+from vitrim.pipeline.core.config import SearchConfig
+from vitrim.pipeline.core.models import describe
+from vitrim.pipeline.core.plan import Floors, Plan
+from vitrim.pipeline.core.slicing import full_size_compact, slice_model
+from vitrim.pipeline.search import LatencyCost, candidates, merge_options, merge_scores, prune_to, run_search
+from vitrim.profiling.table import Grid, LatencyTable
+from tests.conftest import random_init
+from tests.pipeline.search.helpers import (POOL_KW, cfg, check_plan, identical_tokens, reachable_fraction, scored,
+                                           search, teacher, token_lut)
+
+
+@pytest.mark.parametrize("strategy", ["knapsack", "nvit", "magnitude"])
+def test_search_meets_budget_floors_alignment(data, tiny_lut, strategy):
+    lut, _ = tiny_lut
+    frac = reachable_fraction(lut, {"magnitude": 0.8}.get(strategy, 0.55), skip_blocks=strategy != "magnitude")
+    res = search(teacher(seed=2), lut, data, cfg(strategy=strategy, budget_fraction=frac))
+    check_plan(res, lut, frac)
+    if strategy == "magnitude":  # width pruning only, whatever search.prune_blocks says
+        assert all(b.keep for b in res.plan.blocks) and res.config.prune_blocks is False
+
+
+def test_same_seed_same_plan(data, tiny_lut):
+    lut, _ = tiny_lut
+    plans = [search(teacher(seed=3), lut, data, cfg()).plan for _ in range(2)]
+    assert plans[0].to_dict() == plans[1].to_dict()
+
+
+def test_planted_redundancy_makes_the_search_merge_tokens_first(data):
+    t = identical_tokens(random_init(timm.create_model("vit_tiny_patch16_224", **POOL_KW), seed=0, std=0.15))
+    spec = describe(t)
+    lut = token_lut(spec)
+    full = Plan.full(spec)
+    student, gates, kd, batches, scores = scored(t, data, full)
+    c = SearchConfig(prune_tokens=True)
+    options = merge_options(full, c.max_merges, lut.grid.tokens[0])
+    assert len(options) == 2 * 3  # 2 boundaries x 3 types
+    groups = candidates(full, scores, Floors(), 8, 1, 8, True, True)
+    merges, info = merge_scores(student, gates, kd, batches, {}, options, groups)
+    assert info["calibration_groups"] > 0 and info["scale"] > 0
+    assert max(abs(v) for v in info["loss_increase"].values()) < 1e-5  # identical tokens: merging loses nothing
+    cost = LatencyCost(lut)
+    plan, removed = prune_to(full, scores, cost, cost.predict(full) - 1e-6, c, 8, merges, lut.grid.tokens[0])
+    assert removed[0].dim == "merge" and plan.merges
+    # and the merged model computes what the unmerged one does
+    x = data.train[list(range(8))][0]
+    with torch.no_grad():
+        torch.testing.assert_close(slice_model(t, plan)(x), t(x), rtol=1e-4, atol=1e-4)
+
+
+def test_run_search_with_token_merges_meets_the_budget_and_slices(data):
+    t = random_init(timm.create_model("vit_tiny_patch16_224", **POOL_KW), seed=1, std=0.15)
+    spec = describe(t)
+    lut = token_lut(spec)
+    student, _ = full_size_compact(t)
+    c = SearchConfig(steps=2, kd_iters=2, saliency_batches=2, budget_fraction=0.5, lr=1e-4, prune_tokens=True,
+                     prune_embed=False)
+    res = run_search(copy.deepcopy(t), student, lut, c, data.train, data.val, batch_size=64, log=lambda s: None)
+    assert lut.predict(res.plan) <= res.budget + 1e-9
+    assert "merge_saliency" in res.plan.meta and all("tokens" in r for r in res.log[1:])
+    model = slice_model(res.state, res.plan)
+    assert model(data.train[list(range(4))][0]).shape == (4, 10)
+    # without a token axis the search refuses to merge
+    flat = LatencyTable(lut.signature, spec, Grid(**{**lut.grid.__dict__, "tokens": [16]}), lut.attn[-1:], lut.mlp[-1:],
+                        lut.shell)
+    with pytest.raises(Exception, match="token axis"):
+        run_search(copy.deepcopy(t), full_size_compact(t)[0], flat, c, data.train, data.val, batch_size=64,
+                   log=lambda s: None)
