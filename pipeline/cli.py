@@ -2,6 +2,8 @@
 
 Every subcommand takes the config path and ``--set section.key=value``
 overrides. User errors print one message naming the input and the fix, and exit 2.
+A failed gate exits with its own code (3 accuracy/parity, 4 latency, 5 regression;
+see :mod:`vitrim.pipeline.core.errors`) after writing ``verdict.json``.
 """
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from vitrim.pipeline.core.errors import Interrupted, UserError, VitrimError
+from vitrim.pipeline.core.errors import EXIT_INTERNAL, EXIT_USER, GateError, Interrupted, UserError, VitrimError
+from vitrim.pipeline.core.rundir import RunDir
 
 DEFAULT_CONFIG = "configs/fmnist_cpu.yaml"
 
@@ -250,8 +253,20 @@ def cmd_export(args) -> int:
 def cmd_verify_manifest(args) -> int:
     from vitrim.export.manifest import verify_manifest
 
-    m = verify_manifest(args.dir)
-    print(f"manifest OK: {len(m['artifacts'])} artifacts verified in {args.dir}")
+    m = verify_manifest(args.dir, pubkey=args.pubkey)
+    print(f"manifest OK: {len(m['artifacts'])} artifacts verified in {args.dir}"
+          + (f"; signature OK under {args.pubkey}" if args.pubkey else ""))
+    return 0
+
+
+def cmd_sign(args) -> int:
+    from vitrim.export.manifest import sign_manifest, verify_manifest
+
+    sig = sign_manifest(args.dir, args.key)
+    print(f"signed {RunDir(args.dir).manifest} -> {sig}")
+    if args.pubkey:  # check the pair before the release leaves this machine
+        verify_manifest(args.dir, pubkey=args.pubkey)
+        print(f"signature verifies under {args.pubkey}")
     return 0
 
 
@@ -356,9 +371,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-lut", action="store_true", help="do not look up a LUT for the predicted latency")
     s.set_defaults(fn=cmd_export)
 
-    s = sub.add_parser("verify-manifest", help="re-check the sha256 of every artifact in DIR/manifest.json")
+    names = RunDir("DIR")
+    s = sub.add_parser("verify-manifest", help="re-check the sha256 of every artifact in "
+                       f"{names.manifest.as_posix()}, that every path stays inside DIR and that no model file "
+                       "in DIR is left out; with --pubkey, the Ed25519 signature too")
     s.add_argument("dir")
+    s.add_argument("--pubkey", help=f"Ed25519 public key (PEM): also require a valid {names.manifest_signature.name}")
     s.set_defaults(fn=cmd_verify_manifest)
+
+    s = sub.add_parser("sign", help=f"verify DIR, then write {names.manifest_signature.as_posix()}, a detached "
+                       "Ed25519 signature of its manifest (needs the 'sign' extra: cryptography)")
+    s.add_argument("dir")
+    s.add_argument("--key", required=True, help="Ed25519 private key (PEM; a passphrase from VITRIM_KEY_PASSWORD)")
+    s.add_argument("--pubkey", help="also check the new signature with this public key (PEM)")
+    s.set_defaults(fn=cmd_sign)
 
     return p
 
@@ -369,16 +395,22 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.fn(args) or 0)
     except UserError as e:
         print(f"vitrim: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER
+    except GateError as e:  # a release gate failed: verdict.json is on disk; the class names the exit code
+        print(f"vitrim: {e}", file=sys.stderr)
+        return e.exit_code
     except Interrupted as e:  # SIGTERM/SIGINT inside a training loop: a checkpoint was saved
         import os
 
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"vitrim: {e}", file=sys.stderr)
         return 128 + int(e.signum)
-    except VitrimError as e:  # the parity gate and other deliberate failures
-        print(f"vitrim: {e}", file=sys.stderr)
-        return 3
+    except VitrimError as e:  # InternalError: a bug in vitrim, never a verdict on the model (so not 3)
+        import traceback
+
+        traceback.print_exc()
+        print(f"vitrim: internal error: {e}", file=sys.stderr)
+        return EXIT_INTERNAL
     except KeyboardInterrupt:
         print("vitrim: interrupted", file=sys.stderr)
         return 130

@@ -1,11 +1,14 @@
-"""Pipeline stages (the top layer), one module per stage:
+"""Pipeline stages (the top layer), one module per subcommand, each writing into a
+:class:`~vitrim.pipeline.core.rundir.RunDir`:
 
-* ``teacher``  - train or load the teacher
-* ``profile``  - build or reuse the latency table for the target
-* ``search``   - latency-aware structural search (``saliency``: the gate scores)
-* ``finetune`` - KD fine-tune of the sliced student (``distill``: the loss)
-* ``run``      - every stage from one config, the curve sweep
+* ``teacher``  - ``train-teacher``: train or load the teacher (and check it against ``model.expected_top1``)
+* ``profile``  - ``profile``: build or reuse the latency table for the target
+* ``search``   - ``search``: run the configured strategy (:mod:`vitrim.pipeline.search`); the closed loop
+* ``slice``    - ``slice``: cut the teacher down to a plan
+* ``finetune`` - ``finetune``: KD fine-tune of the sliced student
+* ``release``  - ``export``: export, engine, parity gate, manifest (:mod:`vitrim.export.release`)
+* ``qat``      - int8 recovery when an int8 engine fails the gate
+* ``run``      - ``run`` and ``curve``: every stage from one config
 
-Slicing math is core (:mod:`vitrim.pipeline.core.slicing`); export and release
-are :mod:`vitrim.export.release`.
+Reports and plots are :mod:`vitrim.pipeline.report`; the CLI is :mod:`vitrim.pipeline.cli`.
 """

@@ -18,6 +18,7 @@ from vitrim.pipeline.core.errors import UserError
 from vitrim.pipeline.core.evaluate import top1
 from vitrim.pipeline.core.io import atomic_write_json
 from vitrim.pipeline.core.models import create_model, describe, save_weights
+from vitrim.pipeline.core.rundir import RunDir
 from vitrim.pipeline.core.trainer import TrainSpec, train
 
 
@@ -123,7 +124,7 @@ def train_teacher(cfg: RunConfig, splits: Splits | None = None, log=print) -> tu
             "test_top1": test_acc, "history": res.history, "key": teacher_key(cfg)}
     save_weights(model, path)
     atomic_write_json(path.with_suffix(".json"), info)
-    (work / "checkpoint.pt").unlink(missing_ok=True)
+    RunDir(work).checkpoint.unlink(missing_ok=True)
     try:
         work.rmdir()
     except OSError:
@@ -131,3 +132,16 @@ def train_teacher(cfg: RunConfig, splits: Splits | None = None, log=print) -> tu
     log(f"[teacher] test top-1 {test_acc:.2f}% after {wall:.0f}s; saved {path}")
     info["source"] = str(path)
     return model, info
+
+
+def expect_teacher(cfg: RunConfig, teacher: nn.Module, splits: Splits, acc: float | None = None,
+                   log=print) -> None:
+    """With ``model.expected_top1`` set: evaluate the teacher on the test split (unless ``acc`` is given) and stop
+    (exit 2) when it falls short, before any search, training or export."""
+    from vitrim.pipeline.core.preprocessing import check_expected_top1
+
+    if cfg.model.expected_top1 is None:
+        return
+    if acc is None:
+        acc = top1(teacher, splits.test, cfg.data.eval_batch_size, workers=cfg.data.workers)
+    log(check_expected_top1(cfg.model, acc, len(splits.test), splits.preprocessing))
