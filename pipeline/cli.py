@@ -15,6 +15,7 @@ from vitrim.pipeline.core.errors import EXIT_INTERNAL, EXIT_USER, GateError, Int
 from vitrim.pipeline.core.rundir import RunDir
 
 DEFAULT_CONFIG = "configs/fmnist_cpu.yaml"
+NAMES = RunDir("DIR")  # the artifact names the help texts mention
 
 
 def _cfg(args):
@@ -30,20 +31,6 @@ def _splits(cfg):
     splits = build_splits(cfg.data, model_cfg=cfg.model)
     print(splits.preprocessing.line())
     return splits
-
-
-def _expect_teacher(cfg, teacher, splits, acc: float | None = None) -> None:
-    """With ``model.expected_top1`` set: evaluate the teacher on the test split and stop (exit 2) when it
-    falls short, before any search, training or export."""
-    from vitrim.pipeline.core.preprocessing import check_expected_top1
-
-    if cfg.model.expected_top1 is None:
-        return
-    if acc is None:
-        from vitrim.pipeline.core.evaluate import top1
-
-        acc = top1(teacher, splits.test, cfg.data.eval_batch_size, workers=cfg.data.workers)
-    print(check_expected_top1(cfg.model, acc, len(splits.test), splits.preprocessing))
 
 
 def _check_target(cfg):
@@ -81,7 +68,7 @@ def cmd_train_teacher(args) -> int:
 def cmd_eval(args) -> int:
     from vitrim.pipeline.core.evaluate import top1
     from vitrim.pipeline.core.slicing import load_compact
-    from vitrim.pipeline.stages.teacher import load_teacher
+    from vitrim.pipeline.stages.teacher import expect_teacher, load_teacher
 
     cfg = _cfg(args)
     splits = _splits(cfg)
@@ -94,28 +81,16 @@ def cmd_eval(args) -> int:
     acc = top1(model, ds, cfg.data.eval_batch_size)
     print(f"{what}: {args.split} top-1 {acc:.2f}% on {len(ds)} images")
     if not args.student and args.split == "test":
-        _expect_teacher(cfg, model, splits, acc)
+        expect_teacher(cfg, model, splits, acc)
     elif not args.student and cfg.model.expected_top1 is not None:
         print(f"(model.expected_top1 is checked on the test split, not on {args.split})")
     return 0
 
 
 def cmd_slice(args) -> int:
-    from vitrim.pipeline.core.plan import Plan
-    from vitrim.pipeline.core.slicing import save_compact, slice_model
-    from vitrim.pipeline.stages.teacher import load_teacher
+    from vitrim.pipeline.stages.slice import stage_slice
 
-    cfg = _cfg(args)
-    if args.teacher:
-        cfg.model.checkpoint = args.teacher
-    teacher, _ = load_teacher(cfg, train_if_missing=False)
-    plan = Plan.load(args.plan)
-    student = slice_model(teacher, plan)
-    save_compact(student, plan, args.out)
-    n_t = sum(p.numel() for p in teacher.parameters())
-    n_s = sum(p.numel() for p in student.parameters())
-    print(f"sliced {n_t / 1e6:.3f}M -> {n_s / 1e6:.3f}M params; wrote {args.out}/student.safetensors and plan.json")
-    print(plan.summary())
+    stage_slice(_cfg(args), args.plan, args.out, teacher_checkpoint=args.teacher)
     return 0
 
 
@@ -158,19 +133,20 @@ def cmd_profile(args) -> int:
     rep = validate_lut(lut, canonical_state(teacher), Target.from_config(cfg.target), n, out, seed=cfg.profile.seed,
                        warmup=cfg.profile.warmup, repeats=cfg.profile.repeats, rounds=cfg.profile.rounds,
                        align=cfg.search.align)
-    print(f"wrote {out / 'lut_validation.json'} and {out / 'lut_validation.png'}")
+    print(f"wrote {RunDir(out).lut_validation} and {RunDir(out).lut_validation_plot}")
     return 0 if rep["n_plans"] else 1
 
 
 def cmd_search(args) -> int:
     from vitrim.pipeline.stages.profile import stage_profile
     from vitrim.pipeline.stages.search import stage_search
+    from vitrim.pipeline.stages.teacher import expect_teacher
 
     cfg = _cfg(args)
     _check_target(cfg)
     splits = _splits(cfg)
     teacher, spec, _ = _teacher_and_spec(cfg, splits)
-    _expect_teacher(cfg, teacher, splits)
+    expect_teacher(cfg, teacher, splits)
     lut, _ = stage_profile(cfg, spec)
     out = Path(args.out or cfg.out_dir)
     res = stage_search(cfg, teacher, lut, splits, out)
@@ -182,14 +158,14 @@ def cmd_finetune(args) -> int:
     from vitrim.pipeline.stages.finetune import finetune
     from vitrim.pipeline.core.slicing import load_compact
     from vitrim.pipeline.stages.finetune import check_plan_matches_teacher
-    from vitrim.pipeline.stages.teacher import load_teacher
+    from vitrim.pipeline.stages.teacher import expect_teacher, load_teacher
 
     cfg = _cfg(args)
     splits = _splits(cfg)
     teacher, _ = load_teacher(cfg, splits, train_if_missing=False)
     student = load_compact(args.student)
     check_plan_matches_teacher(student.plan, teacher, cfg)
-    _expect_teacher(cfg, teacher, splits)
+    expect_teacher(cfg, teacher, splits)
     res = finetune(cfg, teacher, student, student.plan, splits, args.out, resume=args.resume,
                    stop_after=args.stop_after)
     from vitrim.pipeline.core.device import dist_info
@@ -198,55 +174,17 @@ def cmd_finetune(args) -> int:
         if res.interrupted:
             print(f"stopped after {args.stop_after} epoch(s); continue with --resume")
         else:
-            print(f"fine-tuned in {res.wall_s:.0f}s; wrote {args.out}/student.safetensors and plan.json")
+            out = RunDir(args.out)
+            print(f"fine-tuned in {res.wall_s:.0f}s; wrote {out.student} and {out.plan.name}")
     return 0
 
 
 def cmd_export(args) -> int:
-    from vitrim.export.release import release_from_config
-    from vitrim.pipeline.core.io import copy_into
-    from vitrim.pipeline.core.slicing import load_compact
-    from vitrim.pipeline.stages.profile import find_lut
-    from vitrim.pipeline.stages.teacher import load_teacher
+    from vitrim.pipeline.stages.release import stage_release
 
     cfg = _cfg(args)
-    if args.onnx and not Path(args.onnx).is_file():
-        raise UserError("export", f"ONNX file '{args.onnx}' not found", "pass the path of an existing .onnx file")
-    out = Path(args.out or cfg.out_dir)
-    plan = predicted = note = None
-    if args.student:
-        model = load_compact(args.student)
-        plan, name = model.plan, f"student {args.student}"
-    elif args.teacher or args.onnx:
-        # the config's model is the parity reference (and the exported model without --onnx)
-        model, _ = load_teacher(cfg, train_if_missing=False)
-        name = f"{'ONNX ' + args.onnx if args.onnx else 'teacher'} ({cfg.model.arch})"
-    else:
-        raise UserError("export", "nothing to export",
-                        "pass --student DIR (plan.json + student.safetensors), --teacher, or --onnx FILE")
-    _check_target(cfg)
-    splits = _splits(cfg)  # image-folder transforms come from the teacher's config
-    if plan is None:  # the config's teacher is the reference: check it against model.expected_top1 first
-        _expect_teacher(cfg, model, splits)
-    out.mkdir(parents=True, exist_ok=True)
-    if plan is not None:
-        for f in ("student.safetensors", "plan.json"):
-            copy_into(Path(args.student) / f, out / f)
-        if not args.no_lut:
-            lut = find_lut(cfg, plan.spec, build=args.profile)
-            if lut is not None:
-                try:
-                    predicted = lut.predict(plan)
-                except UserError as e:  # the prediction is optional here: a LUT that cannot price this plan (a
-                    # merged student, a LUT without a token axis) leaves the release without one, and says why
-                    note = {"latency_prediction": {"available": False, "lut": str(lut.path), "reason": e.what,
-                                                   "fix": e.fix}}
-                    print(f"[export] predicted latency unavailable: {e.what} (LUT {lut.path}); fix: {e.fix}")
-                else:
-                    copy_into(lut.path, out / "lut.json")
-    release_from_config(cfg, model, out, splits.test, plan=plan, predicted_ms=predicted, manifest_extra=note,
-                        onnx_path=Path(args.onnx) if args.onnx else None, name=name, calib_set=splits.val,
-                        preprocessing=splits.preprocessing)
+    stage_release(cfg, args.out or cfg.out_dir, student=args.student, teacher=args.teacher, onnx=args.onnx,
+                  build_lut=args.profile, use_lut=not args.no_lut)
     return 0
 
 
@@ -327,13 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("eval", help="print top-1 of the teacher (or a student) on a split")
     _common(s)
     s.add_argument("--split", choices=["train", "val", "test"], default="test")
-    s.add_argument("--student", help="a student directory (plan.json + student.safetensors)")
+    s.add_argument("--student", help=f"a student directory ({NAMES.plan.name} + {NAMES.student.name})")
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("slice", help="physically slice the teacher with a plan into a smaller dense model")
     _common(s)
     s.add_argument("--teacher", help="teacher checkpoint (.safetensors/.pth); default: the config's teacher")
-    s.add_argument("--plan", required=True, help="plan.json")
+    s.add_argument("--plan", required=True, help=f"the plan ({NAMES.plan.name})")
     s.add_argument("--out", required=True, help="output directory")
     s.set_defaults(fn=cmd_slice)
 
@@ -347,22 +285,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lut", help="show: a LUT file")
     s.set_defaults(fn=cmd_profile)
 
-    s = sub.add_parser("search", help="latency-aware structural search (writes plan.json)")
+    s = sub.add_parser("search", help=f"latency-aware structural search (writes {NAMES.plan.name})")
     _common(s)
     s.add_argument("--out", help="output directory (default out_dir)")
     s.set_defaults(fn=cmd_search)
 
     s = sub.add_parser("finetune", help="KD fine-tune a sliced student (single process or under torchrun)")
     _common(s)
-    s.add_argument("--student", required=True, help="directory with plan.json + student.safetensors (from slice)")
+    s.add_argument("--student", required=True, help=f"directory with {NAMES.plan.name} + {NAMES.student.name} "
+                   "(from slice)")
     s.add_argument("--out", required=True, help="output directory (checkpoints in OUT/finetune/)")
-    s.add_argument("--resume", action="store_true", help="continue from OUT/finetune/checkpoint.pt")
+    s.add_argument("--resume", action="store_true", help="continue from "
+                   f"{RunDir('OUT').finetune_dir.checkpoint.as_posix()}")
     s.add_argument("--stop-after", type=int, help="stop after N epochs in this invocation (resume later)")
     s.set_defaults(fn=cmd_finetune)
 
-    s = sub.add_parser("export", help="export ONNX, build the engine, gate on parity, measure, write manifest.json")
+    s = sub.add_parser("export", help="export ONNX, build the engine, gate on parity, measure, write "
+                       f"{NAMES.manifest.name}")
     _common(s)
-    s.add_argument("--student", help="student directory (plan.json + student.safetensors)")
+    s.add_argument("--student", help=f"student directory ({NAMES.plan.name} + {NAMES.student.name})")
     s.add_argument("--teacher", action="store_true", help="export the (unpruned) teacher instead")
     s.add_argument("--out", help="output directory (default out_dir)")
     s.add_argument("--onnx", help="release this existing ONNX (e.g. exported outside vitrim) instead of exporting; "
