@@ -10,6 +10,12 @@ available device, fp32, always a separate copy from the engine's model);
 with an ONNX file alone it is ONNX Runtime on that file with every graph
 optimization off. The data for the gate is a stream of ``(images, labels)``
 batches, consumed once and never concatenated.
+
+The release directory is self-contained: a given ONNX that lives elsewhere is
+copied in (with its external-data files) before anything is hashed, so the
+manifest lists only paths inside the directory and the directory can be moved.
+``verdict.json`` records every gate, on a failure too (it is written before the
+:class:`~vitrim.export.parity.ParityError` is raised).
 """
 from __future__ import annotations
 
@@ -59,6 +65,52 @@ def onnx_sample_shape(path: str | os.PathLike) -> tuple[int, ...]:
     return tuple(int(d.dim_value) for d in dims)
 
 
+def external_data_files(path: str | os.PathLike) -> list[str]:
+    """Locations (relative to the graph's directory) of the files an ONNX keeps its tensors in, if any."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo
+
+    def tensors(g):  # initializers and tensor attributes, subgraphs included
+        yield from g.initializer
+        for n in g.node:
+            for a in n.attribute:
+                if a.HasField("t"):
+                    yield a.t
+                yield from a.tensors
+                if a.HasField("g"):
+                    yield from tensors(a.g)
+                for sub in a.graphs:
+                    yield from tensors(sub)
+
+    m = onnx.load(str(path), load_external_data=False)
+    return sorted({ExternalDataInfo(t).location for t in tensors(m.graph)
+                   if t.data_location == onnx.TensorProto.EXTERNAL})
+
+
+def bring_onnx_in(src: Path, rd: RunDir, log: Callable[[str], None] = print) -> Path:
+    """A given ONNX outside the release directory, copied in so the release is relocatable.
+
+    It keeps its name unless that is one vitrim writes itself (an engine, a quantized graph), then
+    it becomes ``model.onnx``; its external-data files come along, at the same relative places.
+    """
+    from vitrim.pipeline.core.io import copy_into
+
+    root = rd.root.resolve()
+    if src.resolve().is_relative_to(root):
+        return src
+    ours = {rd.ort_engine.name, rd.trt_engine.name, rd.torch_program.name,
+            *(rd.engine_onnx(p).name for p in ("fp16", "bf16", "int8", "fp8"))}
+    dst = rd.onnx if src.name in ours else rd.root / src.name
+    for loc in external_data_files(src):
+        if os.path.isabs(loc) or ".." in Path(loc).parts:
+            raise UserError("export", f"'{src}' keeps tensors in '{loc}', outside its own directory",
+                            "save the graph with its weights inside (onnx.save(..., save_as_external_data=False))")
+        copy_into(src.parent / loc, rd.root / loc)
+    copy_into(src, dst)
+    log(f"[export] copied {src} into the release directory as {dst.name}")
+    return dst
+
+
 def best_device() -> str:
     import torch
 
@@ -88,16 +140,18 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
             made with, recorded in the manifest (what the engine expects as input).
 
     Returns:
-        ``{"parity", "latency", "manifest", "params", "onnx", "engine"}``.
+        ``{"parity", "latency", "manifest", "params", "onnx", "engine", "verdict"}``.
 
     Raises:
-        ParityError: after writing ``parity.json``, when the engine diverges; no manifest then.
+        ParityError: after writing ``parity.json`` and a failed ``verdict.json``, when the engine
+            diverges (exit 3); no manifest then.
     """
     from vitrim.export.engine import build_engine
     from vitrim.export.manifest import write_manifest
     from vitrim.export.onnx import export_onnx, to_fp16
     from vitrim.export.parity import ParityError, Tolerances, check_parity
     from vitrim.export.runners import OrtCpuRunner, TorchRunner, make_runner
+    from vitrim.export.verdict import parity_gates, parity_info, write_verdict
     from vitrim.pipeline.core.io import atomic_write_json
 
     ecfg = export_cfg or ExportConfig()
@@ -123,7 +177,7 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
         sample_shape = onnx_sample_shape(onnx_path)
     sig = target.signature(tokens or 0)  # fails fast on an unavailable target
     rd = RunDir(out)
-    for stale in rd.verdicts():
+    for stale in (*rd.verdicts(), rd.verdict, rd.manifest_signature):
         stale.unlink(missing_ok=True)
 
     if onnx_path is None:
@@ -134,6 +188,7 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
         if model is not None and tuple(onnx_sample_shape(onnx_path)) != tuple(sample_shape):
             raise UserError("export", f"'{onnx_path}' takes {onnx_sample_shape(onnx_path)} per image but the model "
                             f"takes {tuple(sample_shape)}", "pass the ONNX exported from this model")
+        onnx_path = bring_onnx_in(onnx_path, rd, log)
     src = onnx_path
     if target.precision == "fp16" and target.backend == "tensorrt":
         from vitrim.export.target import trt_major
@@ -183,13 +238,16 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
     rep = report.to_dict()
     if baseline_top1 is not None:
         rep["baseline_top1"] = baseline_top1
-    rep["onnx"] = str(onnx_path)
+    rep["onnx"] = onnx_path.resolve().relative_to(out.resolve()).as_posix()  # relocatable: inside the release
     rep["reference"] = ref_desc
     atomic_write_json(rd.parity, rep)
+    gates = parity_gates(rep)
+    v_info = {"release": name, "target": f"{target.backend}/{target.precision}", **parity_info(rep)}
     if not report.passed:
-        raise ParityError(f"[export] parity gate FAILED for {name} on {target.backend}/{target.precision}:\n  "
-                          + "\n  ".join(report.failures) + f"\n  details: {rd.parity}; no manifest written",
-                          rep)
+        msg = (f"[export] parity gate FAILED for {name} on {target.backend}/{target.precision}:\n  "
+               + "\n  ".join(report.failures) + f"\n  details: {rd.parity}, {rd.verdict}; no manifest written")
+        write_verdict(rd.verdict, gates, "export", error=msg, info=v_info)  # the evidence stays on disk
+        raise ParityError(msg, rep)
     log(f"[export] parity passed against {ref_desc}: top-1 agreement {100 * report.top1_agreement:.2f}% over "
         f"{report.images} images, max |diff| {max(s['max_absdiff'] for s in report.outputs.values()):.2e}, "
         f"relative L2 error {max(s['max_rel_l2'] for s in report.outputs.values()):.2e} (<= {tol.max_rel_l2:g}), "
@@ -212,6 +270,8 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
         + (f" (predicted {predicted_ms:.3f} ms)" if predicted_ms is not None else ""))
 
     artifacts = {"onnx": onnx_path, "parity": rd.parity}
+    for i, loc in enumerate(external_data_files(onnx_path)):  # the graph's weights, when kept beside it
+        artifacts[f"onnx_data_{i}"] = onnx_path.parent / loc
     if engine.path is not None:
         artifacts["engine"] = engine.path
     if src != onnx_path:
@@ -229,8 +289,9 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
                               latency=latency, config_hash=config_hash, extra=info,
                               preprocessing=preprocessing.to_dict() if preprocessing is not None else None)
     log(f"[export] manifest {manifest}")
+    write_verdict(rd.verdict, gates, "export", info=v_info)
     return {"parity": rep, "latency": latency, "manifest": str(manifest), "params": n_params,
-            "onnx": str(onnx_path), "engine": str(engine.path) if engine.path else None}
+            "onnx": str(onnx_path), "engine": str(engine.path) if engine.path else None, "verdict": str(rd.verdict)}
 
 
 def release_from_config(cfg, model, out_dir: str | os.PathLike, test_set, *, plan=None,
@@ -251,8 +312,11 @@ def release_from_config(cfg, model, out_dir: str | os.PathLike, test_set, *, pla
 
     out = Path(out_dir)
     rd = RunDir(out)
-    extra = {key: path for key, path in (("student", rd.student), ("plan", rd.plan), ("lut", rd.lut)) if path.is_file()}
+    extra = {key: path for key, path in (("student", rd.student), ("plan", rd.plan), ("lut", rd.lut),
+                                         ("search_state", rd.search_dir.search_state)) if path.is_file()}
     if weights is not None:
+        if "student" in extra and Path(weights).resolve() != rd.student.resolve():
+            extra["finetuned_student"] = extra["student"]  # still in the directory: it is covered too
         extra["student"] = Path(weights)
     loader = make_loader(test_set, cfg.target.batch, workers=cfg.data.workers)
     calib = None

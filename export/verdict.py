@@ -158,8 +158,9 @@ def make_verdict(gates: list[dict], kind: str, *, error: str | None = None, info
 
 
 def _path(where: str | os.PathLike) -> Path:
+    """A ``*.json`` path as it is; anything else is a directory holding ``verdict.json``."""
     p = Path(where)
-    return RunDir(p).verdict if p.is_dir() or not p.suffix else p
+    return p if p.suffix == ".json" else RunDir(p).verdict
 
 
 def write_verdict(where: str | os.PathLike, gates: list[dict], kind: str, *, error: str | None = None,

@@ -224,6 +224,10 @@ class ExportConfig:
     max_rel_l2_fp32: float = 1e-4
     max_rel_l2_fp16: float = 2e-2
     max_rel_l2_int8: float = 0.3
+    # issue 24, latency gate (vitrim run): the delivered engine, timed with the teacher in one session, may be at
+    # most search.measured_tolerance slower than the requested latency budget, else the run fails with exit 4
+    # (off: the miss is only reported). Needs a latency budget (search.budget_ms or budget_fraction).
+    require_budget: bool = False
     # quantization-aware recovery (vitrim run): when the student's int8 engine fails the gate, this many KD
     # steps with int8 fake-quant on its Linear layers, then re-quantize and re-gate (0: off)
     int8_recovery_steps: int = 200
@@ -475,6 +479,10 @@ def validate_config(cfg: RunConfig, source: str = "<config>") -> None:
         if not getattr(cfg.export, f"max_rel_l2_{p}") > 0:
             bad(f"export.max_rel_l2_{p}", f"is {getattr(cfg.export, f'max_rel_l2_{p}')}",
                 "use a positive relative L2 error, e.g. the default")
+    if cfg.export.require_budget and (cfg.search.flops_fraction is not None or cfg.search.params_fraction is not None):
+        bad("export.require_budget", "needs a latency budget, and the search has a "
+            f"{'FLOPs' if cfg.search.flops_fraction is not None else 'params'} budget",
+            "set search.budget_fraction or search.budget_ms, or export.require_budget=false")  # issue 24
     if cfg.export.parity_images is not None and cfg.export.parity_images < 1:
         bad("export.parity_images", f"is {cfg.export.parity_images}", "use a positive image count, or null for all")
     if cfg.finetune.amp not in ("auto", "bf16", "fp16", "off"):

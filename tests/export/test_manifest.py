@@ -1,11 +1,13 @@
 """The release manifest: written only for a passed gate, hashes re-checked, a moved directory still verifies."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
 from vitrim.export.manifest import MANIFEST_SCHEMA, verify_manifest, write_manifest
 from vitrim.pipeline.core.errors import InternalError, UserError
+from vitrim.pipeline.core.io import sha256_file
 from vitrim.pipeline.core.rundir import RunDir
 
 PASSED = {"passed": True, "precision": "fp32"}
@@ -62,3 +64,173 @@ def test_no_manifest_for_a_failed_gate_or_a_missing_artifact(tmp_path):
     with pytest.raises(UserError, match="artifact 'engine'"):
         write_manifest(rd.root, {"engine": rd.ort_engine}, parity=PASSED, **common)
     assert not rd.manifest.exists()
+
+
+# --- issue 24: a relocatable, tamper-evident release directory, on a real tiny release ------------------------
+
+@pytest.fixture(scope="module")
+def real_release(tmp_path_factory, fmnist_dir):
+    """`vitrim export --teacher` of a tiny random-init ViT on 96 Fashion-MNIST test images: a real release
+    directory (ONNX, ORT engine, parity.json, verdict.json, manifest.json). Tests copy it before changing it."""
+    import timm
+    import yaml
+
+    from tests.conftest import TINY_KW, random_init
+    from vitrim.pipeline.cli import main
+    from vitrim.pipeline.core.models import save_weights
+
+    d = tmp_path_factory.mktemp("real-release")
+    model = random_init(timm.create_model("vit_tiny_patch16_224", **TINY_KW), seed=3, std=0.2)
+    save_weights(model, d / "teacher.safetensors")
+    cfg = {"data": {"root": fmnist_dir, "train_limit": 256, "val_limit": 64, "test_limit": 96, "val_size": 1000},
+           "model": {"arch": "vit_tiny_patch16_224", "kwargs": dict(TINY_KW),
+                     "checkpoint": str(d / "teacher.safetensors")},
+           "target": {"batch": 16, "threads": 1}, "profile": {"warmup": 2, "repeats": 6},
+           "out_dir": str(d / "run"), "cache_dir": str(d / "cache")}
+    (d / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["export", str(d / "c.yaml"), "--teacher", "--out", str(d / "rel")]) == 0
+    return d
+
+
+def _copy(real_release, tmp_path, name="rel") -> RunDir:
+    return RunDir(shutil.copytree(real_release / "rel", tmp_path / name))
+
+
+def _rewrite(rd: RunDir, fn) -> None:
+    m = json.loads(rd.manifest.read_text())
+    fn(m)
+    rd.manifest.write_text(json.dumps(m))
+
+
+def test_real_release_is_relative_and_verifies_after_a_copy(real_release, tmp_path):
+    rd = _copy(real_release, tmp_path)
+    m = json.loads(rd.manifest.read_text())
+    assert {"onnx", "engine", "parity"} <= set(m["artifacts"])
+    for e in m["artifacts"].values():  # relative, inside, no '..'
+        assert not e["path"].startswith("/") and ".." not in e["path"].split("/") and (rd.root / e["path"]).is_file()
+    moved = RunDir(shutil.copytree(rd.root, tmp_path / "a" / "b" / "moved"))
+    shutil.rmtree(rd.root)  # nothing of the original is needed
+    assert verify_manifest(moved.root)["artifacts"] == m["artifacts"]
+
+
+def test_a_given_onnx_outside_the_directory_is_copied_in(real_release, tmp_path):
+    """`vitrim export --onnx FILE`: the manifest used to record FILE's absolute path; the release now carries it."""
+    from vitrim.pipeline.cli import main
+
+    given = shutil.copy(real_release / "rel" / "model.onnx", tmp_path / "theirs.onnx")
+    out = tmp_path / "rel"
+    assert main(["export", str(real_release / "c.yaml"), "--onnx", str(given), "--out", str(out)]) == 0
+    m = json.loads(RunDir(out).manifest.read_text())
+    assert m["artifacts"]["onnx"]["path"] == "theirs.onnx" and (out / "theirs.onnx").is_file()
+    assert m["parity"]["onnx"] == "theirs.onnx"
+    Path(given).unlink()  # the user's file goes away (or changes): the release does not depend on it
+    verify_manifest(shutil.copytree(out, tmp_path / "moved"))
+
+
+def test_write_manifest_refuses_an_artifact_outside_the_directory(tmp_path):
+    rd = RunDir(tmp_path / "release").mkdir()
+    outside = tmp_path / "lut.json"
+    outside.write_text("{}")
+    rd.parity.write_text(json.dumps(PASSED))
+    common = dict(parity=PASSED, signature={}, accuracy={}, latency={}, config_hash="")
+    with pytest.raises(UserError, match="'lut' at .* is outside the release directory") as e:
+        write_manifest(rd.root, {"parity": rd.parity, "lut": outside}, **common)
+    assert "copy it into the directory" in e.value.fix
+    (rd.root / "lut.json").symlink_to(outside)  # a symlink inside that points out is outside too
+    with pytest.raises(UserError, match="outside the release directory"):
+        write_manifest(rd.root, {"lut": rd.root / "lut.json"}, **common)
+    assert not rd.manifest.exists()
+
+
+@pytest.mark.parametrize("how", ["absolute", "dotdot", "symlink"])
+def test_paths_that_leave_the_directory_fail_verification(real_release, tmp_path, how):
+    """Each of these verified as OK before: the file exists and its sha256 matches, but it is not in the release."""
+    rd = _copy(real_release, tmp_path)
+    victim = tmp_path / "elsewhere" / "hostname"
+    victim.parent.mkdir()
+    victim.write_text("not part of the release\n")
+    if how == "absolute":
+        path = str(victim)
+    elif how == "dotdot":
+        path = "../elsewhere/hostname"
+    else:
+        (rd.root / "hostname").symlink_to(victim)
+        path = "hostname"
+    _rewrite(rd, lambda m: m["artifacts"].update({"extra": {"path": path, "sha256": sha256_file(victim), "bytes": 24}}))
+    expect = {"absolute": "is absolute", "dotdot": r"leaves the release directory \('\.\.'\)",
+              "symlink": "resolves outside the release directory"}[how]
+    with pytest.raises(UserError, match=f"extra: path .*{expect}"):
+        verify_manifest(rd.root)
+
+
+def test_unlisted_model_files_and_escaping_symlinks_fail_verification(real_release, tmp_path):
+    rd = _copy(real_release, tmp_path)
+    verify_manifest(rd.root)
+    (rd.root / "notes.txt").write_text("not a model: fine")
+    verify_manifest(rd.root)
+    (rd.root / "sub").mkdir()
+    shutil.copy(rd.onnx, rd.root / "sub" / "other.onnx")  # a second graph a server could pick up
+    (rd.root / "model.plan").write_bytes(b"an engine nobody checked")
+    with pytest.raises(UserError) as e:
+        verify_manifest(rd.root)
+    assert "sub/other.onnx: a model file the manifest does not cover" in str(e.value)
+    assert "model.plan: a model file the manifest does not cover" in str(e.value)
+    (rd.root / "model.plan").unlink()
+    shutil.rmtree(rd.root / "sub")
+    (rd.root / "weights").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(UserError, match="weights: a symlink leaving the release directory"):
+        verify_manifest(rd.root)
+
+
+def test_a_nested_release_is_verified_with_its_parent(real_release, tmp_path):
+    """`vitrim run` keeps the teacher's release in teacher/: its files are its own manifest's, checked too."""
+    rd = _copy(real_release, tmp_path)
+    nested = RunDir(shutil.copytree(rd.root, rd.root / "teacher"))
+    verify_manifest(rd.root)  # teacher/model.onnx is covered by teacher/manifest.json, not listed as unknown
+    nested.onnx.write_bytes(nested.onnx.read_bytes() + b"\0")
+    with pytest.raises(UserError, match="teacher/onnx: 'teacher/model.onnx' has changed"):
+        verify_manifest(rd.root)
+
+
+def _keys(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    paths = []
+    for who in ("release", "mallory"):
+        k = ed25519.Ed25519PrivateKey.generate()
+        priv, pub = tmp_path / f"{who}.pem", tmp_path / f"{who}.pub.pem"
+        priv.write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()))
+        pub.write_bytes(k.public_key().public_bytes(serialization.Encoding.PEM,
+                                                    serialization.PublicFormat.SubjectPublicKeyInfo))
+        paths += [priv, pub]
+    return paths
+
+
+def test_sign_and_verify_with_ed25519_and_a_tampered_manifest_fails(real_release, tmp_path, capsys):
+    pytest.importorskip("cryptography")  # the `sign` extra; `make test` installs it (dev)
+    from vitrim.pipeline.cli import main
+
+    rd = _copy(real_release, tmp_path)
+    key, pub, other_key, other_pub = _keys(tmp_path)
+    assert main(["verify-manifest", str(rd.root), "--pubkey", str(pub)]) == 2  # unsigned
+    assert f"vitrim sign {rd.root} --key" in capsys.readouterr().err
+    assert main(["sign", str(rd.root), "--key", str(key), "--pubkey", str(pub)]) == 0
+    assert len(rd.manifest_signature.read_bytes()) == 64  # a raw Ed25519 signature, detached
+    moved = RunDir(shutil.copytree(rd.root, tmp_path / "moved"))
+    assert main(["verify-manifest", str(moved.root), "--pubkey", str(pub)]) == 0
+    capsys.readouterr()
+    assert main(["verify-manifest", str(moved.root), "--pubkey", str(other_pub)]) == 2  # someone else's key
+    assert "does not match" in capsys.readouterr().err
+    # a manifest edited after signing (every artifact still matches its, now rewritten, record) fails
+    _rewrite(moved, lambda m: m["latency"].update({"median_ms": m["latency"]["median_ms"] / 2}))
+    verify_manifest(moved.root)  # the hashes alone cannot tell
+    assert main(["verify-manifest", str(moved.root), "--pubkey", str(pub)]) == 2
+    assert "the manifest changed after signing" in capsys.readouterr().err
+    # a bad key file is a user error naming the fix; signing a tampered directory is refused
+    assert main(["sign", str(moved.root), "--key", str(other_pub)]) == 2
+    assert "not a PEM private key" in capsys.readouterr().err
+    moved.onnx.write_bytes(b"swapped")
+    assert main(["sign", str(moved.root), "--key", str(other_key)]) == 2
+    assert "onnx: 'model.onnx' has changed" in capsys.readouterr().err
