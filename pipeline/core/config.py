@@ -232,6 +232,18 @@ class ExportConfig:
     # steps with int8 fake-quant on its Linear layers, then re-quantize and re-gate (0: off)
     int8_recovery_steps: int = 200
     int8_recovery_lr: float = 1e-5
+    # issue 24, regression gate (vitrim compare; export.baseline in vitrim run): a release directory to compare
+    # the run's release against, re-timed side by side and re-evaluated on the test split on this machine
+    baseline: Optional[str] = None
+    max_latency_regression: float = 0.03  # candidate / baseline paired latency ratio may exceed 1 by this much
+    max_acc_regression: float = 0.3  # points of test top-1 the candidate may lose
+    compare_rounds: int = 20  # round-robin rounds of the paired timing (each candidate visit bracketed by baseline)
+    compare_repeats: int = 200  # timed runs of the candidate in all, spread over the rounds
+    compare_sessions: int = 3  # timing sessions at most: another runs while the ratio is within noise of the gate
+    # issue 24, Triton model repository: DIR/<triton_name>/config.pbtxt and DIR/<triton_name>/1/model.{onnx,plan}
+    triton: Optional[str] = None
+    triton_name: Optional[str] = None  # default: the config's name
+    triton_max_batch: Optional[int] = None  # dynamic-batch ONNX: default target.max_batch, else target.batch
 
 
 @dataclass
@@ -483,6 +495,18 @@ def validate_config(cfg: RunConfig, source: str = "<config>") -> None:
         bad("export.require_budget", "needs a latency budget, and the search has a "
             f"{'FLOPs' if cfg.search.flops_fraction is not None else 'params'} budget",
             "set search.budget_fraction or search.budget_ms, or export.require_budget=false")  # issue 24
+    if not cfg.export.max_latency_regression >= 0:  # issue 24
+        bad("export.max_latency_regression", f"is {cfg.export.max_latency_regression}",
+            "use a fraction >= 0, e.g. 0.03 (3% slower at most)")
+    if not cfg.export.max_acc_regression >= 0:
+        bad("export.max_acc_regression", f"is {cfg.export.max_acc_regression}", "use points >= 0, e.g. 0.3")
+    if cfg.export.compare_rounds < 2 or cfg.export.compare_repeats < cfg.export.compare_rounds:
+        bad("export.compare_rounds", f"is {cfg.export.compare_rounds} with compare_repeats "
+            f"{cfg.export.compare_repeats}", "use at least 2 rounds and at least one timed run per round")
+    if cfg.export.compare_sessions < 1:
+        bad("export.compare_sessions", f"is {cfg.export.compare_sessions}", "use at least 1 timing session")
+    if cfg.export.triton_max_batch is not None and cfg.export.triton_max_batch < 1:
+        bad("export.triton_max_batch", f"is {cfg.export.triton_max_batch}", "use a positive batch, or null")
     if cfg.export.parity_images is not None and cfg.export.parity_images < 1:
         bad("export.parity_images", f"is {cfg.export.parity_images}", "use a positive image count, or null for all")
     if cfg.finetune.amp not in ("auto", "bf16", "fp16", "off"):

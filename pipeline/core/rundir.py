@@ -17,6 +17,7 @@ The layout of a ``vitrim run`` directory::
     model.onnx  model.<precision>.onnx         the exported graph; the quantized / fp16 graph built from it
     model.ort.onnx | model.plan | model.pt2    the engine (ORT-optimized graph, TensorRT plan, torch.export)
     parity.json  manifest.json                 the parity gate's figures; the release manifest
+    MODEL_CARD.md  compare.json                the model card; the regression gate against a baseline
     verdict.json  manifest.json.sig            every gate's figure, threshold, pass/fail and exit code; the
                                                manifest's detached Ed25519 signature (``vitrim sign``)
     summary.json  report.md  curve.{csv,png}   the run's summary, its report, the latency-accuracy curve
@@ -147,6 +148,17 @@ class RunDir:
     def verdict(self) -> Path:
         """Every gate's figure, threshold, pass/fail and the exit code (written on failure too)."""
         return self.root / "verdict.json"
+
+    # release workflow (issue 24)
+    @property
+    def model_card(self) -> Path:
+        """The Hugging Face-style model card of a release (``export/card.py``)."""
+        return self.root / "MODEL_CARD.md"
+
+    @property
+    def compare(self) -> Path:
+        """The regression gate's figures against a baseline release (``export/compare.py``)."""
+        return self.root / "compare.json"
 
     # reports
     @property

@@ -1,0 +1,379 @@
+"""The regression gate: a candidate release against a baseline release, measured now, on this machine.
+
+A release job must stop a build that is slower or less accurate than the last release. Stored
+milliseconds cannot decide that: they were measured at other times, under other loads, maybe on
+another machine. :func:`compare_releases` therefore
+
+1. verifies both manifests (every artifact re-hashed) and refuses two releases whose device
+   signatures differ, naming the fields, and a machine other than the one they were measured on;
+2. re-times both engines round-robin in one session with :func:`~vitrim.export.runners.time_ratio`:
+   each candidate visit is bracketed by baseline visits and the figure is the median of the
+   per-visit ratios, so a load burst on a shared machine hits both sides of each ratio. A second
+   session of the baseline engine rides in the same rotation as an A/A control: its ratio to the
+   baseline is the noise of this very measurement. A ratio within twice that noise of the
+   threshold does not decide: up to ``export.compare_sessions`` sessions run and the gate takes
+   the median of their ratios;
+3. re-evaluates both engines on the same test images (top-1 each, and how many images only one
+   of them gets right);
+4. fails when the candidate is slower by more than ``max_latency_regression`` (a fraction, 3% by
+   default) or loses more than ``max_acc_regression`` points of top-1 (0.3 by default).
+
+``compare.json`` (every figure) is written either way, and the two gate entries are merged into
+the ``verdict.json`` beside it (:mod:`vitrim.export.verdict`; Polygraphy's ``--save-results``,
+MLflow's ``validate_evaluation_results``: the evidence stays on disk); a failure then raises
+:class:`~vitrim.pipeline.core.errors.RegressionGateError`, which the CLI turns into exit 5.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+
+from vitrim.export.runners import Runner
+from vitrim.export.target import DeviceSignature
+from vitrim.pipeline.core.errors import EXIT_REGRESSION, UserError
+from vitrim.pipeline.core.rundir import RunDir
+
+COMPARE_SCHEMA = 1
+
+
+@dataclass
+class Release:
+    """A verified release directory: its manifest, its device signature, its engine's runners."""
+
+    root: Path
+    manifest: dict
+    signature: DeviceSignature
+    manifest_sha256: str
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, role: str) -> "Release":
+        """Verify ``path``'s manifest (every artifact re-hashed) and read its signature."""
+        from vitrim.export.manifest import verify_manifest
+        from vitrim.pipeline.core.io import sha256_file
+
+        root = Path(path)
+        if not root.is_dir():
+            raise UserError("compare", f"the {role} release '{root}' is not a directory",
+                            f"pass the directory `vitrim export --out` or `vitrim run` wrote (it holds {RunDir(root).manifest.name})")
+        m = verify_manifest(root)
+        sig = m.get("device_signature")
+        try:
+            signature = DeviceSignature.from_dict(sig)
+        except UserError:
+            raise UserError("compare", f"the {role} release '{root}' has no usable device signature in its manifest",
+                            "re-export it with this vitrim version") from None
+        return cls(root, m, signature, sha256_file(RunDir(root).manifest))
+
+    def artifact(self, key: str) -> Optional[Path]:
+        """The manifest's artifact ``key`` as a path (relative entries are inside the release)."""
+        e = self.manifest["artifacts"].get(key)
+        if e is None:
+            return None
+        p = Path(e["path"])
+        return p if p.is_absolute() else self.root / p
+
+    def _need(self, key: str) -> Path:
+        p = self.artifact(key)
+        if p is None:
+            raise UserError("compare", f"the release '{self.root}' lists no '{key}' artifact in its manifest",
+                            "re-export it with this vitrim version")
+        return p
+
+    def timing_runner(self) -> Runner:
+        """The engine as :func:`~vitrim.export.release.release` timed it (the LUT's runner code)."""
+        s = self.signature
+        if s.backend == "ort-cpu":
+            from vitrim.export.runners import OrtCpuRunner
+
+            src = self.artifact(f"onnx_{s.precision}") or self._need("onnx")
+            return OrtCpuRunner(src, s.threads, s.opt_level or "all")
+        return self.eval_runner()
+
+    def eval_runner(self) -> Runner:
+        """The engine artifact the parity gate passed (ORT's saved optimized graph, the TensorRT plan, the program)."""
+        s = self.signature
+        engine = self._need("engine")
+        if s.backend == "ort-cpu":
+            from vitrim.export.runners import OrtCpuRunner
+
+            return OrtCpuRunner(engine, s.threads, "disable")  # optimized offline already
+        if s.backend == "tensorrt":
+            from vitrim.export.runners import TrtRunner
+
+            return TrtRunner(engine)
+        from vitrim.export.runners import TorchExportRunner
+
+        return TorchExportRunner(engine, "cuda" if s.backend == "torch-cuda" else "cpu", s.threads or None,
+                                 half=s.precision == "fp16")
+
+    def preprocessing_key(self) -> Optional[dict]:
+        """The recorded preprocessing without its sources and recipe text (what changes the input)."""
+        p = self.manifest.get("preprocessing")
+        if not p:
+            return None
+        return {k: v for k, v in p.items() if k not in ("sources", "steps")}
+
+    def describe(self) -> dict:
+        m = self.manifest
+        return {"dir": str(self.root), "manifest_sha256": self.manifest_sha256,
+                "name": (m.get("model") or {}).get("name"), "created": m.get("created"),
+                "recorded": {"engine_top1": (m.get("accuracy") or {}).get("engine_top1"),
+                             "median_ms": (m.get("latency") or {}).get("median_ms")}}
+
+
+def check_same_target(base: Release, cand: Release) -> None:
+    """Refuse two releases measured for different targets, naming each differing field and both values."""
+    diff = base.signature.diff(cand.signature)
+    if diff:
+        detail = "; ".join(f"{f}: {getattr(base.signature, f)!r} vs {getattr(cand.signature, f)!r}" for f in diff)
+        raise UserError("compare", f"the releases were made for different targets (differs in: {', '.join(diff)}): "
+                        f"{detail}. Baseline [{base.signature}], candidate [{cand.signature}]",
+                        "compare releases of the same target: re-export the baseline on this machine with the "
+                        "candidate's target settings (vitrim export ... --out DIR)")
+
+
+def check_this_machine(sig: DeviceSignature) -> dict:
+    """Refuse to re-time releases on another device or engine version than they were measured for.
+
+    A ratio measured on another CPU is not the ratio on the release's device, and the
+    engine version changes the kernels. Returns this machine's device and engine version.
+    """
+    from vitrim.export.target import Target, engine_version
+
+    here = {"device": Target(backend=sig.backend, precision=sig.precision).device_name(),
+            "engine_version": engine_version(sig.backend)}
+    diff = [k for k in ("device", "engine_version") if here[k] != getattr(sig, k)]
+    if diff:
+        detail = "; ".join(f"{k}: release {getattr(sig, k)!r}, here {here[k]!r}" for k in diff)
+        raise UserError("compare", f"this machine is not the one the releases were measured for ({detail})",
+                        "run vitrim compare on a machine of the releases' device signature, or re-export both "
+                        "releases here")
+    return here
+
+
+def _images_labels(batch) -> tuple[np.ndarray, np.ndarray]:
+    x, y = batch[0], batch[1]
+    x = x.numpy() if hasattr(x, "numpy") else np.asarray(x)
+    y = y.numpy() if hasattr(y, "numpy") else np.asarray(y)
+    return np.ascontiguousarray(x, dtype=np.float32), y.astype(np.int64)
+
+
+def evaluate_pair(base: Runner, cand: Runner, data: Iterable) -> dict:
+    """Top-1 of both (activated) engines on the same batches, streamed, and the images they disagree on."""
+    n = right_b = right_c = only_b = only_c = agree = 0
+    for batch in data:
+        x, y = _images_labels(batch)
+        pb, pc = base.infer(x).argmax(1), cand.infer(x).argmax(1)
+        ok_b, ok_c = pb == y, pc == y
+        n += len(y)
+        right_b, right_c = right_b + int(ok_b.sum()), right_c + int(ok_c.sum())
+        only_b, only_c = only_b + int((ok_b & ~ok_c).sum()), only_c + int((ok_c & ~ok_b).sum())
+        agree += int((pb == pc).sum())
+    if n == 0:
+        raise UserError("compare", "the test split is empty", "check data.root and data.test_limit")
+    return {"images": n, "baseline_top1": 100.0 * right_b / n, "candidate_top1": 100.0 * right_c / n,
+            "delta_pt": 100.0 * (right_c - right_b) / n, "agreement": agree / n,
+            "only_baseline_right": only_b, "only_candidate_right": only_c}
+
+
+def time_pair(base: Release, cand: Release, rounds: int, repeats: int, warmup: int, sessions: int = 3,
+              threshold: float = 0.03, log: Callable[[str], None] = print) -> dict:
+    """Both engines round-robin in one session: baseline, candidate, baseline, A, baseline per round.
+
+    A is a second session of the baseline engine. The figure of a session is
+    :func:`~vitrim.export.runners.time_ratio`'s: the median over rounds of each candidate visit
+    over the baseline visits around it; the A/A ratio, measured the same way, is the noise of
+    that very session. A session whose ratio lies within twice its noise of the threshold does
+    not decide: another session runs (up to ``sessions``), and the gate takes the median of the
+    sessions' ratios.
+    """
+    from vitrim.export.runners import interleaved, time_ratio
+
+    batch = base.signature.batch
+    runs: list[dict] = []
+    for k in range(max(1, sessions)):
+        runners = [base.timing_runner(), cand.timing_runner(), base.timing_runner()]
+        with interleaved(runners) as active:
+            timings, (ratio, aa) = time_ratio(active, batch, repeats=repeats, rounds=rounds, warmup=warmup)
+        runs.append({"ratio": ratio, "aa_ratio": aa, "baseline": timings[0].to_dict(),
+                     "candidate": timings[1].to_dict(), "baseline_aa": timings[2].to_dict()})
+        med = float(np.median([r["ratio"] for r in runs]))
+        noise = max(abs(r["aa_ratio"] - 1.0) for r in runs)
+        log(f"[compare] timing session {k + 1}: candidate/baseline {ratio:.3f}, A/A control {aa:.3f}")
+        if abs(med - 1.0 - threshold) > 2 * noise:
+            break  # the verdict stands clear of this measurement's noise
+    last = runs[-1]
+    return {"protocol": "round-robin sessions on this machine; per round: baseline, candidate, baseline, baseline "
+                        "again (a second session: the A/A control), baseline; a session's ratio is the median over "
+                        "rounds of each visit's median over the median of the baseline visits around it; another "
+                        "session runs while the median ratio lies within twice the largest A/A deviation of the "
+                        "threshold",
+            "batch": batch, "rounds": rounds, "repeats": repeats, "warmup": warmup,
+            "ratio": float(np.median([r["ratio"] for r in runs])),
+            "aa_ratio": max((r["aa_ratio"] for r in runs), key=lambda v: abs(v - 1.0)),
+            "baseline": last["baseline"], "candidate": last["candidate"], "sessions": runs}
+
+
+def markdown_table(result: dict) -> str:
+    """The verdict as a Markdown table (what `vitrim compare` prints)."""
+    lat, acc = result["latency"], result["accuracy"]
+    g = {x["check"]: x for x in result["gates"]}
+    gl, ga = g["latency"], g["accuracy"]
+    mark = lambda ok: "pass" if ok else "**FAIL**"  # noqa: E731
+    rows = [
+        "| | baseline | candidate | change | gate | verdict |",
+        "|---|---:|---:|---:|---|---|",
+        f"| latency, median ms (batch {lat['batch']}, one session) | {lat['baseline']['median_ms']:.3f} | "
+        f"{lat['candidate']['median_ms']:.3f} | {100 * (lat['ratio'] - 1):+.1f}% (paired ratio {lat['ratio']:.3f}) | "
+        f"<= {100 * (gl['threshold'] - 1):+.1f}% | {mark(gl['passed'])} |",
+        f"| A/A control: the baseline against itself | | | {100 * (lat['aa_ratio'] - 1):+.1f}% | noise of this "
+        f"measurement ({len(lat['sessions'])} session{'s' if len(lat['sessions']) > 1 else ''}) | |",
+        f"| test top-1 % ({acc['images']} images) | {acc['baseline_top1']:.2f} | {acc['candidate_top1']:.2f} | "
+        f"{acc['delta_pt']:+.2f} pt | >= {ga['threshold']:+.2f} pt | {mark(ga['passed'])} |",
+        f"| top-1 agreement | | | {100 * acc['agreement']:.2f}% ({acc['only_baseline_right']} images only the "
+        f"baseline gets right, {acc['only_candidate_right']} only the candidate) | | |",
+    ]
+    head = f"**{'PASS' if result['passed'] else 'FAIL'}**: candidate `{result['candidate']['dir']}` against " \
+           f"baseline `{result['baseline']['dir']}` on {result['signature']['backend']}/" \
+           f"{result['signature']['precision']} ({result['machine']['device']})"
+    return head + "\n\n" + "\n".join(rows) + "\n"
+
+
+def compare_releases(baseline: str | os.PathLike, candidate: str | os.PathLike, data: Iterable, *,
+                     max_latency_regression: float = 0.03, max_acc_regression: float = 0.3, rounds: int = 20,
+                     repeats: int = 200, warmup: int = 10, sessions: int = 3, out: str | os.PathLike | None = None,
+                     data_preprocessing: Optional[dict] = None, log: Callable[[str], None] = print) -> dict:
+    """Gate ``candidate`` against ``baseline`` (two release directories); write ``compare.json``.
+
+    Args:
+        data: ``(images, labels)`` batches of the test images both engines are evaluated on.
+        max_latency_regression: the candidate may be this fraction slower (paired ratio - 1).
+        max_acc_regression: the candidate's top-1 may be this many points lower.
+        rounds, repeats, warmup: one paired timing session (``repeats`` candidate runs over ``rounds`` visits).
+        sessions: timing sessions at most, while the ratio is within the session's noise of the threshold.
+        out: where ``compare.json`` goes (default: the candidate directory).
+        data_preprocessing: ``Preprocessing.to_dict()`` of ``data``; refused when the releases expect another.
+
+    Returns:
+        The content of ``compare.json``.
+
+    Raises:
+        UserError: different device signatures or preprocessing, another machine, a tampered release.
+        RegressionGateError: after writing ``compare.json`` and ``verdict.json``, when a gate fails (exit 5).
+    """
+    from vitrim.pipeline.core.io import atomic_write_json
+
+    out_rd = RunDir(out if out is not None else candidate)
+    out_rd.compare.unlink(missing_ok=True)  # never leave an earlier comparison beside a refused one
+    base, cand = Release.load(baseline, "baseline"), Release.load(candidate, "candidate")
+    check_same_target(base, cand)
+    pb, pc = base.preprocessing_key(), cand.preprocessing_key()
+    if pb is not None and pc is not None and pb != pc:
+        diff = sorted(k for k in set(pb) | set(pc) if pb.get(k) != pc.get(k))
+        raise UserError("compare", f"the releases expect different inputs (preprocessing differs in: {', '.join(diff)})",
+                        "compare releases of one model family with one preprocessing")
+    want = pc or pb
+    if data_preprocessing is not None and want is not None:
+        got = {k: v for k, v in data_preprocessing.items() if k not in ("sources", "steps")}
+        if got != want:
+            diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+            raise UserError("compare", f"the test images would be preprocessed unlike the releases expect "
+                            f"(differs in: {', '.join(diff)})", "pass the config the releases were made with "
+                            f"(--config, or the candidate's {RunDir(candidate).resolved_config.name})")
+    here = check_this_machine(base.signature)
+    log(f"[compare] baseline {base.root} vs candidate {cand.root} on [{base.signature}]")
+
+    from vitrim.export.runners import interleaved
+
+    with interleaved([base.eval_runner(), cand.eval_runner()]) as (rb, rc):
+        acc = evaluate_pair(rb, rc, data)
+    log(f"[compare] top-1 on {acc['images']} test images: baseline {acc['baseline_top1']:.2f}%, candidate "
+        f"{acc['candidate_top1']:.2f}% ({acc['delta_pt']:+.2f} pt)")
+    lat = time_pair(base, cand, rounds, repeats, warmup, sessions, max_latency_regression, log)
+
+    from vitrim.export.verdict import gate, make_verdict, merge_gates, raise_for
+
+    gates = [
+        gate("regression", "latency", lat["ratio"], 1.0 + max_latency_regression, "<=", EXIT_REGRESSION,
+             subject="candidate", unit="ratio to the baseline",
+             detail=f"paired latency ratio candidate/baseline at batch {lat['batch']}, re-timed in one round-robin "
+                    f"session on this machine (A/A control {lat['aa_ratio']:.3f}); export.max_latency_regression "
+                    f"{max_latency_regression:g}"),
+        gate("regression", "accuracy", acc["delta_pt"], -max_acc_regression, ">=", EXIT_REGRESSION,
+             subject="candidate", unit="pt",
+             detail=f"test top-1 candidate {acc['candidate_top1']:.2f}% - baseline {acc['baseline_top1']:.2f}% on "
+                    f"the same {acc['images']} images; export.max_acc_regression {max_acc_regression:g}"),
+    ]
+    passed = all(g["passed"] for g in gates)
+    result = {"schema": COMPARE_SCHEMA,
+              "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "passed": passed, "exit_code": 0 if passed else EXIT_REGRESSION, "gates": gates,
+              "baseline": base.describe(), "candidate": cand.describe(), "signature": base.signature.to_dict(),
+              "machine": here, "latency": lat, "accuracy": acc,
+              "noisy": bool(abs(lat["aa_ratio"] - 1.0) > max_latency_regression)}
+    atomic_write_json(out_rd.compare, result)
+    merge_gates(out_rd.root, gates, kind=None if out_rd.verdict.is_file() else "compare",
+                info={"regression_baseline": str(base.root)})
+    table = markdown_table(result)
+    log(table)
+    if result["noisy"]:
+        log(f"[compare] warning: the A/A control moved by {100 * (lat['aa_ratio'] - 1):+.1f}%, more than the "
+            f"{100 * max_latency_regression:.1f}% threshold: this machine is too busy for a latency verdict at this "
+            "threshold; rerun on a quieter machine, or raise export.compare_sessions / compare_rounds")
+    # raised for this comparison's own gates: an earlier failure in the merged verdict has its own exit code
+    raise_for(make_verdict(gates, "compare"), "[compare] regression gate FAILED against the baseline:\n  " + "\n  ".join(
+        f"{g['check']}: {'non-finite' if g['measured'] is None else format(g['measured'], '.4g')} {g['op']} "
+        f"{g['threshold']:.4g} fails ({g['detail']})"
+        for g in gates if not g["passed"]) + f"\n  details: {out_rd.compare}, {out_rd.verdict}")
+    return result
+
+
+def compare_from_config(cfg, baseline: str | os.PathLike, candidate: str | os.PathLike,
+                        out: str | os.PathLike | None = None, log: Callable[[str], None] = print) -> dict:
+    """:func:`compare_releases` on ``cfg``'s test split with ``cfg.export``'s thresholds and timing settings."""
+    from vitrim.pipeline.core.data import build_splits, make_loader
+
+    splits = build_splits(cfg.data, model_cfg=cfg.model)
+    batch = _recorded_batch(candidate) or cfg.target.batch  # a TensorRT plan takes at most its profile's batch
+    loader = make_loader(splits.test, batch, workers=cfg.data.workers)
+    e = cfg.export
+    return compare_releases(baseline, candidate, loader, max_latency_regression=e.max_latency_regression,
+                            max_acc_regression=e.max_acc_regression, rounds=e.compare_rounds,
+                            repeats=e.compare_repeats, sessions=e.compare_sessions, warmup=cfg.profile.warmup, out=out,
+                            data_preprocessing=splits.preprocessing.to_dict() if splits.preprocessing else None,
+                            log=log)
+
+
+def _recorded_batch(release: str | os.PathLike) -> Optional[int]:
+    """The batch a release was made for (its manifest's signature), before the manifest is verified."""
+    try:
+        return int(json.loads(RunDir(release).manifest.read_text())["device_signature"]["batch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # compare_releases names what is wrong with that release
+
+
+def compare_config(baseline: str | os.PathLike, candidate: str | os.PathLike, config: str | os.PathLike | None = None,
+                   overrides: Optional[list[str]] = None):
+    """The config whose test split and thresholds a comparison uses.
+
+    ``config`` when given; else the candidate's ``resolved_config.yaml`` (``vitrim run`` and
+    ``vitrim export`` write it beside the release), else the baseline's. ``overrides`` are
+    ``--set`` items (e.g. ``export.max_latency_regression=0.05``, ``data.test_limit=2000``).
+    """
+    from vitrim.pipeline.core.config import load_config
+
+    if config is None:
+        for d in (candidate, baseline):
+            if RunDir(d).resolved_config.is_file():
+                config = RunDir(d).resolved_config
+                break
+        else:
+            raise UserError("compare", f"neither '{candidate}' nor '{baseline}' holds a "
+                            f"{RunDir(candidate).resolved_config.name} to take the test data from", "pass --config CONFIG (the config the releases were made with)")
+    return load_config(config, overrides or [])
