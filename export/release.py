@@ -123,7 +123,8 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
             predicted_ms: Optional[float] = None, warmup: int = 10, repeats: int = 60, name: str = "model",
             extra_artifacts: Optional[dict] = None, manifest_extra: Optional[dict] = None,
             config_hash: Optional[str] = None, calib_data: Optional[Iterable] = None,
-            baseline_top1: Optional[float] = None, preprocessing=None, log: Callable[[str], None] = print) -> dict:
+            baseline_top1: Optional[float] = None, preprocessing=None, dataset: Optional[dict] = None,
+            log: Callable[[str], None] = print) -> dict:
     """Export (unless ``onnx_path`` is given), build the engine, gate on parity, time it, write the manifest.
 
     Args:
@@ -138,6 +139,7 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
             recovery changed the weights that ``model`` now holds).
         preprocessing: the :class:`~vitrim.pipeline.core.preprocessing.Preprocessing` that ``data`` was
             made with, recorded in the manifest (what the engine expects as input).
+        dataset: the model card's dataset entry (:func:`~vitrim.export.card.dataset_info`).
 
     Returns:
         ``{"parity", "latency", "manifest", "params", "onnx", "engine", "verdict"}``.
@@ -177,6 +179,8 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
         sample_shape = onnx_sample_shape(onnx_path)
     sig = target.signature(tokens or 0)  # fails fast on an unavailable target
     rd = RunDir(out)
+    for stale in (rd.model_card, rd.compare):  # claims about the release this one replaces
+        stale.unlink(missing_ok=True)
     for stale in (*rd.verdicts(), rd.verdict, rd.manifest_signature):
         stale.unlink(missing_ok=True)
 
@@ -289,6 +293,9 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
                               latency=latency, config_hash=config_hash, extra=info,
                               preprocessing=preprocessing.to_dict() if preprocessing is not None else None)
     log(f"[export] manifest {manifest}")
+    from vitrim.export.card import write_model_card
+
+    log(f"[export] model card {write_model_card(out, dataset=dataset)}")
     write_verdict(rd.verdict, gates, "export", info=v_info)
     return {"parity": rep, "latency": latency, "manifest": str(manifest), "params": n_params,
             "onnx": str(onnx_path), "engine": str(engine.path) if engine.path else None, "verdict": str(rd.verdict)}
@@ -322,10 +329,15 @@ def release_from_config(cfg, model, out_dir: str | os.PathLike, test_set, *, pla
     calib = None
     if calib_set is not None and cfg.target.precision in ("int8", "fp8"):  # training images, in a fixed order
         calib = make_loader(calib_set, 32, shuffle=True, seed=cfg.seed, workers=cfg.data.workers)
+    from vitrim.export.card import dataset_info
+    from vitrim.pipeline.core.config import save_resolved
+
+    prep = preprocessing or resolve_preprocessing(cfg.data, cfg.model)
+    save_resolved(cfg, out, prep)  # the release says how it was made; `vitrim compare` takes its test data from it
     return release(out, Target.from_config(cfg.target), loader, model=model, onnx_path=onnx_path,
                    export_cfg=cfg.export, predicted_ms=predicted_ms, warmup=cfg.profile.warmup,
                    repeats=cfg.profile.repeats, name=name, extra_artifacts=extra,
                    manifest_extra={"model": {"macs": plan.macs() if plan is not None else None},
                                    **(manifest_extra or {})},
                    config_hash=config_hash(cfg), calib_data=calib, baseline_top1=baseline_top1,
-                   preprocessing=preprocessing or resolve_preprocessing(cfg.data, cfg.model), log=log)
+                   preprocessing=prep, dataset=dataset_info(cfg.data), log=log)
