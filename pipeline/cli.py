@@ -183,8 +183,14 @@ def cmd_export(args) -> int:
     from vitrim.pipeline.stages.release import stage_release
 
     cfg = _cfg(args)
-    stage_release(cfg, args.out or cfg.out_dir, student=args.student, teacher=args.teacher, onnx=args.onnx,
+    if args.triton:
+        cfg.export.triton = args.triton
+    out = args.out or cfg.out_dir
+    stage_release(cfg, out, student=args.student, teacher=args.teacher, onnx=args.onnx,
                   build_lut=args.profile, use_lut=not args.no_lut)
+    from vitrim.export.triton import triton_from_config
+
+    triton_from_config(cfg, out)  # export.triton / --triton: the release as a Triton model repository
     return 0
 
 
@@ -235,6 +241,15 @@ def cmd_curve(args) -> int:
             raise UserError("curve", f"unknown baseline '{b}'", f"use one of {', '.join(STRATEGIES)}")
     run_curve(cfg, budgets, baselines)
     return 0
+
+
+def cmd_compare(args) -> int:
+    from vitrim.export.compare import compare_config
+    from vitrim.pipeline.stages.compare import stage_compare
+
+    cfg = compare_config(args.baseline, args.candidate, args.config, args.set)
+    stage_compare(cfg, args.baseline, args.candidate, out=args.out)
+    return 0  # a regression raises RegressionGateError: exit 5, after compare.json and verdict.json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -310,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the config's model (model.checkpoint) is the parity reference")
     s.add_argument("--profile", action="store_true", help="build the LUT if none matches (for the predicted latency)")
     s.add_argument("--no-lut", action="store_true", help="do not look up a LUT for the predicted latency")
+    s.add_argument("--triton", metavar="DIR", help="also lay out a Triton model repository (export.triton): "
+                   "DIR/NAME/config.pbtxt and, in DIR/NAME/1/, the ONNX graph (ORT-CPU) or the TensorRT plan; NAME "
+                   "is export.triton_name or the config's name")
     s.set_defaults(fn=cmd_export)
 
     names = RunDir("DIR")
@@ -326,6 +344,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--key", required=True, help="Ed25519 private key (PEM; a passphrase from VITRIM_KEY_PASSWORD)")
     s.add_argument("--pubkey", help="also check the new signature with this public key (PEM)")
     s.set_defaults(fn=cmd_sign)
+
+    s = sub.add_parser("compare", help="regression gate: re-time the BASELINE and CANDIDATE releases side by side on "
+                       "this machine and re-evaluate both on the test split; exit 5 when the candidate is slower by "
+                       "more than export.max_latency_regression (3%%) or loses more than export.max_acc_regression "
+                       f"(0.3 pt) of top-1; prints a Markdown table, writes {NAMES.compare.name} and "
+                       f"{NAMES.verdict.name}")
+    s.add_argument("baseline", help="the last release's directory (written by vitrim run or vitrim export)")
+    s.add_argument("candidate", help="the new release's directory")
+    s.add_argument("--config", help="the config whose test split and export.* thresholds are used (default: "
+                   f"CANDIDATE/{NAMES.resolved_config.name}, else BASELINE's)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set export.max_latency_regression=0.05 (repeatable)")
+    s.add_argument("--out", help=f"where {NAMES.compare.name} and {NAMES.verdict.name} go (default: CANDIDATE)")
+    s.set_defaults(fn=cmd_compare)
 
     return p
 
