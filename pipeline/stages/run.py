@@ -48,6 +48,8 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
     from vitrim.pipeline.core.plan import Plan
     from vitrim.pipeline.core.slicing import load_compact, slice_model
     from vitrim.export.release import release_from_config
+    from vitrim.export.verdict import raise_for, write_run_verdict
+    from vitrim.pipeline.core.errors import GateError, UserError
     from vitrim.pipeline.core.io import copy_into
     from vitrim.pipeline.report import add_measured_budget, make_summary, write_summary
     from vitrim.pipeline.stages.profile import stage_profile
@@ -67,8 +69,12 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
     prep = splits.preprocessing
     log(prep.line())
     rd = RunDir(cfg.out_dir)
-    for stale in (rd.summary, rd.report):  # never leave a previous run's verdict beside a failed one
+    for stale in (rd.summary, rd.report, rd.verdict):  # never leave a previous run's verdict beside a failed one
         stale.unlink(missing_ok=True)
+    if cfg.export.require_budget and not wants_closed_loop(cfg):  # issue 24: the gate needs the delivered ratio
+        raise UserError("run", f"export.require_budget needs the measured closed loop, which strategy "
+                        f"'{cfg.search.strategy}' with this budget does not run",
+                        "use a latency budget with a correctable strategy (e.g. knapsack), or export.require_budget=false")
     timings: dict = {}
 
     t0 = time.time()
@@ -141,7 +147,10 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
     timings["finetune_s"] = round(time.time() - t0, 1) if t0 else "cached"
 
     t0 = time.time()
-    h_exp = config_hash({"ft": h_ft, "export": cfg.export, "target": cfg.target, "test_limit": cfg.data.test_limit})
+    from vitrim.pipeline.stages.compare import export_key, finish_release  # issue 24: the release workflow
+
+    h_exp = config_hash({"ft": h_ft, "export": export_key(cfg.export), "target": cfg.target,
+                         "test_limit": cfg.data.test_limit})
     if cache.fresh("export", h_exp, [rd.manifest]):
         log(f"[export] inputs unchanged; reusing {rd.manifest.name}")
         exp = json.loads(rd.manifest.read_text())
@@ -153,14 +162,20 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
     else:
         for stale in (rd.manifest, rd.teacher_dir.manifest):  # a failed gate leaves none behind
             stale.unlink(missing_ok=True)
-        teacher_exp = release_from_config(cfg, teacher, rd.teacher_dir.root, splits.test, plan=Plan.full(spec),
-                                          predicted_ms=lut.predict(Plan.full(spec)),
-                                          name=f"teacher {cfg.model.arch}", calib_set=splits.val,
-                                          preprocessing=prep, log=log)
-        from vitrim.pipeline.stages.qat import release_student  # an int8 engine failing the gate: recovery
+        teacher_exp = None
+        try:
+            teacher_exp = release_from_config(cfg, teacher, rd.teacher_dir.root, splits.test, plan=Plan.full(spec),
+                                              predicted_ms=lut.predict(Plan.full(spec)),
+                                              name=f"teacher {cfg.model.arch}", calib_set=splits.val,
+                                              preprocessing=prep, log=log)
+            from vitrim.pipeline.stages.qat import release_student  # an int8 engine failing the gate: recovery
 
-        student_exp = release_student(cfg, teacher, student, plan, splits, rd.root, predicted_ms=lut.predict(plan),
-                                      device=device, log=log)
+            student_exp = release_student(cfg, teacher, student, plan, splits, rd.root,
+                                          predicted_ms=lut.predict(plan), device=device, log=log)
+        except GateError as e:  # the run's verdict.json keeps the failed gate's figures (issue 24)
+            write_run_verdict(rd.verdict, teacher_exp["parity"] if teacher_exp else e.report,
+                              e.report if teacher_exp else None, error=str(e))
+            raise
         cache.done("export", h_exp)
     timings["export_s"] = round(time.time() - t0, 1) if t0 else "cached"
     p = cfg.target.precision  # the graph each engine was built from (export.release names it)
@@ -176,11 +191,16 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
         summary["speedup"] = same[0].median_ms / same[1].median_ms
         summary["latency_protocol"] = "teacher and student re-timed round-robin in one session"
     add_measured_budget(summary, rd, same)  # issue 14
+    verdict = write_run_verdict(rd.verdict, teacher_exp["parity"], student_exp["parity"],  # issue 24
+                                measured_budget=summary.get("measured_budget"),
+                                require_budget=cfg.export.require_budget)
+    verdict = finish_release(cfg, rd, summary, verdict, log)  # the card with the speedup, export.triton, .baseline
     summary["wall_s"] = round(time.time() - t_start, 1)
     write_summary(rd, summary)
     log(f"[run] teacher {summary['teacher']['measured_ms']:.2f} ms / {summary['teacher']['top1']:.2f}%  ->  "
         f"student {summary['student']['measured_ms']:.2f} ms / {summary['student']['top1']:.2f}%  "
         f"(measured speedup {summary['speedup']:.2f}x, {summary['delta_top1']:+.2f} pt); report: {rd.report}")
+    raise_for(verdict)  # export.require_budget: a missed budget exits 4, after the summary and report are written
     return summary
 
 
