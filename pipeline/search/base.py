@@ -30,8 +30,10 @@ from torch import nn
 
 from vitrim.pipeline.core.compact import CompactViT
 from vitrim.pipeline.core.config import SearchConfig
-from vitrim.pipeline.core.data import make_loader
+from vitrim.pipeline.core.data import TensorImages, make_loader
+from vitrim.pipeline.core.distill import make_kd_fn
 from vitrim.pipeline.core.errors import UserError
+from vitrim.pipeline.core.evaluate import top1
 from vitrim.pipeline.core.plan import Floors, Plan
 from vitrim.pipeline.search.cost import Cost, resolve_budget
 from vitrim.pipeline.search.groups import apply_removal, floor_plan, masks_from_plan, merge_options
@@ -172,8 +174,6 @@ class SearchContext:
     @cached_property
     def kd(self) -> LossFn:
         """The KD loss against the teacher (teacher and student moved to the search's device)."""
-        from vitrim.pipeline.core.distill import make_kd_fn
-
         self.teacher.to(self.device).eval()
         self.student.to(self.device)
         return make_kd_fn(self.teacher, self.kd_alpha, self.kd_T)
@@ -184,9 +184,6 @@ class SearchContext:
 
     def val_top1(self, n: int = 2000) -> float:
         """The student's top-1 on (the first ``n`` images of) the validation split."""
-        from vitrim.pipeline.core.data import TensorImages
-        from vitrim.pipeline.core.evaluate import top1
-
         ds = self.val_ds
         ds = ds.subset(torch.arange(min(n, len(ds)))) if isinstance(ds, TensorImages) else ds
         return top1(self.student, ds, 512, workers=self.workers)
