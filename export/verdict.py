@@ -146,11 +146,26 @@ def decide(gates: Iterable[dict]) -> tuple[bool, int]:
     return (not failed, min(failed) if failed else EXIT_PASS)
 
 
+def failure_lines(gates: Iterable[dict]) -> list[str]:
+    """One line per failed entry: what failed, the figure against the threshold, and the detail."""
+    out = []
+    for g in gates:
+        if g["passed"]:
+            continue
+        who = "".join(f" ({w})" for w in (g.get("subject"),) if w) + (f" output '{g['output']}'" if g.get("output") else "")
+        m = "not finite" if g["measured"] is None else f"{g['measured']:.4g}"
+        out.append(f"{g['gate']} {g['check']}{who}: {m}, needs {g['op']} {g['threshold']:g}"
+                   + (f" ({g['detail']})" if g.get("detail") else ""))
+    return out
+
+
 def make_verdict(gates: list[dict], kind: str, *, error: str | None = None, info: dict | None = None) -> dict:
-    """The verdict dict (see the module docstring)."""
+    """The verdict dict (see the module docstring); a failed one without ``error`` names its failed entries."""
     passed, code = decide(gates)
     if error is not None and passed:  # a gate error with every entry passing: the record is wrong, not the gate
         raise InternalError(f"verdict of kind {kind!r} has an error but no failed gate: {error}")
+    if error is None and not passed:
+        error = f"{EXIT_CODES[code]} failed:\n  " + "\n  ".join(failure_lines(gates))
     return {"schema": VERDICT_SCHEMA, "kind": kind,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "passed": passed, "exit_code": code, "exit_meaning": EXIT_CODES[code], "error": error,
@@ -207,10 +222,7 @@ def merge_gates(where: str | os.PathLike, gates: list[dict], *, kind: str | None
     new_keys = {_key(g) for g in gates}
     merged = [g for g in old["gates"] if _key(g) not in new_keys] + list(gates)
     passed, _ = decide(merged)
-    err = None if passed else (error if error is not None else old.get("error"))
-    if not passed and err is None:
-        err = "; ".join(f"{g['gate']} {g['check']}" + (f" ({g['subject']})" if g.get("subject") else "")
-                        + " failed" for g in merged if not g["passed"])
+    err = None if passed else error  # a new failure is described afresh from every failed entry
     return write_verdict(p, merged, kind or old["kind"], error=err, info={**old.get("info", {}), **(info or {})})
 
 
@@ -219,11 +231,7 @@ def raise_for(verdict: dict, message: str | None = None) -> None:
     if verdict["passed"]:
         return
     cls = _ERRORS.get(verdict["exit_code"], GateError)
-    lines = [f"{g['gate']} {g['check']}" + (f" ({g['subject']})" if g.get("subject") else "")
-             + (f" output '{g['output']}'" if g.get("output") else "")
-             + f": {g['measured']!r} {g['op']} {g['threshold']:g} fails" + (f" ({g['detail']})" if g.get("detail") else "")
-             for g in verdict["gates"] if not g["passed"]]
-    raise cls(message or ("gate failed:\n  " + "\n  ".join(lines)), verdict)
+    raise cls(message or verdict.get("error") or "\n".join(failure_lines(verdict["gates"])), verdict)
 
 
 def write_run_verdict(where: str | os.PathLike, teacher_parity: dict | None, student_parity: dict | None = None, *,

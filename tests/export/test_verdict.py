@@ -154,7 +154,7 @@ def test_merge_gates_adds_a_regression_gate_to_an_existing_verdict(real_release,
     slower = gate("regression", "latency", 1.08, 1.03, "<=", EXIT_REGRESSION, unit="ratio to the baseline")
     v = merge_gates(rd.root, [slower], kind="run")
     assert len(v["gates"]) == n + 1 and not v["passed"] and v["exit_code"] == 5 and v["kind"] == "run"
-    assert read_verdict(rd.verdict) == v and "regression latency failed" in v["error"]
+    assert read_verdict(rd.verdict) == v and "regression latency: 1.08, needs <= 1.03" in v["error"]
     with pytest.raises(RegressionGateError) as e:
         raise_for(v)
     assert e.value.exit_code == 5
