@@ -59,5 +59,5 @@ def finish_release(cfg: RunConfig, rd: RunDir, summary: dict, verdict: dict,
     try:
         stage_compare(cfg, cfg.export.baseline, rd.root, log=log)
     except RegressionGateError as e:
-        log(f"vitrim: {e}")
+        log(str(e))  # the run raises for its merged verdict at its end (the lowest failing exit code)
     return read_verdict(rd.verdict)
