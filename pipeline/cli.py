@@ -330,15 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "is export.triton_name or the config's name")
     s.set_defaults(fn=cmd_export)
 
-    names = RunDir("DIR")
     s = sub.add_parser("verify-manifest", help="re-check the sha256 of every artifact in "
-                       f"{names.manifest.as_posix()}, that every path stays inside DIR and that no model file "
+                       f"{NAMES.manifest.as_posix()}, that every path stays inside DIR and that no model file "
                        "in DIR is left out; with --pubkey, the Ed25519 signature too")
     s.add_argument("dir")
-    s.add_argument("--pubkey", help=f"Ed25519 public key (PEM): also require a valid {names.manifest_signature.name}")
+    s.add_argument("--pubkey", help=f"Ed25519 public key (PEM): also require a valid {NAMES.manifest_signature.name}")
     s.set_defaults(fn=cmd_verify_manifest)
 
-    s = sub.add_parser("sign", help=f"verify DIR, then write {names.manifest_signature.as_posix()}, a detached "
+    s = sub.add_parser("sign", help=f"verify DIR, then write {NAMES.manifest_signature.as_posix()}, a detached "
                        "Ed25519 signature of its manifest (needs the 'sign' extra: cryptography)")
     s.add_argument("dir")
     s.add_argument("--key", required=True, help="Ed25519 private key (PEM; a passphrase from VITRIM_KEY_PASSWORD)")
