@@ -195,8 +195,8 @@ def main() -> int:
                 keep0 = f ** 0.5  # MACs ~ width^2 for the linear layers
                 p, pr = match(tp_maker(), timer, ratio_d, 0.02, 1.0, keep0, args.tol, args.max_probes, log, f"{b}@{f:g}")
             else:
-                start = chosen[f][d] if b != "uniform" else f
-                p, pr = match(vitrim_maker(b), timer, ratio_d, 0.05, 1.0, start, args.tol, args.max_probes, log,
+                # every LUT-driven strategy starts from the budget that gave the default its latency
+                p, pr = match(vitrim_maker(b), timer, ratio_d, 0.05, 1.0, chosen[f][d], args.tol, args.max_probes, log,
                               f"{b}@{f:g}")
             probes += pr
             chosen[f][b] = p

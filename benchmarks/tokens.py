@@ -35,6 +35,7 @@ def embedded(cfg_path: str, out: Path, fractions: list[float], baseline_dir: Pat
     from vitrim.pipeline.core.data import build_splits
     from vitrim.pipeline.core.evaluate import top1
     from vitrim.pipeline.core.plan import Plan
+    from vitrim.pipeline.core.rundir import RunDir
     from vitrim.pipeline.stages.run import run_pipeline
     from vitrim.pipeline.stages.teacher import load_teacher
 
@@ -62,8 +63,8 @@ def embedded(cfg_path: str, out: Path, fractions: list[float], baseline_dir: Pat
             cfg.out_dir = str(out / name.replace(" ", "_").replace("@", "_"))
             t0 = time.time()
             s = run_pipeline(cfg, progress=False)
-            onnx[name] = Path(cfg.out_dir) / "model.onnx"
-            plan = Plan.load(Path(cfg.out_dir) / "plan.json")
+            onnx[name] = RunDir(cfg.out_dir).onnx
+            plan = Plan.load(RunDir(cfg.out_dir).plan)
             rows.append({"name": name, "fraction": f, "tokens": tokens, "top1": s["student"]["top1"],
                          "params": s["student"]["params"], "source": "vitrim run", "wall_s": round(time.time() - t0),
                          "plan": plan.summary(), "merges": {str(k): v for k, v in plan.merges.items()},
