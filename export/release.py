@@ -124,12 +124,15 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
             extra_artifacts: Optional[dict] = None, manifest_extra: Optional[dict] = None,
             config_hash: Optional[str] = None, calib_data: Optional[Iterable] = None,
             baseline_top1: Optional[float] = None, preprocessing=None, dataset: Optional[dict] = None,
-            log: Callable[[str], None] = print) -> dict:
+            reference_model=None, log: Callable[[str], None] = print) -> dict:
     """Export (unless ``onnx_path`` is given), build the engine, gate on parity, time it, write the manifest.
 
     Args:
         data: ``(images, labels)`` batches (tensors or arrays) for the parity gate.
         model: the torch model: exported when ``onnx_path`` is None, and the parity reference.
+        reference_model: the parity reference when it is not ``model``: after a quantization-aware
+            recovery changed ``model``'s weights, the fp32 model the user validated, so the re-gated
+            engine is held against what was validated rather than against the weights it was made from.
         onnx_path: an existing ONNX file to release instead of exporting ``model``.
         predicted_ms: a latency prediction to record beside the measurement.
         extra_artifacts: more files to hash into the manifest (name -> path).
@@ -219,8 +222,10 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
     tol = Tolerances.for_precision(ecfg, target.precision)
     if model is not None:
         ref_device = best_device()
-        reference = TorchRunner(model, sample_shape, ref_device, threads=target.threads)
-        ref_desc = f"torch fp32 on {ref_device}"
+        ref_model = model if reference_model is None else reference_model.eval().cpu()
+        reference = TorchRunner(ref_model, sample_shape, ref_device, threads=target.threads)
+        ref_desc = f"torch fp32 on {ref_device}" + ("" if reference_model is None else
+                                                     " (the fp32 model before recovery)")
     else:
         reference = OrtCpuRunner(onnx_path, target.threads, "disable")
         ref_desc = "the ONNX on ONNX Runtime, graph optimizations off"
@@ -304,6 +309,7 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
 def release_from_config(cfg, model, out_dir: str | os.PathLike, test_set, *, plan=None,
                         predicted_ms: Optional[float] = None, onnx_path=None, name: str = "model",
                         calib_set=None, baseline_top1: Optional[float] = None, manifest_extra: Optional[dict] = None,
+                        reference_model=None,
                         weights: Optional[Path] = None, preprocessing=None,
                         log: Callable[[str], None] = print) -> dict:
     """:func:`release` driven by a :class:`~vitrim.pipeline.core.config.RunConfig` and a test dataset.
@@ -340,4 +346,4 @@ def release_from_config(cfg, model, out_dir: str | os.PathLike, test_set, *, pla
                    manifest_extra={"model": {"macs": plan.macs() if plan is not None else None},
                                    **(manifest_extra or {})},
                    config_hash=config_hash(cfg), calib_data=calib, baseline_top1=baseline_top1,
-                   preprocessing=prep, dataset=dataset_info(cfg.data), log=log)
+                   preprocessing=prep, dataset=dataset_info(cfg.data), reference_model=reference_model, log=log)

@@ -21,9 +21,11 @@ straight-through gradient), with the scheme of ``target.quant``:
 The fake-quant modules are then removed and the adapted fp32 weights go through
 the same ORT quantizer and calibration as before (post-training quantization of
 a quantization-aware model): the engine's scales are ORT's own, not the
-observers'. The re-gated engine must also stay within
-``export.max_acc_delta_int8`` of the fp32 student *before* recovery, so the
-recovery cannot pass by moving the reference.
+observers'. The re-gate's reference is the fp32 student *before* recovery (the
+model the user validated), with every int8 check: the recovered weights'
+own fp32 function is not what was validated (quantization-aware training
+makes them rely on the quantization), so gating against them would let the
+recovery pass by moving the reference.
 """
 from __future__ import annotations
 
@@ -142,12 +144,15 @@ def release_student(cfg: RunConfig, teacher: nn.Module, student: nn.Module, plan
         before = e.report
     log(f"[int8-recovery] the int8 engine failed the gate (top-1 {before['engine_top1']:.2f}% against "
         f"{before['torch_top1']:.2f}% in fp32 torch, agreement {100 * before['top1_agreement']:.2f}%); recovering")
+    import copy
+
+    validated = copy.deepcopy(student).cpu().eval()  # the re-gate's reference: the model the user validated
     info = recover_int8(cfg, teacher, student, splits.train, rec.root, device=device, log=log)
     rec.checkpoint.unlink(missing_ok=True)
     save_compact(student, plan, rec.root)
     info["before"] = {k: before.get(k) for k in ("torch_top1", "engine_top1", "top1_agreement", "failures")}
     try:
-        res = release_from_config(cfg, student, out, splits.test, baseline_top1=before["torch_top1"],
+        res = release_from_config(cfg, student, out, splits.test, reference_model=validated,
                                   manifest_extra={"int8_recovery": info}, weights=rec.student, **kw)
     except ParityError as e2:
         raise ParityError(f"{e2}\n  (after {info['steps']} int8-recovery steps; raise export.int8_recovery_steps "

@@ -84,7 +84,10 @@ def test_int8_gate_failure_runs_recovery_that_repairs_the_engine(trained, fmnist
         ref = teacher.eval()(x)  # what the student computed before recovery: the gate's first reference
         assert torch.allclose(student.eval()(x), ref, atol=1e-4, rtol=0)  # the planting is exact in fp32
     orig = {k: v.clone() for k, v in student.state_dict().items()}  # recovery trains the student in place
-    cfg = tiny_cfg(d, fmnist_dir, "export.int8_recovery_steps=30", "export.int8_recovery_lr=3e-4")
+    # the gate's int8 agreement floor at 85%: the planted outliers fail it (measured 61%) and a working
+    # recovery clears it with room (measured 93%); every other int8 check keeps its default
+    cfg = tiny_cfg(d, fmnist_dir, "export.int8_recovery_steps=30", "export.int8_recovery_lr=3e-4",
+                   "export.min_top1_agreement_int8=0.85")
     out = tmp_path / "rel"
     logs = []
 
@@ -109,15 +112,12 @@ def test_int8_gate_failure_runs_recovery_that_repairs_the_engine(trained, fmnist
     rec = load_file(str(out / "int8_recovery" / "student.safetensors"))
     assert any(not torch.equal(rec[k], orig[k]) for k in rec if k.endswith("qkv.weight"))
     assert not (out / "int8_recovery" / "checkpoint.pt").exists()
-    if err is not None:
-        # the re-gate compares the engine with the recovered fp32 weights, which QAT moves; when it refuses,
-        # it names both gates and the recovery, and writes no manifest
-        msg = str(err)
-        assert "int8-recovery steps" in msg and not (out / "manifest.json").exists()
-        return
+    assert err is None, err  # the recovered engine passes the re-gate against the validated model
     m = json.loads((out / "manifest.json").read_text())
     assert m["int8_recovery"]["before"]["top1_agreement"] < 0.8
-    assert res["parity"]["baseline_top1"] == m["int8_recovery"]["before"]["torch_top1"]
+    # the re-gate's reference did not move: the fp32 student before recovery, not the recovered weights
+    assert res["parity"]["torch_top1"] == m["int8_recovery"]["before"]["torch_top1"]
+    assert "before recovery" in res["parity"]["reference"]
     assert m["artifacts"]["student"]["path"].endswith("int8_recovery/student.safetensors")
 
 
