@@ -13,16 +13,6 @@ from tests.conftest import TINY_PCFG
 PCFG = ProfileConfig(**TINY_PCFG)
 
 
-@pytest.fixture(scope="module")
-def spec(tiny_spec):
-    return tiny_spec
-
-
-@pytest.fixture(scope="module")
-def built(tiny_lut):
-    return tiny_lut
-
-
 def test_build_save_reload(built, spec):
     lut, path = built
     assert path.is_file() and not path.with_name(path.name + ".partial").exists()

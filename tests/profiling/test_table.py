@@ -11,15 +11,6 @@ from vitrim.pipeline.core.plan import Plan
 from vitrim.profiling.table import LatencyTable
 from tests.conftest import TINY_KW
 
-@pytest.fixture(scope="module")
-def spec(tiny_spec):
-    return tiny_spec
-
-
-@pytest.fixture(scope="module")
-def built(tiny_lut):
-    return tiny_lut
-
 
 def test_interpolation_reproduces_grid_points(built):
     lut, _ = built

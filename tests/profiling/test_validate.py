@@ -7,15 +7,6 @@ import timm
 from vitrim.export.target import Target
 from tests.conftest import TINY_KW
 
-@pytest.fixture(scope="module")
-def spec(tiny_spec):
-    return tiny_spec
-
-
-@pytest.fixture(scope="module")
-def built(tiny_lut):
-    return tiny_lut
-
 
 def test_validation_reports_ratio_error_and_drift(built, spec, tmp_path):
     from vitrim.pipeline.core.models import canonical_state
