@@ -216,5 +216,5 @@ def runner_for_module(model, sample_shape: tuple[int, ...], target: Target, work
     src = onnx_path
     if target.precision == "fp16" and trt_major() >= 11:  # strongly typed: fp16 comes from the ONNX
         src = to_fp16(onnx_path, workdir / f"{name}.fp16.onnx")
-    eng = build_trt_engine(src, workdir / f"{name}.plan", target, sample_shape, workdir / "timing.cache")
+    eng = build_trt_engine(src, workdir / f"{name}.plan", target, sample_shape, RunDir(workdir).trt_timing_cache)
     return TrtRunner(eng.path)

@@ -184,7 +184,7 @@ def _problems(base: Path, m: dict, prefix: str = "") -> list[str]:
         try:
             problems += _problems(sub, _load(RunDir(sub).manifest), sub_prefix)
         except UserError as e:
-            problems.append(f"{sub_prefix}manifest.json: {e.what}")
+            problems.append(f"{sub_prefix}{RunDir(sub).manifest.name}: {e.what}")
     return problems
 
 

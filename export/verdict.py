@@ -211,8 +211,8 @@ def merge_gates(where: str | os.PathLike, gates: list[dict], *, kind: str | None
 
     An entry with the same (gate, check, subject, output) replaces the old one, so a rerun of the same
     gate does not pile up entries. ``passed`` and ``exit_code`` are recomputed over every entry; ``kind``
-    replaces the old kind when given, ``info`` is merged key by key. An existing ``error`` is kept unless
-    the merged verdict passes or a new one is given. This is the hook the regression gate uses::
+    replaces the old kind when given, ``info`` is merged key by key. A failed verdict's ``error`` is written
+    afresh from every failed entry (the old text is not kept). This is the hook the regression gate uses::
 
         v = merge_gates(run_dir, [gate("regression", "latency", ratio, 1 + max_reg, "<=", EXIT_REGRESSION)])
         raise_for(v)  # RegressionGateError (exit 5) when it failed

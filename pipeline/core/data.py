@@ -147,12 +147,6 @@ def build_splits(cfg: DataConfig, model: torch.nn.Module | None = None, model_cf
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-def resolve_transform_config(cfg: DataConfig, model: torch.nn.Module, model_cfg: Any = None) -> dict:
-    """timm's ``create_transform`` arguments for the teacher: :func:`resolve_preprocessing`
-    (``data.*`` keys, else the checkpoint's config.json, else timm's defaults) as a dict."""
-    return resolve_preprocessing(cfg, model_cfg, model).timm_kwargs()
-
-
 def _open_image(path: str, mode: str):
     """PIL loader that names the file it cannot read."""
     from PIL import Image, UnidentifiedImageError

@@ -75,6 +75,18 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
         raise UserError("run", f"export.require_budget needs the measured closed loop, which strategy "
                         f"'{cfg.search.strategy}' with this budget does not run",
                         "use a latency budget with a correctable strategy (e.g. knapsack), or export.require_budget=false")
+    if cfg.export.require_budget and cfg.target.backend != "ort-cpu":  # the gate wants both engines in one session
+        raise UserError("run", f"export.require_budget times teacher and student round-robin in one session, which "
+                        f"vitrim run does on ort-cpu; the target is {cfg.target.backend}",
+                        "gate the latency with `vitrim compare` against a baseline release, or export.require_budget=false")
+    if cfg.export.baseline is not None:  # checked now, not after minutes of search and fine-tuning
+        from vitrim.export.manifest import verify_manifest
+
+        if not RunDir(cfg.export.baseline).manifest.is_file():
+            raise UserError("run", f"export.baseline='{cfg.export.baseline}' holds no release (no "
+                            f"{RunDir(cfg.export.baseline).manifest.name})",
+                            "point it at the last release's directory, or leave export.baseline unset for a first release")
+        verify_manifest(cfg.export.baseline)
     timings: dict = {}
 
     t0 = time.time()
@@ -151,7 +163,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
 
     h_exp = config_hash({"ft": h_ft, "export": export_key(cfg.export), "target": cfg.target,
                          "test_limit": cfg.data.test_limit})
-    if cache.fresh("export", h_exp, [rd.manifest]):
+    if cache.fresh("export", h_exp, [rd.manifest, rd.teacher_dir.manifest]):
         log(f"[export] inputs unchanged; reusing {rd.manifest.name}")
         exp = json.loads(rd.manifest.read_text())
         student_exp = {"parity": exp["parity"], "latency": exp["latency"], "params": exp["model"]["params"],
@@ -194,7 +206,11 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
     verdict = write_run_verdict(rd.verdict, teacher_exp["parity"], student_exp["parity"],  # issue 24
                                 measured_budget=summary.get("measured_budget"),
                                 require_budget=cfg.export.require_budget)
-    verdict = finish_release(cfg, rd, summary, verdict, log)  # the card with the speedup, export.triton, .baseline
+    try:
+        verdict = finish_release(cfg, rd, summary, verdict, log)  # the card with the speedup, export.triton, .baseline
+    except UserError:
+        rd.verdict.unlink(missing_ok=True)  # the run stopped on a user error: no verdict of it stands
+        raise
     summary["wall_s"] = round(time.time() - t_start, 1)
     write_summary(rd, summary)
     log(f"[run] teacher {summary['teacher']['measured_ms']:.2f} ms / {summary['teacher']['top1']:.2f}%  ->  "

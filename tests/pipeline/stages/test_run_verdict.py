@@ -72,4 +72,14 @@ def test_require_budget_without_a_measured_loop_is_a_user_error(tmp_path, run_ar
     assert "export.require_budget" in capsys.readouterr().err
     rc = main(run_args("export.require_budget=true", "search.budget_fraction=null", "search.flops_fraction=0.5"))
     assert rc == 2 and "needs a latency budget" in capsys.readouterr().err
-    assert not (tmp_path / "run" / "plan.json").exists()
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()  # refused before any work
+
+
+def test_a_baseline_that_is_no_release_is_refused_before_any_work(tmp_path, run_args, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(run_args(f"export.baseline={tmp_path / 'empty'}")) == 2
+    err = capsys.readouterr().err
+    assert "export.baseline" in err and "holds no release" in err and "first release" in err
+    assert main(run_args("export.require_budget=true", "target.backend=torch-cpu")) == 2
+    assert "export.require_budget" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
