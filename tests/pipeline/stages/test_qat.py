@@ -85,9 +85,11 @@ def test_int8_gate_failure_runs_recovery_that_repairs_the_engine(trained, fmnist
         assert torch.allclose(student.eval()(x), ref, atol=1e-4, rtol=0)  # the planting is exact in fp32
     orig = {k: v.clone() for k, v in student.state_dict().items()}  # recovery trains the student in place
     # the gate's int8 agreement floor at 85%: the planted outliers fail it (measured 61%) and a working
-    # recovery clears it with room (measured 93%); every other int8 check keeps its default
+    # recovery clears it with room (measured 93%). The accuracy delta is left wide (5 pt): at 93% agreement on
+    # 384 images it moves by whole images (measured +0.26 pt, one image from a 0.5 pt limit), which int8
+    # kernels that differ between CPUs decide; the relative L2 check keeps its default (measured 0.16 / 0.3)
     cfg = tiny_cfg(d, fmnist_dir, "export.int8_recovery_steps=30", "export.int8_recovery_lr=3e-4",
-                   "export.min_top1_agreement_int8=0.85")
+                   "export.min_top1_agreement_int8=0.85", "export.max_acc_delta_int8=5.0")
     out = tmp_path / "rel"
     logs = []
 
