@@ -152,7 +152,13 @@ def test_readme_run_int8_with_a_mask_strategy(tmp_path, fmnist_dir, cache):
                                                                   "search.budget_fraction=0.85",  # slim keeps every
                                                                   # block: 70% sat at the tiny int8 LUT's floor
                                                                   "search.strategy=slim", "search.mask_iters=10",
-                                                                  "search.measured_rounds=0"], cache)])
+                                                                  "search.measured_rounds=0",
+                                                                  # the recipe, not the tiny model's int8 accuracy:
+                                                                  # 512 images move in 0.2 pt steps that CPU-specific
+                                                                  # int8 kernels decide (the gate's own tests are
+                                                                  # tests/export/test_parity.py)
+                                                                  "export.max_acc_delta_int8=3.0",
+                                                                  "export.min_top1_agreement_int8=0.9"], cache)])
     assert rc == 0
     run = tmp_path / "run"
     m = verify_manifest(run)
