@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vitrim.pipeline.core.errors import UserError
+from vitrim.pipeline.core.rundir import RunDir
+
+PLAN_FILE = RunDir(".").plan.name  # the name a run gives its plan, for messages
 
 SCHEMA_VERSION = 1
 MERGE_TYPES = {"w": (1, 2), "h": (2, 1), "hw": (2, 2)}  # merge window (rows, cols) of each type
@@ -271,7 +274,7 @@ class Plan:
     @classmethod
     def from_dict(cls, d: dict, source: str = "plan") -> "Plan":
         if not isinstance(d, dict):
-            raise UserError("plan", f"{source}: not a JSON object", "use a plan.json written by vitrim")
+            raise UserError("plan", f"{source}: not a JSON object", f"use a {PLAN_FILE} written by vitrim")
         if d.get("schema") != SCHEMA_VERSION:
             raise UserError("plan", f"{source}: schema {d.get('schema')!r}, this vitrim reads schema {SCHEMA_VERSION}",
                             "re-create the plan with this version of vitrim")
@@ -286,7 +289,7 @@ class Plan:
             plan = cls(spec=dict(d["spec"]), embed_keep=list(d["embed_keep"]), blocks=blocks,
                        tokens=d.get("tokens"), meta=dict(d.get("meta") or {}))
         except (KeyError, TypeError) as e:
-            raise UserError("plan", f"{source}: malformed plan ({type(e).__name__}: {e})", "use a plan.json written by vitrim") from None
+            raise UserError("plan", f"{source}: malformed plan ({type(e).__name__}: {e})", f"use a {PLAN_FILE} written by vitrim") from None
         return plan.validate(source=source)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -298,7 +301,7 @@ class Plan:
     def load(cls, path: str | os.PathLike) -> "Plan":
         from vitrim.pipeline.core.io import read_json
 
-        d = read_json(path, "plan", "plan file", "run `vitrim search` first (it writes plan.json), or pass the right path")
+        d = read_json(path, "plan", "plan file", f"run `vitrim search` first (it writes {PLAN_FILE}), or pass the right path")
         return cls.from_dict(d, source=str(path))
 
     def summary(self) -> str:
