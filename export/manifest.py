@@ -22,7 +22,6 @@ The release directory is relocatable and tamper-evident:
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import platform
 from importlib import metadata
@@ -30,7 +29,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Optional
 
 from vitrim.pipeline.core.errors import InternalError, UserError
-from vitrim.pipeline.core.io import atomic_write_json, sha256_file
+from vitrim.pipeline.core.io import atomic_write_json, read_json, sha256_file
 from vitrim.pipeline.core.rundir import RunDir
 
 MANIFEST_SCHEMA = 1
@@ -149,10 +148,7 @@ def _scan(base: Path) -> tuple[list[str], list[Path], list[str]]:
 def _load(path: Path) -> dict:
     if not path.is_file():
         raise UserError("verify-manifest", f"no manifest at '{path}'", "run `vitrim export` (it writes one after parity passes)")
-    try:
-        m = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError("verify-manifest", f"'{path}' is not valid JSON ({e})", "the manifest is corrupt; re-export") from None
+    m = read_json(path, "verify-manifest", "manifest", "the manifest is corrupt; re-export")
     if not isinstance(m, dict) or m.get("schema") != MANIFEST_SCHEMA:
         raise UserError("verify-manifest", f"'{path}' has schema {m.get('schema') if isinstance(m, dict) else None!r}",
                         "re-export with this vitrim version")

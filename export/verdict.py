@@ -33,7 +33,6 @@ existing verdict with :func:`merge_gates` and raise with :func:`raise_for`.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 import os
 from pathlib import Path
@@ -41,7 +40,7 @@ from typing import Iterable, Optional
 
 from vitrim.pipeline.core.errors import (EXIT_ACCURACY, EXIT_CODES, EXIT_LATENCY, EXIT_PASS, AccuracyGateError,
                                          GateError, InternalError, LatencyGateError, RegressionGateError, UserError)
-from vitrim.pipeline.core.io import atomic_write_json
+from vitrim.pipeline.core.io import atomic_write_json, read_json
 from vitrim.pipeline.core.rundir import RunDir
 
 VERDICT_SCHEMA = 1
@@ -191,12 +190,9 @@ def read_verdict(where: str | os.PathLike) -> dict:
     p = _path(where)
     if not p.is_file():
         raise UserError("verdict", f"no verdict at '{p}'", "run `vitrim run` or `vitrim export` on that directory")
-    try:
-        v = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError("verdict", f"'{p}' is not valid JSON ({e})", "re-run the stage that wrote it") from None
-    if v.get("schema") != VERDICT_SCHEMA:
-        raise UserError("verdict", f"'{p}' has schema {v.get('schema')!r}, not {VERDICT_SCHEMA}",
+    v = read_json(p, "verdict", "verdict", "re-run the stage that wrote it")
+    if not isinstance(v, dict) or v.get("schema") != VERDICT_SCHEMA:
+        raise UserError("verdict", f"'{p}' has schema {v.get('schema') if isinstance(v, dict) else None!r}, not {VERDICT_SCHEMA}",
                         "re-run the stage with this vitrim version")
     return v
 
