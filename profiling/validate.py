@@ -4,17 +4,28 @@ The search uses the LUT's *ratios* (a plan's predicted latency over the
 teacher's), and budgets are fractions of the teacher. So validation draws N
 held-out plans stratified over 30-95% of the teacher's predicted latency (one
 plan per equal-width stratum; the calibration plans of the build are excluded),
-slices and exports each, times them **together with the teacher in one
-session, each plan visit bracketed by teacher visits** (:func:`vitrim.export.runners.time_ratio`), and reports (:func:`vitrim.profiling.calibrate.error_stats`):
+and, when the LUT has a token axis, M more plans that each carry one or two
+token merges (stratified over the same range, drawn from their own random
+stream). It slices and exports each, times them **together with the teacher in
+one session, each plan visit bracketed by teacher visits**
+(:func:`vitrim.export.runners.time_ratio`), and reports:
 
 * the ratio error (predicted plan/teacher against measured plan/teacher):
-  median, max, share within +-5% and +-10%, Spearman. This is the headline;
-  LitePred (Feng et al. 2024) reports 90.5% within +-5% on ORT mobile CPUs,
-  nn-Meter (Zhang et al. 2021) 99% within +-10%;
+  median |err|, signed median, max, share within +-5% and +-10%, Spearman
+  (:func:`vitrim.profiling.calibrate.error_stats`, :func:`ratio_error_stats`).
+  This is the headline; LitePred (Feng et al. 2024) reports 90.5% within +-5%
+  on ORT mobile CPUs, nn-Meter (Zhang et al. 2021) 99% within +-10%;
+* the same statistics for the MACs proxy (plan MACs / teacher MACs) on the
+  same plans, so the report says what the table buys over counting MACs; and
+  both per group (unmerged plans, merged plans);
 * the absolute error, labelled as drift since the build: the teacher's
   predicted and measured ms (a shared VM drifts +-20-40% between hours).
 
-JSON plus a two-panel scatter PNG (ratios, and absolute ms).
+A positive signed error means the predictor expects the plan to keep more of
+the teacher's latency than it does (it under-promises the speed-up); a
+negative one, that it over-promises.
+
+JSON plus a two-panel scatter PNG (ratios of the LUT and of MACs, and absolute ms).
 """
 from __future__ import annotations
 
@@ -23,27 +34,130 @@ import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
 from vitrim.export.target import Target, check_compatible
+from vitrim.pipeline.core.errors import UserError
 from vitrim.pipeline.core.io import atomic_write_json
-from vitrim.pipeline.core.plan import Plan
+from vitrim.pipeline.core.plan import MERGE_TYPES, BlockPlan, Plan, merge_valid, merged_grid
 from vitrim.pipeline.core.rundir import RunDir
-from vitrim.profiling.calibrate import error_stats, stratified_plans
+from vitrim.profiling.calibrate import error_stats, plan_key, stratified_plans
 from vitrim.profiling.table import LatencyTable
 
 VALIDATION_RANGE = (0.30, 0.95)
+MERGED_SEED_OFFSET = 104729  # the merged plans' random stream, apart from the unmerged ones'
+
+
+def has_token_axis(lut: LatencyTable) -> bool:
+    """Whether ``lut`` can price token merges (its token axis has more than the input count)."""
+    return len(lut.grid.tokens) > 1
+
+
+def default_merged(lut: LatencyTable, n: int) -> int:
+    """Merged held-out plans drawn when none is asked for: a third of ``n`` with a token axis, else none."""
+    return n // 3 if has_token_axis(lut) else 0
+
+
+def random_merges(plan: Plan, rng: random.Random, min_tokens: int, max_merges: int = 2) -> dict[int, str]:
+    """One to ``max_merges`` token merges at random block boundaries, each of a random type that is possible there
+    and keeps every block at ``min_tokens`` tokens or more (empty: no merge is possible)."""
+    depth = len(plan.blocks)
+    at = set(rng.sample(range(depth), rng.randint(1, min(max_merges, depth))))
+    merges: dict[int, str] = {}
+    g = plan.grid
+    for i in range(depth):
+        if i not in at:
+            continue
+        ok = [k for k in MERGE_TYPES
+              if merge_valid(g, k) and merged_grid(g, k)[0] * merged_grid(g, k)[1] + plan.num_prefix >= min_tokens]
+        if ok:
+            merges[i] = rng.choice(ok)
+            g = merged_grid(g, merges[i])
+    return merges
+
+
+def _widths_plan(spec: dict, embed: int, blocks: list) -> Plan:
+    """A plan with these widths (first indices kept, no merges): what a calibration entry records of its plan,
+    keyed the way :func:`vitrim.profiling.calibrate.plan_key` keys drawn plans."""
+    return Plan(spec=dict(spec), embed_keep=list(range(embed)),
+                blocks=[BlockPlan(bool(H), list(range(H)), list(range(q)), list(range(v)), list(range(m)))
+                        for H, q, v, m in blocks])
 
 
 def validation_plans(lut: LatencyTable, n: int, seed: int = 0, lo: float = VALIDATION_RANGE[0],
-                     hi: float = VALIDATION_RANGE[1], align: int = 8) -> list[Plan]:
-    """``n`` held-out plans, one per equal stratum of ``[lo, hi]`` of the teacher's predicted latency."""
+                     hi: float = VALIDATION_RANGE[1], align: int = 8, merged: Optional[int] = None) -> list[Plan]:
+    """``n`` held-out plans, one per equal stratum of ``[lo, hi]`` of the teacher's predicted latency, then
+    ``merged`` plans with one or two token merges each, stratified over the same range.
+
+    ``merged`` defaults to :func:`default_merged`; asking for merged plans from a LUT without a token axis is
+    refused. The calibration plans of the build are excluded from both sets by their widths (merged or not),
+    and the plans within a set differ in their widths (the merged set may repeat an unmerged plan's widths,
+    with merges).
+    """
+    merged = default_merged(lut, n) if merged is None else merged
+    if merged and not has_token_axis(lut):
+        raise UserError("profile", f"{merged} merged validation plans asked for, but the LUT has no token axis "
+                        f"(tokens {lut.grid.tokens}): it cannot price token merges",
+                        "validate merged plans with a LUT built with search.prune_tokens: true, or ask for 0")
     teacher = lut.predict(Plan.full(lut.spec))
-    exclude = {(c["embed"], tuple(tuple(b) for b in c["blocks"])) for c in lut.calibration}
-    return stratified_plans(lut.spec, lut.grid, n, lo, hi, lambda p: lut.predict(p) / teacher,
-                            random.Random(seed), align, exclude=exclude)
+    exclude = {plan_key(_widths_plan(lut.spec, c["embed"], c["blocks"])) for c in lut.calibration}
+    plans = stratified_plans(lut.spec, lut.grid, n, lo, hi, lambda p: lut.predict(p) / teacher,
+                             random.Random(seed), align, exclude=exclude)
+    if not merged:
+        return plans
+    # stratified_plans draws unmerged plans; each draw's merges are chosen once, on first sight, from their own
+    # stream, and the stratum is judged on the merged plan's predicted ratio
+    mrng = random.Random(seed + MERGED_SEED_OFFSET)  # sizes and merges of the merged plans, one stream
+    chosen: dict[tuple, dict[int, str]] = {}
+
+    def merged_ratio(p: Plan) -> float:
+        k = plan_key(p)
+        if k not in chosen:
+            chosen[k] = random_merges(p, mrng, lut.grid.tokens[0])
+        if not chosen[k]:
+            return float("inf")  # no merge possible: never in a stratum
+        return lut.predict(p.copy().set_merges(chosen[k])) / teacher
+
+    drawn = stratified_plans(lut.spec, lut.grid, merged, lo, hi, merged_ratio, mrng, align, exclude=exclude)
+    return plans + [p.copy().set_merges(chosen[plan_key(p)]).validate() for p in drawn if chosen[plan_key(p)]]
+
+
+def ratio_error_stats(predicted_ratio, measured_ratio) -> dict:
+    """Error statistics of predicted against measured ratios to the teacher (teacher row excluded).
+
+    Per plan ``err = predicted / measured - 1`` (in %). Returns ``n``, ``median_abs_err_pct``,
+    ``signed_median_err_pct`` (the median of the signed errors: positive when the predictor expects plans to keep
+    more of the teacher's latency than they do), ``max_abs_err_pct``, ``within_5_pct``, ``within_10_pct`` (shares)
+    and ``spearman`` (None below two plans). Empty input gives ``n = 0`` and None everywhere else.
+    """
+    from scipy.stats import spearmanr
+
+    pr, mr = np.asarray(predicted_ratio, dtype=np.float64), np.asarray(measured_ratio, dtype=np.float64)
+    if not len(pr):
+        return {"n": 0, "median_abs_err_pct": None, "signed_median_err_pct": None, "max_abs_err_pct": None,
+                "within_5_pct": None, "within_10_pct": None, "spearman": None}
+    err = 100.0 * (pr / mr - 1.0)
+    a = np.abs(err)
+    rho = float(spearmanr(pr, mr).statistic) if len(pr) >= 2 else float("nan")
+    return {"n": int(len(err)), "median_abs_err_pct": float(np.median(a)),
+            "signed_median_err_pct": float(np.median(err)), "max_abs_err_pct": float(a.max()),
+            "within_5_pct": float(np.mean(a <= 5.0)), "within_10_pct": float(np.mean(a <= 10.0)),
+            "spearman": None if np.isnan(rho) else rho}
+
+
+def group_stats(rows: list[dict]) -> dict:
+    """LUT and MACs ratio statistics of the held-out rows (teacher excluded), per group: ``unmerged`` and, where
+    merged plans were measured, ``merged``."""
+    out = {}
+    for name, merged in (("unmerged", False), ("merged", True)):
+        rs = [r for r in rows[1:] if r["merged"] == merged]
+        if rs or not merged:
+            mr = [r["measured_ratio"] for r in rs]
+            out[name] = {"lut": ratio_error_stats([r["predicted_ratio"] for r in rs], mr),
+                         "macs": ratio_error_stats([r["macs_ratio"] for r in rs], mr)}
+    return out
 
 
 def measure_plans(plans: list[Plan], state: dict, target: Target, warmup: int, repeats: int, rounds: int,
@@ -81,11 +195,12 @@ def measure_plans(plans: list[Plan], state: dict, target: Target, warmup: int, r
 def validate_lut(lut: LatencyTable, state: dict, target: Target, n: int, out_dir: str | os.PathLike, seed: int = 0,
                  warmup: int = 10, repeats: int = 30, rounds: int = 3, align: int = 8, progress: bool = True,
                  lo: float = VALIDATION_RANGE[0], hi: float = VALIDATION_RANGE[1],
-                 log: Callable[[str], None] = print) -> dict:
-    """Validate ``lut`` on the teacher plus ``n`` stratified held-out plans; writes JSON and PNG into ``out_dir``."""
+                 log: Callable[[str], None] = print, merged: Optional[int] = None) -> dict:
+    """Validate ``lut`` on the teacher plus ``n`` stratified held-out plans and ``merged`` plans with token merges
+    (default :func:`default_merged`), against the MACs proxy on the same plans; writes JSON and PNG into ``out_dir``."""
     t0 = time.time()
     check_compatible(lut.signature, target.signature(lut.signature.tokens))
-    plans = [Plan.full(lut.spec)] + validation_plans(lut, n, seed, lo, hi, align)
+    plans = [Plan.full(lut.spec)] + validation_plans(lut, n, seed, lo, hi, align, merged)
     with tempfile.TemporaryDirectory(prefix="vitrim-val-") as tmp:
         measured = measure_plans(plans, state, target, warmup, repeats, rounds, Path(tmp), progress, paired=True)
     pred = [lut.predict(p) for p in plans]
@@ -94,39 +209,73 @@ def validate_lut(lut: LatencyTable, state: dict, target: Target, n: int, out_dir
     t_ms = measured[0]["median_ms"]
     meas = [t_ms] + [m["ratio"] * t_ms for m in measured[1:]]
     st = error_stats(pred, meas, teacher=0)
+    macs = [p.macs() for p in plans]
     rows = []
     for i, (p, m) in enumerate(zip(plans, measured)):
+        mr, xr = meas[i] / meas[0], macs[i] / macs[0]
         rows.append({"plan": "teacher" if i == 0 else f"plan{i}", "embed": p.embed_dim,
-                     "blocks": [list(d) for d in p.block_dims()], "macs": p.macs(), "predicted_ms": pred[i],
+                     "blocks": [list(d) for d in p.block_dims()], "merges": p.merges, "merged": bool(p.merges),
+                     "macs": macs[i], "predicted_ms": pred[i],
                      "measured_ms": m["median_ms"], "measured_p90_ms": m["p90_ms"],
                      "paired_ms": meas[i],
-                     "predicted_ratio": pred[i] / pred[0], "measured_ratio": meas[i] / meas[0],
-                     "ratio_err_pct": st["ratio_err_pct"][i], "abs_err_pct": st["abs_err_pct"][i]})
-    from scipy.stats import spearmanr
-
-    macs = np.array([r["macs"] for r in rows[1:]], dtype=np.float64)
-    report = {"signature": lut.signature.to_dict(), "n_plans": n, "range": [lo, hi],
-              "protocol": f"teacher + {len(plans) - 1} held-out plans in one session, each plan visit bracketed by "
-                          f"teacher visits ({rounds} rounds, {repeats} timed runs per plan, {warmup} warm-up); "
-                          "measured ratio = median over visits of plan / bracketing teacher",
-              "ratio": st["ratio"], "drift": st["drift"],
-              "spearman_macs": float(spearmanr(macs, meas[1:]).statistic) if len(macs) >= 2 else None,
+                     "predicted_ratio": pred[i] / pred[0], "measured_ratio": mr,
+                     "ratio_err_pct": st["ratio_err_pct"][i], "abs_err_pct": st["abs_err_pct"][i],
+                     "macs_ratio": xr, "macs_ratio_err_pct": 100.0 * (xr / mr - 1.0)})
+    held = rows[1:]
+    lut_st = ratio_error_stats([r["predicted_ratio"] for r in held], [r["measured_ratio"] for r in held])
+    macs_st = ratio_error_stats([r["macs_ratio"] for r in held], [r["measured_ratio"] for r in held])
+    n_merged = sum(r["merged"] for r in held)
+    report = {"signature": lut.signature.to_dict(), "n_plans": len(held), "n_merged": n_merged, "range": [lo, hi],
+              "protocol": f"teacher + {len(held)} held-out plans ({n_merged} with token merges) in one session, each "
+                          f"plan visit bracketed by teacher visits ({rounds} rounds, {repeats} timed runs per plan, "
+                          f"{warmup} warm-up); measured ratio = median over visits of plan / bracketing teacher; "
+                          "the MACs proxy's ratio is plan MACs / teacher MACs",
+              "ratio": {**st["ratio"], "signed_median_err_pct": lut_st["signed_median_err_pct"]},
+              "macs": macs_st, "groups": group_stats(rows), "drift": st["drift"],
+              "spearman_macs": macs_st["spearman"],
               "lut_created": lut.meta.get("created"), "validate_s": round(time.time() - t0, 1), "rows": rows}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(RunDir(out).lut_validation, report)
     scatter_png(rows, report, RunDir(out).lut_validation_plot)
-    r, d = report["ratio"], report["drift"]
-    log(f"[profile] validation on {n} held-out plans ({r['measured_range'][0]:.0%}-{r['measured_range'][1]:.0%} of the "
-        f"teacher, measured): ratio error median {r['median_abs_err_pct']:.1f}%, max {r['max_abs_err_pct']:.1f}%, "
-        f"{r['within_5_pct']:.0%} within +-5%, {r['within_10_pct']:.0%} within +-10%, Spearman {r['spearman']:.3f}; "
-        f"drift since the build: teacher predicted {d['teacher_predicted_ms']:.3f} ms, measured "
-        f"{d['teacher_measured_ms']:.3f} ms ({d['teacher_err_pct']:+.1f}%)")
+    log(summary(report))
     return report
 
 
+def _pct(x: Optional[float], fmt: str = ".1f") -> str:
+    return "n/a" if x is None else f"{x:{fmt}}%"
+
+
+def _share(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
+
+
+def summary(report: dict) -> str:
+    """The validation in a few lines: the LUT against the MACs proxy on the same plans, per group, and drift."""
+    r, x, d = report["ratio"], report["macs"], report["drift"]
+    rng = r["measured_range"] or [float("nan")] * 2
+    rho = "n/a" if r["spearman"] is None else f"{r['spearman']:.3f}"
+    lines = [f"[profile] validation on {report['n_plans']} held-out plans ({rng[0]:.0%}-{rng[1]:.0%} of the teacher, "
+             f"measured), ratio error (predicted / measured plan-to-teacher ratio):",
+             f"  LUT:   median {_pct(r['median_abs_err_pct'])}, signed median {_pct(r['signed_median_err_pct'], '+.1f')}"
+             f", max {_pct(r['max_abs_err_pct'])}, {_share(r['within_5_pct'])} within +-5%, "
+             f"{_share(r['within_10_pct'])} within +-10%, Spearman {rho}",
+             f"  MACs:  median {_pct(x['median_abs_err_pct'])}, signed median {_pct(x['signed_median_err_pct'], '+.1f')}"
+             f", max {_pct(x['max_abs_err_pct'])}, {_share(x['within_5_pct'])} within +-5% (same plans)"]
+    if "merged" in report["groups"]:
+        for name, g in report["groups"].items():
+            a, b = g["lut"], g["macs"]
+            lines.append(f"  {name} plans ({a['n']}): LUT median {_pct(a['median_abs_err_pct'])}, signed "
+                         f"{_pct(a['signed_median_err_pct'], '+.1f')}, max {_pct(a['max_abs_err_pct'])}; MACs median "
+                         f"{_pct(b['median_abs_err_pct'])}, max {_pct(b['max_abs_err_pct'])}")
+    lines.append(f"  drift since the build: teacher predicted {d['teacher_predicted_ms']:.3f} ms, measured "
+                 f"{d['teacher_measured_ms']:.3f} ms ({d['teacher_err_pct']:+.1f}%)")
+    return "\n".join(lines)
+
+
 def scatter_png(rows: list[dict], report: dict, path: Path) -> None:
-    """Left: predicted vs measured ratio to the teacher (+-5% band). Right: absolute ms (drift)."""
+    """Left: LUT-predicted and MACs ratio vs measured ratio to the teacher (+-5% band; merged plans hollow).
+    Right: absolute ms (drift)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,22 +284,37 @@ def scatter_png(rows: list[dict], report: dict, path: Path) -> None:
     from vitrim.pipeline.core.io import atomic_save
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 4.5), dpi=110)
-    mr = np.array([r["measured_ratio"] for r in rows[1:]])
-    pr = np.array([r["predicted_ratio"] for r in rows[1:]])
-    a1.scatter(mr, pr, s=18, label="held-out plans")
+    held = rows[1:]
     x = np.linspace(0, 1.05, 2)
     a1.plot(x, x, "k--", lw=0.8)
     a1.fill_between(x, 0.95 * x, 1.05 * x, color="0.85", label="+-5%")
+    for key, marker, color, name in (("predicted_ratio", "o", "C0", "LUT"), ("macs_ratio", "^", "C2", "MACs")):
+        for merged in (False, True):
+            rs = [r for r in held if r["merged"] == merged]
+            if not rs:
+                continue
+            mr, pr = [r["measured_ratio"] for r in rs], [r[key] for r in rs]
+            label = f"{name}, {'merged' if merged else 'unmerged'} plans"
+            if merged:  # hollow: the same predictor on plans with token merges
+                a1.scatter(mr, pr, s=22, marker=marker, facecolors="none", edgecolors=color, label=label)
+            else:
+                a1.scatter(mr, pr, s=18, marker=marker, color=color, label=label)
     a1.scatter([1.0], [1.0], s=40, marker="*", color="C3", label="teacher")
     a1.set_xlabel("measured latency / teacher (same session)")
-    a1.set_ylabel("LUT-predicted latency / teacher")
-    r = report["ratio"]
-    a1.set_title(f"ratio error: median {r['median_abs_err_pct']:.1f}%, max {r['max_abs_err_pct']:.1f}%,\n"
-                 f"{r['within_5_pct']:.0%} within +-5%, Spearman {r['spearman']:.3f}", fontsize=8)
+    a1.set_ylabel("predicted latency / teacher (LUT, or MACs)")
+    r, m = report["ratio"], report["macs"]
+    rho = "n/a" if r["spearman"] is None else f"{r['spearman']:.3f}"
+    a1.set_title(f"ratio error: LUT median {_pct(r['median_abs_err_pct'])} (signed "
+                 f"{_pct(r['signed_median_err_pct'], '+.1f')}), max {_pct(r['max_abs_err_pct'])},\n"
+                 f"{_share(r['within_5_pct'])} within +-5%, Spearman {rho}; MACs median "
+                 f"{_pct(m['median_abs_err_pct'])} (signed {_pct(m['signed_median_err_pct'], '+.1f')})", fontsize=8)
     a1.legend(fontsize=7)
     pm = np.array([r["predicted_ms"] for r in rows])
     mm = np.array([r["paired_ms"] for r in rows])
-    a2.scatter(mm, pm, s=18, color="C1", label="plans")
+    hollow = np.array([r["merged"] for r in rows])
+    a2.scatter(mm[~hollow], pm[~hollow], s=18, color="C1", label="plans")
+    if hollow.any():
+        a2.scatter(mm[hollow], pm[hollow], s=22, facecolors="none", edgecolors="C1", label="merged plans")
     a2.scatter(mm[:1], pm[:1], s=40, marker="*", color="C3", label="teacher")
     lo, hi = min(pm.min(), mm.min()) * 0.95, max(pm.max(), mm.max()) * 1.05
     a2.plot([lo, hi], [lo, hi], "k--", lw=0.8)
