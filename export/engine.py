@@ -165,15 +165,18 @@ def _module_key(model, sample_shape: tuple[int, ...]) -> Optional[str]:
     return h.hexdigest()
 
 
-def export_cached(model, path: Path, sample_shape: tuple[int, ...]) -> Path:
+def export_cached(model, path: Path, sample_shape: tuple[int, ...], reuse: bool = False) -> Path:
     """``export_onnx`` for profiling, reusing an identical module's export made earlier in this process
-    (a LUT built again for another precision, the tests' several tiny LUTs, a repeated entry)."""
+    (a LUT built again for another precision, the tests' several tiny LUTs, a repeated entry), and with
+    ``reuse`` the file already at ``path`` (a resumed LUT build: written atomically, so whole)."""
     import atexit
     import shutil
     import tempfile
 
     from vitrim.export.onnx import export_onnx
 
+    if reuse and Path(path).is_file():
+        return Path(path)
     key = _module_key(model, sample_shape)
     hit = _EXPORT_CACHE["paths"].get(key) if key else None
     if hit is not None and hit.is_file():
@@ -190,7 +193,8 @@ def export_cached(model, path: Path, sample_shape: tuple[int, ...]) -> Path:
     return path
 
 
-def runner_for_module(model, sample_shape: tuple[int, ...], target: Target, workdir, name: str) -> Runner:
+def runner_for_module(model, sample_shape: tuple[int, ...], target: Target, workdir, name: str,
+                      reuse: bool = False) -> Runner:
     """Export ``model`` (and build its engine) for ``target``; return an (inactive) runner.
 
     The one path by which profiling times micro-models and whole plans, so both
@@ -203,7 +207,7 @@ def runner_for_module(model, sample_shape: tuple[int, ...], target: Target, work
         return make_runner(target.backend, model=model, sample_shape=sample_shape, threads=target.threads,
                            precision=target.precision)
     workdir = Path(workdir)
-    onnx_path = export_cached(model, workdir / f"{name}.onnx", sample_shape)
+    onnx_path = export_cached(model, workdir / f"{name}.onnx", sample_shape, reuse)
     if target.quantized:  # the table measures the quantized engine a release ships
         from vitrim.export.quantize import quantize_for_target, random_calibration
 

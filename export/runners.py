@@ -476,31 +476,47 @@ def time_ratio(runners: list[Runner], batch: int, repeats: int, rounds: int, war
     divided by the teacher visits right before and after it, and the ratio is the
     median of those per-visit ratios. Returns (timings, ratios of runners[1:] to runners[0]).
     """
+    timings, visits = time_ratio_visits(runners, batch, repeats, rounds, warmup)
+    return timings, [float(np.median(v)) for v in visits]
+
+
+def time_ratio_visits(runners: list[Runner], batch: int, repeats: int, rounds: int, warmup: int,
+                      min_visit_ms: float = 0.0) -> tuple[list[Timing], list[list[float]]]:
+    """:func:`time_ratio`, returning every visit's ratio (one per round) for ``runners[1:]``: their spread
+    is the measurement's own noise estimate.
+
+    ``min_visit_ms``: a visit runs at least this long (half of it for the reference), whatever
+    ``repeats`` says: a visit of four 3-ms runs is at the mercy of one scheduler hiccup, so short
+    micro-models get more runs per visit (the warm-up runs estimate each one's time).
+    """
     per_visit = max(1, repeats // max(1, rounds))
     per_ref = max(1, per_visit // 2)  # the teacher is visited n times per round: fewer runs per visit
     samples: list[list[float]] = [[] for _ in runners]
     ratios: list[list[float]] = [[] for _ in runners]
     ref = runners[0]
-    for r in runners:
+    runs = []
+    for i, r in enumerate(runners):
         r._prepare(batch)
-        for _ in range(warmup):
-            r._run_once()
+        warm = [r._run_once() for _ in range(max(1, warmup))]
+        est = max(1e-3, float(np.median(warm)))
+        base, want = (per_ref, 0.5 * min_visit_ms) if i == 0 else (per_visit, min_visit_ms)
+        runs.append(max(base, int(np.ceil(want / est))))
 
     def visit(r: Runner, n: int) -> list[float]:
         r._run_once()  # discarded: the first run after a switch pays for cold caches
         return [r._run_once() for _ in range(n)]
 
     for _ in range(max(1, rounds)):
-        before = visit(ref, per_ref)
+        before = visit(ref, runs[0])
         samples[0] += before
         for i, r in enumerate(runners[1:], start=1):
-            got = visit(r, per_visit)
-            after = visit(ref, per_ref)
+            got = visit(r, runs[i])
+            after = visit(ref, runs[0])
             samples[i] += got
             samples[0] += after
             ratios[i].append(float(np.median(got) / np.median(before + after)))
             before = after
-    return [Timing.from_samples(s) for s in samples], [float(np.median(x)) for x in ratios[1:]]
+    return [Timing.from_samples(s) for s in samples], ratios[1:]
 
 
 def make_runner(backend: str, *, onnx_path=None, engine_path=None, model=None, sample_shape=None, threads: int = 2,

@@ -2,15 +2,17 @@
 
 The separable LUT sums per-block micro-models; inside a whole model ORT (or
 TensorRT) fuses, caches and schedules differently, so the sum is off by a
-scale and an offset (Dudziak et al., BRP-NAS 2020, and nn-Meter, Zhang et al.
-2021, both calibrate kernel sums against whole models). vitrim measures a few
-whole plans in the same interleaved session as the micro-models and fits::
+scale, a cost per block and a cost per model (Dudziak et al., BRP-NAS 2020, and
+nn-Meter, Zhang et al. 2021, both calibrate kernel sums against whole models).
+vitrim measures a dozen whole plans like the search's, each bracketed by the
+teacher, and fits::
 
-    measured(plan) - shell(E) = k * sum over kept blocks + c
+    measured(plan) - shell(E) = k * sum over kept blocks and merges + b * kept blocks + c
 
-by least squares on relative error, through the teacher's point (ratios are
-what the search uses: the teacher is their denominator, and a small plan's
-error counts as much as a large one's).
+by least squares on relative error (ratios are what the search uses: the
+teacher is their denominator, and a small plan's error counts as much as a
+large one's), keeping ``b`` and ``c`` only where leave-one-out says they predict
+held-out plans better (:func:`select_composition`).
 
 The search uses *ratios* (plan / teacher, both from the LUT), and budgets are
 fractions of the teacher. :func:`error_stats` therefore reports the ratio error
@@ -77,19 +79,41 @@ def sized_plan(spec: dict, grid, size: float, rng: random.Random, align: int = 8
 
 
 def plan_key(p: Plan) -> tuple:
-    return (p.embed_dim, tuple(p.block_dims()))
+    """What makes two plans time alike: widths, kept blocks and token merges (not which indices are kept)."""
+    return (p.embed_dim, tuple(p.block_dims()), tuple(sorted(p.merges.items())))
+
+
+def with_random_merges(plan: Plan, rng: random.Random, min_tokens: int, max_merges: int = 2) -> Plan:
+    """``plan`` with one to ``max_merges`` token merges at random block boundaries, each of a random type that is
+    possible there and keeps every block at ``min_tokens`` tokens or more (the table's token axis); the plan
+    unchanged when no merge is possible."""
+    from vitrim.pipeline.core.plan import MERGE_TYPES, merge_valid, merged_grid
+
+    depth = len(plan.blocks)
+    at = set(rng.sample(range(depth), rng.randint(1, min(max_merges, depth))))
+    merges: dict[int, str] = {}
+    g = plan.grid
+    for i in sorted(at):
+        ok = [k for k in sorted(MERGE_TYPES)
+              if merge_valid(g, k) and merged_grid(g, k)[0] * merged_grid(g, k)[1] + plan.num_prefix >= min_tokens]
+        if ok:
+            merges[i] = rng.choice(ok)
+            g = merged_grid(g, merges[i])
+    return plan.copy().set_merges(merges).validate() if merges else plan
 
 
 def stratified_plans(spec: dict, grid, n: int, lo: float, hi: float, ratio: Callable[[Plan], float],
                      rng: random.Random, align: int = 8, tries: int = 300,
-                     exclude: Optional[set] = None) -> list[Plan]:
+                     exclude: Optional[set] = None,
+                     transform: Optional[Callable[[Plan, random.Random], Plan]] = None) -> list[Plan]:
     """``n`` distinct plans, one per equal-width stratum of ``[lo, hi]`` of ``ratio(plan)``.
 
     ``ratio`` is the plan's fraction of the teacher (the LUT's prediction for
     validation; a proxy for calibration, before any table exists). Each stratum
     is filled by rejection sampling; the size to draw is steered by the sizes
     that landed near it so far. A stratum that cannot be hit within ``tries``
-    takes the closest plan found (logged by the caller through the ratios).
+    takes the closest plan found (logged by the caller through the ratios). ``transform`` changes
+    each drawn plan before it is judged (e.g. :func:`with_random_merges`).
     """
     edges = np.linspace(lo, hi, n + 1)
     seen: list[tuple[float, float]] = []  # (ratio, size) of every draw
@@ -105,6 +129,8 @@ def stratified_plans(spec: dict, grid, n: int, lo: float, hi: float, ratio: Call
             else:
                 size = rng.uniform(0.02, 1.0)
             p = sized_plan(spec, grid, size, rng, align)
+            if transform is not None:
+                p = transform(p, rng)
             k = plan_key(p)
             if k in taken:
                 continue
@@ -126,66 +152,77 @@ def stratified_plans(spec: dict, grid, n: int, lo: float, hi: float, ratio: Call
 # Composition fit
 
 
-def fit_composition(shell_ms: np.ndarray, blocks_ms: np.ndarray, measured_ms: np.ndarray,
-                    anchor: Optional[int] = None) -> tuple[float, float]:
-    """Least-squares ``(k, c)`` with ``measured ~ shell + k * blocks + c``, on relative error.
-
-    ``anchor`` (the teacher's row) is fitted exactly and the other plans fix the
-    scale (the teacher is the denominator of every ratio). On the embedded
-    default it validated worse than the plain fit (16.9% vs 6.6% median ratio
-    error on the same measurements: one noisy teacher sample then shifts every
-    ratio), so the default ``anchor=None`` is plain weighted least squares. With a single plan (or plans whose block sums
-    coincide) the offset is not identifiable: ``c = 0`` and ``k`` alone is fitted.
-    """
-    shell_ms, blocks_ms, measured_ms = (np.asarray(a, dtype=np.float64) for a in (shell_ms, blocks_ms, measured_ms))
-    y = measured_ms - shell_ms
-    w = 1.0 / measured_ms  # relative error: every plan's ratio matters alike
-    if len(y) < 2 or np.ptp(blocks_ms) <= 1e-9 * max(1.0, float(np.abs(blocks_ms).max())):
-        k = float(np.sum(w * w * blocks_ms * y) / np.sum(w * w * blocks_ms * blocks_ms)) if np.any(blocks_ms) else 1.0
-        return k, 0.0
-    if anchor is None:
-        A = np.stack([blocks_ms, np.ones_like(blocks_ms)], axis=1) * w[:, None]
-        (k, c), *_ = np.linalg.lstsq(A, y * w, rcond=None)
-        return float(k), float(c)
-    x, yy = blocks_ms - blocks_ms[anchor], y - y[anchor]  # through the anchor: y - y_a = k (x - x_a)
-    k = float(np.sum(w * w * x * yy) / np.sum(w * w * x * x))
-    return k, float(y[anchor] - k * blocks_ms[anchor])
+COMPOSITIONS = {"k": ("k",), "k+c": ("k", "c"), "k+b": ("k", "b"), "k+m": ("k", "m"), "k+b+c": ("k", "b", "c"),
+                "k+m+c": ("k", "m", "c")}
 
 
-def select_composition(shell_ms, blocks_ms, measured_ms, teacher: int = 0) -> tuple[float, float, str, dict]:
-    """Scale-and-offset or scale-only composition, whichever predicts held-out ratios better.
+def fit_composition(shell_ms, blocks_ms, measured_ms, kept=None, terms=("k", "c"), macs=None) -> tuple[float, ...]:
+    """Weighted least squares ``measured ~ shell + k * blocks + b * kept + m * macs + c`` on relative error.
 
-    Leave-one-out over the calibration plans (the teacher stays in, as the
-    ratios' denominator): with 6-8 noisy whole-plan timings, a free offset can
-    fit the noise, so it is kept only when it predicts the left-out plans'
-    ratios better than a scale through the teacher alone. Returns
-    ``(k, c, model, leave-one-out median |ratio error| % per model)``.
+    ``blocks`` is a plan's sum of table entries over its kept blocks and merges, ``kept`` its number of kept
+    blocks, ``macs`` its blocks' multiply-accumulates (in units of the teacher's); ``terms`` names the free
+    parameters (``k`` always; ``b`` a cost per kept block that the micro-models miss; ``m`` a cost per MAC:
+    compute weighing differently inside a whole model than in a micro-model; ``c`` a cost per model).
+    Returns ``(k, b, c, m)`` with the terms not fitted at 0. A term the plans cannot identify (no spread,
+    fewer plans than terms) is dropped.
     """
     sh, bs, me = (np.asarray(a, dtype=np.float64) for a in (shell_ms, blocks_ms, measured_ms))
+    kp = np.zeros_like(bs) if kept is None else np.asarray(kept, dtype=np.float64)
+    mc = np.zeros_like(bs) if macs is None else np.asarray(macs, dtype=np.float64)
+    y = me - sh
+    w = 1.0 / me  # relative error: every plan's ratio matters alike
+    cols = {"k": bs, "b": kp, "m": mc, "c": np.ones_like(bs)}
+    use = [t for t in ("k", "b", "m", "c") if t in terms or t == "k"]
+    while len(use) > 1:
+        A = np.stack([cols[t] for t in use], axis=1) * w[:, None]
+        if len(y) >= len(use) and np.linalg.matrix_rank(A, tol=1e-9 * max(1.0, float(np.abs(A).max()))) == len(use):
+            break
+        use.pop()  # c first, then b
+    A = np.stack([cols[t] for t in use], axis=1) * w[:, None]
+    if not np.any(A):
+        return 1.0, 0.0, 0.0, 0.0
+    sol, *_ = np.linalg.lstsq(A, y * w, rcond=None)
+    got = dict(zip(use, (float(x) for x in sol)))
+    return got.get("k", 1.0), got.get("b", 0.0), got.get("c", 0.0), got.get("m", 0.0)
+
+
+def select_composition(shell_ms, blocks_ms, measured_ms, kept=None, teacher: int = 0, tie_pct: float = 0.1,
+                       macs=None) -> tuple[float, float, float, float, str, dict]:
+    """The composition (:data:`COMPOSITIONS`) that predicts held-out plans' ratios best.
+
+    Leave-one-out over the calibration plans (the teacher stays in, as the ratios' denominator): with a
+    dozen noisy whole-plan timings a free term can fit the noise, so a model with more terms is kept only
+    when it predicts the left-out plans' ratios better, by more than ``tie_pct`` points, than every simpler
+    one. Only models with fewer terms than left-in plans are tried. Returns
+    ``(k, b, c, m, model, leave-one-out median |ratio error| % per model)``.
+    """
+    sh, bs, me = (np.asarray(a, dtype=np.float64) for a in (shell_ms, blocks_ms, measured_ms))
+    kp = np.zeros_like(bs) if kept is None else np.asarray(kept, dtype=np.float64)
+    mc = np.zeros_like(bs) if macs is None else np.asarray(macs, dtype=np.float64)
     n = len(me)
 
-    def scale_only(idx):
-        return float((me[teacher] - sh[teacher]) / bs[teacher]) if bs[teacher] else 1.0, 0.0
-
-    def both(idx):
-        return fit_composition(sh[idx], bs[idx], me[idx])
+    def pred(p, i):
+        k, b, c, m = p
+        return sh[i] + k * bs[i] + b * kp[i] + m * mc[i] + c
 
     loo: dict = {}
-    for name, fit in (("scale+offset", both), ("scale", scale_only)):
+    for name, terms in COMPOSITIONS.items():
+        if n - 1 <= len(terms) or (name != "k" and n < 3) or ("m" in terms and macs is None):
+            continue
         errs = []
         for j in range(n):
             if j == teacher:
                 continue
             idx = [i for i in range(n) if i != j]
-            k, c = fit(idx)
-            pt, pj = sh[teacher] + k * bs[teacher] + c, sh[j] + k * bs[j] + c
-            errs.append(abs((pj / pt) / (me[j] / me[teacher]) - 1.0) * 100)
-        loo[name] = float(np.median(errs)) if errs else float("nan")
-    if n >= 3 and loo["scale+offset"] < loo["scale"]:
-        k, c = both(list(range(n)))
-        return k, c, "scale+offset", loo
-    k, c = scale_only(list(range(n)))
-    return k, c, "scale", loo
+            p = fit_composition(sh[idx], bs[idx], me[idx], kp[idx], terms, mc[idx])
+            errs.append(abs((pred(p, j) / pred(p, teacher)) / (me[j] / me[teacher]) - 1.0) * 100)
+        loo[name] = float(np.median(errs))
+    best = "k"
+    for name in COMPOSITIONS:  # simplest first: a richer model must beat the best so far by tie_pct
+        if name in loo and loo[name] < loo.get(best, float("inf")) - tie_pct:
+            best = name
+    k, b, c, m = fit_composition(sh, bs, me, kp, COMPOSITIONS[best], mc)
+    return k, b, c, m, best, loo
 
 
 # ---------------------------------------------------------------------------

@@ -8,27 +8,30 @@ reports how well it predicts (``vitrim.profiling.validate``).
 
 Model of latency (separable, as in DESIGN.md)::
 
-    latency(plan) = shell(E) + k * (sum over kept blocks [attn(T_b, E, H, QK, V) + mlp(T_b, E, M) + c_b]
+    latency(plan) = shell(E) + k * (sum over kept blocks [attn(T_b, E, H, QK, V) + mlp(T_b, E, M) + b]
                                     + sum over token merges merge(T_in, E)) + c
 
 * ``attn`` is a 5-D grid of ``x + attn(LN(x))`` micro-models, ``mlp`` a 3-D
   grid of ``x + mlp(LN(x))``, ``shell`` the stem + head (a CompactViT with no
-  blocks), all multilinearly interpolated between grid points. ``T_b`` is the
-  token count entering block b: the input's, unless a token merge
-  (``plan.tokens``) before it shrank the grid. The token axis is the input count
-  only unless the search merges tokens (``search.prune_tokens``); then it spans the
-  counts the search can reach (:func:`token_axis`), and ``merge`` (a
+  blocks), all net of a per-run ``x + b`` overhead model and multilinearly
+  interpolated between grid points. ``T_b`` is the token count entering block b:
+  the input's, unless a token merge (``plan.tokens``) before it shrank the grid.
+  The token axis is the input count only unless the search merges tokens
+  (``search.prune_tokens``); then it spans the counts the search can reach
+  (:func:`token_axis`), the interpolation along it is of the per-token cost
+  (exact for the attention's ``a T + b T^2``), and ``merge`` (a
   :class:`~vitrim.pipeline.core.compact.TokenMerge` micro-model per token point)
   charges the merge itself. The shell is measured at the input count (its head
   reads the last grid; that part is small and not modelled).
-* ``c`` is the block correction: whole-block micro-models measured at check
-  points minus the sum of their halves (it absorbs the per-run overhead that
-  two half-models count twice). The check residuals are stored in the table.
-* ``k`` and ``c`` are the composition: fitted by least squares to a few whole
-  plans spread over the teacher's latency range, measured in the same session
+* ``k``, ``b`` (``block_correction_ms``: what a block costs inside a model
+  beyond its two halves) and ``c`` are the composition, fitted on a dozen whole
+  plans like the search's, timed bracketed by the teacher
   (:mod:`vitrim.profiling.calibrate`); their residuals are stored in the table.
-* Interpolation probes: one micro-model between grid points per axis, so the
-  table says which axis' grid is too coarse (``profile.<axis>_points``).
+* Whole-block micro-models at a few check points, interpolation probes (one
+  micro-model between grid points per axis, and one at an off-axis token count)
+  and alignment probes (widths 8, 16, 24 past a multiple of 32) say where the
+  grid is too coarse (``profile.<axis>_points``) and which width alignment the
+  target runs fast (:attr:`LatencyTable.recommended_align`).
 
 Building the table (micro-models, calibration, resumable partial files) is
 :mod:`vitrim.profiling.build`.
@@ -48,10 +51,13 @@ from vitrim.pipeline.core.errors import UserError
 from vitrim.pipeline.core.io import atomic_write_json
 from vitrim.pipeline.core.plan import Floors, Plan
 
-_POINTS_KNOB = {"embed": "embed_points", "heads": "head_points", "qk": "qk_points", "v": "v_points",
+_POINTS_KNOB = {"embed": "embed_points", "heads": "head_points", "qk": "qk_points", "v": "v_points", "tokens": "token_points",
                 "mlp": "mlp_points"}
-LUT_SCHEMA = 5  # 5: token-count axis and merge entries; 4: calibrated composition (k, c) and probes; 3: composition factor; 2: entries net of the per-run overhead (null model), interleaved timing
+LUT_SCHEMA = 6  # 6: entries as ratios to a sentinel, per-token interpolation along the token axis, composition k/b/c chosen on bracketed whole plans; 5: token-count axis and merge entries; 4: calibrated composition (k, c) and probes; 3: composition factor; 2: entries net of the per-run overhead (null model), interleaved timing
 DIMS = ("heads", "qk", "v", "mlp", "embed", "block", "merge")
+
+
+GRID_ALIGN = 32
 
 
 def _points(lo: int, hi: int, n: int, align: int) -> list[int]:
@@ -62,7 +68,12 @@ def _points(lo: int, hi: int, n: int, align: int) -> list[int]:
     if n <= 0:
         pts = list(range(lo, hi + 1, align)) + [hi]
     else:
-        pts = [hi] + [int(round((lo + (hi - lo) * i / (n - 1)) / align) * align) for i in range(n - 1)]
+        # interior points of a wide axis on multiples of GRID_ALIGN: a width at 8 past a multiple of 16 ran
+        # 3% of a whole DeiT-Small slower than its aligned neighbours on AVX-512 (issue 23), and a grid
+        # point there would bend every interpolation around it
+        step = (hi - lo) / max(1, n - 1)
+        a = max(align, GRID_ALIGN) if step >= 2 * GRID_ALIGN else align
+        pts = [hi, lo] + [int(round((lo + step * i) / a) * a) for i in range(1, n - 1)]
     return sorted({min(hi, max(lo, p)) for p in pts})
 
 
@@ -143,6 +154,11 @@ def merge_probe_grid(spec: dict, tokens: int, max_merges: int = 8) -> Optional[t
     return None
 
 
+def block_gmacs(T: int, E: int, H: int, QK: int, V: int, M: int) -> float:
+    """Multiply-accumulates of one block per image, in G (as :meth:`Plan.macs` counts them)."""
+    return (T * E * (2 * H * QK + H * V) + H * T * T * (QK + V) + T * H * V * E + 2 * T * E * M) / 1e9
+
+
 class Interpolator:
     """Multilinear interpolation over a grid (linear extrapolation outside it)."""
 
@@ -180,6 +196,7 @@ class LatencyTable:
     probes: dict = field(default_factory=dict)  # axis -> interpolation error between grid points
     meta: dict = field(default_factory=dict)
     merge: Optional[np.ndarray] = None  # [T, E] ms of a token merge receiving T tokens (0 where T cannot merge)
+    block_gmac_ms: float = 0.0  # m / k: ms per GMAC of a block (the composition's compute term, before k)
 
     def __post_init__(self):
         if not self.grid.tokens:
@@ -197,22 +214,36 @@ class LatencyTable:
 
     # -- prediction ----------------------------------------------------------
     def _interpolators(self):
+        """Per-token interpolators along the token axis: ``f(T) / T`` is linear in ``T`` for a part costing
+        ``a T + b T^2`` (the attention's scores and weighted sum), so multilinear interpolation of the
+        per-token cost is exact for it where interpolating ``f`` itself is not."""
         if getattr(self, "_fi", None) is None:
             g = self.grid
-            self._fi = (Interpolator([g.tokens, g.embed, g.heads, g.qk, g.v], self.attn),
-                        Interpolator([g.tokens, g.embed, g.mlp], self.mlp), Interpolator([g.embed], self.shell),
-                        Interpolator([g.tokens, g.embed], self.merge))
+            T = np.asarray(g.tokens, dtype=np.float64)
+            self._fi = (Interpolator([g.tokens, g.embed, g.heads, g.qk, g.v], self.attn / T[:, None, None, None, None]),
+                        Interpolator([g.tokens, g.embed, g.mlp], self.mlp / T[:, None, None]),
+                        Interpolator([g.embed], self.shell),
+                        Interpolator([g.tokens, g.embed], self.merge / T[:, None]))
         return self._fi
 
+    def attn_ms(self, T: int, E: int, H: int, QK: int, V: int) -> float:
+        """The attention half's table latency (net of the run overhead) at ``T`` tokens."""
+        return T * self._interpolators()[0](T, E, H, QK, V)
+
+    def mlp_ms(self, T: int, E: int, M: int) -> float:
+        """The MLP half's table latency (net of the run overhead) at ``T`` tokens."""
+        return T * self._interpolators()[1](T, E, M)
+
     def block_ms(self, E: int, H: int, QK: int, V: int, M: int, T: Optional[int] = None) -> float:
-        """One kept block's table latency at ``T`` tokens (default: the input count)."""
-        fa, fm, _, _ = self._interpolators()
+        """One kept block's table latency at ``T`` tokens (default: the input count), before the composition's
+        scale: both halves plus the fitted per-block term."""
         T = self.signature.tokens if T is None else T
-        return fa(T, E, H, QK, V) + fm(T, E, M) + self.block_correction_ms
+        out = self.attn_ms(T, E, H, QK, V) + self.mlp_ms(T, E, M) + self.block_correction_ms
+        return out + self.block_gmac_ms * block_gmacs(T, E, H, QK, V, M) if self.block_gmac_ms else out
 
     def merge_ms(self, T: int, E: int) -> float:
         """A token merge receiving ``T`` tokens of width ``E``."""
-        return self._interpolators()[3](T, E)
+        return T * self._interpolators()[3](T, E)
 
     def shell_ms(self, E: int) -> float:
         return self._interpolators()[2](E)
@@ -285,7 +316,8 @@ class LatencyTable:
         return {"schema": LUT_SCHEMA, "signature": self.signature.to_dict(), "key": self.signature.key(),
                 "spec": self.spec, "grid": asdict(self.grid), "attn_ms": self.attn.tolist(),
                 "mlp_ms": self.mlp.tolist(), "shell_ms": self.shell.tolist(), "merge_ms": self.merge.tolist(),
-                "block_correction_ms": self.block_correction_ms, "compose": self.compose,
+                "block_correction_ms": self.block_correction_ms, "block_gmac_ms": self.block_gmac_ms,
+                "compose": self.compose,
                 "compose_offset_ms": self.compose_offset_ms, "checks": self.checks, "calibration": self.calibration,
                 "probes": self.probes, "meta": self.meta}
 
@@ -309,6 +341,7 @@ class LatencyTable:
                     shell=np.asarray(d["shell_ms"], dtype=np.float64),
                     merge=np.asarray(d["merge_ms"], dtype=np.float64),
                     block_correction_ms=float(d["block_correction_ms"]), compose=float(d["compose"]),
+                    block_gmac_ms=float(d.get("block_gmac_ms", 0.0)),
                     compose_offset_ms=float(d["compose_offset_ms"]), checks=d.get("checks", []),
                     calibration=d.get("calibration", []), probes=d.get("probes", {}), meta=d.get("meta", {}))
         except (KeyError, TypeError, ValueError) as e:
@@ -325,13 +358,19 @@ class LatencyTable:
             check_compatible(t.signature, expect)
         return t
 
+    @property
+    def recommended_align(self) -> Optional[int]:
+        """The width alignment the build measured as fast on this target (None: not measured)."""
+        return (self.meta.get("alignment") or {}).get("recommended")
+
     def summary(self) -> str:
         g = self.grid
         full = Plan.full(self.spec)
         lines = [f"LUT for {self.signature}", f"  key {self.signature.key()}",
                  f"  grid: tokens {g.tokens}, embed {g.embed}, heads {g.heads}, qk {g.qk}, v {g.v}, mlp {g.mlp}",
-                 f"  entries: {self.grid.size()}  block correction {self.block_correction_ms:+.3f} ms, "
-                 f"composition k={self.compose:.3f}, offset c={self.compose_offset_ms:+.3f} ms",
+                 f"  entries: {self.grid.size()}  composition '{self.meta.get('compose_model', '?')}': "
+                 f"k={self.compose:.3f}, per kept block {self.block_correction_ms:+.3f} ms and per GMAC "
+                 f"{self.block_gmac_ms:+.3f} ms (before k), offset c={self.compose_offset_ms:+.3f} ms",
                  f"  teacher predicted: {self.predict(full):.3f} ms (shell {self.shell_ms(full.embed_dim):.3f} ms, "
                  f"block {self.block_ms(full.embed_dim, *full.blocks[0].dims):.3f} ms)"]
         if self.checks:
@@ -351,8 +390,20 @@ class LatencyTable:
             worst = max(self.probes, key=lambda a: abs(self.probes[a]["err_pct"]))
             lines.append("  interpolation probes between grid points (% of a full block): " + ", ".join(parts))
             lines.append(f"  largest remaining grid error: {worst} axis (denser grid: profile.{_POINTS_KNOB[worst]})")
-        if "reproducibility_pct" in self.meta:
+        nz = self.meta.get("noise")
+        if nz:
+            lines.append(f"  build noise: entries' spread over their visits (MAD, % of the entry) median "
+                         f"{nz['entry_spread_median_pct']:.1f}%, max {nz['entry_spread_max_pct']:.1f}%; "
+                         f"{nz['measured_again']} entries above {nz['noisy_threshold_pct']:.0f}% measured again; "
+                         f"same entry in two chunks {nz['reproducibility_pct']:.1f}% apart")
+        elif "reproducibility_pct" in self.meta:
             lines.append(f"  same entry measured twice: {self.meta['reproducibility_pct']:.1f}% apart")
+        al = self.meta.get("alignment")
+        if al and al.get("plans"):
+            parts = [f"{r['axis']} -{r['step']}: {r['excess_pct']:+.1f}%" for r in al["plans"]]
+            lines.append("  width alignment (the teacher with one width narrower, measured against the table's "
+                         "line, % of the teacher): " + ", ".join(parts)
+                         + f" -> widths on multiples of {al['recommended']} (search.align_from_lut)")
         if "build_s" in self.meta:
             lines.append(f"  built in {self.meta['build_s']:.0f}s")
         return "\n".join(lines)

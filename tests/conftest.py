@@ -56,7 +56,7 @@ def random_init(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torc
 
 
 TINY_PCFG = dict(embed_points=2, head_points=0, qk_points=1, v_points=1, mlp_points=2, warmup=2, repeats=6, rounds=2,
-                 checks=2, calibration_plans=3)
+                 checks=2, calibration_plans=3, min_visit_ms=0.0, remeasure_spread_pct=0.0)
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from tests.conftest import TINY_PCFG
 def tok_lut(tiny_spec, tmp_path_factory):
     axis = token_axis(tiny_spec, 3, 2)
     path = tmp_path_factory.mktemp("lut_tok") / "lut.json"
-    pcfg = ProfileConfig(**dict(TINY_PCFG, embed_points=1, head_points=1, mlp_points=1, checks=1, calibration_plans=1))
+    pcfg = ProfileConfig(**dict(TINY_PCFG, embed_points=1, head_points=1, mlp_points=1, checks=1, calibration_plans=3))
     return build_lut(tiny_spec, Target(batch=4, threads=1), pcfg, Floors(), 8, path, progress=False, tokens=axis), path
 
 
@@ -39,11 +39,29 @@ def test_lut_with_a_token_axis_builds_reloads_and_interpolates(tok_lut, tiny_spe
     for T in g.tokens:  # grid points are reproduced exactly
         want = lut.attn[g.tokens.index(T), -1, -1, -1, -1] + lut.mlp[g.tokens.index(T), -1, -1] + lut.block_correction_ms
         assert at[T] == pytest.approx(want, rel=1e-12)
-    # between token points: linear interpolation of the neighbours
+    # between token points: linear interpolation of the neighbours' per-token cost
     w = (9 - 5) / (17 - 5)
-    assert lut.block_ms(E, H, Q, V, M, T=9) == pytest.approx((1 - w) * at[5] + w * at[17], rel=1e-9)
+    bc = lut.block_correction_ms
+    want = 9 * ((1 - w) * (at[5] - bc) / 5 + w * (at[17] - bc) / 17) + bc
+    assert lut.block_ms(E, H, Q, V, M, T=9) == pytest.approx(want, rel=1e-9)
     assert (lut.merge[1:] > 0).all()  # a merge costs something where one is possible
     assert any(c["tokens"] for c in lut.calibration)  # the composition saw merged plans
+
+
+def test_token_interpolation_is_exact_for_the_attentions_quadratic_term(tok_lut):
+    """Planted halves costing a T + b T^2 (the attention's scores and weighted sum grow with T^2): the table
+    reproduces them between and beyond its token points, where interpolating the latency itself would not."""
+    import copy
+
+    lut = copy.deepcopy(tok_lut[0])
+    T = np.asarray(lut.grid.tokens, dtype=np.float64)
+    lut.attn = np.broadcast_to((0.01 * T + 0.002 * T ** 2)[:, None, None, None, None], lut.attn.shape).copy()
+    lut.mlp = np.broadcast_to((0.03 * T)[:, None, None], lut.mlp.shape).copy()
+    lut.block_correction_ms, lut._fi = 0.0, None
+    for t in (3, 9, 13, 17):
+        assert lut.block_ms(32, 2, 16, 16, 64, T=t) == pytest.approx(0.04 * t + 0.002 * t ** 2, rel=1e-9)
+    linear = 0.5 * (lut.block_ms(32, 2, 16, 16, 64, T=5) + lut.block_ms(32, 2, 16, 16, 64, T=17))
+    assert abs(linear / lut.block_ms(32, 2, 16, 16, 64, T=11) - 1) > 0.05  # what linear interpolation would miss
 
 
 def test_marginal_of_a_merge_is_the_predicted_difference(tok_lut, tiny_spec):
@@ -52,9 +70,17 @@ def test_marginal_of_a_merge_is_the_predicted_difference(tok_lut, tiny_spec):
     for block, kind in [(0, "hw"), (1, "w"), (1, "h")]:
         after = full.copy().set_merges({block: kind})
         assert lut.marginal(full, block, "merge", merge_type=kind) == pytest.approx(lut.predict(full) - lut.predict(after))
+    # on planted costs (blocks growing with T, cheap merges; measured tiny merges can cost what they save):
+    import copy
+
+    lut = copy.deepcopy(lut)
+    T = np.asarray(lut.grid.tokens, dtype=np.float64)
+    lut.attn = np.broadcast_to((0.01 * T + 0.002 * T ** 2)[:, None, None, None, None], lut.attn.shape).copy()
+    lut.mlp = np.broadcast_to((0.03 * T)[:, None, None], lut.mlp.shape).copy()
+    lut.merge, lut._fi = np.broadcast_to((0.001 * T)[:, None], lut.merge.shape).copy(), None
     one = full.copy().set_merges({0: "w"})
     # a merge changes every later block's token count: after one merge, a second one is worth less
-    assert lut.marginal(one, 1, "merge", merge_type="w") < lut.marginal(full, 1, "merge", merge_type="w")
+    assert 0 < lut.marginal(one, 1, "merge", merge_type="w") < lut.marginal(full, 1, "merge", merge_type="w")
     # the 2-block tiny model merged to a 1x1 grid before block 0 is the fastest thing the table knows
     two = full.copy().set_merges({0: "hw", 1: "hw"})
     assert lut.predict(two) < lut.predict(one) < lut.predict(full)
