@@ -126,13 +126,14 @@ def cmd_profile(args) -> int:
         return 0
     from vitrim.export.target import Target
     from vitrim.pipeline.core.models import canonical_state
+    from vitrim.pipeline.search import measured_align
     from vitrim.profiling.validate import validate_lut
 
     out = Path(args.out or cfg.out_dir)
     n = args.plans if args.plans is not None else cfg.profile.validate_plans
     rep = validate_lut(lut, canonical_state(teacher), Target.from_config(cfg.target), n, out, seed=cfg.profile.seed,
                        warmup=cfg.profile.warmup, repeats=cfg.profile.repeats, rounds=cfg.profile.rounds,
-                       align=cfg.search.align, merged=args.merged)
+                       align=measured_align(cfg.search, lut, log=lambda s: None).align, merged=args.merged)
     print(f"wrote {RunDir(out).lut_validation} and {RunDir(out).lut_validation_plot}")
     return 0 if rep["n_plans"] else 1
 

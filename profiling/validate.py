@@ -41,9 +41,9 @@ import numpy as np
 from vitrim.export.target import Target, check_compatible
 from vitrim.pipeline.core.errors import UserError
 from vitrim.pipeline.core.io import atomic_write_json
-from vitrim.pipeline.core.plan import MERGE_TYPES, BlockPlan, Plan, merge_valid, merged_grid
+from vitrim.pipeline.core.plan import BlockPlan, Plan
 from vitrim.pipeline.core.rundir import RunDir
-from vitrim.profiling.calibrate import error_stats, plan_key, stratified_plans
+from vitrim.profiling.calibrate import error_stats, plan_key, stratified_plans, with_random_merges
 from vitrim.profiling.table import LatencyTable
 
 VALIDATION_RANGE = (0.30, 0.95)
@@ -60,30 +60,14 @@ def default_merged(lut: LatencyTable, n: int) -> int:
     return n // 3 if has_token_axis(lut) else 0
 
 
-def random_merges(plan: Plan, rng: random.Random, min_tokens: int, max_merges: int = 2) -> dict[int, str]:
-    """One to ``max_merges`` token merges at random block boundaries, each of a random type that is possible there
-    and keeps every block at ``min_tokens`` tokens or more (empty: no merge is possible)."""
-    depth = len(plan.blocks)
-    at = set(rng.sample(range(depth), rng.randint(1, min(max_merges, depth))))
-    merges: dict[int, str] = {}
-    g = plan.grid
-    for i in range(depth):
-        if i not in at:
-            continue
-        ok = [k for k in MERGE_TYPES
-              if merge_valid(g, k) and merged_grid(g, k)[0] * merged_grid(g, k)[1] + plan.num_prefix >= min_tokens]
-        if ok:
-            merges[i] = rng.choice(ok)
-            g = merged_grid(g, merges[i])
-    return merges
-
-
-def _widths_plan(spec: dict, embed: int, blocks: list) -> Plan:
-    """A plan with these widths (first indices kept, no merges): what a calibration entry records of its plan,
-    keyed the way :func:`vitrim.profiling.calibrate.plan_key` keys drawn plans."""
-    return Plan(spec=dict(spec), embed_keep=list(range(embed)),
-                blocks=[BlockPlan(bool(H), list(range(H)), list(range(q)), list(range(v)), list(range(m)))
-                        for H, q, v, m in blocks])
+def _calibration_plan(spec: dict, c: dict) -> Plan:
+    """A plan with a calibration entry's widths and merges (first indices kept): what
+    :func:`vitrim.profiling.calibrate.plan_key` keys it by."""
+    p = Plan(spec=dict(spec), embed_keep=list(range(c["embed"])),
+             blocks=[BlockPlan(bool(H), list(range(H)), list(range(q)), list(range(v)), list(range(m)))
+                     for H, q, v, m in c["blocks"]])
+    p.tokens = c.get("tokens")
+    return p
 
 
 def validation_plans(lut: LatencyTable, n: int, seed: int = 0, lo: float = VALIDATION_RANGE[0],
@@ -102,26 +86,15 @@ def validation_plans(lut: LatencyTable, n: int, seed: int = 0, lo: float = VALID
                         f"(tokens {lut.grid.tokens}): it cannot price token merges",
                         "validate merged plans with a LUT built with search.prune_tokens: true, or ask for 0")
     teacher = lut.predict(Plan.full(lut.spec))
-    exclude = {plan_key(_widths_plan(lut.spec, c["embed"], c["blocks"])) for c in lut.calibration}
+    exclude = {plan_key(_calibration_plan(lut.spec, c)) for c in lut.calibration}
     plans = stratified_plans(lut.spec, lut.grid, n, lo, hi, lambda p: lut.predict(p) / teacher,
                              random.Random(seed), align, exclude=exclude)
     if not merged:
         return plans
-    # stratified_plans draws unmerged plans; each draw's merges are chosen once, on first sight, from their own
-    # stream, and the stratum is judged on the merged plan's predicted ratio
-    mrng = random.Random(seed + MERGED_SEED_OFFSET)  # sizes and merges of the merged plans, one stream
-    chosen: dict[tuple, dict[int, str]] = {}
-
-    def merged_ratio(p: Plan) -> float:
-        k = plan_key(p)
-        if k not in chosen:
-            chosen[k] = random_merges(p, mrng, lut.grid.tokens[0])
-        if not chosen[k]:
-            return float("inf")  # no merge possible: never in a stratum
-        return lut.predict(p.copy().set_merges(chosen[k])) / teacher
-
-    drawn = stratified_plans(lut.spec, lut.grid, merged, lo, hi, merged_ratio, mrng, align, exclude=exclude)
-    return plans + [p.copy().set_merges(chosen[plan_key(p)]).validate() for p in drawn if chosen[plan_key(p)]]
+    drawn = stratified_plans(lut.spec, lut.grid, merged, lo, hi, lambda p: lut.predict(p) / teacher,
+                             random.Random(seed + MERGED_SEED_OFFSET), align, exclude=exclude | {plan_key(p) for p in plans},
+                             transform=lambda p, rng: with_random_merges(p, rng, lut.grid.tokens[0]))
+    return plans + [p for p in drawn if p.merges]
 
 
 def ratio_error_stats(predicted_ratio, measured_ratio) -> dict:
@@ -160,6 +133,9 @@ def group_stats(rows: list[dict]) -> dict:
     return out
 
 
+PARALLEL_MIN_PLANS = 6  # plans are sliced and exported in worker processes from this many on
+
+
 def measure_plans(plans: list[Plan], state: dict, target: Target, warmup: int, repeats: int, rounds: int,
                   workdir: Path, progress: bool = True, paired: bool = False) -> list[dict]:
     """Slice and export every plan, then time them all in one interleaved session.
@@ -175,10 +151,18 @@ def measure_plans(plans: list[Plan], state: dict, target: Target, warmup: int, r
     from vitrim.export.runners import interleaved, time_interleaved, time_ratio
     from vitrim.pipeline.core.slicing import slice_model
 
+    workdir = Path(workdir)
+    ahead = target.backend not in ("torch-cpu", "torch-cuda") and len(plans) >= PARALLEL_MIN_PLANS
+    if ahead:  # slice and export in worker processes; the runners below reuse the files
+        from vitrim.profiling.exporter import export_parallel
+
+        export_parallel([("plan", p, str(workdir / f"plan{i}.onnx")) for i, p in enumerate(plans)], state=state)
     runners = []
     for i, plan in enumerate(tqdm(plans, desc="[profile] export plans", disable=not progress)):
         shape = (plan.spec["in_chans"], *plan.spec["img_size"])
-        runners.append(runner_for_module(slice_model(state, plan), shape, target, workdir, f"plan{i}"))
+        done = ahead and (workdir / f"plan{i}.onnx").is_file()
+        runners.append(runner_for_module(None if done else slice_model(state, plan), shape, target, workdir,
+                                         f"plan{i}", reuse=done))
     gc.collect()
     ratios = None
     with interleaved(runners):
@@ -193,13 +177,14 @@ def measure_plans(plans: list[Plan], state: dict, target: Target, warmup: int, r
 
 
 def validate_lut(lut: LatencyTable, state: dict, target: Target, n: int, out_dir: str | os.PathLike, seed: int = 0,
-                 warmup: int = 10, repeats: int = 30, rounds: int = 3, align: int = 8, progress: bool = True,
+                 warmup: int = 10, repeats: int = 30, rounds: int = 3, align: Optional[int] = None, progress: bool = True,
                  lo: float = VALIDATION_RANGE[0], hi: float = VALIDATION_RANGE[1],
                  log: Callable[[str], None] = print, merged: Optional[int] = None) -> dict:
     """Validate ``lut`` on the teacher plus ``n`` stratified held-out plans and ``merged`` plans with token merges
     (default :func:`default_merged`), against the MACs proxy on the same plans; writes JSON and PNG into ``out_dir``."""
     t0 = time.time()
     check_compatible(lut.signature, target.signature(lut.signature.tokens))
+    align = align or max(8, lut.recommended_align or 8)  # the widths the search uses on this target
     plans = [Plan.full(lut.spec)] + validation_plans(lut, n, seed, lo, hi, align, merged)
     with tempfile.TemporaryDirectory(prefix="vitrim-val-") as tmp:
         measured = measure_plans(plans, state, target, warmup, repeats, rounds, Path(tmp), progress, paired=True)
@@ -230,6 +215,7 @@ def validate_lut(lut: LatencyTable, state: dict, target: Target, n: int, out_dir
                           f"plan visit bracketed by teacher visits ({rounds} rounds, {repeats} timed runs per plan, "
                           f"{warmup} warm-up); measured ratio = median over visits of plan / bracketing teacher; "
                           "the MACs proxy's ratio is plan MACs / teacher MACs",
+              "align": align,
               "ratio": {**st["ratio"], "signed_median_err_pct": lut_st["signed_median_err_pct"]},
               "macs": macs_st, "groups": group_stats(rows), "drift": st["drift"],
               "spearman_macs": macs_st["spearman"],

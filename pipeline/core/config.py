@@ -137,6 +137,10 @@ class ProfileConfig:
     calibration_plans: int = 6
     # issue 15: token-count points of the LUT when the search merges tokens (search.prune_tokens)
     token_points: int = 3
+    # issue 23: every visit of a micro-model lasts at least this long (short ones get more runs per visit)
+    min_visit_ms: float = 50.0
+    # issue 23: an entry whose per-visit ratios to the sentinel spread (MAD) more than this % is measured again; 0: never
+    remeasure_spread_pct: float = 3.0
 
 
 STRATEGIES = ("knapsack", "nvit", "slim", "uvc", "uniform", "magnitude")
@@ -158,6 +162,8 @@ class SearchConfig:
     lr: float = 3e-4
     eta: float = 1.0  # nvit: weight of the latency term (in normalized units)
     align: int = 8
+    # issue 23: raise align to the width alignment the LUT measured as fast on the target (LatencyTable.recommended_align)
+    align_from_lut: bool = True
     min_heads: int = 1
     min_qk: int = 8
     min_v: int = 8

@@ -58,6 +58,19 @@ def searched_config(cfg: SearchConfig) -> SearchConfig:
     return strategy(cfg.strategy).searched_config(cfg)
 
 
+def measured_align(cfg: SearchConfig, lut, log: Callable[[str], None] = print) -> SearchConfig:
+    """``cfg`` with ``align`` raised to the alignment the LUT measured as fast on its target (widths off it
+    ran slower than their neighbours' line by more than the build's tolerance), unless ``align_from_lut`` is off."""
+    import dataclasses
+
+    want = getattr(lut, "recommended_align", None)
+    if not cfg.align_from_lut or not want or want <= cfg.align:
+        return cfg
+    log(f"[search] widths aligned to {want} (search.align {cfg.align}): the LUT measured widths off multiples of "
+        f"{want} slower on this target (set search.align_from_lut: false to keep {cfg.align})")
+    return dataclasses.replace(cfg, align=int(want))
+
+
 def run_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchConfig, train_ds, val_ds,
                batch_size: int = 128, kd_alpha: float = 1.0, kd_T: float = 2.0,
                log: Callable[[str], None] = print, device: str = "cpu", workers: int = 0) -> SearchResult:
@@ -68,6 +81,7 @@ def run_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchConfig, 
     the returned weights are on the CPU.
     """
     validate_search(cfg, "search config")
+    cfg = measured_align(cfg, lut, log)
     s = strategy(cfg.strategy)
     ctx = SearchContext.build(s.searched_config(cfg), teacher, student, lut, train_ds, val_ds, batch_size=batch_size,
                               kd_alpha=kd_alpha, kd_T=kd_T, device=device, workers=workers, log=log)
@@ -75,7 +89,7 @@ def run_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchConfig, 
 
 
 __all__ = [
-    "STRATEGIES", "strategy", "searched_config", "run_search",
+    "STRATEGIES", "strategy", "searched_config", "run_search", "measured_align",
     "Strategy", "SearchContext", "SearchResult", "BatchStream", "kd_adapt", "embed_floor",
     "StepwiseSearch", "Knapsack", "Nvit", "Magnitude", "Uniform", "uniform_plan", "MaskedSearch", "Slim", "Uvc",
     "fold_masks", "scale_embed",

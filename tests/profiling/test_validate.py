@@ -65,18 +65,17 @@ def test_ratio_error_stats_by_hand():
 def test_random_merges_respect_the_token_axis(tiny_spec):
     import random
 
-    from vitrim.profiling.validate import random_merges
+    from vitrim.profiling.calibrate import with_random_merges
 
     rng, full = random.Random(0), Plan.full(tiny_spec)
     seen_types, seen_counts = set(), set()
     for _ in range(60):
-        m = random_merges(full, rng, min_tokens=5)
-        p = full.copy().set_merges(m).validate()
-        assert 1 <= len(m) <= 2 and min(p.block_tokens()) >= 5
-        seen_types |= set(m.values())
-        seen_counts.add(len(m))
+        p = with_random_merges(full, rng, min_tokens=5)
+        assert 1 <= len(p.merges) <= 2 and min(p.block_tokens()) >= 5
+        seen_types |= set(p.merges.values())
+        seen_counts.add(len(p.merges))
     assert seen_types == {"w", "h", "hw"} and seen_counts == {1, 2}
-    assert random_merges(full, rng, min_tokens=17) == {}  # nothing fits above the input count
+    assert not with_random_merges(full, rng, min_tokens=17).merges  # nothing fits above the input count
 
 
 def test_validation_plans_add_merged_plans_only_with_a_token_axis(built, tok_lut):
@@ -99,7 +98,10 @@ def test_validation_plans_add_merged_plans_only_with_a_token_axis(built, tok_lut
     assert validation_plans(tok_lut, 3, lo=0.6, hi=0.95, merged=0) == plans[:3]
 
 
-def test_validation_reports_lut_against_macs(built, teacher_state, tmp_path):
+def test_validation_reports_lut_against_macs(built, teacher_state, tmp_path, monkeypatch):
+    from vitrim.profiling import validate
+
+    monkeypatch.setattr(validate, "PARALLEL_MIN_PLANS", 1)  # the plans are exported in the worker processes
     lut, _ = built
     rep, log = _validate(lut, teacher_state, tmp_path, 3)
     rows = rep["rows"]
