@@ -80,7 +80,8 @@ def bench_build(name: str, b: int, a, cfg, out: Path) -> dict:
                        warmup=cfg.profile.warmup, repeats=cfg.profile.repeats, rounds=cfg.profile.rounds,
                        merged=a.plans // 3 if len(lut.grid.tokens) > 1 else 0, progress=False)
     build_s = lut.meta["build_s"]
-    return {"model": name, "build": b, "tokens": lut.grid.tokens, "entries": lut.meta["entries"],
+    return {"model": name, "build": b, "signature": str(lut.signature), "tokens": lut.grid.tokens,
+            "entries": lut.meta["entries"],
             "build_s": build_s, "noise": lut.meta["noise"], "compose_model": lut.meta["compose_model"],
             "compose": [lut.compose, lut.block_correction_ms, lut.compose_offset_ms],
             "alignment": lut.meta.get("alignment"), "probes": lut.probes,
@@ -114,7 +115,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/deit_shapes")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--reuse", action="store_true", help="resume builds left in --out instead of starting afresh")
+    p.add_argument("--reuse", action="store_true", help="resume builds left in --out instead of starting afresh "
+                   "(the build time is then the resumed part's)")
     a = p.parse_args(argv)
     warnings.simplefilter("ignore")
     cfg = load_config(a.config, [])
@@ -125,8 +127,11 @@ def main(argv=None) -> int:
         for b in range(1, a.builds + 1):
             rows.append(bench_build(m, b, a, cfg, out))
             print(table(rows[-1:]), flush=True)
-            atomic_write_json(out / "deit_shapes.json", {"args": vars(a), "profile": dataclasses.asdict(cfg.profile),
-                                                         "results": rows, "wall_s": round(time.time() - t0)})
+            atomic_write_json(out / "deit_shapes.json", {
+                "command": "python benchmarks/deit_shapes.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                "machine": rows[0]["signature"], "date": time.strftime("%Y-%m-%d", time.gmtime()),
+                "args": vars(a), "profile": dataclasses.asdict(cfg.profile), "results": rows,
+                "wall_s": round(time.time() - t0)})
     print(table(rows))
     return 0
 

@@ -180,7 +180,9 @@ def export_cached(model, path: Path, sample_shape: tuple[int, ...], reuse: bool 
     key = _module_key(model, sample_shape)
     hit = _EXPORT_CACHE["paths"].get(key) if key else None
     if hit is not None and hit.is_file():
-        shutil.copyfile(hit, path)
+        from vitrim.pipeline.core.io import atomic_save
+
+        atomic_save(path, lambda tmp: shutil.copyfile(hit, tmp))  # whole or absent: a resumed build reuses it
         return path
     export_onnx(model, path, sample_shape)
     if key:
@@ -212,13 +214,17 @@ def runner_for_module(model, sample_shape: tuple[int, ...], target: Target, work
         from vitrim.export.quantize import quantize_for_target, random_calibration
 
         q_path = workdir / f"{name}.{target.precision}.onnx"
-        calib = None if target.quant.mode == "dynamic" else random_calibration(sample_shape, 8)
-        quantize_for_target(onnx_path, q_path, target, calib)
+        if not (reuse and q_path.is_file()):
+            calib = None if target.quant.mode == "dynamic" else random_calibration(sample_shape, 8)
+            quantize_for_target(onnx_path, q_path, target, calib)
         onnx_path = q_path
     if target.backend == "ort-cpu":
         return make_runner("ort-cpu", onnx_path=onnx_path, threads=target.threads, opt_level=target.opt_level)
+    plan_path = workdir / f"{name}.plan"
+    if reuse and plan_path.is_file():  # a resumed LUT build, or the sentinel of the next chunk: one engine
+        return TrtRunner(plan_path)
     src = onnx_path
     if target.precision == "fp16" and trt_major() >= 11:  # strongly typed: fp16 comes from the ONNX
         src = to_fp16(onnx_path, workdir / f"{name}.fp16.onnx")
-    eng = build_trt_engine(src, workdir / f"{name}.plan", target, sample_shape, RunDir(workdir).trt_timing_cache)
+    eng = build_trt_engine(src, plan_path, target, sample_shape, RunDir(workdir).trt_timing_cache)
     return TrtRunner(eng.path)

@@ -11,11 +11,14 @@ this module measures it, in two phases:
    percent over minutes on a shared VM, cancels between chunks; the spread of
    the per-visit ratios is the entry's own noise, and noisy entries are measured
    again. Each chunk is saved atomically as it is timed: a killed build resumes.
-2. **Composition.** With the entries known, the table picks whole plans like the
-   search's (narrower embeddings, skipped blocks, irregular widths, token merges
-   where it has a token axis) spread over the teacher's latency by its own
-   prediction, times them bracketed by the teacher in one run, and fits the
-   composition (:func:`vitrim.profiling.calibrate.select_composition`).
+2. **Alignment.** The teacher against itself with every MLP, or the embedding, 8
+   or 16 narrower, in one run: which width alignment the target runs fast
+   (:func:`alignment_verdict`).
+3. **Composition.** With the entries known, the table picks whole plans like the
+   search's (narrower embeddings, skipped blocks, irregular widths at the measured
+   alignment, token merges where it has a token axis) spread over the teacher's
+   latency by its own prediction, times them bracketed by the teacher in one run
+   (the sentinel timed with them puts them in the entries' units), and fits the composition (:func:`vitrim.profiling.calibrate.select_composition`).
 """
 from __future__ import annotations
 
@@ -23,7 +26,6 @@ import datetime as _dt
 import itertools
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +35,6 @@ import numpy as np
 
 from vitrim.export.target import DeviceSignature, Target
 from vitrim.pipeline.core.config import ProfileConfig
-from vitrim.pipeline.core.errors import UserError
 from vitrim.pipeline.core.io import atomic_write_json
 from vitrim.pipeline.core.plan import Floors, Plan
 
@@ -50,7 +51,8 @@ class Item:
     merge: Optional[tuple] = None  # kind "merge": (grid, type)
 
 
-def _make_item(item: Item, spec: dict, tokens: int):
+def make_item(item: Item, spec: dict, tokens: int):
+    """The micro-model (or whole plan) of ``item`` with random weights, and its per-sample input shape."""
     from vitrim.profiling.micro import make_merge, make_part, make_plan_model, sample_shape
 
     T = item.tokens or tokens
@@ -65,7 +67,7 @@ def _open_runner(item: Item, spec: dict, target: Target, tokens: int, workdir: P
     """Export the item's micro-model (and build its engine) and return a runner for it."""
     from vitrim.export.engine import runner_for_module
 
-    model, shape = _make_item(item, spec, tokens)
+    model, shape = make_item(item, spec, tokens)
     return runner_for_module(model, shape, target, workdir, item.key, reuse=True)
 
 
@@ -109,7 +111,7 @@ def measure_items(items: list[Item], spec: dict, target: Target, tokens: int, pc
     estimate. Entries noisier than ``profile.remeasure_spread_pct`` are measured again
     (once, with twice the rounds) and the quieter measurement kept. After every chunk
     ``on_chunk(done)`` saves the results, so a killed build loses one chunk at most.
-    Without a sentinel (a one-item build) the first item of each chunk brackets the rest.
+    Without a sentinel, the first item left to measure brackets every chunk.
     """
     import gc
 
@@ -233,8 +235,8 @@ def alignment_plans(spec: dict) -> list[tuple[str, int, Plan]]:
 
 
 def alignment_verdict(rows: list[dict], align: int, noise_pct: float = 0.0) -> dict:
-    """The alignment the in-context measurement recommends: 8 when a width 8 off the teacher's costs what the
-    table's line says, 16 when only the 8-off widths are slower than it, 32 when the 16-off ones are too.
+    """The alignment the in-context measurement recommends: 32 when a width 16 off the teacher's is slower
+    than the table's line, else 16 when a width 8 off is, else 8.
     "Slower" is by more than ``ALIGN_TOL_PCT`` and twice the run's own noise (the median spread of its visits)."""
     tol = max(ALIGN_TOL_PCT, 2.0 * noise_pct)
     slow = {r["step"] for r in rows if r["excess_pct"] > tol}
@@ -295,8 +297,11 @@ def lut_items(spec: dict, grid: Grid, pcfg: ProfileConfig, align: int = 8) -> tu
             items += [Item("probe_tokens_attn", "attn", (Ef, Hf, qf, vf, M_full), tokens=T),
                       Item("probe_tokens_mlp", "mlp", (Ef, 1, 8, 8, Mf), tokens=T),
                       Item("probe_tokens_null", "null", (Ef,), tokens=T)]
-    # the same entry again, in another chunk: how reproducible is one measurement?
-    items.append(Item("repeat_" + items[0].key, "attn", items[0].dims, tokens=Tf))
+    # an entry again, in another chunk: how reproducible is one measurement? (not the sentinel: its ratio to
+    # itself is 1 by construction)
+    mid = next((it for it in items if it.kind == "mlp" and it.dims[4] not in (g.mlp[0], g.mlp[-1])),
+               next(it for it in items if it.kind == "mlp"))
+    items.append(Item("repeat_" + mid.key, mid.kind, mid.dims, tokens=mid.tokens))
     return items, check_dims
 
 
@@ -333,8 +338,8 @@ def _probes(table: "LatencyTable", items: list[Item], med: dict, null: dict) -> 
                          "interpolated_ms": table.attn_ms(T, Ef, Hf, qf, vf) + table.mlp_ms(T, Ef, Mf)}
     for axis, v in out.items():
         T = v["at"] if axis == "tokens" else Tf
-        v["err_pct"] = 100.0 * (v["interpolated_ms"] - v["measured_ms"]) / (table.attn_ms(T, Ef, Hf, qf, vf)
-                                                                             + table.mlp_ms(T, Ef, Mf))
+        block = table.attn_ms(T, Ef, Hf, qf, vf) + table.mlp_ms(T, Ef, Mf)
+        v["err_pct"] = 100.0 * (v["interpolated_ms"] - v["measured_ms"]) / block if block > 0 else float("nan")
     return out
 
 
@@ -436,24 +441,29 @@ def build_lut(spec: dict, target: Target, pcfg: ProfileConfig, floors: Floors, a
     parts = out_path.with_name(out_path.name + ".parts")
     header = {"schema": LUT_SCHEMA, "signature": sig.to_dict(), "grid": asdict(grid), "spec": spec,
               "measure": {"warmup": pcfg.warmup, "repeats": pcfg.repeats, "rounds": pcfg.rounds,
-                          "calibration_plans": pcfg.calibration_plans, "checks": pcfg.checks, "seed": pcfg.seed}}
+                          "calibration_plans": pcfg.calibration_plans, "checks": pcfg.checks, "seed": pcfg.seed,
+                          "align": align, "min_visit_ms": pcfg.min_visit_ms,
+                          "remeasure_spread_pct": pcfg.remeasure_spread_pct}}
     state: dict = {"header": json.loads(json.dumps(header)), "entries": {}}
+    resumed = False
     if partial.is_file():
         try:
             prev = json.loads(partial.read_text())
             if prev.get("header") == state["header"]:
-                state = prev
+                state, resumed = prev, True
                 log(f"[profile] resuming: {len(state['entries'])} entries"
                     + (" and the calibration plans" if state.get("calibration") else "")
                     + f" already measured in {partial}")
         except (json.JSONDecodeError, KeyError, AttributeError):
             pass
-    if not state["entries"]:
-        shutil.rmtree(parts, ignore_errors=True)  # another grid's exports
-    parts.mkdir(parents=True, exist_ok=True)
 
     def save(_=None):
         atomic_write_json(partial, state)
+
+    if not resumed:  # another build's partial and exports (another grid, teacher or settings): start afresh
+        shutil.rmtree(parts, ignore_errors=True)
+        save()  # before any export, so that a kill during the exports resumes with them
+    parts.mkdir(parents=True, exist_ok=True)
 
     items, check_dims = lut_items(spec, grid, pcfg, align)
     log(f"[profile] measuring {len(items)} micro-models on [{sig}], each visit bracketed by the sentinel "
@@ -509,9 +519,13 @@ def _plan_digest(p: Plan) -> str:
 def _timed_plans(state: dict, what: str, plans: list[Plan], sentinel: Item, spec: dict, target: Target, tokens: int,
                  pcfg: ProfileConfig, workdir: Path, opener: Optional[Opener], log: Callable[[str], None],
                  save: Callable[[], None]) -> dict:
-    """Whole plans timed in one run, each visit bracketed by the sentinel (so they are in the entries'
-    units, and the bracketing costs little), saved in ``state[what]``; a resumed build reuses a run of the
-    same plans, and times a run it lost whole again (its figures are ratios of one run)."""
+    """Whole plans (``plans[0]`` the teacher) timed in one run, each visit bracketed by the teacher, the
+    protocol by which ``vitrim profile validate``, the closed loop and ``vitrim compare`` measure a plan's ratio:
+    bracketing by the sentinel instead measured the same pair of plans 2.5% apart (0.906 against 0.930, and
+    0.879 against 0.909, in back-to-back sessions), a bias every calibrated ratio would inherit. The sentinel
+    is timed in the same run, so the figures (``ratios``) are in the entries' units: ratios to the sentinel.
+    Saved in ``state[what]``; a resumed build reuses a run of the same plans, and times a run it lost whole
+    again (its figures are ratios of one run)."""
     import gc
 
     from vitrim.export.runners import interleaved, time_ratio_visits
@@ -521,17 +535,20 @@ def _timed_plans(state: dict, what: str, plans: list[Plan], sentinel: Item, spec
     if got and got.get("plans") == keys:
         return got
     open_ = opener or _open_runner
-    log(f"[profile] timing {len(plans)} whole plans ({what}), each visit bracketed by the sentinel")
+    log(f"[profile] timing {len(plans)} whole plans ({what}), each visit bracketed by the teacher")
     items = [Item(f"plan_{_plan_digest(p)}", "plan", (p.embed_dim,), p) for p in plans]
     if opener is None and target.backend not in ("torch-cpu", "torch-cuda") and len(items) > 1:
         from vitrim.profiling.exporter import export_parallel
 
         export_parallel([("item", it, spec, tokens, str(workdir / f"{it.key}.onnx")) for it in items], log)
-    runners = [open_(it, spec, target, tokens, workdir) for it in [sentinel] + items]
+    runners = [open_(it, spec, target, tokens, workdir) for it in [items[0], sentinel] + items[1:]]
     gc.collect()
     with interleaved(runners):
-        _, visits = time_ratio_visits(runners, target.batch, pcfg.repeats, pcfg.rounds, pcfg.warmup)
-    state[what] = {"plans": keys, "ratios": [float(np.median(v)) for v in visits],
-                   "spreads": [_spread_pct(v) for v in visits]}
+        _, visits = time_ratio_visits(runners, target.batch, pcfg.repeats, pcfg.rounds, pcfg.warmup, pcfg.min_visit_ms)
+    to_teacher = [float(np.median(v)) for v in visits]  # sentinel, then plans[1:], each over the teacher
+    r_s = to_teacher[0]
+    state[what] = {"plans": keys, "ratios": [1.0 / r_s] + [r / r_s for r in to_teacher[1:]],
+                   "to_teacher": [1.0] + to_teacher[1:], "spreads": [0.0] + [_spread_pct(v) for v in visits[1:]],
+                   "sentinel_spread_pct": _spread_pct(visits[0])}
     save()
     return state[what]

@@ -5,14 +5,14 @@ TensorRT) fuses, caches and schedules differently, so the sum is off by a
 scale, a cost per block and a cost per model (Dudziak et al., BRP-NAS 2020, and
 nn-Meter, Zhang et al. 2021, both calibrate kernel sums against whole models).
 vitrim measures a dozen whole plans like the search's, each bracketed by the
-teacher, and fits::
+teacher (the protocol every measured ratio in vitrim uses), and fits::
 
-    measured(plan) - shell(E) = k * sum over kept blocks and merges + b * kept blocks + c
+    measured(plan) - shell(E) = k * sum over kept blocks and merges + b * kept blocks + m * GMACs + c
 
 by least squares on relative error (ratios are what the search uses: the
 teacher is their denominator, and a small plan's error counts as much as a
-large one's), keeping ``b`` and ``c`` only where leave-one-out says they predict
-held-out plans better (:func:`select_composition`).
+large one's), keeping ``b``, ``m`` and ``c`` only where leave-one-out says they
+predict held-out plans better (:func:`select_composition`).
 
 The search uses *ratios* (plan / teacher, both from the LUT), and budgets are
 fractions of the teacher. :func:`error_stats` therefore reports the ratio error
@@ -109,7 +109,7 @@ def stratified_plans(spec: dict, grid, n: int, lo: float, hi: float, ratio: Call
     """``n`` distinct plans, one per equal-width stratum of ``[lo, hi]`` of ``ratio(plan)``.
 
     ``ratio`` is the plan's fraction of the teacher (the LUT's prediction for
-    validation; a proxy for calibration, before any table exists). Each stratum
+    validation; the not yet calibrated table's for calibration). Each stratum
     is filled by rejection sampling; the size to draw is steered by the sizes
     that landed near it so far. A stratum that cannot be hit within ``tries``
     takes the closest plan found (logged by the caller through the ratios). ``transform`` changes
@@ -160,7 +160,7 @@ def fit_composition(shell_ms, blocks_ms, measured_ms, kept=None, terms=("k", "c"
     """Weighted least squares ``measured ~ shell + k * blocks + b * kept + m * macs + c`` on relative error.
 
     ``blocks`` is a plan's sum of table entries over its kept blocks and merges, ``kept`` its number of kept
-    blocks, ``macs`` its blocks' multiply-accumulates (in units of the teacher's); ``terms`` names the free
+    blocks, ``macs`` its kept blocks' multiply-accumulates (GMAC per image); ``terms`` names the free
     parameters (``k`` always; ``b`` a cost per kept block that the micro-models miss; ``m`` a cost per MAC:
     compute weighing differently inside a whole model than in a micro-model; ``c`` a cost per model).
     Returns ``(k, b, c, m)`` with the terms not fitted at 0. A term the plans cannot identify (no spread,
@@ -177,7 +177,7 @@ def fit_composition(shell_ms, blocks_ms, measured_ms, kept=None, terms=("k", "c"
         A = np.stack([cols[t] for t in use], axis=1) * w[:, None]
         if len(y) >= len(use) and np.linalg.matrix_rank(A, tol=1e-9 * max(1.0, float(np.abs(A).max()))) == len(use):
             break
-        use.pop()  # c first, then b
+        use.pop()  # c first, then m, then b
     A = np.stack([cols[t] for t in use], axis=1) * w[:, None]
     if not np.any(A):
         return 1.0, 0.0, 0.0, 0.0

@@ -41,12 +41,19 @@ def export_parallel(jobs: list[tuple], log: Callable[[str], None] = print, worke
             state_path = os.path.join(tmp, "state.pt")
             torch.save(state, state_path)
         procs = []
-        for w in range(workers):
-            path = os.path.join(tmp, f"jobs{w}.pt")
-            torch.save({"jobs": jobs[w::workers], "state": state_path}, path)
-            env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            procs.append(subprocess.Popen([sys.executable, "-m", "vitrim.profiling.exporter", path], env=env))
-        ok = all(p.wait() == 0 for p in procs)
+        try:
+            for w in range(workers):
+                path = os.path.join(tmp, f"jobs{w}.pt")
+                torch.save({"jobs": jobs[w::workers], "state": state_path, "parent": os.getpid()}, path)
+                env = {**os.environ, "OMP_NUM_THREADS": "1"}
+                procs.append(subprocess.Popen([sys.executable, "-m", "vitrim.profiling.exporter", path], env=env))
+            rcs = [p.wait() for p in procs]  # every worker, even after one failed
+        finally:
+            for p in procs:  # an error or interrupt here: no worker outlives the export
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        ok = all(rc == 0 for rc in rcs)
     if not ok:
         log("[profile] an export worker failed; exporting the rest in this process")
     return ok
@@ -64,11 +71,13 @@ def _run(jobs_file: str) -> int:
     spec_ = torch.load(jobs_file, weights_only=False)
     state = torch.load(spec_["state"], weights_only=False) if spec_["state"] else None
     for job in spec_["jobs"]:
+        if spec_.get("parent") and os.getppid() != spec_["parent"]:  # the build was killed: stop, its rerun exports what is missing
+            return 1
         if job[0] == "item":
-            from vitrim.profiling.build import _make_item
+            from vitrim.profiling.build import make_item
 
             _, item, spec, tokens, path = job
-            model, shape = _make_item(item, spec, tokens)
+            model, shape = make_item(item, spec, tokens)
         else:
             from vitrim.pipeline.core.slicing import slice_model
 

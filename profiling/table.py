@@ -8,7 +8,8 @@ reports how well it predicts (``vitrim.profiling.validate``).
 
 Model of latency (separable, as in DESIGN.md)::
 
-    latency(plan) = shell(E) + k * (sum over kept blocks [attn(T_b, E, H, QK, V) + mlp(T_b, E, M) + b]
+    latency(plan) = shell(E) + k * (sum over kept blocks [attn(T_b, E, H, QK, V) + mlp(T_b, E, M) + b
+                                                          + m * GMACs_b]
                                     + sum over token merges merge(T_in, E)) + c
 
 * ``attn`` is a 5-D grid of ``x + attn(LN(x))`` micro-models, ``mlp`` a 3-D
@@ -24,14 +25,15 @@ Model of latency (separable, as in DESIGN.md)::
   charges the merge itself. The shell is measured at the input count (its head
   reads the last grid; that part is small and not modelled).
 * ``k``, ``b`` (``block_correction_ms``: what a block costs inside a model
-  beyond its two halves) and ``c`` are the composition, fitted on a dozen whole
-  plans like the search's, timed bracketed by the teacher
+  beyond its two halves), ``m`` (``block_gmac_ms``: compute weighing differently
+  in context) and ``c`` are the composition, fitted on a dozen whole plans like
+  the search's, timed bracketed by the teacher
   (:mod:`vitrim.profiling.calibrate`); their residuals are stored in the table.
 * Whole-block micro-models at a few check points, interpolation probes (one
   micro-model between grid points per axis, and one at an off-axis token count)
-  and alignment probes (widths 8, 16, 24 past a multiple of 32) say where the
-  grid is too coarse (``profile.<axis>_points``) and which width alignment the
-  target runs fast (:attr:`LatencyTable.recommended_align`).
+  say where the grid is too coarse (``profile.<axis>_points``); the teacher
+  timed against itself with one width 8 or 16 narrower says which width
+  alignment the target runs fast (:attr:`LatencyTable.recommended_align`).
 
 Building the table (micro-models, calibration, resumable partial files) is
 :mod:`vitrim.profiling.build`.
@@ -155,8 +157,10 @@ def merge_probe_grid(spec: dict, tokens: int, max_merges: int = 8) -> Optional[t
 
 
 def block_gmacs(T: int, E: int, H: int, QK: int, V: int, M: int) -> float:
-    """Multiply-accumulates of one block per image, in G (as :meth:`Plan.macs` counts them)."""
-    return (T * E * (2 * H * QK + H * V) + H * T * T * (QK + V) + T * H * V * E + 2 * T * E * M) / 1e9
+    """Multiply-accumulates of one block per image, in G (:func:`vitrim.pipeline.core.plan.block_macs`)."""
+    from vitrim.pipeline.core.plan import block_macs
+
+    return block_macs(T, E, H, QK, V, M) / 1e9
 
 
 class Interpolator:
@@ -333,7 +337,7 @@ class LatencyTable:
         if not isinstance(d, dict) or d.get("schema") != LUT_SCHEMA:
             got = d.get("schema") if isinstance(d, dict) else None
             raise UserError("profile", f"LUT '{p}' has schema {got!r}; this vitrim reads schema {LUT_SCHEMA}",
-                            "rebuild it with `vitrim profile build`")
+                            "rebuild it with `vitrim profile build CONFIG --rebuild` (or delete the file)")
         try:
             grid = Grid(**d["grid"])
             t = cls(signature=DeviceSignature.from_dict(d["signature"]), spec=d["spec"], grid=grid,
@@ -378,7 +382,7 @@ class LatencyTable:
             lines.append(f"  whole-block checks: {len(errs)}, median |err| {np.median(errs):.1f}%, max {max(errs):.1f}%")
         if self.calibration:
             loo = self.meta.get("compose_loo_ratio_err_pct", {})
-            lines.append(f"  calibration: {len(self.calibration)} whole plans measured with the micro-models; composition "
+            lines.append(f"  calibration: {len(self.calibration)} whole plans timed in one run; composition "
                          f"'{self.meta.get('compose_model', '?')}' chosen by leave-one-out ratio error ("
                          + ", ".join(f"{k} {v:.1f}%" for k, v in loo.items()) + "); residuals after the fit:")
             lines.append("    share of teacher  measured ms  predicted ms  abs err  ratio err")
@@ -394,8 +398,9 @@ class LatencyTable:
         if nz:
             lines.append(f"  build noise: entries' spread over their visits (MAD, % of the entry) median "
                          f"{nz['entry_spread_median_pct']:.1f}%, max {nz['entry_spread_max_pct']:.1f}%; "
-                         f"{nz['measured_again']} entries above {nz['noisy_threshold_pct']:.0f}% measured again; "
-                         f"same entry in two chunks {nz['reproducibility_pct']:.1f}% apart")
+                         + (f"{nz['measured_again']} entries above {nz['noisy_threshold_pct']:.0f}% measured again; "
+                            if nz["noisy_threshold_pct"] else "no re-measuring (profile.remeasure_spread_pct 0); ")
+                         + f"one entry in two chunks {nz['reproducibility_pct']:.1f}% apart")
         elif "reproducibility_pct" in self.meta:
             lines.append(f"  same entry measured twice: {self.meta['reproducibility_pct']:.1f}% apart")
         al = self.meta.get("alignment")

@@ -484,6 +484,12 @@ def validate_config(cfg: RunConfig, source: str = "<config>") -> None:
         bad("search.measured_rounds", f"is {cfg.search.measured_rounds}", "use 0 or more rounds")
     if cfg.profile.calibration_plans < 1:
         bad("profile.calibration_plans", f"is {cfg.profile.calibration_plans}", "use at least 1 (the teacher)")
+    for k in ("repeats", "rounds"):
+        if getattr(cfg.profile, k) < 1:
+            bad(f"profile.{k}", f"is {getattr(cfg.profile, k)}", "use a value >= 1")
+    for k in ("min_visit_ms", "remeasure_spread_pct"):
+        if getattr(cfg.profile, k) < 0:
+            bad(f"profile.{k}", f"is {getattr(cfg.profile, k)}", "use a value >= 0 (0 turns it off)")
     if cfg.search.prune_tokens and cfg.profile.token_points < 2:
         bad("profile.token_points", f"is {cfg.profile.token_points} with search.prune_tokens",
             "use at least 2 (the input token count and the fewest the merges reach), 3 is the default")

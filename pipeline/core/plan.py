@@ -45,6 +45,11 @@ def merge_valid(grid: tuple[int, int], kind: str) -> bool:
     return (sh == 1 or grid[0] > 1) and (sw == 1 or grid[1] > 1)
 
 
+def block_macs(N: int, E: int, H: int, QK: int, V: int, M: int) -> int:
+    """Multiply-accumulates of one block per image at ``N`` tokens: QKV, scores, weighted sum, proj, MLP."""
+    return N * E * (2 * H * QK + H * V) + H * N * N * (QK + V) + N * H * V * E + 2 * N * E * M
+
+
 @dataclass
 class Floors:
     """Minimum widths the search may not go below (NViT / hardware floors)."""
@@ -193,8 +198,7 @@ class Plan:
         n += E * s["num_classes"] * (2 if s["dist_token"] else 1)
         for b, N in zip(self.blocks, self.block_tokens()):
             if b.keep:
-                H, QK, V, M = b.dims
-                n += N * E * (2 * H * QK + H * V) + H * N * N * (QK + V) + N * H * V * E + 2 * N * E * M
+                n += block_macs(N, E, *b.dims)
         return n
 
     # -- validation -------------------------------------------------------

@@ -28,7 +28,8 @@ from vitrim.pipeline.search import (LoopResult, SearchResult, closed_loop, embed
 
 def search_log(res: SearchResult) -> dict:
     """The search log's record of a search."""
-    return {"strategy": res.config.strategy, "budget": res.budget, "unit": res.unit, "budget_desc": res.budget_desc,
+    return {"strategy": res.config.strategy, "align": res.config.align, "budget": res.budget, "unit": res.unit,
+            "budget_desc": res.budget_desc,
             "wall_s": round(res.wall_s, 1), "steps": res.log}
 
 

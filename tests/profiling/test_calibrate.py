@@ -8,6 +8,7 @@ from vitrim.export.target import Target
 from vitrim.pipeline.core.config import ProfileConfig
 from vitrim.pipeline.core.plan import Floors, Plan
 from vitrim.profiling.calibrate import error_stats, fit_composition
+from vitrim.profiling.table import LatencyTable
 from tests.conftest import TINY_PCFG
 
 # the planted truth: multilinear per axis, so the LUT's interpolation reproduces it exactly
@@ -58,7 +59,6 @@ class KnownLatencyRunner(Runner):
 
 
 def test_calibration_recovers_planted_scale_and_offset(tiny_spec, tmp_path):
-    from vitrim.profiling.table import LatencyTable
     from vitrim.profiling.build import build_lut
 
     pcfg = ProfileConfig(**{**TINY_PCFG, "qk_points": 2, "v_points": 2, "calibration_plans": 5})
@@ -115,6 +115,39 @@ def test_alignment_is_measured_in_context_and_steers_the_search(tiny_spec, tmp_p
     # calibration plans drawn at the measured alignment (the grid's floor aside)
     assert all(c["embed"] % 16 == 0 or c["embed"] == lut.grid.embed[0] for c in lut.calibration)
     assert "widths on multiples of 16" in lut.summary()
+
+
+def test_a_compute_term_is_recovered_and_priced_per_block(tiny_spec, tmp_path):
+    """Planted: whole plans cost shell + K * blocks + MC * GMACs + C (compute weighing more in context than in
+    the micro-models); the build keeps the compute term, and the table prices it in every block it predicts."""
+    from vitrim.pipeline.core.plan import block_macs
+    from vitrim.profiling.build import build_lut
+
+    MC = 800.0  # ms per GMAC
+
+    def truth(item):
+        if item.kind != "plan":
+            return _truth(item) - (CB if item.kind == "block" else 0.0)
+        p = item.plan
+        E = p.embed_dim
+        kept = [(b.dims, t) for b, t in zip(p.blocks, p.block_tokens()) if b.keep]
+        return (0.5 + 0.01 * E + K * sum(_attn(E, H, q, v) + _mlp(E, M) for (H, q, v, M), _ in kept)
+                + MC * sum(block_macs(t, E, *d) for d, t in kept) / 1e9 + C)
+
+    pcfg = ProfileConfig(**{**TINY_PCFG, "qk_points": 2, "v_points": 2, "calibration_plans": 7})
+    lut = build_lut(tiny_spec, Target(batch=4, threads=1), pcfg, Floors(), 8, tmp_path / "lut.json", progress=False,
+                    log=lambda s: None, opener=lambda item, *a: KnownLatencyRunner(truth(item)))
+    assert lut.meta["compose_model"] == "k+m+c"
+    assert lut.compose == pytest.approx(K, rel=1e-6) and lut.compose * lut.block_gmac_ms == pytest.approx(MC, rel=1e-6)
+    assert lut.compose_offset_ms == pytest.approx(C, abs=1e-6) and lut.block_correction_ms == 0.0
+    full = Plan.full(tiny_spec)
+    half = full.copy()
+    half.blocks[1].mlp = half.blocks[1].mlp[:16]
+    for p in (full, half):  # any plan, not only the calibration ones
+        assert lut.predict(p) == pytest.approx(truth(type("I", (), {"kind": "plan", "plan": p})()), rel=1e-6)
+    assert lut.marginal(full, 1, "mlp", 1, 48) == pytest.approx(lut.predict(full) - lut.predict(half), rel=1e-9)
+    again = LatencyTable.load(tmp_path / "lut.json")
+    assert again.block_gmac_ms == lut.block_gmac_ms and again.predict(half) == lut.predict(half)
 
 
 def test_fit_composition_without_offset_information():
