@@ -34,7 +34,7 @@ import torch
 
 from vitrim.export.target import Target
 from vitrim.pipeline.core.config import load_config
-from vitrim.pipeline.core.io import atomic_write_json
+from vitrim.pipeline.core.io import atomic_write_json, read_json
 from vitrim.pipeline.core.models import canonical_state, describe
 from vitrim.pipeline.core.plan import Floors
 from vitrim.pipeline.stages.profile import lut_tokens
@@ -70,6 +70,8 @@ def bench_build(name: str, b: int, a, cfg, out: Path) -> dict:
     spec = describe(teacher, MODELS[name])
     target = Target(batch=a.batch, threads=a.threads)
     d = out / name / f"build{b}"
+    if a.reuse and (d / "result.json").is_file():  # a finished build of an earlier invocation
+        return read_json(d / "result.json", "benchmark", "build result", "delete it")
     if d.exists() and not a.reuse:
         shutil.rmtree(d)
     d.mkdir(parents=True, exist_ok=True)
@@ -80,13 +82,16 @@ def bench_build(name: str, b: int, a, cfg, out: Path) -> dict:
                        warmup=cfg.profile.warmup, repeats=cfg.profile.repeats, rounds=cfg.profile.rounds,
                        merged=a.plans // 3 if len(lut.grid.tokens) > 1 else 0, progress=False)
     build_s = lut.meta["build_s"]
-    return {"model": name, "build": b, "signature": str(lut.signature), "tokens": lut.grid.tokens,
+    row = {"model": name, "build": b, "signature": str(lut.signature), "tokens": lut.grid.tokens,
             "entries": lut.meta["entries"],
             "build_s": build_s, "noise": lut.meta["noise"], "compose_model": lut.meta["compose_model"],
             "compose": [lut.compose, lut.block_correction_ms, lut.compose_offset_ms],
             "alignment": lut.meta.get("alignment"), "probes": lut.probes,
             "validation": {k: rep[k] for k in ("ratio", "macs", "groups", "drift", "n_plans", "n_merged", "protocol")},
-            "validate_s": rep["validate_s"], "missed_goals": goals(rep, build_s)}
+            "validate_s": rep["validate_s"], "missed_goals": goals(rep, build_s),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    atomic_write_json(d / "result.json", row)
+    return row
 
 
 def table(rows: list[dict]) -> str:
@@ -115,8 +120,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/deit_shapes")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--reuse", action="store_true", help="resume builds left in --out instead of starting afresh "
-                   "(the build time is then the resumed part's)")
+    p.add_argument("--reuse", action="store_true", help="keep the builds an earlier invocation finished in --out, "
+                   "and resume one it left unfinished (its build time is then the resumed part's)")
     a = p.parse_args(argv)
     warnings.simplefilter("ignore")
     cfg = load_config(a.config, [])

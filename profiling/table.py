@@ -19,8 +19,8 @@ Model of latency (separable, as in DESIGN.md)::
   the input's, unless a token merge (``plan.tokens``) before it shrank the grid.
   The token axis is the input count only unless the search merges tokens
   (``search.prune_tokens``); then it spans the counts the search can reach
-  (:func:`token_axis`), the interpolation along it is of the per-token cost
-  (exact for the attention's ``a T + b T^2``), and ``merge`` (a
+  (:func:`token_axis`), the attention is interpolated along it by the quadratic
+  through the three nearest points (its scores grow with ``T^2``), and ``merge`` (a
   :class:`~vitrim.pipeline.core.compact.TokenMerge` micro-model per token point)
   charges the merge itself. The shell is measured at the input count (its head
   reads the last grid; that part is small and not modelled).
@@ -69,6 +69,8 @@ def _points(lo: int, hi: int, n: int, align: int) -> list[int]:
         return [hi]
     if n <= 0:
         pts = list(range(lo, hi + 1, align)) + [hi]
+    elif n == 1:
+        return [hi]
     else:
         # interior points of a wide axis on multiples of GRID_ALIGN: a width at 8 past a multiple of 16 ran
         # 3% of a whole DeiT-Small slower than its aligned neighbours on AVX-512 (issue 23), and a grid
@@ -218,25 +220,44 @@ class LatencyTable:
 
     # -- prediction ----------------------------------------------------------
     def _interpolators(self):
-        """Per-token interpolators along the token axis: ``f(T) / T`` is linear in ``T`` for a part costing
-        ``a T + b T^2`` (the attention's scores and weighted sum), so multilinear interpolation of the
-        per-token cost is exact for it where interpolating ``f`` itself is not."""
+        """Multilinear interpolators over the widths; along the token axis the attention is interpolated by
+        :meth:`attn_ms` (quadratic), the MLP and the merge linearly (both cost ``c + a T``)."""
         if getattr(self, "_fi", None) is None:
             g = self.grid
-            T = np.asarray(g.tokens, dtype=np.float64)
-            self._fi = (Interpolator([g.tokens, g.embed, g.heads, g.qk, g.v], self.attn / T[:, None, None, None, None]),
-                        Interpolator([g.tokens, g.embed, g.mlp], self.mlp / T[:, None, None]),
-                        Interpolator([g.embed], self.shell),
-                        Interpolator([g.tokens, g.embed], self.merge / T[:, None]))
+            self._fi = ([Interpolator([g.embed, g.heads, g.qk, g.v], self.attn[i]) for i in range(len(g.tokens))],
+                        Interpolator([g.tokens, g.embed, g.mlp], self.mlp), Interpolator([g.embed], self.shell),
+                        Interpolator([g.tokens, g.embed], self.merge))
         return self._fi
 
     def attn_ms(self, T: int, E: int, H: int, QK: int, V: int) -> float:
-        """The attention half's table latency (net of the run overhead) at ``T`` tokens."""
-        return T * self._interpolators()[0](T, E, H, QK, V)
+        """The attention half's table latency (net of the run overhead) at ``T`` tokens.
+
+        With three or more token points, the quadratic through the three nearest of them: the scores and
+        the weighted sum grow with ``T^2``, and linear interpolation between 57 and 197 tokens was 12% off
+        at an off-axis count (a per-token linear fit fails the other way at a handful of tokens, where
+        per-op overheads dominate). With two, linear."""
+        per_T = self._interpolators()[0]
+        pts = self.grid.tokens
+        if len(pts) == 1:
+            return per_T[0](E, H, QK, V)
+        if len(pts) == 2:
+            (t0, t1), (f0, f1) = pts, (per_T[0](E, H, QK, V), per_T[1](E, H, QK, V))
+            return f0 + (f1 - f0) * (T - t0) / (t1 - t0)
+        j = int(np.clip(np.searchsorted(pts, T) - 1, 0, len(pts) - 3))  # the three points around T
+        xs = pts[j:j + 3]
+        ys = [per_T[j + i](E, H, QK, V) for i in range(3)]
+        out = 0.0
+        for i in range(3):  # Lagrange form
+            w = 1.0
+            for m in range(3):
+                if m != i:
+                    w *= (T - xs[m]) / (xs[i] - xs[m])
+            out += w * ys[i]
+        return out
 
     def mlp_ms(self, T: int, E: int, M: int) -> float:
         """The MLP half's table latency (net of the run overhead) at ``T`` tokens."""
-        return T * self._interpolators()[1](T, E, M)
+        return self._interpolators()[1](T, E, M)
 
     def block_ms(self, E: int, H: int, QK: int, V: int, M: int, T: Optional[int] = None) -> float:
         """One kept block's table latency at ``T`` tokens (default: the input count), before the composition's
@@ -247,7 +268,7 @@ class LatencyTable:
 
     def merge_ms(self, T: int, E: int) -> float:
         """A token merge receiving ``T`` tokens of width ``E``."""
-        return T * self._interpolators()[3](T, E)
+        return self._interpolators()[3](T, E)
 
     def shell_ms(self, E: int) -> float:
         return self._interpolators()[2](E)

@@ -162,7 +162,8 @@ def test_cli_export_of_a_broken_onnx_exits_3_naming_the_check(engines, tmp_path,
     out = tmp_path / "rel"
     sets = [*INT8_SETS, f"data.root={fmnist_dir}", f"model.checkpoint={tmp_path / 'teacher.safetensors'}",
             f"cache_dir={tmp_path / 'cache'}", f"out_dir={out}", f"target.precision={precision}", "target.batch=32",
-            "target.threads=1", "target.quant.calib_images=128", "profile.warmup=1", "profile.repeats=5"]
+            "target.threads=1", "target.quant.calib_images=128", "profile.warmup=1", "profile.repeats=5",
+            "profile.min_visit_ms=0", "profile.remeasure_spread_pct=0"]
     (tmp_path / "c.yaml").write_text("{}\n")  # the built-in defaults, overridden below as the int8 teacher was
     rc = main(["export", str(tmp_path / "c.yaml"), "--onnx", str(bad), "--out", str(out),
                *[a for s in sets for a in ("--set", s)]])

@@ -39,18 +39,19 @@ def test_lut_with_a_token_axis_builds_reloads_and_interpolates(tok_lut, tiny_spe
     for T in g.tokens:  # grid points are reproduced exactly
         want = lut.attn[g.tokens.index(T), -1, -1, -1, -1] + lut.mlp[g.tokens.index(T), -1, -1] + lut.block_correction_ms
         assert at[T] == pytest.approx(want, rel=1e-12)
-    # between token points: linear interpolation of the neighbours' per-token cost
+    # between token points: the attention by the quadratic through the three points, the MLP linearly
+    attn = [lut.attn_ms(T, E, H, Q, V) for T in g.tokens]
+    quad = np.polyval(np.polyfit(g.tokens, attn, 2), 9)
     w = (9 - 5) / (17 - 5)
-    bc = lut.block_correction_ms
-    want = 9 * ((1 - w) * (at[5] - bc) / 5 + w * (at[17] - bc) / 17) + bc
-    assert lut.block_ms(E, H, Q, V, M, T=9) == pytest.approx(want, rel=1e-9)
+    mlp = (1 - w) * lut.mlp_ms(5, E, M) + w * lut.mlp_ms(17, E, M)
+    assert lut.block_ms(E, H, Q, V, M, T=9) == pytest.approx(quad + mlp + lut.block_correction_ms, rel=1e-9)
     assert (lut.merge[1:] > 0).all()  # a merge costs something where one is possible
     assert any(c["tokens"] for c in lut.calibration)  # the composition saw merged plans
 
 
 def test_token_interpolation_is_exact_for_the_attentions_quadratic_term(tok_lut):
-    """Planted halves costing a T + b T^2 (the attention's scores and weighted sum grow with T^2): the table
-    reproduces them between and beyond its token points, where interpolating the latency itself would not."""
+    """Planted: an attention costing a T + b T^2 (its scores and weighted sum grow with T^2), an MLP a T: the
+    table reproduces them between its token points, where linear interpolation would not."""
     import copy
 
     lut = copy.deepcopy(tok_lut[0])

@@ -13,7 +13,8 @@ from tests.conftest import INT8_SETS
 
 def tiny_cfg(d, fmnist_dir, *extra):
     return load_config(None, [f"cache_dir={d}", f"data.root={fmnist_dir}", *INT8_SETS, "target.precision=int8",
-                              "target.batch=32", "target.threads=1", "profile.warmup=1", "profile.repeats=5", *extra])
+                              "target.batch=32", "target.threads=1", "profile.warmup=1", "profile.repeats=5", "profile.min_visit_ms=0",
+                              "profile.remeasure_spread_pct=0", *extra])
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ def run_args(tmp_path, fmnist_dir, tiny_lut):
         for s in [f"out_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", f"data.root={fmnist_dir}",
                   "data.train_limit=256", "data.val_limit=64", "data.test_limit=128", "data.batch_size=64",
                   f"model.kwargs={kw}", "teacher.epochs=1", "teacher.lr=0.003", "target.batch=4", "target.threads=1",
-                  f"profile.lut={tiny_lut[1]}", "profile.warmup=2", "profile.repeats=6", "profile.rounds=2",
+                  f"profile.lut={tiny_lut[1]}", "profile.warmup=2", "profile.repeats=6", "profile.rounds=2", "profile.min_visit_ms=0",
                   "search.budget_fraction=0.7", "search.steps=1", "search.kd_iters=2", "search.saliency_batches=1",
                   "search.measured_rounds=1", "finetune.epochs=1", *extra]:
             out += ["--set", s]
