@@ -27,7 +27,7 @@ import itertools
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -38,29 +38,8 @@ from vitrim.pipeline.core.config import ProfileConfig
 from vitrim.pipeline.core.io import atomic_write_json
 from vitrim.pipeline.core.plan import Floors, Plan
 
+from vitrim.profiling.micro import Item, make_item
 from vitrim.profiling.table import LUT_SCHEMA, Grid, LatencyTable, block_gmacs, merge_probe_grid
-
-
-@dataclass
-class Item:
-    key: str
-    kind: str  # attn | mlp | block | shell | null | plan | merge
-    dims: tuple  # (E,) or (E, H, QK, V, M)
-    plan: Optional[Plan] = None  # kind "plan": a whole model (calibration)
-    tokens: Optional[int] = None  # token count of a [B, N, E] micro-model (None: the input's)
-    merge: Optional[tuple] = None  # kind "merge": (grid, type)
-
-
-def make_item(item: Item, spec: dict, tokens: int):
-    """The micro-model (or whole plan) of ``item`` with random weights, and its per-sample input shape."""
-    from vitrim.profiling.micro import make_merge, make_part, make_plan_model, sample_shape
-
-    T = item.tokens or tokens
-    if item.kind == "plan":
-        return make_plan_model(item.plan), sample_shape("plan", spec, item.dims[0], T)
-    if item.kind == "merge":
-        return make_merge(spec, *item.merge), sample_shape("merge", spec, item.dims[0], T)
-    return make_part(item.kind, spec, *item.dims), sample_shape(item.kind, spec, item.dims[0], T)
 
 
 def _open_runner(item: Item, spec: dict, target: Target, tokens: int, workdir: Path):

@@ -26,7 +26,7 @@ def export_parallel(jobs: list[tuple], log: Callable[[str], None] = print, worke
     """Run export ``jobs`` in ``workers`` subprocesses; True when all of them succeeded.
 
     A job is ``("item", item, spec, tokens, path)`` (a LUT micro-model or calibration plan,
-    :class:`vitrim.profiling.build.Item`) or ``("plan", plan, path)`` (``plan`` sliced from ``state``).
+    :class:`vitrim.profiling.micro.Item`) or ``("plan", plan, path)`` (``plan`` sliced from ``state``).
     A job whose file exists is skipped. On a worker failure the caller exports what is missing itself.
     """
     import torch
@@ -74,7 +74,7 @@ def _run(jobs_file: str) -> int:
         if spec_.get("parent") and os.getppid() != spec_["parent"]:  # the build was killed: stop, its rerun exports what is missing
             return 1
         if job[0] == "item":
-            from vitrim.profiling.build import make_item
+            from vitrim.profiling.micro import make_item
 
             _, item, spec, tokens, path = job
             model, shape = make_item(item, spec, tokens)

@@ -6,6 +6,9 @@ graph of that part of a real student.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -100,3 +103,25 @@ def sample_shape(kind: str, spec: dict, E: int, tokens: int) -> tuple[int, ...]:
     if kind in ("shell", "plan"):
         return (spec["in_chans"], *spec["img_size"])
     return (tokens, E)
+
+
+@dataclass
+class Item:
+    """One thing a LUT build times: a micro-model, or a whole plan."""
+
+    key: str
+    kind: str  # attn | mlp | block | shell | null | plan | merge
+    dims: tuple  # (E,) or (E, H, QK, V, M)
+    plan: Optional[Plan] = None  # kind "plan": a whole model (calibration)
+    tokens: Optional[int] = None  # token count of a [B, N, E] micro-model (None: the input's)
+    merge: Optional[tuple] = None  # kind "merge": (grid, type)
+
+
+def make_item(item: Item, spec: dict, tokens: int):
+    """The micro-model (or whole plan) of ``item`` with random weights, and its per-sample input shape."""
+    T = item.tokens or tokens
+    if item.kind == "plan":
+        return make_plan_model(item.plan), sample_shape("plan", spec, item.dims[0], T)
+    if item.kind == "merge":
+        return make_merge(spec, *item.merge), sample_shape("merge", spec, item.dims[0], T)
+    return make_part(item.kind, spec, *item.dims), sample_shape(item.kind, spec, item.dims[0], T)
