@@ -53,6 +53,7 @@ def _open_runner(item: Item, spec: dict, target: Target, tokens: int, workdir: P
 Opener = Callable[[Item, dict, Target, int, Path], "object"]
 
 PARALLEL_MIN_ITEMS = 40  # a build with at least this many exports left runs them in worker processes
+PARALLEL_MIN_PLANS = 8  # whole plans (5-8 s each at DeiT-Small) from this many on; fewer: the workers' start-up costs more
 
 
 def _export_ahead(items: list[Item], spec: dict, target: Target, tokens: int, workdir: Path,
@@ -516,7 +517,7 @@ def _timed_plans(state: dict, what: str, plans: list[Plan], sentinel: Item, spec
     open_ = opener or _open_runner
     log(f"[profile] timing {len(plans)} whole plans ({what}), each visit bracketed by the teacher")
     items = [Item(f"plan_{_plan_digest(p)}", "plan", (p.embed_dim,), p) for p in plans]
-    if opener is None and target.backend not in ("torch-cpu", "torch-cuda") and len(items) > 1:
+    if opener is None and target.backend not in ("torch-cpu", "torch-cuda") and len(items) >= PARALLEL_MIN_PLANS:
         from vitrim.profiling.exporter import export_parallel
 
         export_parallel([("item", it, spec, tokens, str(workdir / f"{it.key}.onnx")) for it in items], log)

@@ -72,7 +72,7 @@ def _stale_reason(path: Path, cfg: RunConfig, spec: dict, target: Target, want) 
     try:
         lut = LatencyTable.load(path, expect=want)
     except UserError as e:
-        return str(e).splitlines()[0]
+        return e.what
     if lut.spec != spec:
         return "built for another teacher"
     grid = Grid.for_spec(spec, cfg.profile, Floors.from_config(cfg.search), max(cfg.search.align, target.align), lut_tokens(cfg, spec))
