@@ -11,12 +11,15 @@ leaves whole files or none, and the runners reuse them (``reuse=True``).
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional
+
+from vitrim.pipeline.core.plan import Plan
 
 WORKERS = 2
 
@@ -43,8 +46,10 @@ def export_parallel(jobs: list[tuple], log: Callable[[str], None] = print, worke
         procs = []
         try:
             for w in range(workers):
-                path = os.path.join(tmp, f"jobs{w}.pt")
-                torch.save({"jobs": jobs[w::workers], "state": state_path, "parent": os.getpid()}, path)
+                path = os.path.join(tmp, f"jobs{w}.json")
+                with open(path, "w") as f:
+                    json.dump({"jobs": [_encode(j) for j in jobs[w::workers]], "state": state_path,
+                               "parent": os.getpid()}, f)
                 env = {**os.environ, "OMP_NUM_THREADS": "1"}
                 procs.append(subprocess.Popen([sys.executable, "-m", "vitrim.profiling.exporter", path], env=env))
             rcs = [p.wait() for p in procs]  # every worker, even after one failed
@@ -59,6 +64,25 @@ def export_parallel(jobs: list[tuple], log: Callable[[str], None] = print, worke
     return ok
 
 
+def _encode(job: tuple) -> dict:
+    """A job as JSON (the workers load no pickles)."""
+    if job[0] == "item":
+        _, item, spec, tokens, path = job
+        d = {"key": item.key, "kind": item.kind, "dims": list(item.dims), "tokens": item.tokens,
+             "plan": item.plan.to_dict() if item.plan is not None else None,
+             "merge": [list(item.merge[0]), item.merge[1]] if item.merge is not None else None}
+        return {"kind": "item", "item": d, "spec": spec, "tokens": tokens, "path": path}
+    _, plan, path = job
+    return {"kind": "plan", "plan": plan.to_dict(), "path": path}
+
+
+def _decode_item(d: dict):
+    from vitrim.profiling.micro import Item
+
+    return Item(d["key"], d["kind"], tuple(d["dims"]), Plan.from_dict(d["plan"]) if d["plan"] else None, d["tokens"],
+                (tuple(d["merge"][0]), d["merge"][1]) if d["merge"] else None)
+
+
 def _run(jobs_file: str) -> int:
     import warnings
 
@@ -68,21 +92,22 @@ def _run(jobs_file: str) -> int:
 
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
-    spec_ = torch.load(jobs_file, weights_only=False)
-    state = torch.load(spec_["state"], weights_only=False) if spec_["state"] else None
+    with open(jobs_file) as f:
+        spec_ = json.load(f)
+    state = torch.load(spec_["state"], weights_only=True) if spec_["state"] else None  # tensors only
     for job in spec_["jobs"]:
-        if spec_.get("parent") and os.getppid() != spec_["parent"]:  # the build was killed: stop, its rerun exports what is missing
+        if os.getppid() != spec_["parent"]:  # the build was killed: stop, its rerun exports what is missing
             return 1
-        if job[0] == "item":
+        if job["kind"] == "item":
             from vitrim.profiling.micro import make_item
 
-            _, item, spec, tokens, path = job
-            model, shape = make_item(item, spec, tokens)
+            model, shape = make_item(_decode_item(job["item"]), job["spec"], job["tokens"])
         else:
             from vitrim.pipeline.core.slicing import slice_model
 
-            _, plan, path = job
+            plan = Plan.from_dict(job["plan"])
             model, shape = slice_model(state, plan), (plan.spec["in_chans"], *plan.spec["img_size"])
+        path = job["path"]
         export_cached(model, Path(path), shape, reuse=True)
     return 0
 
