@@ -480,6 +480,9 @@ def time_ratio(runners: list[Runner], batch: int, repeats: int, rounds: int, war
     return timings, [float(np.median(v)) for v in visits]
 
 
+DISCARD_BELOW_MS = 20.0  # a visit's first run is discarded for runners faster than this (cold caches matter)
+
+
 def time_ratio_visits(runners: list[Runner], batch: int, repeats: int, rounds: int, warmup: int,
                       min_visit_ms: float = 0.0) -> tuple[list[Timing], list[list[float]]]:
     """:func:`time_ratio`, returning every visit's ratio (one per round) for ``runners[1:]``: their spread
@@ -487,31 +490,37 @@ def time_ratio_visits(runners: list[Runner], batch: int, repeats: int, rounds: i
 
     ``min_visit_ms``: a visit runs at least this long (half of it for the reference), whatever
     ``repeats`` says: a visit of four 3-ms runs is at the mercy of one scheduler hiccup, so short
-    micro-models get more runs per visit (the warm-up runs estimate each one's time).
+    micro-models get more runs per visit (the warm-up runs estimate each one's time). A visit's first run
+    is discarded (cold caches after the switch) for runners under ``DISCARD_BELOW_MS``; a whole DeiT-Small
+    plan (80-350 ms a run, its weights far larger than any cache) has none, which makes a build's
+    whole-plan runs a third shorter.
     """
     per_visit = max(1, repeats // max(1, rounds))
     per_ref = max(1, per_visit // 2)  # the teacher is visited n times per round: fewer runs per visit
     samples: list[list[float]] = [[] for _ in runners]
     ratios: list[list[float]] = [[] for _ in runners]
     ref = runners[0]
-    runs = []
+    runs, cold = [], []
     for i, r in enumerate(runners):
         r._prepare(batch)
         warm = [r._run_once() for _ in range(max(1, warmup))]
         est = max(1e-3, float(np.median(warm)))
         base, want = (per_ref, 0.5 * min_visit_ms) if i == 0 else (per_visit, min_visit_ms)
         runs.append(max(base, int(np.ceil(want / est))))
+        cold.append(est < DISCARD_BELOW_MS)
 
-    def visit(r: Runner, n: int) -> list[float]:
-        r._run_once()  # discarded: the first run after a switch pays for cold caches
-        return [r._run_once() for _ in range(n)]
+    def visit(i: int) -> list[float]:
+        r = runners[i]
+        if cold[i]:
+            r._run_once()  # discarded: the first run after a switch pays for cold caches
+        return [r._run_once() for _ in range(runs[i])]
 
     for _ in range(max(1, rounds)):
-        before = visit(ref, runs[0])
+        before = visit(0)
         samples[0] += before
         for i, r in enumerate(runners[1:], start=1):
-            got = visit(r, runs[i])
-            after = visit(ref, runs[0])
+            got = visit(i)
+            after = visit(0)
             samples[i] += got
             samples[0] += after
             ratios[i].append(float(np.median(got) / np.median(before + after)))

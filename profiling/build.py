@@ -12,7 +12,7 @@ this module measures it, in two phases:
    the per-visit ratios is the entry's own noise, and noisy entries are measured
    again. Each chunk is saved atomically as it is timed: a killed build resumes.
 2. **Alignment.** The teacher against itself with every MLP, or the embedding, 8
-   or 16 narrower, in one run: which width alignment the target runs fast
+   narrower (and 16 narrower when 8 ran slow): which width alignment the target runs fast
    (:func:`alignment_verdict`).
 3. **Composition.** With the entries known, the table picks whole plans like the
    search's (narrower embeddings, skipped blocks, irregular widths at the measured
@@ -196,12 +196,12 @@ ALIGN_TOL_PCT = 1.5  # a plan slower than the table's line by more than this (in
 ALIGN_MIN_WIDTH = 256  # narrower axes are not probed (the embedded default's: alignment is a DeiT-scale effect)
 
 
-def alignment_plans(spec: dict) -> list[tuple[str, int, Plan]]:
-    """The teacher with every MLP, or the embedding, ``d`` narrower for d in ``ALIGN_STEPS``: whole models
+def alignment_plans(spec: dict, steps: tuple[int, ...] = ALIGN_STEPS) -> list[tuple[str, int, Plan]]:
+    """The teacher with every MLP, or the embedding, ``d`` narrower for d in ``steps``: whole models
     whose only difference from the teacher is a width off the teacher's (aligned) one. Axes of at most
     ``ALIGN_MIN_WIDTH`` are left out."""
     full, out = Plan.full(spec), []
-    for d in ALIGN_STEPS:
+    for d in steps:
         if spec["mlp_hidden"] > max(2 * d, ALIGN_MIN_WIDTH):
             p = full.copy()
             for b in p.blocks:
@@ -446,32 +446,55 @@ def build_lut(spec: dict, target: Target, pcfg: ProfileConfig, floors: Floors, a
     parts.mkdir(parents=True, exist_ok=True)
 
     items, check_dims = lut_items(spec, grid, pcfg, align)
+    phases: dict = {}
+    tp = time.time()
+
+    def phase(name: str) -> None:  # wall seconds per phase of this run (a resumed run: its own part)
+        nonlocal tp
+        phases[name] = round(time.time() - tp, 1)
+        tp = time.time()
+
     log(f"[profile] measuring {len(items)} micro-models on [{sig}], each visit bracketed by the sentinel "
         f"{items[0].key}")
     _export_ahead([it for it in items if it.key not in state["entries"]], spec, target, n_tokens, parts, opener, log)
+    phase("entry_exports")
     measure_items(items, spec, target, n_tokens, pcfg, parts, state["entries"], save, progress=progress,
                   opener=opener, sentinel=items[0])
+    phase("entries")
     med, S = entry_ms(state["entries"])
     table = assemble(sig, spec, grid, med, check_dims, items)
     # the target's width alignment, in context: the teacher against itself with one width 8 or 16 narrower
-    rows, noise = [], 0.0
-    if alignment_plans(spec):
-        al_plans = [Plan.full(spec)] + [p for _, _, p in alignment_plans(spec)]
-        al = _timed_plans(state, "alignment", al_plans, items[0], spec, target, n_tokens, pcfg, parts, opener, log,
-                          save)
-        t_pred = table.predict(al_plans[0])
-        rows = [{"axis": axis, "step": d, "measured_ratio": r / al["ratios"][0],
-                 "table_ratio": table.predict(p) / t_pred,
-                 "excess_pct": 100.0 * ((r / al["ratios"][0]) / (table.predict(p) / t_pred) - 1.0)}
-                for (axis, d, p), r in zip(alignment_plans(spec), al["ratios"][1:])]
-        noise = float(np.median(al["spreads"]))
-    alignment = alignment_verdict(rows, align, noise)
+    # Step by step: a width 16 off the teacher's is probed only when one 8 off ran slow (a target on which
+    # multiples of 8 run fast runs every multiple of 16 fast too), which saves two DeiT-Small plans.
+    rows, spreads, exports = [], [], 0.0
+    teacher = Plan.full(spec)
+    for d in [d for d in ALIGN_STEPS if d >= align]:
+        probes = alignment_plans(spec, (d,))
+        if not probes:
+            break
+        al = _timed_plans(state, f"alignment{d}", [teacher] + [p for *_, p in probes], items[0], spec, target,
+                          n_tokens, pcfg, parts, opener, log, save)
+        t_pred = table.predict(teacher)
+        rows += [{"axis": axis, "step": d, "measured_ratio": r / al["ratios"][0],
+                  "table_ratio": table.predict(p) / t_pred,
+                  "excess_pct": 100.0 * ((r / al["ratios"][0]) / (table.predict(p) / t_pred) - 1.0)}
+                 for (axis, _, p), r in zip(probes, al["ratios"][1:])]
+        spreads += al["spreads"][1:]
+        exports += al.get("export_s", 0.0)
+        if alignment_verdict(rows, align, float(np.median(spreads)))["recommended"] <= d:
+            break  # width d off the teacher's ran no slower: a coarser step is not probed
+    if rows:
+        phase("alignment")
+        phases["alignment_exports"] = exports
+    alignment = alignment_verdict(rows, align, float(np.median(spreads)) if spreads else 0.0)
     # the composition, on plans like the search's at the alignment it will use
     plans = calibration_plans(table, max(1, pcfg.calibration_plans), pcfg.seed, alignment["recommended"])
     cal = _timed_plans(state, "calibration", plans, items[0], spec, target, n_tokens, pcfg, parts, opener, log, save)
+    phase("calibration")
+    phases["calibration_exports"] = cal.get("export_s", 0.0)
     table = calibrate(table, plans, [r * S for r in cal["ratios"]])  # in the entries' units
     table.meta["alignment"] = alignment
-    table.meta.update({"build_s": round(time.time() - t0, 1), "entries": len(items), "sentinel_ms": S,
+    table.meta.update({"build_s": round(time.time() - t0, 1), "phases_s": phases, "entries": len(items), "sentinel_ms": S,
                        "noise": _noise(state["entries"], items, pcfg.remeasure_spread_pct), "align": align,
                        "calibration_spread_pct": cal["spreads"],
                        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -517,11 +540,13 @@ def _timed_plans(state: dict, what: str, plans: list[Plan], sentinel: Item, spec
     open_ = opener or _open_runner
     log(f"[profile] timing {len(plans)} whole plans ({what}), each visit bracketed by the teacher")
     items = [Item(f"plan_{_plan_digest(p)}", "plan", (p.embed_dim,), p) for p in plans]
+    tx = time.time()
     if opener is None and target.backend not in ("torch-cpu", "torch-cuda") and len(items) >= PARALLEL_MIN_PLANS:
         from vitrim.profiling.exporter import export_parallel
 
         export_parallel([("item", it, spec, tokens, str(workdir / f"{it.key}.onnx")) for it in items], log)
     runners = [open_(it, spec, target, tokens, workdir) for it in [items[0], sentinel] + items[1:]]
+    export_s = round(time.time() - tx, 1)
     gc.collect()
     with interleaved(runners):
         _, visits = time_ratio_visits(runners, target.batch, pcfg.repeats, pcfg.rounds, pcfg.warmup, pcfg.min_visit_ms)
@@ -529,6 +554,6 @@ def _timed_plans(state: dict, what: str, plans: list[Plan], sentinel: Item, spec
     r_s = to_teacher[0]
     state[what] = {"plans": keys, "ratios": [1.0 / r_s] + [r / r_s for r in to_teacher[1:]],
                    "to_teacher": [1.0] + to_teacher[1:], "spreads": [0.0] + [_spread_pct(v) for v in visits[1:]],
-                   "sentinel_spread_pct": _spread_pct(visits[0])}
+                   "sentinel_spread_pct": _spread_pct(visits[0]), "export_s": export_s}
     save()
     return state[what]

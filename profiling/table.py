@@ -431,5 +431,11 @@ class LatencyTable:
                          "line, % of the teacher): " + ", ".join(parts)
                          + f" -> widths on multiples of {al['recommended']} (search.align_from_lut)")
         if "build_s" in self.meta:
-            lines.append(f"  built in {self.meta['build_s']:.0f}s")
+            ph = self.meta.get("phases_s") or {}
+            lines.append(f"  built in {self.meta['build_s']:.0f}s"
+                         + (" (" + ", ".join(f"{k.replace('_', ' ')} {v:.0f}s" for k, v in ph.items()
+                                            if not k.endswith("_exports") or k == "entry_exports")
+                            + "; whole-plan exports: " + ", ".join(f"{k[:-8]} {v:.0f}s" for k, v in ph.items()
+                                                                  if k.endswith("_exports") and k != "entry_exports")
+                            + ")" if ph else ""))
         return "\n".join(lines)

@@ -134,7 +134,7 @@ class ProfileConfig:
     validate_plans: int = 20
     seed: int = 0
     # issue 14: whole plans (teacher included) measured with the micro-models to fit the composition
-    calibration_plans: int = 6
+    calibration_plans: int = 8
     # issue 15: token-count points of the LUT when the search merges tokens (search.prune_tokens)
     token_points: int = 3
     # issue 23: every visit of a micro-model lasts at least this long (short ones get more runs per visit)

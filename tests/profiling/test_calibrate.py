@@ -61,7 +61,7 @@ class KnownLatencyRunner(Runner):
 def test_calibration_recovers_planted_scale_and_offset(tiny_spec, tmp_path):
     from vitrim.profiling.build import build_lut
 
-    pcfg = ProfileConfig(**{**TINY_PCFG, "qk_points": 2, "v_points": 2, "calibration_plans": 5})
+    pcfg = ProfileConfig(**{**TINY_PCFG, "qk_points": 2, "v_points": 2, "calibration_plans": 10})
     seen = []
 
     def opener(item, spec, target, tokens, workdir):
@@ -73,18 +73,18 @@ def test_calibration_recovers_planted_scale_and_offset(tiny_spec, tmp_path):
     from vitrim.profiling.build import alignment_plans
 
     assert not alignment_plans(tiny_spec)  # too narrow to probe
-    assert seen.count("plan") == 5 and seen.count("block") == 2 and lut.recommended_align == 8
+    assert seen.count("plan") == 10 and seen.count("block") == 2 and lut.recommended_align == 8
     assert lut.compose == pytest.approx(K, abs=1e-9)
     assert lut.compose_offset_ms == pytest.approx(C, abs=1e-9)
     assert lut.block_correction_ms == pytest.approx(CB, abs=1e-12)
-    assert len(lut.calibration) == 5 and all(abs(c["err_pct"]) < 1e-7 for c in lut.calibration)
+    assert len(lut.calibration) == 10 and all(abs(c["err_pct"]) < 1e-7 for c in lut.calibration)
     assert lut.calibration[0]["measured_ratio"] == 1.0 and len({c["embed"] for c in lut.calibration}) >= 2
     assert set(lut.probes) >= {"embed", "mlp"} and all(abs(p["err_pct"]) < 1e-7 for p in lut.probes.values())
     # stored and shown
     again = LatencyTable.load(tmp_path / "lut.json")
     assert again.compose_offset_ms == lut.compose_offset_ms and again.calibration == lut.calibration
     text = again.summary()
-    assert "offset c=+0.700 ms" in text and "calibration: 5 whole plans" in text and "largest remaining grid error" in text
+    assert "offset c=+0.700 ms" in text and "calibration: 10 whole plans" in text and "largest remaining grid error" in text
 
 
 def test_alignment_is_measured_in_context_and_steers_the_search(tiny_spec, tmp_path, monkeypatch):
@@ -96,7 +96,7 @@ def test_alignment_is_measured_in_context_and_steers_the_search(tiny_spec, tmp_p
     from vitrim.profiling.build import build_lut
 
     monkeypatch.setattr(build, "ALIGN_MIN_WIDTH", 0)  # probe the tiny teacher's widths too
-    pcfg = ProfileConfig(**{**TINY_PCFG, "qk_points": 2, "v_points": 2, "calibration_plans": 5})
+    pcfg = ProfileConfig(**{**TINY_PCFG, "qk_points": 2, "v_points": 2, "calibration_plans": 10})
 
     def slow_off_16(item):
         ms = _truth(item)
@@ -110,11 +110,33 @@ def test_alignment_is_measured_in_context_and_steers_the_search(tiny_spec, tmp_p
                     log=lambda s: None, opener=lambda item, *a: KnownLatencyRunner(slow_off_16(item)))
     al = lut.meta["alignment"]
     assert lut.recommended_align == 16 and {r["step"] for r in al["plans"] if r["excess_pct"] > 5} == {8}
+    assert {r["step"] for r in al["plans"]} == {8, 16}  # 8 ran slow: 16 was probed
     assert measured_align(SearchConfig(), lut, log=lambda s: None).align == 16
     assert measured_align(SearchConfig(align_from_lut=False), lut, log=lambda s: None).align == 8
     # calibration plans drawn at the measured alignment (the grid's floor aside)
     assert all(c["embed"] % 16 == 0 or c["embed"] == lut.grid.embed[0] for c in lut.calibration)
     assert "widths on multiples of 16" in lut.summary()
+
+
+def test_a_width_16_off_is_probed_only_when_8_off_ran_slow(tiny_spec, tmp_path, monkeypatch):
+    from vitrim.profiling import build
+    from vitrim.profiling.build import build_lut
+
+    monkeypatch.setattr(build, "ALIGN_MIN_WIDTH", 0)
+    pcfg = ProfileConfig(**{**TINY_PCFG, "qk_points": 2, "v_points": 2, "calibration_plans": 3})
+
+    def on_the_line(item):  # whole plans exactly as the uncalibrated table sums them: no width runs slow
+        if item.kind != "plan":
+            return _truth(item)
+        p = item.plan
+        E = p.embed_dim
+        return 0.5 + 0.01 * E + sum(_attn(E, H, q, v) + _mlp(E, M) for H, q, v, M in (b.dims for b in p.blocks
+                                                                                          if b.keep))
+
+    lut = build_lut(tiny_spec, Target(batch=4, threads=1), pcfg, Floors(), 8, tmp_path / "lut.json", progress=False,
+                    log=lambda s: None, opener=lambda item, *a: KnownLatencyRunner(on_the_line(item)))
+    al = lut.meta["alignment"]["plans"]
+    assert lut.recommended_align == 8 and {r["step"] for r in al} == {8} and len(al) == 2
 
 
 def test_a_compute_term_is_recovered_and_priced_per_block(tiny_spec, tmp_path):
@@ -134,7 +156,7 @@ def test_a_compute_term_is_recovered_and_priced_per_block(tiny_spec, tmp_path):
         return (0.5 + 0.01 * E + K * sum(_attn(E, H, q, v) + _mlp(E, M) for (H, q, v, M), _ in kept)
                 + MC * sum(block_macs(t, E, *d) for d, t in kept) / 1e9 + C)
 
-    pcfg = ProfileConfig(**{**TINY_PCFG, "qk_points": 2, "v_points": 2, "calibration_plans": 7})
+    pcfg = ProfileConfig(**{**TINY_PCFG, "qk_points": 2, "v_points": 2, "calibration_plans": 10})
     lut = build_lut(tiny_spec, Target(batch=4, threads=1), pcfg, Floors(), 8, tmp_path / "lut.json", progress=False,
                     log=lambda s: None, opener=lambda item, *a: KnownLatencyRunner(truth(item)))
     assert lut.meta["compose_model"] == "k+m+c"
@@ -202,3 +224,21 @@ def test_stratified_validation_plans_fall_in_the_requested_range(tiny_lut):
         assert a - 1e-9 <= r <= b + 1e-9, (ratios, edges)
     cal = {(c["embed"], tuple(tuple(b) for b in c["blocks"])) for c in lut.calibration if not c["tokens"]}
     assert not cal & {(p.embed_dim, tuple(p.block_dims())) for p in plans}  # held out
+
+
+def test_a_richer_composition_needs_three_plans_per_term():
+    """A cost per kept block, planted exactly: with 5 plans besides the teacher only the scale is fitted (a
+    second term needs 6), with 6 the per-block term is tried and kept; a three-term model needs 9."""
+    from vitrim.profiling.calibrate import select_composition
+
+    rng = np.random.default_rng(0)
+    n = 7
+    sh = rng.uniform(0.5, 1.0, n)
+    bs = rng.uniform(2.0, 10.0, n)
+    kept = rng.integers(2, 12, n).astype(float)
+    me = sh + 1.1 * bs + 0.3 * kept
+    *_, model, loo = select_composition(sh[:6], bs[:6], me[:6], kept[:6])
+    assert model == "k" and set(loo) == {"k"}
+    k, b, c, m, model, loo = select_composition(sh, bs, me, kept)
+    assert model == "k+b" and set(loo) == {"k", "k+c", "k+b"}
+    assert (k, b, c, m) == (pytest.approx(1.1), pytest.approx(0.3), 0.0, 0.0)
