@@ -9,7 +9,8 @@ does not depend on the weight values) and each of ``--builds`` independent build
 2. validate it (:func:`vitrim.profiling.validate.validate_lut`) on ``--plans`` held-out
    plans over 30-95% of the teacher, a third of them with token merges, each sliced,
    exported and timed bracketed by the teacher in one session, against the MACs proxy
-   on the same plans;
+   on the same plans, and times ``--controls`` of the build's own calibration plans again (an A/A control:
+   how far a ratio the build measured moved by the time of the validation);
 3. check the issue's goals for that build: ratio error median <= 2%, >= 95% of plans
    within +-5%, max <= 6%, at most half the MACs proxy's median error, signed median
    within +-1%, build <= 5 minutes.
@@ -80,24 +81,35 @@ def bench_build(name: str, b: int, a, cfg, out: Path) -> dict:
     print(lut.summary(), flush=True)
     rep = validate_lut(lut, canonical_state(teacher), target, a.plans - a.plans // 3, d, seed=100 + b,
                        warmup=cfg.profile.warmup, repeats=cfg.profile.repeats, rounds=cfg.profile.rounds,
-                       merged=a.plans // 3 if len(lut.grid.tokens) > 1 else 0, progress=False)
+                       merged=a.plans // 3 if len(lut.grid.tokens) > 1 else 0, progress=False, controls=a.controls)
     build_s = lut.meta["build_s"]
     row = {"model": name, "build": b, "signature": str(lut.signature), "tokens": lut.grid.tokens,
             "entries": lut.meta["entries"],
             "build_s": build_s, "noise": lut.meta["noise"], "compose_model": lut.meta["compose_model"],
             "compose": [lut.compose, lut.block_correction_ms, lut.compose_offset_ms],
             "alignment": lut.meta.get("alignment"), "probes": lut.probes,
-            "validation": {k: rep[k] for k in ("ratio", "macs", "groups", "drift", "n_plans", "n_merged", "protocol")},
+            "validation": {k: rep[k] for k in ("ratio", "macs", "groups", "drift", "n_plans", "n_merged", "protocol",
+                                               "controls") if k in rep},
+            "phases_s": lut.meta.get("phases_s"),
             "validate_s": rep["validate_s"], "missed_goals": goals(rep, build_s),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     atomic_write_json(d / "result.json", row)
     return row
 
 
+def _aa(v: dict) -> str:
+    c = v.get("controls")
+    if not c:
+        return "-"
+    mv = c["moved"]
+    return f"{mv['median_abs_err_pct']:.1f}% / {mv['signed_median_err_pct']:+.1f}% ({c['n']} plans)"
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| model | build | LUT build | plans (merged) | LUT ratio error: median / signed median / max / within +-5% "
-             "| merged plans: median / max | MACs proxy: median / max | entry noise (median spread) | goals |",
-             "|---|---:|---:|---|---|---|---|---:|---|"]
+             "| merged plans: median / max | MACs proxy: median / max | entry noise (median spread) "
+             "| A/A: calibration plans' ratio moved since the build, median / signed | goals |",
+             "|---|---:|---:|---|---|---|---|---:|---|---|"]
     for r in rows:
         v = r["validation"]
         lut, macs, m = v["ratio"], v["macs"], v["groups"].get("merged", {}).get("lut")
@@ -106,7 +118,7 @@ def table(rows: list[dict]) -> str:
                      f"| {lut['median_abs_err_pct']:.1f}% / {lut['signed_median_err_pct']:+.1f}% / "
                      f"{lut['max_abs_err_pct']:.1f}% / {lut['within_5_pct']:.0%} | {merged} "
                      f"| {macs['median_abs_err_pct']:.1f}% / {macs['max_abs_err_pct']:.1f}% "
-                     f"| {r['noise']['entry_spread_median_pct']:.1f}% "
+                     f"| {r['noise']['entry_spread_median_pct']:.1f}% | {_aa(v)} "
                      f"| {'all met' if not r['missed_goals'] else 'missed: ' + ', '.join(r['missed_goals'])} |")
     return "\n".join(lines)
 
@@ -118,6 +130,7 @@ def main(argv=None) -> int:
     p.add_argument("--builds", type=int, default=3)
     p.add_argument("--plans", type=int, default=21, help="held-out plans per validation, a third of them merged")
     p.add_argument("--out", default="runs/deit_shapes")
+    p.add_argument("--controls", type=int, default=4, help="calibration plans timed again in each validation (A/A)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reuse", action="store_true", help="keep the builds an earlier invocation finished in --out, "

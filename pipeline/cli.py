@@ -133,7 +133,8 @@ def cmd_profile(args) -> int:
     n = args.plans if args.plans is not None else cfg.profile.validate_plans
     rep = validate_lut(lut, canonical_state(teacher), Target.from_config(cfg.target), n, out, seed=cfg.profile.seed,
                        warmup=cfg.profile.warmup, repeats=cfg.profile.repeats, rounds=cfg.profile.rounds,
-                       align=measured_align(cfg.search, lut, log=lambda s: None).align, merged=args.merged)
+                       align=measured_align(cfg.search, lut, log=lambda s: None).align, merged=args.merged,
+                       controls=args.controls)
     print(f"wrote {RunDir(out).lut_validation} and {RunDir(out).lut_validation_plot}")
     return 0 if rep["n_plans"] else 1
 
@@ -299,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "teacher's predicted latency and timed with the teacher (default profile.validate_plans)")
     s.add_argument("--merged", type=int, help="validate: number of further held-out plans with one or two token "
                    "merges each (default: a third of --plans when the LUT has a token axis, else 0)")
+    s.add_argument("--controls", type=int, default=3, help="validate: number of the build's own calibration plans "
+                   "timed again with the held-out plans, an A/A control of the measurement (default 3)")
     s.add_argument("--out", help="validate: output directory (default out_dir)")
     s.add_argument("--lut", help="show: a LUT file")
     s.set_defaults(fn=cmd_profile)

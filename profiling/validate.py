@@ -19,7 +19,10 @@ one session, each plan visit bracketed by teacher visits**
   same plans, so the report says what the table buys over counting MACs; and
   both per group (unmerged plans, merged plans);
 * the absolute error, labelled as drift since the build: the teacher's
-  predicted and measured ms (a shared VM drifts +-20-40% between hours).
+  predicted and measured ms (a shared VM drifts +-20-40% between hours);
+* optionally an A/A control: some of the build's own calibration plans timed
+  again in the same session, and how far their ratio moved since the build
+  (``vitrim profile validate --controls``).
 
 A positive signed error means the predictor expects the plan to keep more of
 the teacher's latency than it does (it under-promises the speed-up); a
@@ -176,18 +179,35 @@ def measure_plans(plans: list[Plan], state: dict, target: Target, warmup: int, r
     return out
 
 
+def control_plans(lut: LatencyTable, n: int) -> list[tuple[dict, Plan]]:
+    """Up to ``n`` of the build's unmerged calibration plans (teacher excluded), spread over their measured
+    ratios, each with the plan rebuilt from its widths (first indices kept: the timing depends on widths only)."""
+    rows = sorted((c for c in lut.calibration[1:] if not c.get("tokens")), key=lambda c: c["measured_ratio"])
+    if n <= 0 or not rows:
+        return []
+    pick = sorted({int(round(i)) for i in np.linspace(0, len(rows) - 1, min(n, len(rows)))})
+    return [(rows[i], _calibration_plan(lut.spec, rows[i])) for i in pick]
+
+
 def validate_lut(lut: LatencyTable, state: dict, target: Target, n: int, out_dir: str | os.PathLike, seed: int = 0,
                  warmup: int = 10, repeats: int = 30, rounds: int = 3, align: Optional[int] = None, progress: bool = True,
                  lo: float = VALIDATION_RANGE[0], hi: float = VALIDATION_RANGE[1],
-                 log: Callable[[str], None] = print, merged: Optional[int] = None) -> dict:
+                 log: Callable[[str], None] = print, merged: Optional[int] = None, controls: int = 0) -> dict:
     """Validate ``lut`` on the teacher plus ``n`` stratified held-out plans and ``merged`` plans with token merges
-    (default :func:`default_merged`), against the MACs proxy on the same plans; writes JSON and PNG into ``out_dir``."""
+    (default :func:`default_merged`), against the MACs proxy on the same plans; writes JSON and PNG into ``out_dir``.
+
+    ``controls``: that many of the build's own unmerged calibration plans are timed again in the same session
+    (an A/A control, :func:`control_plans`): how far their measured ratio moved since the build is the
+    measurement's own reproducibility, the floor under any table error this validation can show."""
     t0 = time.time()
     check_compatible(lut.signature, target.signature(lut.signature.tokens))
     align = align or max(8, lut.recommended_align or 8)  # the widths the search uses on this target
     plans = [Plan.full(lut.spec)] + validation_plans(lut, n, seed, lo, hi, align, merged)
+    ctl = control_plans(lut, controls)
     with tempfile.TemporaryDirectory(prefix="vitrim-val-") as tmp:
-        measured = measure_plans(plans, state, target, warmup, repeats, rounds, Path(tmp), progress, paired=True)
+        measured = measure_plans(plans + [p for _, p in ctl], state, target, warmup, repeats, rounds, Path(tmp),
+                                 progress, paired=True)
+    measured, measured_ctl = measured[:len(plans)], measured[len(plans):]
     pred = [lut.predict(p) for p in plans]
     # the ratio of each plan is measured against the teacher visits that bracket it; expressed
     # in ms of the teacher's session median so that error_stats sees one consistent table
@@ -220,6 +240,15 @@ def validate_lut(lut: LatencyTable, state: dict, target: Target, n: int, out_dir
               "macs": macs_st, "groups": group_stats(rows), "drift": st["drift"],
               "spearman_macs": macs_st["spearman"],
               "lut_created": lut.meta.get("created"), "validate_s": round(time.time() - t0, 1), "rows": rows}
+    if ctl:
+        t_pred = lut.predict(plans[0])
+        crow = [{"embed": c["embed"], "blocks": c["blocks"], "build_ratio": c["measured_ratio"],
+                 "measured_ratio": m["ratio"], "moved_pct": 100.0 * (m["ratio"] / c["measured_ratio"] - 1.0),
+                 "predicted_ratio": lut.predict(p) / t_pred} for (c, p), m in zip(ctl, measured_ctl)]
+        report["controls"] = {"n": len(crow), "moved": ratio_error_stats([r["measured_ratio"] for r in crow],
+                                                                         [r["build_ratio"] for r in crow]),
+                              "rows": crow}
+        report["validate_s"] = round(time.time() - t0, 1)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(RunDir(out).lut_validation, report)
@@ -254,6 +283,12 @@ def summary(report: dict) -> str:
             lines.append(f"  {name} plans ({a['n']}): LUT median {_pct(a['median_abs_err_pct'])}, signed "
                          f"{_pct(a['signed_median_err_pct'], '+.1f')}, max {_pct(a['max_abs_err_pct'])}; MACs median "
                          f"{_pct(b['median_abs_err_pct'])}, max {_pct(b['max_abs_err_pct'])}")
+    c = report.get("controls")
+    if c:
+        mv = c["moved"]
+        lines.append(f"  A/A control: {c['n']} of the build's calibration plans timed again: their measured ratio moved "
+                     f"median {_pct(mv['median_abs_err_pct'])}, signed {_pct(mv['signed_median_err_pct'], '+.1f')}, "
+                     f"max {_pct(mv['max_abs_err_pct'])} since the build (the measurement's own reproducibility)")
     lines.append(f"  drift since the build: teacher predicted {d['teacher_predicted_ms']:.3f} ms, measured "
                  f"{d['teacher_measured_ms']:.3f} ms ({d['teacher_err_pct']:+.1f}%)")
     return "\n".join(lines)

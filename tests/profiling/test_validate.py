@@ -35,12 +35,12 @@ def teacher_state():
     return canonical_state(random_init(timm.create_model("vit_tiny_patch16_224", **TINY_KW)))
 
 
-def _validate(lut, state, out, n, merged=None):
+def _validate(lut, state, out, n, merged=None, controls=0):
     from vitrim.profiling.validate import validate_lut
 
     logs = []
     rep = validate_lut(lut, state, Target(batch=4, threads=1), n, out, warmup=1, repeats=4, rounds=2,
-                       progress=False, lo=0.6, hi=0.95, log=logs.append, merged=merged)
+                       progress=False, lo=0.6, hi=0.95, log=logs.append, merged=merged, controls=controls)
     return rep, "\n".join(logs)
 
 
@@ -103,7 +103,7 @@ def test_validation_reports_lut_against_macs(built, teacher_state, tmp_path, mon
 
     monkeypatch.setattr(validate, "PARALLEL_MIN_PLANS", 1)  # the plans are exported in the worker processes
     lut, _ = built
-    rep, log = _validate(lut, teacher_state, tmp_path, 3)
+    rep, log = _validate(lut, teacher_state, tmp_path, 3, controls=2)
     rows = rep["rows"]
     assert rep["n_plans"] == 3 and rep["n_merged"] == 0 and len(rows) == 4 and rows[0]["plan"] == "teacher"
     assert all(r["measured_ms"] > 0 and r["predicted_ms"] > 0 for r in rows)
@@ -134,6 +134,16 @@ def test_validation_reports_lut_against_macs(built, teacher_state, tmp_path, mon
     assert (tmp_path / "lut_validation.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "lut_validation.json").read_text())
     assert saved["ratio"]["n"] == 3 and saved["macs"]["n"] == 3
+    # the A/A control: the build's own calibration plans, rebuilt from their widths, timed again beside the others
+    c = rep["controls"]
+    cal = {c_["measured_ratio"]: c_ for c_ in lut.calibration[1:]}
+    assert c["n"] == 2 == len(c["rows"]) and "A/A control: 2" in log
+    for r in c["rows"]:
+        src = cal[r["build_ratio"]]
+        assert (r["embed"], r["blocks"]) == (src["embed"], src["blocks"])
+        assert r["predicted_ratio"] == pytest.approx(src["predicted_ratio"])  # the same widths, the same prediction
+        assert r["moved_pct"] == pytest.approx(100 * (r["measured_ratio"] / r["build_ratio"] - 1)) and r["measured_ratio"] > 0
+    assert c["moved"]["median_abs_err_pct"] == pytest.approx(np.median([abs(r["moved_pct"]) for r in c["rows"]]))
 
 
 def test_validation_measures_merged_plans_separately(tok_lut, teacher_state, tmp_path):
