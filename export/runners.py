@@ -491,9 +491,11 @@ def time_ratio_visits(runners: list[Runner], batch: int, repeats: int, rounds: i
     ``min_visit_ms``: a visit runs at least this long (half of it for the reference), whatever
     ``repeats`` says: a visit of four 3-ms runs is at the mercy of one scheduler hiccup, so short
     micro-models get more runs per visit (the warm-up runs estimate each one's time). A visit's first run
-    is discarded (cold caches after the switch) for runners under ``DISCARD_BELOW_MS``; a whole DeiT-Small
-    plan (80-350 ms a run, its weights far larger than any cache) has none, which makes a build's
-    whole-plan runs a third shorter.
+    is discarded (cold caches after the switch) for runners under ``DISCARD_BELOW_MS`` only: what a switch
+    costs is reloading the weights from memory, under a millisecond even for DeiT-Small's 88 MB, so from
+    20 ms a run it is within the noise of a median over the visit's runs; a whole DeiT-Small plan (80-350
+    ms a run) keeps every run, which makes a build's whole-plan runs and a validation a third shorter. The
+    rule is per runner, the same in a build's whole-plan runs, its entries and a validation.
     """
     per_visit = max(1, repeats // max(1, rounds))
     per_ref = max(1, per_visit // 2)  # the teacher is visited n times per round: fewer runs per visit

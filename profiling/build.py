@@ -1,7 +1,7 @@
 """Building a latency table: micro-models timed on the target, calibrated on whole plans.
 
 The table itself (what it stores, how it predicts) is :mod:`vitrim.profiling.table`;
-this module measures it, in two phases:
+this module measures it, in three phases:
 
 1. **Entries.** Each micro-model is exported with the same exporter as the real
    model and timed on the target runner, a chunk at a time, every visit
@@ -536,7 +536,7 @@ def _timed_plans(state: dict, what: str, plans: list[Plan], sentinel: Item, spec
     keys = [json.dumps(p.to_dict(), sort_keys=True) for p in plans]
     got = state.get(what)
     if got and got.get("plans") == keys:
-        return got
+        return {**got, "export_s": 0.0}  # timed by an earlier run of a resumed build: no export in this one
     open_ = opener or _open_runner
     log(f"[profile] timing {len(plans)} whole plans ({what}), each visit bracketed by the teacher")
     items = [Item(f"plan_{_plan_digest(p)}", "plan", (p.embed_dim,), p) for p in plans]

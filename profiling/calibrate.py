@@ -152,7 +152,7 @@ def stratified_plans(spec: dict, grid, n: int, lo: float, hi: float, ratio: Call
 # Composition fit
 
 
-MIN_PLANS_PER_TERM = 3  # a composition with t free terms is tried only on at least 3t plans besides the teacher
+MIN_PLANS_PER_TERM = 3  # a composition with t >= 2 free terms is tried only on at least 3t plans besides the teacher
 COMPOSITIONS = {"k": ("k",), "k+c": ("k", "c"), "k+b": ("k", "b"), "k+m": ("k", "m"), "k+b+c": ("k", "b", "c"),
                 "k+m+c": ("k", "m", "c")}
 
@@ -194,7 +194,7 @@ def select_composition(shell_ms, blocks_ms, measured_ms, kept=None, teacher: int
     Leave-one-out over the calibration plans (the teacher stays in, as the ratios' denominator): with a
     dozen noisy whole-plan timings a free term can fit the noise, so a model with more terms is kept only
     when it predicts the left-out plans' ratios better, by more than ``tie_pct`` points, than every simpler
-    one. A model with ``t`` free terms is tried only with at least ``MIN_PLANS_PER_TERM * t`` plans besides the
+    one. A model with ``t >= 2`` free terms is tried only with at least ``MIN_PLANS_PER_TERM * t`` plans besides the
     teacher: on the embedded default, 'k+m+c' won the leave-one-out on 5 plans (1.9% against 'k' 2.3%) and then
     predicted 20 held-out plans worse than 'k' alone (median 2.1% against 1.5%, max 9.0% against 6.2%). Returns
     ``(k, b, c, m, model, leave-one-out median |ratio error| % per model)``.

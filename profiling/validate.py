@@ -234,7 +234,9 @@ def validate_lut(lut: LatencyTable, state: dict, target: Target, n: int, out_dir
               "protocol": f"teacher + {len(held)} held-out plans ({n_merged} with token merges) in one session, each "
                           f"plan visit bracketed by teacher visits ({rounds} rounds, {repeats} timed runs per plan, "
                           f"{warmup} warm-up); measured ratio = median over visits of plan / bracketing teacher; "
-                          "the MACs proxy's ratio is plan MACs / teacher MACs",
+                          "the MACs proxy's ratio is plan MACs / teacher MACs"
+                          + (f"; {len(ctl)} of the build's calibration plans timed again in the same session "
+                             "(A/A control, not among the held-out plans)" if ctl else ""),
               "align": align,
               "ratio": {**st["ratio"], "signed_median_err_pct": lut_st["signed_median_err_pct"]},
               "macs": macs_st, "groups": group_stats(rows), "drift": st["drift"],

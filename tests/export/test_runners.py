@@ -81,3 +81,33 @@ print(inside, (B.cuda.matmul.fp32_precision, B.cudnn.conv.fp32_precision))
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "('ieee', 'ieee', 'highest') ('tf32', 'tf32')"
+
+
+class _Counted:
+    """A runner of planted latency that counts its runs (this test only)."""
+
+    def __init__(self, ms):
+        self.ms, self.calls = ms, 0
+
+    def _prepare(self, batch, seed=0):
+        pass
+
+    def _run_once(self):
+        self.calls += 1
+        return self.ms
+
+
+def test_the_cold_first_run_of_a_visit_is_discarded_only_for_fast_runners():
+    """A visit's first run is thrown away for runners under DISCARD_BELOW_MS (cold caches matter there);
+    from 20 ms a run every run counts. Ratios are the planted ones either way."""
+    from vitrim.export.runners import DISCARD_BELOW_MS, time_ratio_visits
+
+    ref, fast, slow = _Counted(2.0), _Counted(DISCARD_BELOW_MS / 4), _Counted(DISCARD_BELOW_MS * 4)
+    rounds, warmup = 3, 2
+    timings, visits = time_ratio_visits([ref, fast, slow], batch=1, repeats=12, rounds=rounds, warmup=warmup)
+    per_visit, per_ref = 12 // rounds, 12 // rounds // 2
+    assert fast.calls == warmup + rounds * (per_visit + 1)  # one discarded run per visit
+    assert slow.calls == warmup + rounds * per_visit  # none
+    assert ref.calls == warmup + rounds * 3 * (per_ref + 1)  # each round: before the first, after each of the 2
+    assert [t.repeats for t in timings[1:]] == [rounds * per_visit] * 2
+    assert visits == [[DISCARD_BELOW_MS / 4 / 2.0] * rounds, [DISCARD_BELOW_MS * 4 / 2.0] * rounds]
