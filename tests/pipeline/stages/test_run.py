@@ -17,7 +17,7 @@ TINY = ["data.train_limit=1024", "data.val_limit=256", "data.test_limit=512", "d
         "teacher.epochs=2", "teacher.lr=0.003", "target.batch=8", "target.threads=1",
         "profile.embed_points=2", "profile.head_points=0", "profile.qk_points=1", "profile.v_points=1",
         "profile.mlp_points=2", "profile.warmup=2", "profile.repeats=6", "profile.rounds=2", "profile.checks=2",
-        "profile.min_visit_ms=0", "profile.remeasure_spread_pct=0",
+        "profile.min_visit_ms=0", "profile.remeasure_spread_pct=0", "profile.calibration_plans=4",
         "search.budget_fraction=0.7", "search.steps=2", "search.kd_iters=5", "search.saliency_batches=2",
         "finetune.epochs=1"]
 
