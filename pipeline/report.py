@@ -108,7 +108,8 @@ def measured_budget_lines(s: dict) -> list[str]:
                  f"teacher in one session.")
     lines += ["", "| round | LUT budget | predicted | measured | miss | corrected budget |", "|---:|---:|---:|---:|---:|---:|"]
     for r in m["rounds"]:
-        cb = "" if r["corrected_budget_ratio"] is None else f"{r['corrected_budget_ratio']:.1%}"
+        cb = "" if r["corrected_budget_ratio"] is None else (f"{r['corrected_budget_ratio']:.1%}"
+                                                              + (f" ({r['rule']})" if r.get("rule") else ""))
         lines.append(f"| {r['round']} | {r['budget_ratio']:.1%} | {r['predicted_ratio']:.1%} | {r['measured_ratio']:.1%} "
                      f"| {r['miss_pct']:+.1f}% | {cb} |")
     if not m.get("converged", True):

@@ -5,7 +5,8 @@ stage supplies one that exports and times on the target, interleaved with the
 teacher). When the measured ratio misses the requested one by more than
 ``search.measured_tolerance``, the budget handed to the LUT is rescaled by the
 miss (the LUT's error on this plan's ratio is assumed to hold for plans next to
-it), the plan is pruned or refilled to it with the search's own selection
+it; once measured plans straddle the request, the budget is interpolated between
+them instead, :func:`next_ratio`), the plan is pruned or refilled to it with the search's own selection
 (:func:`~vitrim.pipeline.search.greedy.prune_to`,
 :func:`~vitrim.pipeline.search.greedy.refill`), and measured again, for at most
 ``search.measured_rounds`` rounds. Corrections use the configuration the plan
@@ -74,6 +75,35 @@ def removed_pool(plan: Plan, scores: dict, align: int, per_dim: int = 4) -> list
     return out
 
 
+def next_ratio(history: list[tuple[float, float]], requested: float) -> tuple[float, str]:
+    """The LUT ratio (to the teacher) to aim the next correction at, from every measured round so far as
+    ``(LUT-predicted ratio, measured ratio)`` pairs; returns ``(ratio, rule)``.
+
+    Until the measurements straddle ``requested``, the LUT's error on the last plan's ratio is assumed to
+    hold for the plans next to it (``proportional``: ``p * requested / m``). Once one measured plan ran
+    faster and one slower than requested, the answer lies between them: the secant through the last two
+    rounds when it falls strictly inside that bracket (``secant``), else the straight line between the
+    bracket's two ends (``bracketed``). A correction then never lands outside the bracket, so the loop
+    closes in instead of swinging (at 10% of the teacher the proportional rule alone swung +4%, +10%,
+    -12%, -2%: the LUT's error there is not the same from one plan to the next).
+    """
+    p, m = history[-1]
+    below = [h for h in history if h[1] < requested]
+    above = [h for h in history if h[1] > requested]
+    if below and above:
+        (p0, m0), (p1, m1) = max(below, key=lambda h: h[1]), min(above, key=lambda h: h[1])
+        lo, hi = min(p0, p1), max(p0, p1)
+        if len(history) >= 2:
+            (pa, ma), (pb, mb) = history[-2], history[-1]
+            if mb != ma:
+                q = pb + (requested - mb) * (pb - pa) / (mb - ma)
+                if lo < q < hi:
+                    return q, "secant"
+        if m1 != m0:
+            return p0 + (requested - m0) * (p1 - p0) / (m1 - m0), "bracketed"
+    return p * requested / m, "proportional"
+
+
 def correct_plan(plan: Plan, lut, scores: dict, cfg: SearchConfig, e_min: int, budget_ms: float) -> Plan:
     """Prune (then refill) or refill ``plan`` to the LUT budget ``budget_ms`` with the search's selection,
     under ``cfg``, the configuration the plan was searched under."""
@@ -118,13 +148,13 @@ def closed_loop(plan: Plan, lut, requested: float, measure: Measure, scores: dic
             log(f"[measure] round {r}: measured {m:.1%} of the teacher, {100 * miss:+.1f}% off the requested "
                 f"{requested:.1%}; no correction rounds left (search.measured_rounds={cfg.measured_rounds})")
             break
-        # the LUT's error on this plan's ratio (m / p) is assumed to hold for the plans next to it
-        budget = t_pred * p * requested / m
-        rec["corrected_budget_ratio"] = budget / t_pred
+        aim, rule = next_ratio([(q["predicted_ratio"], q["measured_ratio"]) for q in res.rounds], requested)
+        budget = t_pred * aim
+        rec["corrected_budget_ratio"], rec["rule"] = aim, rule
         seen.add((plan.embed_dim, tuple(plan.block_dims())))
         new = correct_plan(plan, lut, scores, cfg, e_min, budget)
         log(f"[measure] round {r}: predicted {p:.1%}, measured {m:.1%} of the teacher (requested {requested:.1%}, "
-            f"{100 * miss:+.1f}%); correcting: LUT budget {rec['budget_ratio']:.1%} -> {budget / t_pred:.1%}, "
+            f"{100 * miss:+.1f}%); correcting ({rule}): LUT budget {rec['budget_ratio']:.1%} -> {budget / t_pred:.1%}, "
             f"new plan predicted {lut.predict(new) / t_pred:.1%}")
         key = (new.embed_dim, tuple(new.block_dims()))
         if key in seen:  # the grain of the groups cannot express the correction

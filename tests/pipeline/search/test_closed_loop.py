@@ -88,9 +88,68 @@ def test_a_loop_that_does_not_converge_keeps_the_closest_measured_plan_and_says_
                                                        "converged": res.converged, "chosen_round": res.chosen_round,
                                                        "rounds": res.rounds}}))
     assert "did not converge" in text and "round 1's" in text
+    assert "(proportional) |" in text and ("(secant) |" in text or "(bracketed) |" in text)  # each correction's rule
     # exactly as far on both sides (+-25%, exact in binary): the faster plan (a budget is an upper bound)
     ratios, measured = iter([0.625, 0.375]), []
     res = closed_loop(plan, lut, 0.5, measure, scores, SearchConfig(measured_rounds=1), lut.grid.embed[0],
                       log=lambda m: None)
     assert [r["miss_pct"] for r in res.rounds] == [25.0, -25.0]
     assert not res.converged and res.plan.to_dict() == measured[1].to_dict()
+
+
+def _steep(requested):
+    """Planted: the measured ratio is a steep function of the LUT's around the request (m = r (p / r)^2.5), where
+    assuming the LUT's error on one plan holds for the next overshoots to the other side by more every round."""
+    return lambda p: requested * (p / requested) ** 2.5
+
+
+def test_next_ratio_closes_in_where_the_proportional_rule_swings():
+    from vitrim.pipeline.search.closed_loop import next_ratio
+
+    r, f = 0.2, _steep(0.2)
+    p, swings = 0.3, []
+    for _ in range(3):  # the proportional rule alone
+        m = f(p)
+        swings.append(m / r - 1)
+        p = p * r / m
+    assert swings[0] > 0 > swings[1] and swings[2] > swings[0] and abs(swings[1]) > 0.5  # wider every round
+    history, rules = [], []
+    p = 0.3
+    for _ in range(6):
+        history.append((p, f(p)))
+        if abs(history[-1][1] / r - 1) <= 0.03:
+            break
+        p, rule = next_ratio(history, r)
+        rules.append(rule)
+    assert abs(history[-1][1] / r - 1) <= 0.03 and len(history) <= 5
+    assert rules[0] == "proportional" and set(rules[1:]) <= {"secant", "bracketed"}
+    for i in range(2, len(history)):  # once bracketed, every aim lies inside the bracket of the rounds before it
+        below = max(h[0] for h in history[:i] if h[1] < r)
+        above = min(h[0] for h in history[:i] if h[1] > r)
+        assert below < history[i][0] < above
+
+
+def test_the_loop_converges_on_a_steep_lut_error_without_swinging():
+    spec = describe(timm.create_model("vit_tiny_patch16_224", **DEMO_KW))
+    lut = hand_made_lut(spec)
+    cfg = SearchConfig(measured_rounds=6)
+    g = torch.Generator().manual_seed(0)
+    scores = {k: torch.rand(v.shape, generator=g) + 0.1 for k, v in masks_from_plan(Plan.full(spec)).items()}
+    for i in range(spec["depth"]):
+        scores[GroupKey("block", i)] = sum(scores[GroupKey(d, i)].sum() for d in WIDTH_DIMS).reshape(1)
+    t_pred = lut.predict(Plan.full(spec))
+    requested, f = 0.2, _steep(0.2)
+    cost = LatencyCost(lut)
+    plan, _ = prune_to(Plan.full(spec), scores, cost, 0.3 * t_pred, cfg, lut.grid.embed[0])
+    plan.meta = {"budget": 0.3 * t_pred, "unit": "ms"}  # the search's plan: 30% by the LUT, far slower measured
+
+    def measure(p):
+        return 20.0, 20.0 * f(lut.predict(p) / t_pred)
+
+    res = closed_loop(plan, lut, requested, measure, scores, cfg, lut.grid.embed[0], log=lambda s: None)
+    assert res.converged and abs(res.rounds[-1]["measured_ratio"] / requested - 1) <= cfg.measured_tolerance
+    rules = [q["rule"] for q in res.rounds[:-1]]
+    assert rules[0] == "proportional" and "proportional" not in rules[2:]
+    m = [q["measured_ratio"] for q in res.rounds]
+    assert m[0] > requested > m[1]  # the first correction overshoots, as the rule alone would again
+    assert all(min(m[:2]) < x < max(m[:2]) for x in m[2:])  # from then on, inside the first bracket
