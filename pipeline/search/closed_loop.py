@@ -83,25 +83,24 @@ def next_ratio(history: list[tuple[float, float]], requested: float) -> tuple[fl
     hold for the plans next to it (``proportional``: ``p * requested / m``). Once one measured plan ran
     faster and one slower than requested, the answer lies between them: the secant through the last two
     rounds when it falls strictly inside that bracket (``secant``), else the straight line between the
-    bracket's two ends (``bracketed``). A correction then never lands outside the bracket, so the loop
-    closes in instead of swinging (at 10% of the teacher the proportional rule alone swung +4%, +10%,
-    -12%, -2%: the LUT's error there is not the same from one plan to the next).
-    """
+    bracket's two ends (``bracketed``). The aim then never leaves the bracket (the plan made for it can
+    still land a group's grain below it, and its measurement carries the machine's noise), so the loop
+    closes in instead of swinging (at 10% of the teacher the proportional rule alone went +4%, +10%,
+    -12%, -2%: the LUT's error there is not the same from one plan to the next). The proportional aim is
+    capped at the teacher (1.0)."""
     p, m = history[-1]
     below = [h for h in history if h[1] < requested]
     above = [h for h in history if h[1] > requested]
-    if below and above:
+    if below and above:  # (two rounds at least, and m0 < requested < m1)
         (p0, m0), (p1, m1) = max(below, key=lambda h: h[1]), min(above, key=lambda h: h[1])
         lo, hi = min(p0, p1), max(p0, p1)
-        if len(history) >= 2:
-            (pa, ma), (pb, mb) = history[-2], history[-1]
-            if mb != ma:
-                q = pb + (requested - mb) * (pb - pa) / (mb - ma)
-                if lo < q < hi:
-                    return q, "secant"
-        if m1 != m0:
-            return p0 + (requested - m0) * (p1 - p0) / (m1 - m0), "bracketed"
-    return p * requested / m, "proportional"
+        (pa, ma), (pb, mb) = history[-2], history[-1]
+        if mb != ma and pb != pa:
+            q = pb + (requested - mb) * (pb - pa) / (mb - ma)
+            if lo < q < hi:
+                return q, "secant"
+        return p0 + (requested - m0) * (p1 - p0) / (m1 - m0), "bracketed"
+    return min(1.0, p * requested / m), "proportional"
 
 
 def correct_plan(plan: Plan, lut, scores: dict, cfg: SearchConfig, e_min: int, budget_ms: float) -> Plan:

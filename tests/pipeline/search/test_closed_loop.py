@@ -152,4 +152,5 @@ def test_the_loop_converges_on_a_steep_lut_error_without_swinging():
     assert rules[0] == "proportional" and "proportional" not in rules[2:]
     m = [q["measured_ratio"] for q in res.rounds]
     assert m[0] > requested > m[1]  # the first correction overshoots, as the rule alone would again
-    assert all(min(m[:2]) < x < max(m[:2]) for x in m[2:])  # from then on, inside the first bracket
+    for i in range(2, len(m)):  # from then on, each inside the bracket of the rounds before it
+        assert max(x for x in m[:i] if x < requested) < m[i] < min(x for x in m[:i] if x > requested)
