@@ -90,7 +90,7 @@ def bench_build(name: str, b: int, a, cfg, out: Path) -> dict:
             "alignment": lut.meta.get("alignment"), "probes": lut.probes,
             "validation": {k: rep[k] for k in ("ratio", "macs", "groups", "drift", "n_plans", "n_merged", "protocol",
                                                "controls") if k in rep},
-            "phases_s": lut.meta.get("phases_s"),
+            "phases_s": lut.meta.get("phases_s"), "plan_exports_s": lut.meta.get("plan_exports_s"),
             "validate_s": rep["validate_s"], "missed_goals": goals(rep, build_s),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     atomic_write_json(d / "result.json", row)

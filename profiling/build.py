@@ -466,35 +466,35 @@ def build_lut(spec: dict, target: Target, pcfg: ProfileConfig, floors: Floors, a
     # the target's width alignment, in context: the teacher against itself with one width 8 or 16 narrower
     # Step by step: a width 16 off the teacher's is probed only when one 8 off ran slow (a target on which
     # multiples of 8 run fast runs every multiple of 16 fast too), which saves two DeiT-Small plans.
-    rows, spreads, exports = [], [], 0.0
+    rows, spreads, plan_exports = [], [], {}
     teacher = Plan.full(spec)
+    t_pred = table.predict(teacher)
     for d in [d for d in ALIGN_STEPS if d >= align]:
         probes = alignment_plans(spec, (d,))
         if not probes:
             break
         al = _timed_plans(state, f"alignment{d}", [teacher] + [p for *_, p in probes], items[0], spec, target,
                           n_tokens, pcfg, parts, opener, log, save)
-        t_pred = table.predict(teacher)
         rows += [{"axis": axis, "step": d, "measured_ratio": r / al["ratios"][0],
                   "table_ratio": table.predict(p) / t_pred,
                   "excess_pct": 100.0 * ((r / al["ratios"][0]) / (table.predict(p) / t_pred) - 1.0)}
                  for (axis, _, p), r in zip(probes, al["ratios"][1:])]
         spreads += al["spreads"][1:]
-        exports += al.get("export_s", 0.0)
+        plan_exports["alignment"] = plan_exports.get("alignment", 0.0) + al["export_s"]
         if alignment_verdict(rows, align, float(np.median(spreads)))["recommended"] <= d:
             break  # width d off the teacher's ran no slower: a coarser step is not probed
     if rows:
         phase("alignment")
-        phases["alignment_exports"] = exports
     alignment = alignment_verdict(rows, align, float(np.median(spreads)) if spreads else 0.0)
     # the composition, on plans like the search's at the alignment it will use
     plans = calibration_plans(table, max(1, pcfg.calibration_plans), pcfg.seed, alignment["recommended"])
     cal = _timed_plans(state, "calibration", plans, items[0], spec, target, n_tokens, pcfg, parts, opener, log, save)
     phase("calibration")
-    phases["calibration_exports"] = cal.get("export_s", 0.0)
+    plan_exports["calibration"] = cal["export_s"]
     table = calibrate(table, plans, [r * S for r in cal["ratios"]])  # in the entries' units
     table.meta["alignment"] = alignment
-    table.meta.update({"build_s": round(time.time() - t0, 1), "phases_s": phases, "entries": len(items), "sentinel_ms": S,
+    table.meta.update({"build_s": round(time.time() - t0, 1), "phases_s": phases,
+                       "plan_exports_s": plan_exports, "entries": len(items), "sentinel_ms": S,
                        "noise": _noise(state["entries"], items, pcfg.remeasure_spread_pct), "align": align,
                        "calibration_spread_pct": cal["spreads"],
                        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -210,8 +210,8 @@ def select_composition(shell_ms, blocks_ms, measured_ms, kept=None, teacher: int
 
     loo: dict = {}
     for name, terms in COMPOSITIONS.items():
-        if n - 1 <= len(terms) or name != "k" and (n - 1 < MIN_PLANS_PER_TERM * len(terms)
-                                                    or "m" in terms and macs is None):
+        need = 2 if name == "k" else MIN_PLANS_PER_TERM * len(terms)  # plans besides the teacher
+        if n - 1 < need or ("m" in terms and macs is None):
             continue
         errs = []
         for j in range(n):

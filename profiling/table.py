@@ -431,11 +431,9 @@ class LatencyTable:
                          "line, % of the teacher): " + ", ".join(parts)
                          + f" -> widths on multiples of {al['recommended']} (search.align_from_lut)")
         if "build_s" in self.meta:
-            ph = self.meta.get("phases_s") or {}
-            lines.append(f"  built in {self.meta['build_s']:.0f}s"
-                         + (" (" + ", ".join(f"{k.replace('_', ' ')} {v:.0f}s" for k, v in ph.items()
-                                            if not k.endswith("_exports") or k == "entry_exports")
-                            + "; whole-plan exports: " + ", ".join(f"{k[:-8]} {v:.0f}s" for k, v in ph.items()
-                                                                  if k.endswith("_exports") and k != "entry_exports")
-                            + ")" if ph else ""))
+            ph, px = self.meta.get("phases_s") or {}, self.meta.get("plan_exports_s") or {}
+            how = ", ".join(f"{k.replace('_', ' ')} {v:.0f}s" for k, v in ph.items())
+            if px:  # the part of the whole-plan phases spent exporting (and opening sessions)
+                how += "; whole-plan exports: " + ", ".join(f"{k} {v:.0f}s" for k, v in px.items())
+            lines.append(f"  built in {self.meta['build_s']:.0f}s" + (f" ({how})" if how else ""))
         return "\n".join(lines)

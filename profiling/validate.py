@@ -250,7 +250,6 @@ def validate_lut(lut: LatencyTable, state: dict, target: Target, n: int, out_dir
         report["controls"] = {"n": len(crow), "moved": ratio_error_stats([r["measured_ratio"] for r in crow],
                                                                          [r["build_ratio"] for r in crow]),
                               "rows": crow}
-        report["validate_s"] = round(time.time() - t0, 1)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(RunDir(out).lut_validation, report)
