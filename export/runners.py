@@ -495,7 +495,7 @@ def time_ratio_visits(runners: list[Runner], batch: int, repeats: int, rounds: i
     costs is reloading the weights from memory, under a millisecond even for DeiT-Small's 88 MB, so from
     20 ms a run it is within the noise of a median over the visit's runs; a whole DeiT-Small plan (80-350
     ms a run) keeps every run, which makes a build's whole-plan runs and a validation a third shorter. The
-    rule is per runner, the same in a build's whole-plan runs, its entries and a validation.
+    rule is per runner, the same in a build's whole-plan runs, its entries, a validation and ``vitrim compare``.
     """
     per_visit = max(1, repeats // max(1, rounds))
     per_ref = max(1, per_visit // 2)  # the teacher is visited n times per round: fewer runs per visit

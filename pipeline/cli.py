@@ -106,6 +106,10 @@ def cmd_profile(args) -> int:
     from vitrim.pipeline.stages.profile import lut_path, stage_profile
     from vitrim.profiling.table import LatencyTable
 
+    for flag in ("plans", "merged", "controls"):  # validate's counts, checked before any teacher or table work
+        v = getattr(args, flag)
+        if v is not None and v < 0:
+            raise UserError("profile", f"--{flag} is {v}", f"use 0 or more (--{flag} 0: none)")
     cfg = _cfg(args)
     if args.action == "show":
         if args.lut:
@@ -300,8 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "teacher's predicted latency and timed with the teacher (default profile.validate_plans)")
     s.add_argument("--merged", type=int, help="validate: number of further held-out plans with one or two token "
                    "merges each (default: a third of --plans when the LUT has a token axis, else 0)")
-    s.add_argument("--controls", type=int, default=3, help="validate: number of the build's own calibration plans "
-                   "timed again with the held-out plans, an A/A control of the measurement (default 3)")
+    s.add_argument("--controls", type=int, default=3, help="validate: number of the build's own unmerged calibration "
+                   "plans (at most as many as it has) timed again with the held-out plans, an A/A control of the "
+                   "measurement (default 3; 0: none)")
     s.add_argument("--out", help="validate: output directory (default out_dir)")
     s.add_argument("--lut", help="show: a LUT file")
     s.set_defaults(fn=cmd_profile)

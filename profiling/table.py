@@ -432,6 +432,10 @@ class LatencyTable:
                          + f" -> widths on multiples of {al['recommended']} (search.align_from_lut)")
         if "build_s" in self.meta:
             ph, px = self.meta.get("phases_s") or {}, self.meta.get("plan_exports_s") or {}
+            if not px:  # a table of the first builds that timed phases: their whole-plan exports were "<phase>_exports"
+                old = {k: v for k, v in ph.items() if k.endswith("_exports") and k != "entry_exports"}
+                px = {k[:-len("_exports")]: v for k, v in old.items()}
+                ph = {k: v for k, v in ph.items() if k not in old}
             how = ", ".join(f"{k.replace('_', ' ')} {v:.0f}s" for k, v in ph.items())
             if px:  # the part of the whole-plan phases spent exporting (and opening sessions)
                 how += "; whole-plan exports: " + ", ".join(f"{k} {v:.0f}s" for k, v in px.items())

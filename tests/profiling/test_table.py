@@ -68,3 +68,28 @@ def test_profile_show_cli(built, capsys):
     out = capsys.readouterr().out
     assert "LUT for ort-cpu/fp32" in out and "teacher predicted" in out and "whole-block checks: 2" in out
     assert "calibration: 3 whole plans" in out and "ratio err" in out
+
+
+def test_profile_validate_refuses_negative_counts_before_any_work(capsys):
+    from vitrim.pipeline.cli import main
+
+    for flag in ("--plans", "--merged", "--controls"):
+        assert main(["profile", "validate", "configs/fmnist_cpu.yaml", flag, "-1"]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} is -1" in err and "use 0 or more" in err
+
+
+def test_build_phases_show_in_both_meta_layouts(built):
+    """Where a build's time went: whole-plan exports in their own field, or (tables of the first builds that
+    timed phases) as '<phase>_exports' keys; both print the same line."""
+    import copy
+
+    lut, _ = built
+    new, old = copy.deepcopy(lut), copy.deepcopy(lut)
+    new.meta.update(build_s=30.0, phases_s={"entry_exports": 5.0, "entries": 10.0, "calibration": 15.0},
+                    plan_exports_s={"calibration": 4.0})
+    old.meta.update(build_s=30.0, phases_s={"entry_exports": 5.0, "entries": 10.0, "calibration": 15.0,
+                                            "calibration_exports": 4.0})
+    old.meta.pop("plan_exports_s", None)
+    line = "built in 30s (entry exports 5s, entries 10s, calibration 15s; whole-plan exports: calibration 4s)"
+    assert line in new.summary() and line in old.summary()
