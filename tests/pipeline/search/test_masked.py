@@ -33,8 +33,8 @@ def test_plan_meets_the_budget_and_the_seed_fixes_it(strategy, data, tiny_lut):
 
 
 @pytest.mark.parametrize("strategy", ["slim", "uvc"])
-def test_planted_dead_head_is_removed(strategy, data, tiny_lut):
-    lut, _ = tiny_lut
+def test_planted_dead_head_is_removed(strategy, data, planted_lut):
+    lut, _ = planted_lut
     r = search(kill_head(teacher(seed=5)), lut, data, mcfg(strategy, budget_fraction=reachable_fraction(lut, 0.8, False),
                                                          prune_blocks=False))
     b0 = r.plan.blocks[0]

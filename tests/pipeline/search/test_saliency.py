@@ -132,8 +132,8 @@ def test_embed_saliency_is_on_the_scale_of_the_other_gates(fmnist_dir):
     assert 0.5 <= med["embed"] <= 2.0, med
 
 
-def test_planted_dead_head_goes_first(data, tiny_lut):
-    lut, _ = tiny_lut
+def test_planted_dead_head_goes_first(data, planted_lut):
+    lut, _ = planted_lut
     t = kill_head(teacher())
     sc = scores_for(t, data)
     assert sc[GroupKey("heads", 0)][1].item() == 0.0
@@ -145,8 +145,8 @@ def test_planted_dead_head_goes_first(data, tiny_lut):
     assert plan.blocks[0].heads == [0]
 
 
-def test_planted_identity_block_is_skipped(data, tiny_lut):
-    lut, _ = tiny_lut
+def test_planted_identity_block_is_skipped(data, planted_lut):
+    lut, _ = planted_lut
     sc = scores_for(identity_block(teacher(seed=1)), data)
     assert sc[GroupKey("block", 1)].item() == 0.0 and sc[GroupKey("block", 0)].item() > 0
     full = Plan.full(lut.spec)
@@ -156,8 +156,8 @@ def test_planted_identity_block_is_skipped(data, tiny_lut):
     assert not plan.blocks[1].keep and plan.blocks[0].keep
 
 
-def test_planted_dead_embed_channels_go_first(data, tiny_lut):
-    lut, _ = tiny_lut
+def test_planted_dead_embed_channels_go_first(data, planted_lut):
+    lut, _ = planted_lut
     t = dead_channel_teacher()
     sc = scores_for(t, data)
     live = [c for c in range(32) if c not in DEAD]
