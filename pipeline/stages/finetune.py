@@ -40,7 +40,7 @@ def finetune(cfg: RunConfig, teacher: torch.nn.Module, student: CompactViT, plan
     teacher.to(device).eval()
     if student.head_dist is not None:
         student.distilled_training = True  # train both heads
-    kd = make_kd_fn(teacher, f.alpha, f.temperature, f.label_smoothing)
+    kd = make_kd_fn(teacher, f.alpha, f.temperature, f.label_smoothing, f.hidden_weight)
     spec = train_spec(cfg)
     rd = RunDir(out_dir)
 
