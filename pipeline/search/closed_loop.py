@@ -9,7 +9,9 @@ it; once measured plans straddle the request, the budget is interpolated between
 them instead, :func:`next_ratio`), the plan is pruned or refilled to it with the search's own selection
 (:func:`~vitrim.pipeline.search.greedy.prune_to`,
 :func:`~vitrim.pipeline.search.greedy.refill`), and measured again, for at most
-``search.measured_rounds`` rounds. Corrections use the configuration the plan
+``search.measured_rounds`` rounds. Every corrected plan's weights are adapted
+with KD before the next correction scores them (the stage's ``adapt``: at 10% of
+the teacher a re-pruned plan sliced from unadapted weights scored 37% top-1). Corrections use the configuration the plan
 was searched under (:meth:`~vitrim.pipeline.search.base.Strategy.searched_config`:
 a width-only ``magnitude`` or ``slim`` plan never loses a block to a
 correction), with the scores its strategy gives
@@ -117,7 +119,7 @@ def correct_plan(plan: Plan, lut, scores: dict, cfg: SearchConfig, e_min: int, b
 
 
 def closed_loop(plan: Plan, lut, requested: float, measure: Measure, scores: dict, cfg: SearchConfig, e_min: int,
-                log: Callable[[str], None] = print) -> LoopResult:
+                log: Callable[[str], None] = print, adapt: Callable[[Plan], dict] | None = None) -> LoopResult:
     """Measure ``plan`` against the teacher and correct it until the ratio is within tolerance.
 
     Each round records the LUT budget the plan was made for, the predicted and
@@ -125,6 +127,10 @@ def closed_loop(plan: Plan, lut, requested: float, measure: Measure, scores: dic
     as fractions of the teacher). ``cfg`` is the configuration the plan was searched under
     (its strategy's constraints applied); corrections keep to it.
     Without convergence the result is the measured plan closest to ``requested``.
+
+    ``adapt(plan) -> scores`` (issue 25): called with every corrected plan before it is measured; it adapts the
+    weights to the groups the correction removed or put back (a few KD steps) and returns their scores, which
+    the next correction ranks by. Without it every correction ranks by ``scores``, the searched weights'.
     """
     t_pred = lut.predict(Plan.full(lut.spec))
     budget = plan.meta.get("budget", requested * t_pred) if plan.meta.get("unit", "ms") == "ms" else requested * t_pred
@@ -161,6 +167,8 @@ def closed_loop(plan: Plan, lut, requested: float, measure: Measure, scores: dic
             log("[measure] the corrected plan equals one already measured; stopping")
             break
         new.meta = {**plan.meta, "budget": budget, "predicted": lut.predict(new)}
+        if adapt is not None:
+            scores = adapt(new)
         plan = new
     res.chosen_round = len(res.rounds) - 1
     if not res.converged:  # the closest measured plan; on a tie the faster one (a budget is an upper bound)

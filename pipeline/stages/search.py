@@ -9,7 +9,8 @@
 * **Closed loop** (:func:`stage_closed_loop`): the searched plan is exported and
   timed interleaved with the teacher (:class:`PairTimer`), and corrected by
   :func:`vitrim.pipeline.search.closed_loop` under the configuration the search
-  ran with, with its strategy's scores; the chosen plan and every round are written.
+  ran with, with its strategy's scores; every corrected plan's weights are adapted to it
+  (:class:`CorrectionWeights`); the chosen plan, its weights and every round are written.
 """
 from __future__ import annotations
 
@@ -141,32 +142,72 @@ def requested_ratio(cfg: RunConfig) -> float:
     return s.budget_fraction if s.budget_fraction is not None else DEFAULT_BUDGET_FRACTION
 
 
-def correction_scores(cfg: RunConfig, teacher, res: SearchResult, train_ds) -> dict:
-    """The search's own scores of its adapted weights at its plan, for the correction step (the strategy's
-    :meth:`~vitrim.pipeline.search.base.Strategy.correction_scores`), on the run's device."""
-    from vitrim.pipeline.core.data import make_loader
-    from vitrim.pipeline.core.device import resolve_device
-    from vitrim.pipeline.core.distill import make_kd_fn
-    from vitrim.pipeline.core.slicing import full_size_compact
+class CorrectionWeights:
+    """The weights the closed loop's corrections score and the run slices: the search's adapted weights at
+    round 0, and for every corrected plan those weights adapted to it with ``search.kd_iters`` KD steps
+    (issue 25: a re-pruned plan sliced from weights that never saw it lost half its accuracy at deep budgets).
 
-    device = resolve_device(cfg.device)
-    student, _ = full_size_compact(teacher)
-    student.load_state_dict(res.state)
+    ``scores()`` gives the strategy's correction scores at the searched plan; ``adapt(plan)`` adapts a copy of
+    the last weights to ``plan`` and returns its scores; ``state(round)`` the weights of a measured round.
+    """
 
-    def inputs():
-        student.to(device)
-        teacher.to(device).eval()
-        loader = make_loader(train_ds, cfg.data.batch_size, shuffle=True, seed=res.config.seed + 1, drop_last=True,
-                             workers=cfg.data.workers, pin_memory=device.startswith("cuda"))
+    def __init__(self, cfg: RunConfig, teacher, res: SearchResult, train_ds):
+        from vitrim.pipeline.core.device import resolve_device
+        from vitrim.pipeline.core.slicing import full_size_compact
+
+        self.cfg, self.teacher, self.res, self.train_ds = cfg, teacher, res, train_ds
+        self.device = resolve_device(cfg.device)
+        self.student, _ = full_size_compact(teacher)
+        self.student.load_state_dict(res.state)
+        self.states = [res.state]  # by measured round
+
+    def _inputs(self):
+        from vitrim.pipeline.core.data import make_loader
+        from vitrim.pipeline.core.distill import make_kd_fn
+
+        cfg, device = self.cfg, self.device
+        self.student.to(device)
+        self.teacher.to(device).eval()
+        loader = make_loader(self.train_ds, cfg.data.batch_size, shuffle=True, seed=self.res.config.seed + 1,
+                             drop_last=True, workers=cfg.data.workers, pin_memory=device.startswith("cuda"))
         it = iter(loader)
-        n = max(1, min(res.config.saliency_batches, len(loader)))
-        return (make_kd_fn(teacher, cfg.finetune.alpha, cfg.finetune.temperature),
+        n = max(1, min(self.res.config.saliency_batches, len(loader)))
+        return (make_kd_fn(self.teacher, cfg.finetune.alpha, cfg.finetune.temperature),
                 [tuple(t.to(device) for t in next(it)) for _ in range(n)])
 
-    try:
-        return strategy(res.config.strategy)().correction_scores(student, res.plan, inputs)
-    finally:
-        teacher.cpu()
+    def scores(self, plan: Optional[Plan] = None) -> dict:
+        """The strategy's correction scores of the current weights at ``plan`` (default: the searched plan)."""
+        try:
+            return strategy(self.res.config.strategy)().correction_scores(self.student, plan or self.res.plan,
+                                                                           self._inputs)
+        finally:
+            self.teacher.cpu()
+
+    def adapt(self, plan: Plan) -> dict:
+        import torch
+
+        from vitrim.pipeline.core.distill import make_kd_fn
+        from vitrim.pipeline.search import BatchStream, attach_gates, detach_gates, kd_adapt, masks_from_plan
+
+        scfg, cfg = self.res.config, self.cfg
+        self.student.to(self.device)
+        self.teacher.to(self.device).eval()
+        attach_gates(self.student, masks_from_plan(plan))
+        self.student.set_token_merges(plan.merges)
+        opt = torch.optim.AdamW(self.student.parameters(), lr=scfg.lr, weight_decay=0.0)
+        stream = BatchStream(self.train_ds, cfg.data.batch_size, scfg.seed + 1 + len(self.states), self.device,
+                             cfg.data.workers)
+        try:
+            kd_adapt(self.student, make_kd_fn(self.teacher, cfg.finetune.alpha, cfg.finetune.temperature), stream,
+                     opt, scfg.kd_iters)
+        finally:
+            detach_gates(self.student)
+            self.student.set_token_merges({})
+        self.states.append({k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()})
+        return self.scores(plan)
+
+    def state(self, round_: int) -> dict:
+        return self.states[round_]
 
 
 def stage_closed_loop(cfg: RunConfig, teacher, lut, res: SearchResult, splits, out_dir: str | os.PathLike,
@@ -176,10 +217,17 @@ def stage_closed_loop(cfg: RunConfig, teacher, lut, res: SearchResult, splits, o
     rd = RunDir(out_dir)
     scfg = res.config  # the strategy's constraints hold for its corrections too
     requested = requested_ratio(cfg)
-    scores = correction_scores(cfg, teacher, res, splits.train) if scfg.measured_rounds else {}
+    weights = CorrectionWeights(cfg, teacher, res, splits.train)
+    scores = weights.scores() if scfg.measured_rounds else {}
     loop = closed_loop(res.plan, lut, requested, lambda p: timer(p, res.state), scores, scfg, embed_floor(scfg, lut),
-                       log=log)
+                       log=log, adapt=weights.adapt)
     plan = loop.plan.validate(Floors.from_config(scfg))
+    if loop.chosen_round:  # a corrected plan: slice the weights adapted to it (latency does not depend on them)
+        from vitrim.pipeline.core.models import save_weights
+
+        res.state = weights.state(loop.chosen_round)
+        save_weights(res.state, rd.search_state)
+        log(f"[measure] round {loop.chosen_round}'s plan: its weights were adapted to it with {scfg.kd_iters} KD steps")
     plan.save(rd.plan)
     info = {"requested": requested, "tolerance": scfg.measured_tolerance, "anchor": anchor,
             "converged": loop.converged, "chosen_round": loop.chosen_round, "rounds": loop.rounds}

@@ -154,3 +154,36 @@ def test_the_loop_converges_on_a_steep_lut_error_without_swinging():
     assert m[0] > requested > m[1]  # the first correction overshoots, as the rule alone would again
     for i in range(2, len(m)):  # from then on, each inside the bracket of the rounds before it
         assert max(x for x in m[:i] if x < requested) < m[i] < min(x for x in m[:i] if x > requested)
+
+
+def test_every_corrected_plan_is_adapted_before_it_is_measured_and_ranks_the_next_correction():
+    """closed_loop(adapt=...): each corrected plan goes to ``adapt`` before it is measured (the weights the run
+    slices are adapted to it), and the scores ``adapt`` returns rank the next correction: scores that make block
+    7 free get block 7 removed next, which the searched weights' scores would never remove first."""
+    spec = describe(timm.create_model("vit_tiny_patch16_224", **DEMO_KW))
+    lut = hand_made_lut(spec)
+    cfg = SearchConfig(measured_rounds=2, measured_tolerance=0.01)
+    scores = {k: torch.ones(v.shape) for k, v in masks_from_plan(Plan.full(spec)).items()}
+    for i in range(spec["depth"]):
+        scores[GroupKey("block", i)] = torch.tensor([1e6])  # whole blocks: never the cheapest
+    t_pred = lut.predict(Plan.full(spec))
+    plan = Plan.full(spec)
+    plan.meta = {"budget": t_pred, "unit": "ms"}
+    events = []
+
+    def measure(p):
+        events.append(("measure", p.kept_blocks))
+        return 20.0, 20.0 * 1.3 * (lut.predict(p) / t_pred) ** 0.5  # the LUT reads fast, the more the deeper: prune twice
+
+    def adapt(p):
+        events.append(("adapt", p.kept_blocks))
+        free = dict(scores)
+        free[GroupKey("block", 7)] = torch.tensor([0.0])  # the adapted weights no longer need block 7
+        return free
+
+    res = closed_loop(plan, lut, 0.6, measure, scores, cfg, lut.grid.embed[0], log=lambda s: None, adapt=adapt)
+    kinds = [e[0] for e in events]
+    assert kinds == ["measure", "adapt"] * (len(res.rounds) - 1) + ["measure"]
+    assert all(events[i][1] == events[i + 1][1] for i in range(1, len(events), 2))  # adapted, then measured
+    assert 7 in events[1][1]  # the first correction ranks by the searched scores: block 7 stays
+    assert len(res.rounds) >= 3 and 7 not in res.plans[2].kept_blocks  # the second by the adapted ones
