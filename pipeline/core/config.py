@@ -185,6 +185,17 @@ class SearchConfig:
     # issue 15: CAIT-style token merges at block boundaries as candidates (knapsack and nvit)
     prune_tokens: bool = False
     max_merges: int = 2  # token merges per plan at most (each halves one or both grid sides)
+    # issue 25: how a candidate merge is priced. adapted: the KD-loss change after merge_adapt_iters KD steps of the
+    # merged network (against the unmerged one adapted alike), so a bulk change that fine-tuning repairs is not priced
+    # as if it stayed; unadapted: the loss change of the merge applied to the weights as they are
+    merge_scoring: str = "adapted"
+    merge_adapt_iters: int = 20
+    # issue 25: token merges every plan has, searched or not ([{block: i, type: w|h|hw}]): the widths are searched
+    # with them in place (the benchmark's forced-merge row); the searched merges come on top (prune_tokens)
+    merges: Optional[list] = None
+    # issue 25, NViT's prune-finetune iterations: KD epochs on the training set after every pruning step but the
+    # last (0: search.kd_iters steps only); the last step is followed by the fine-tune (finetune.epochs)
+    step_epochs: float = 0.0
 
 
 @dataclass
@@ -203,6 +214,10 @@ class FinetuneConfig:
     ema: Optional[float] = None
     amp: str = "auto"  # auto | bf16 | fp16 | off (AMP only on CUDA)
     seed: int = 0
+    # issue 25: hidden-state distillation: weight of the MSE between the student's and the teacher's residual
+    # stream (token-averaged, the student's kept channels) after every kept block, in units of the teacher's
+    # mean square there (0: logits only)
+    hidden_weight: float = 0.0
 
 
 @dataclass
@@ -428,6 +443,30 @@ def validate_search(cfg: SearchConfig, source: str = "<config>") -> None:
     if cfg.prune_tokens and cfg.strategy not in ("knapsack", "nvit"):
         bad("search.prune_tokens", f"is true with strategy '{cfg.strategy}'",
             "token merges are searched by the knapsack and nvit strategies: use one of them or set prune_tokens: false")
+    if cfg.merge_scoring not in ("adapted", "unadapted"):
+        bad("search.merge_scoring", f"is '{cfg.merge_scoring}'", "use adapted or unadapted")
+    if cfg.merge_adapt_iters < 1 and cfg.merge_scoring == "adapted":
+        bad("search.merge_adapt_iters", f"is {cfg.merge_adapt_iters} with merge_scoring adapted",
+            "use at least 1 KD step (20 is the default), or merge_scoring: unadapted")
+    if not cfg.step_epochs >= 0:
+        bad("search.step_epochs", f"is {cfg.step_epochs}", "use 0 (short KD only) or a number of epochs")
+    if cfg.merges is not None:
+        from vitrim.pipeline.core.plan import MERGE_TYPES
+
+        fix = "use a list like [{block: 4, type: hw}] (type w, h or hw), or null"
+        if not isinstance(cfg.merges, list):
+            bad("search.merges", f"is {cfg.merges!r}", fix)
+        for k, m in enumerate(cfg.merges):
+            if not (isinstance(m, dict) and set(m) == {"block", "type"} and isinstance(m["block"], int)
+                    and not isinstance(m["block"], bool) and m["type"] in MERGE_TYPES):
+                bad(f"search.merges[{k}]", f"is {m!r}", fix)
+        blocks = [m["block"] for m in cfg.merges]
+        if len(set(blocks)) < len(blocks):
+            bad("search.merges", f"has two token merges before one block ({blocks})",
+                "merge at most once per block boundary (type hw merges both sides)")
+        if cfg.strategy not in ("knapsack", "nvit", "magnitude"):
+            bad("search.merges", f"is set with strategy '{cfg.strategy}'",
+                "fixed token merges go with the stepwise strategies (knapsack, nvit, magnitude)")
 
 
 def validate_config(cfg: RunConfig, source: str = "<config>") -> None:
@@ -490,8 +529,8 @@ def validate_config(cfg: RunConfig, source: str = "<config>") -> None:
     for k in ("min_visit_ms", "remeasure_spread_pct"):
         if getattr(cfg.profile, k) < 0:
             bad(f"profile.{k}", f"is {getattr(cfg.profile, k)}", "use a value >= 0 (0 turns it off)")
-    if cfg.search.prune_tokens and cfg.profile.token_points < 2:
-        bad("profile.token_points", f"is {cfg.profile.token_points} with search.prune_tokens",
+    if (cfg.search.prune_tokens or cfg.search.merges) and cfg.profile.token_points < 2:
+        bad("profile.token_points", f"is {cfg.profile.token_points} with token merges (search.prune_tokens / merges)",
             "use at least 2 (the input token count and the fewest the merges reach), 3 is the default")
     if cfg.export.int8_recovery_steps < 0:
         bad("export.int8_recovery_steps", f"is {cfg.export.int8_recovery_steps}", "use 0 (off) or a number of KD steps")
@@ -521,6 +560,8 @@ def validate_config(cfg: RunConfig, source: str = "<config>") -> None:
         bad("export.triton_max_batch", f"is {cfg.export.triton_max_batch}", "use a positive batch, or null")
     if cfg.export.parity_images is not None and cfg.export.parity_images < 1:
         bad("export.parity_images", f"is {cfg.export.parity_images}", "use a positive image count, or null for all")
+    if not cfg.finetune.hidden_weight >= 0:
+        bad("finetune.hidden_weight", f"is {cfg.finetune.hidden_weight}", "use 0 (logits only) or a positive weight")
     if cfg.finetune.amp not in ("auto", "bf16", "fp16", "off"):
         bad("finetune.amp", f"is '{cfg.finetune.amp}'", "use auto, bf16, fp16 or off")
 

@@ -125,15 +125,40 @@ class SearchContext:
         spec = lut.spec
         cost, budget, desc = resolve_budget(cfg, lut)
         e_min = embed_floor(cfg, lut)
-        if cfg.prune_tokens and len(lut.grid.tokens) < 2:
-            raise UserError("search", f"search.prune_tokens needs a LUT with a token axis; this one has tokens "
-                            f"{lut.grid.tokens}", "rebuild it with `vitrim profile build` on this config "
-                            "(prune_tokens on)")
-        min_tokens = lut.grid.tokens[0] if cfg.prune_tokens else Plan.full(spec).num_tokens
+        if (cfg.prune_tokens or cfg.merges) and len(lut.grid.tokens) < 2:
+            raise UserError("search", f"search.{'prune_tokens' if cfg.prune_tokens else 'merges'} needs a LUT with a "
+                            f"token axis; this one has tokens {lut.grid.tokens}", "rebuild it with `vitrim profile "
+                            "build` on this config (prune_tokens on, or search.merges set)")
+        min_tokens = lut.grid.tokens[0] if (cfg.prune_tokens or cfg.merges) else Plan.full(spec).num_tokens
         ctx = cls(cfg, lut, teacher, student, train_ds, val_ds, cost, budget, desc, Floors.from_config(cfg), e_min,
                   min_tokens, t0=t0, **kw)
+        ctx.start_plan()  # fixed merges that do not fit the grid: refused before any work
         ctx.check_reachable()
         return ctx
+
+    def fixed_merges(self) -> dict[int, str]:
+        """``search.merges`` as {block: type}."""
+        return {int(m["block"]): m["type"] for m in self.cfg.merges or []}
+
+    def start_plan(self) -> Plan:
+        """Where the search starts: the teacher's widths with the fixed merges (``search.merges``) in place."""
+        plan = Plan.full(self.spec)
+        fixed = self.fixed_merges()
+        if not fixed:
+            return plan
+        plan.set_merges(fixed)
+        plan.check_tokens("search.merges")  # a block out of range or a side of 1 to halve: a UserError naming it
+        if min(plan.block_tokens()) < self.min_tokens:
+            raise UserError("search", f"search.merges leave {min(plan.block_tokens())} tokens, below the LUT's token "
+                            f"axis {self.lut.grid.tokens}", "rebuild the LUT for this config, or merge less")
+        return plan
+
+    def adapt_iters(self, last: bool) -> int:
+        """KD steps after a pruning step: ``search.kd_iters``, or ``search.step_epochs`` epochs after every step but
+        the last (NViT's prune-finetune iterations)."""
+        if last or not self.cfg.step_epochs:
+            return self.cfg.kd_iters
+        return max(self.cfg.kd_iters, round(self.cfg.step_epochs * len(self.train_ds) / self.batch_size))
 
     @property
     def spec(self) -> dict:
@@ -144,6 +169,8 @@ class SearchContext:
         cfg = self.cfg
         smallest = floor_plan(self.spec, self.floors, self.e_min, cfg.min_blocks if cfg.prune_blocks else
                               self.spec["depth"], cfg.align)
+        if cfg.merges:
+            smallest.set_merges(self.fixed_merges())
         while True:
             opts = merge_options(smallest, cfg.max_merges, self.min_tokens) if cfg.prune_tokens else []
             if not opts:

@@ -12,8 +12,15 @@ neurons and embedding channels (``align`` units at a time, so widths stay
 multiples of 8 for the target's fast kernels), whole blocks (UVC), and, with
 ``search.prune_tokens``, token merges (CAIT): their saliency is the KD-loss
 change of applying the merge, measured directly
-(:func:`~vitrim.pipeline.search.saliency.merge_scores`), and their saving is the
-LUT's prediction with every later block at the merged token count.
+(:func:`~vitrim.pipeline.search.saliency.merge_scores`; with
+``search.merge_scoring: adapted``, the default, after ``search.merge_adapt_iters``
+KD steps of the merged network against the unmerged one adapted alike), and
+their saving is the LUT's prediction with every later block at the merged
+token count. Merges in ``search.merges`` are in the plan from the start and stay.
+
+The KD between steps is ``search.kd_iters`` steps, or, with ``search.step_epochs``,
+that many epochs on the training set after every step but the last (NViT's
+prune-finetune iterations; the last step is followed by the fine-tune).
 
 Strategies on this loop:
 
@@ -61,16 +68,31 @@ class StepwiseSearch(Strategy):
         options = merge_options(plan, cfg.max_merges, ctx.min_tokens)
         groups = candidates(plan, scores, ctx.floors, ctx.e_min, cfg.min_blocks, cfg.align, cfg.prune_embed,
                             cfg.prune_blocks)
-        merges, info = merge_scores(ctx.student, gates, ctx.kd, batches, plan.merges, options, groups)
+        adapt = self.merge_adapter(ctx) if cfg.merge_scoring == "adapted" and options else None
+        merges, info = merge_scores(ctx.student, gates, ctx.kd, batches, plan.merges, options, groups, adapt=adapt)
         merge_log.append({"step": step, **info})
         return scores, merges
+
+    @staticmethod
+    def merge_adapter(ctx: SearchContext):
+        """``adapt(model)``: ``search.merge_adapt_iters`` KD steps (AdamW at ``search.lr``) on batches drawn once,
+        the same for every candidate merge and for the unmerged reference."""
+        cfg = ctx.cfg
+        drawn = [ctx.batches() for _ in range(cfg.merge_adapt_iters)]
+
+        def adapt(model) -> None:
+            it = iter(drawn)
+            opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+            kd_adapt(model, ctx.kd, lambda: next(it), opt, len(drawn))
+
+        return adapt
 
     def search(self, ctx: SearchContext) -> SearchResult:
         cfg, cost, budget, student = ctx.cfg, ctx.cost, ctx.budget, ctx.student
         start = ctx.log_start()
         history = [{"step": 0, "cost": start, "val_top1": None, "removed": 0, "s": 0.0}]
         kd = ctx.kd
-        plan = Plan.full(ctx.spec)
+        plan = ctx.start_plan()
         opt = torch.optim.AdamW([p for p in student.parameters()], lr=cfg.lr, weight_decay=0.0)
         steps = max(1, cfg.steps)
         removed_all: list[Candidate] = []
@@ -90,7 +112,7 @@ class StepwiseSearch(Strategy):
                 plan, added = refill(plan, removed_all, cost, budget)
             attach_gates(student, masks_from_plan(plan))
             student.set_token_merges(plan.merges)
-            kd_adapt(student, kd, ctx.batches, opt, cfg.kd_iters)
+            kd_adapt(student, kd, ctx.batches, opt, ctx.adapt_iters(last=step == steps))
             acc = ctx.val_top1()
             c = cost.predict(plan)
             counts: dict = {}

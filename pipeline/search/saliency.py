@@ -116,23 +116,49 @@ def mean_loss(model: nn.Module, loss_fn, batches) -> float:
     return float(sum(float(loss_fn(model, x, y)) for x, y in batches) / max(1, len(batches)))
 
 
+def adapted_loss(model: CompactViT, merges: dict[int, str], loss_fn, batches: list,
+                 adapt: Callable[[nn.Module], None]) -> float:
+    """The mean loss on ``batches`` of a copy of ``model`` with token ``merges`` installed, after ``adapt(copy)``
+    (a few KD steps): the loss a merge leaves once the weights had a chance to repair it. ``model`` is untouched."""
+    import copy
+
+    m = copy.deepcopy(model)
+    m.set_token_merges(merges)
+    with torch.enable_grad():
+        adapt(m)
+    m.eval()
+    return mean_loss(m, loss_fn, batches)
+
+
 @torch.no_grad()
 def merge_scores(model: CompactViT, gates: dict, loss_fn, batches: list, merges: dict[int, str],
-                 options: list[GroupKey], groups: list[Candidate]) -> tuple[dict[GroupKey, float], dict]:
+                 options: list[GroupKey], groups: list[Candidate],
+                 adapt: Callable[[nn.Module], None] | None = None) -> tuple[dict[GroupKey, float], dict]:
     """Saliency of each token merge in ``options`` (merge keys), on the gate saliencies' scale.
 
     ``merges``: the merges already in the plan (installed on ``model``); ``groups``:
     search candidates (width groups, blocks, embedding) whose direct loss change
     ``d`` calibrates ``scale = median(saliency / d**2)``; a merge with loss change
     ``d`` scores ``scale * d**2``. Returns ({merge key: saliency}, a log record).
+
+    ``adapt`` (``search.merge_scoring: adapted``): a merge's ``d`` is the loss of the
+    merged network after ``adapt`` (a few KD steps on a copy, the same batches for
+    every option) minus the loss of the unmerged network adapted alike; the width
+    groups' calibration stays as it is (their saliency is the unadapted estimate).
     """
     model.eval()
     base = mean_loss(model, loss_fn, batches)
     raw = {}
-    for key in options:
-        model.set_token_merges({**merges, key.block: key.type})
-        raw[key] = mean_loss(model, loss_fn, batches) - base
-    model.set_token_merges(merges)
+    if adapt is None:
+        for key in options:
+            model.set_token_merges({**merges, key.block: key.type})
+            raw[key] = mean_loss(model, loss_fn, batches) - base
+        model.set_token_merges(merges)
+        adapted_base = None
+    else:
+        adapted_base = adapted_loss(model, merges, loss_fn, batches, adapt)
+        for key in options:
+            raw[key] = adapted_loss(model, {**merges, key.block: key.type}, loss_fn, batches, adapt) - adapted_base
     ratios = []
     for c in groups:
         g = gates[c.key]
@@ -149,7 +175,10 @@ def merge_scores(model: CompactViT, gates: dict, loss_fn, batches: list, merges:
     tol = 1e-6 * max(1.0, abs(base))  # float32 rounding of a mean loss: a change below it is no change
     out = {k: scale * (v * v if v > tol else 0.0) for k, v in raw.items()}
     info = {"base_loss": base, "scale": scale, "calibration_groups": len(ratios),
+            "scoring": "unadapted" if adapt is None else "adapted",
             "loss_increase": {f"{k.block}:{k.type}": v for k, v in raw.items()}}
+    if adapted_base is not None:
+        info["adapted_base_loss"] = adapted_base
     return out, info
 
 

@@ -17,12 +17,14 @@ from vitrim.pipeline.core.plan import Floors, Plan
 
 
 def lut_tokens(cfg: RunConfig, spec: dict) -> Optional[list[int]]:
-    """The LUT's token axis: the counts token merges reach when the search merges tokens, else None (input only)."""
+    """The LUT's token axis: the counts token merges reach when plans merge tokens (searched, ``search.prune_tokens``,
+    or fixed, ``search.merges``), else None (input only)."""
     from vitrim.profiling.table import token_axis
 
-    if not cfg.search.prune_tokens:
+    s = cfg.search
+    if not (s.prune_tokens or s.merges):
         return None
-    return token_axis(spec, cfg.profile.token_points, cfg.search.max_merges)
+    return token_axis(spec, cfg.profile.token_points, max(s.max_merges, len(s.merges or [])))
 
 
 def spec_hash(spec: dict) -> str:

@@ -72,3 +72,40 @@ def test_run_search_with_token_merges_meets_the_budget_and_slices(data):
     with pytest.raises(Exception, match="token axis"):
         run_search(copy.deepcopy(t), full_size_compact(t)[0], flat, c, data.train, data.val, batch_size=64,
                    log=lambda s: None)
+
+
+def test_fixed_merges_stay_in_the_plan_and_the_widths_meet_the_budget(data):
+    """search.merges (the benchmark's forced-merge row): the merge is in the plan from the start and in the result,
+    the widths are searched to the budget with it in place, and no other merge is searched (prune_tokens off)."""
+    from vitrim.pipeline.core.errors import UserError
+
+    t = random_init(timm.create_model("vit_tiny_patch16_224", **POOL_KW), seed=1, std=0.15)
+    spec = describe(t)
+    lut = token_lut(spec)
+    c = SearchConfig(steps=2, kd_iters=2, saliency_batches=2, budget_fraction=0.5, lr=1e-4, prune_embed=False,
+                     merges=[{"block": 1, "type": "hw"}])
+    res = run_search(copy.deepcopy(t), full_size_compact(t)[0], lut, c, data.train, data.val, batch_size=64,
+                     log=lambda s: None)
+    assert res.plan.merges == {1: "hw"} and lut.predict(res.plan) <= res.budget + 1e-9
+    assert any(len(b.mlp) < spec["mlp_hidden"] or len(b.heads) < spec["num_heads"] for b in res.plan.blocks)
+    assert slice_model(res.state, res.plan)(data.train[list(range(4))][0]).shape == (4, 10)
+    for bad, word in (([{"block": 5, "type": "hw"}], "block"), ([{"block": 1, "type": "hw"}, {"block": 1, "type": "w"}],
+                                                                "two token merges")):
+        with pytest.raises(UserError, match=word):
+            run_search(copy.deepcopy(t), full_size_compact(t)[0], lut, SearchConfig(merges=bad), data.train, data.val,
+                       batch_size=64, log=lambda s: None)
+
+
+def test_step_epochs_fine_tune_between_pruning_steps(data, tiny_lut):
+    """search.step_epochs (NViT's prune-finetune iterations): that many epochs of KD steps after every pruning step
+    but the last, which keeps search.kd_iters (the fine-tune follows it)."""
+    from vitrim.pipeline.search import SearchContext
+
+    lut, _ = tiny_lut
+    t = teacher(seed=3)
+    ctx = SearchContext.build(cfg(step_epochs=0.5, kd_iters=3), t, full_size_compact(t)[0], lut, data.train, data.val,
+                              batch_size=64)
+    assert ctx.adapt_iters(last=False) == round(0.5 * len(data.train) / 64) > 3
+    assert ctx.adapt_iters(last=True) == 3
+    assert SearchContext.build(cfg(kd_iters=3), t, full_size_compact(t)[0], lut, data.train, data.val,
+                               batch_size=64).adapt_iters(last=False) == 3

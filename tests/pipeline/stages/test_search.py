@@ -7,7 +7,7 @@ from vitrim.pipeline.core.config import SearchConfig, load_config
 from vitrim.pipeline.core.plan import Plan
 from vitrim.pipeline.core.rundir import RunDir
 from vitrim.pipeline.search import closed_loop, correct_plan, run_search, searched_config
-from vitrim.pipeline.stages.search import PairTimer, correction_scores, requested_ratio, stage_closed_loop, stage_search
+from vitrim.pipeline.stages.search import CorrectionWeights, PairTimer, requested_ratio, stage_closed_loop, stage_search
 from tests.pipeline.search.helpers import teacher
 
 
@@ -32,7 +32,7 @@ def test_width_only_plans_keep_every_block_through_real_corrections(small, tiny_
                      budget_fraction=0.9, prune_blocks=True), small.train, small.val, batch_size=64, log=lambda m: None)
     assert all(b.keep for b in res.plan.blocks)  # the baseline searched width-only
     cfg = load_config(None, ["target.batch=4", "target.threads=1", "model.arch=vit_tiny_patch16_224"])
-    scores = correction_scores(cfg, t, res, small.train)  # the magnitude strategy's own (relative L1)
+    scores = CorrectionWeights(cfg, t, res, small.train).scores()  # the magnitude strategy's own (relative L1)
     e_min = lut.grid.embed[0]
     requested = 0.3  # far below what any width-only plan of this tiny model measures: the loop must prune
     with PairTimer(cfg, canonical_state(t), lut.spec) as timer:
@@ -91,3 +91,52 @@ def test_requested_ratio_defaults_to_the_config_default(monkeypatch):
     assert cfg.search.budget_fraction is None
     monkeypatch.setattr(stage, "DEFAULT_BUDGET_FRACTION", 0.37)
     assert requested_ratio(cfg) == 0.37
+
+
+def test_a_corrected_plan_is_sliced_from_weights_adapted_to_it(small, tiny_lut):
+    """CorrectionWeights (issue 25): a correction that re-prunes deep gets weights KD-adapted to the new plan, and
+    they fit it better than the searched weights (the KD loss of the sliced model falls by a margin); the searched
+    weights stay round 0's."""
+    from vitrim.pipeline.core.distill import kd_term
+    from vitrim.pipeline.core.slicing import full_size_compact, slice_model
+    from vitrim.pipeline.search.saliency import mean_loss
+
+    lut, _ = tiny_lut
+    t = teacher(seed=2)
+    res = run_search(t, full_size_compact(t)[0], lut, SearchConfig(steps=1, kd_iters=30, budget_fraction=0.9, lr=1e-3),
+                     small.train, small.val, batch_size=64, log=lambda m: None)
+    # the random teacher's labels CE is a floor no adaptation moves: weigh the distillation term up to see it
+    cfg = load_config(None, ["model.arch=vit_tiny_patch16_224", "data.batch_size=64", "finetune.alpha=50"])
+    weights = CorrectionWeights(cfg, t, res, small.train)
+    deep = correct_plan(res.plan, lut, weights.scores(), res.config, lut.grid.embed[0],
+                        0.45 * lut.predict(Plan.full(lut.spec)))
+    assert lut.predict(deep) < 0.8 * lut.predict(res.plan)
+    weights.adapt(deep)
+    t.eval()
+
+    def kl(m, x, y):  # the distillation term alone: the labels' CE of a random teacher is a floor adaptation can't move
+        return kd_term(m(x), t(x), 2.0)
+
+    batches = [small.train[list(range(i * 64, (i + 1) * 64))] for i in range(4)]
+    before = mean_loss(slice_model(res.state, deep), kl, batches)
+    after = mean_loss(slice_model(weights.state(1), deep), kl, batches)
+    assert after < 0.5 * before, (before, after)  # measured 0.28 -> 0.015
+    assert weights.state(0) is res.state
+
+
+def test_fixed_merges_give_the_lut_a_token_axis():
+    """search.merges without prune_tokens: the table still needs the merged token counts (its own cache file)."""
+    from vitrim.export.target import Target
+    from vitrim.pipeline.stages.profile import lut_path, lut_tokens
+    from tests.pipeline.search.helpers import POOL_KW
+    import timm
+
+    from vitrim.pipeline.core.models import describe
+
+    spec = describe(timm.create_model("vit_tiny_patch16_224", **POOL_KW))
+    plain = load_config(None, ["model.arch=vit_tiny_patch16_224"])
+    fixed = load_config(None, ["model.arch=vit_tiny_patch16_224", "search.merges=[{block: 1, type: hw}]"])
+    assert lut_tokens(plain, spec) is None
+    axis = lut_tokens(fixed, spec)
+    assert axis[-1] == 16 and 4 in axis  # the input's 4x4 grid and the hw merge's 2x2
+    assert lut_path(fixed, spec, Target.from_config(fixed.target)) != lut_path(plain, spec, Target.from_config(plain.target))
