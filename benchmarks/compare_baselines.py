@@ -26,8 +26,19 @@ interleaved session; that session's medians are the table's latencies.
 
     python benchmarks/compare_baselines.py configs/fmnist_cpu.yaml --out runs/bench
 
-Writes ``OUT/results.md`` (the table), ``OUT/results.json`` and ``OUT/probes.json``
-(every bisection probe).
+Writes ``OUT/results.md`` (the table), ``OUT/results.json`` (with the command,
+the machine and the date) and ``OUT/probes.json`` (every bisection probe).
+
+Issue 25: ``--methods`` names the rows instead (the first is the reference the
+others are matched to). Besides the strategies, four variants of the knapsack:
+
+* ``widths``: knapsack widths, no token merges;
+* ``merges``: widths and searched merges, priced after adaptation (``search.merge_scoring: adapted``);
+* ``merges-unadapted``: the same, merges priced on the weights as they are;
+* ``forced-merge``: one ``hw`` merge before the middle block (``search.merges``), then the width search.
+
+    python benchmarks/compare_baselines.py configs/fmnist_tokens_cpu.yaml --out runs/bench49 \
+        --fractions 0.35,0.2,0.1 --methods merges,widths,merges-unadapted,forced-merge,uniform,magnitude,torch-pruning
 """
 from __future__ import annotations
 
@@ -120,6 +131,8 @@ def main() -> int:
     ap.add_argument("config")
     ap.add_argument("--fractions", default="0.5,0.35", help="targets as fractions of the teacher's measured latency")
     ap.add_argument("--baselines", default="nvit,slim,uvc,magnitude,uniform,torch-pruning")
+    ap.add_argument("--methods", default=None, help="rows, the first the reference (default: the config's strategy, "
+                    "then --baselines); strategies, torch-pruning, or widths / merges / merges-unadapted / forced-merge")
     ap.add_argument("--out", default="runs/bench")
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--tol", type=float, default=0.03, help="relative latency tolerance of the match")
@@ -135,7 +148,12 @@ def main() -> int:
     out = Path(args.out)
     (out / "onnx").mkdir(parents=True, exist_ok=True)
     fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
-    baselines = [b for b in args.baselines.split(",") if b and b != cfg.search.strategy]
+    if args.methods:
+        methods = [m for m in args.methods.split(",") if m]
+        reference, baselines = methods[0], methods[1:]
+    else:
+        reference = cfg.search.strategy
+        baselines = [b for b in args.baselines.split(",") if b and b != cfg.search.strategy]
     log = print
     splits = build_splits(cfg.data)
     teacher, tinfo = load_teacher(cfg, splits, log=log)
@@ -148,8 +166,10 @@ def main() -> int:
     quiet = lambda m: None  # noqa: E731
 
     def vitrim_maker(strategy: str) -> Callable[[float], Optional[Path]]:
+        over = method_overrides(strategy, cfg.search, spec)
+
         def make(p: float) -> Optional[Path]:
-            c = dataclasses.replace(cfg.search, strategy=strategy, budget_fraction=p, budget_ms=None,
+            c = dataclasses.replace(cfg.search, **over, budget_fraction=p, budget_ms=None,
                                     flops_fraction=None, params_fraction=None)
             student, _ = full_size_compact(teacher)
             try:
@@ -182,7 +202,7 @@ def main() -> int:
     chosen: dict[float, dict[str, Optional[float]]] = {}
     for f in fractions:
         chosen[f] = {}
-        d = cfg.search.strategy
+        d = reference
         p, pr = match(vitrim_maker(d), timer, f, 0.05, 1.0, f, args.tol, args.max_probes, log, f"{d}@{f:g}")
         probes += pr
         chosen[f][d] = p
@@ -243,7 +263,7 @@ def main() -> int:
     t_ms = med["teacher"]
     t_top1 = tinfo.get("test_top1") if cfg.data.test_limit is None and tinfo.get("test_top1") is not None \
         else top1(teacher, splits.test, cfg.data.eval_batch_size)
-    d = cfg.search.strategy
+    d = reference
     for r in rows:
         if not r["onnx"]:
             continue
@@ -276,9 +296,31 @@ def main() -> int:
     lines += ["", f"Wall time: {(time.time() - t_start) / 60:.1f} min."]
     table = "\n".join(lines) + "\n"
     atomic_write_text(out / "results.md", table)
-    atomic_write_json(out / "results.json", {"teacher_ms": t_ms, "teacher_top1": t_top1, "rows": rows})
+    atomic_write_json(out / "results.json", {"teacher_ms": t_ms, "teacher_top1": t_top1, "rows": rows,
+                                             "command": " ".join(["python"] + sys.argv), "machine": sig.device,
+                                             "engine": sig.engine_version, "finetune": dataclasses.asdict(cfg.finetune),
+                                             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                             "wall_min": round((time.time() - t_start) / 60, 1)})
     print(table)
     return 0
+
+
+VARIANTS = ("widths", "merges", "merges-unadapted", "forced-merge")
+
+
+def method_overrides(method: str, search, spec: dict) -> dict:
+    """The search config changes of a row: a strategy (token merges only where it searches them and the config
+    asks), or one of the knapsack VARIANTS."""
+    from vitrim.pipeline.search import strategy
+
+    if method == "widths":
+        return {"strategy": "knapsack", "prune_tokens": False, "merges": None}
+    if method in ("merges", "merges-unadapted"):
+        return {"strategy": "knapsack", "prune_tokens": True, "merges": None,
+                "merge_scoring": "adapted" if method == "merges" else "unadapted"}
+    if method == "forced-merge":
+        return {"strategy": "knapsack", "prune_tokens": False, "merges": [{"block": spec["depth"] // 2, "type": "hw"}]}
+    return {"strategy": method, "prune_tokens": search.prune_tokens and strategy(method).merges_tokens, "merges": None}
 
 
 def torch_pruning_model(teacher: torch.nn.Module, ratio: float, x_cal: torch.Tensor, y_cal: torch.Tensor):

@@ -189,7 +189,7 @@ class SearchConfig:
     # merged network (against the unmerged one adapted alike), so a bulk change that fine-tuning repairs is not priced
     # as if it stayed; unadapted: the loss change of the merge applied to the weights as they are
     merge_scoring: str = "adapted"
-    merge_adapt_iters: int = 20
+    merge_adapt_iters: int = 10
     # issue 25: token merges every plan has, searched or not ([{block: i, type: w|h|hw}]): the widths are searched
     # with them in place (the benchmark's forced-merge row); the searched merges come on top (prune_tokens)
     merges: Optional[list] = None
@@ -447,7 +447,7 @@ def validate_search(cfg: SearchConfig, source: str = "<config>") -> None:
         bad("search.merge_scoring", f"is '{cfg.merge_scoring}'", "use adapted or unadapted")
     if cfg.merge_adapt_iters < 1 and cfg.merge_scoring == "adapted":
         bad("search.merge_adapt_iters", f"is {cfg.merge_adapt_iters} with merge_scoring adapted",
-            "use at least 1 KD step (20 is the default), or merge_scoring: unadapted")
+            "use at least 1 KD step (10 is the default), or merge_scoring: unadapted")
     if not cfg.step_epochs >= 0:
         bad("search.step_epochs", f"is {cfg.step_epochs}", "use 0 (short KD only) or a number of epochs")
     if cfg.merges is not None:
