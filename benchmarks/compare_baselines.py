@@ -37,6 +37,9 @@ others are matched to). Besides the strategies, four variants of the knapsack:
 * ``merges-unadapted``: the same, merges priced on the weights as they are;
 * ``forced-merge``: one ``hw`` merge before the middle block (``search.merges``), then the width search.
 
+The Torch-Pruning row is fine-tuned with logit KD only (``finetune.hidden_weight``
+needs a sliced vitrim student).
+
     python benchmarks/compare_baselines.py configs/fmnist_tokens_cpu.yaml --out runs/bench49 \
         --fractions 0.35,0.2,0.1 --methods merges,widths,merges-unadapted,forced-merge,uniform,magnitude,torch-pruning
 """
@@ -149,7 +152,17 @@ def main() -> int:
     (out / "onnx").mkdir(parents=True, exist_ok=True)
     fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
     if args.methods:
+        from vitrim.pipeline.core.config import STRATEGIES
+
         methods = [m for m in args.methods.split(",") if m]
+        unknown = [m for m in methods if m not in (*STRATEGIES, *VARIANTS, "torch-pruning")]
+        if unknown or methods[0] == "torch-pruning":
+            raise UserError("bench", f"--methods {args.methods}: " + (f"unknown {unknown}" if unknown else
+                            "the reference (first) must be a vitrim search"),
+                            f"use {', '.join((*STRATEGIES, *VARIANTS))} or torch-pruning (not first)")
+        if any(m in VARIANTS[1:] for m in methods) and not (cfg.search.prune_tokens or cfg.search.merges):
+            raise UserError("bench", "token-merge rows need a LUT with a token axis",
+                            "use a config with search.prune_tokens: true (e.g. configs/fmnist_tokens_cpu.yaml)")
         reference, baselines = methods[0], methods[1:]
     else:
         reference = cfg.search.strategy
@@ -175,7 +188,9 @@ def main() -> int:
             try:
                 res = run_search(teacher, student, lut, c, splits.train, splits.val, batch_size=cfg.data.batch_size,
                                  kd_alpha=cfg.finetune.alpha, kd_T=cfg.finetune.temperature, log=quiet)
-            except UserError:  # below this method's reachable floor
+            except UserError as e:  # below this method's reachable floor; anything else is an error to show
+                if "reach" not in str(e):
+                    raise
                 return None
             path = export_onnx(slice_model(res.state, res.plan), out / "onnx" / f"{strategy}_{p:.5f}.onnx", shape)
             artifacts[(strategy, p)] = {"onnx": path, "plan": res.plan, "state": res.state, "search_s": res.wall_s}

@@ -287,7 +287,7 @@ class LatencyTable:
             if len(self.grid.tokens) < 2 or min(plan.block_tokens()) < lo:
                 raise UserError("profile", f"the plan merges tokens down to {min(plan.block_tokens())} but the LUT's "
                                 f"token axis is {self.grid.tokens}",
-                                "rebuild the LUT with search.prune_tokens: true (and search.max_merges covering the plan)")
+                                "rebuild the LUT with search.prune_tokens: true or search.merges set (and search.max_merges covering the plan)")
 
     def predict(self, plan: Plan, signature: Optional[DeviceSignature] = None) -> float:
         """Predicted latency of a plan in ms: shell(E) + k * (kept blocks + token merges) + c."""

@@ -191,7 +191,8 @@ class SearchConfig:
     merge_scoring: str = "adapted"
     merge_adapt_iters: int = 10
     # issue 25: token merges every plan has, searched or not ([{block: i, type: w|h|hw}]): the widths are searched
-    # with them in place (the benchmark's forced-merge row); the searched merges come on top (prune_tokens)
+    # with them in place (the benchmark's forced-merge row); searched merges (prune_tokens) come on top, up to
+    # max_merges in all
     merges: Optional[list] = None
     # issue 25, NViT's prune-finetune iterations: KD epochs on the training set after every pruning step but the
     # last (0: search.kd_iters steps only); the last step is followed by the fine-tune (finetune.epochs)
@@ -215,8 +216,8 @@ class FinetuneConfig:
     amp: str = "auto"  # auto | bf16 | fp16 | off (AMP only on CUDA)
     seed: int = 0
     # issue 25: hidden-state distillation: weight of the MSE between the student's and the teacher's residual
-    # stream (token-averaged, the student's kept channels) after every kept block, in units of the teacher's
-    # mean square there (0: logits only)
+    # stream after every kept block (the student's kept channels, token by token; token means after a merge),
+    # in units of the teacher's mean square there (0: logits only)
     hidden_weight: float = 0.0
 
 
@@ -445,7 +446,7 @@ def validate_search(cfg: SearchConfig, source: str = "<config>") -> None:
             "token merges are searched by the knapsack and nvit strategies: use one of them or set prune_tokens: false")
     if cfg.merge_scoring not in ("adapted", "unadapted"):
         bad("search.merge_scoring", f"is '{cfg.merge_scoring}'", "use adapted or unadapted")
-    if cfg.merge_adapt_iters < 1 and cfg.merge_scoring == "adapted":
+    if cfg.merge_adapt_iters < 1 and cfg.merge_scoring == "adapted" and cfg.prune_tokens:
         bad("search.merge_adapt_iters", f"is {cfg.merge_adapt_iters} with merge_scoring adapted",
             "use at least 1 KD step (10 is the default), or merge_scoring: unadapted")
     if not cfg.step_epochs >= 0:
@@ -458,15 +459,15 @@ def validate_search(cfg: SearchConfig, source: str = "<config>") -> None:
             bad("search.merges", f"is {cfg.merges!r}", fix)
         for k, m in enumerate(cfg.merges):
             if not (isinstance(m, dict) and set(m) == {"block", "type"} and isinstance(m["block"], int)
-                    and not isinstance(m["block"], bool) and m["type"] in MERGE_TYPES):
+                    and not isinstance(m["block"], bool) and isinstance(m["type"], str) and m["type"] in MERGE_TYPES):
                 bad(f"search.merges[{k}]", f"is {m!r}", fix)
         blocks = [m["block"] for m in cfg.merges]
         if len(set(blocks)) < len(blocks):
             bad("search.merges", f"has two token merges before one block ({blocks})",
                 "merge at most once per block boundary (type hw merges both sides)")
-        if cfg.strategy not in ("knapsack", "nvit", "magnitude"):
+        if cfg.strategy not in ("knapsack", "nvit"):
             bad("search.merges", f"is set with strategy '{cfg.strategy}'",
-                "fixed token merges go with the stepwise strategies (knapsack, nvit, magnitude)")
+                "token merges go with the knapsack and nvit strategies: use one of them or remove search.merges")
 
 
 def validate_config(cfg: RunConfig, source: str = "<config>") -> None:

@@ -27,15 +27,16 @@ def kd_loss(student_out, teacher_logits: torch.Tensor, y: torch.Tensor, alpha: f
     return total / len(heads)
 
 
-def hidden_loss(student_states: list, teacher_states: list, keep: list[int]) -> torch.Tensor:
+def hidden_loss(student_states: list, teacher_states: list, keep) -> torch.Tensor:
     """Hidden-state distillation: the mean over blocks of ``||s - t[..., keep]||^2 / ||t[..., keep]||^2``.
 
     Each pair is one kept teacher block's output in the student and in the teacher (B, tokens, channels); the
     student keeps the channels ``keep`` of the teacher's residual stream. Token by token while both have the
-    same tokens; after a token merge, their token means (a merge is a weighted average of tokens)."""
+    same tokens; after a token merge, their token means (a merge is a weighted average of tokens). ``keep``: a
+    list or index tensor, or None for every channel."""
     total = 0.0
     for s, t in zip(student_states, teacher_states):
-        t = t[..., keep]
+        t = t if keep is None else t.index_select(-1, torch.as_tensor(keep, device=t.device))
         if s.shape[1] != t.shape[1]:
             s, t = s.mean(1), t.mean(1)
         total = total + (s.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp_min(1e-12)
@@ -59,6 +60,10 @@ def make_kd_fn(teacher: torch.nn.Module, alpha: float, T: float, label_smoothing
                 t = teacher(x)
             return kd_loss(model(x), t, y, alpha, T, label_smoothing)
         m = getattr(model, "module", model)  # DDP
+        if id(m) not in cache:  # the student's channels, once per student, on its device (None: all of them)
+            keep = m.plan.embed_keep
+            cache[id(m)] = (None if len(keep) == m.plan.spec["embed_dim"] else
+                            torch.tensor(keep, device=next(m.parameters()).device))
         t_states, s_states = [], []
         hooks = [teacher.blocks[i].register_forward_hook(lambda mod, a, out: t_states.append(out))
                  for i in m.block_ids]
@@ -71,6 +76,7 @@ def make_kd_fn(teacher: torch.nn.Module, alpha: float, T: float, label_smoothing
             for h in hooks:
                 h.remove()
         return (kd_loss(out, t, y, alpha, T, label_smoothing)
-                + hidden_weight * hidden_loss(s_states, t_states, m.plan.embed_keep))
+                + hidden_weight * hidden_loss(s_states, t_states, cache[id(m)]))
 
+    cache: dict = {}
     return fn

@@ -30,7 +30,8 @@ from torch import nn
 
 from vitrim.pipeline.core.compact import CompactViT
 from vitrim.pipeline.core.config import SearchConfig, validate_search
-from vitrim.pipeline.search.base import BatchStream, SearchContext, SearchResult, Strategy, embed_floor, kd_adapt
+from vitrim.pipeline.search.base import (BatchStream, SearchContext, SearchResult, Strategy, embed_floor,
+                                         fixed_merge_plan, kd_adapt)
 from vitrim.pipeline.search.closed_loop import LoopResult, Measure, closed_loop, correct_plan, removed_pool
 from vitrim.pipeline.search.cost import Cost, LatencyCost, MacsCost, ParamsCost, is_latency_budget, resolve_budget
 from vitrim.pipeline.search.greedy import Ranking, knapsack_ratio, nvit_penalty, prune_to, refill
@@ -90,7 +91,7 @@ def run_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchConfig, 
 
 __all__ = [
     "STRATEGIES", "strategy", "searched_config", "run_search", "measured_align",
-    "Strategy", "SearchContext", "SearchResult", "BatchStream", "kd_adapt", "embed_floor",
+    "Strategy", "SearchContext", "SearchResult", "BatchStream", "kd_adapt", "embed_floor", "fixed_merge_plan",
     "StepwiseSearch", "Knapsack", "Nvit", "Magnitude", "Uniform", "uniform_plan", "MaskedSearch", "Slim", "Uvc",
     "fold_masks", "scale_embed",
     "GroupKey", "EMBED", "WIDTH_DIMS", "Candidate", "width_keys", "full_widths", "apply_removal", "apply_addition",

@@ -34,7 +34,7 @@ from vitrim.pipeline.core.data import TensorImages, make_loader
 from vitrim.pipeline.core.distill import make_kd_fn
 from vitrim.pipeline.core.errors import UserError
 from vitrim.pipeline.core.evaluate import top1
-from vitrim.pipeline.core.plan import Floors, Plan
+from vitrim.pipeline.core.plan import Floors, Plan, merge_valid
 from vitrim.pipeline.search.cost import Cost, resolve_budget
 from vitrim.pipeline.search.groups import apply_removal, floor_plan, masks_from_plan, merge_options
 from vitrim.pipeline.search.saliency import attach_gates, detach_gates, hessian_scores
@@ -85,6 +85,24 @@ def kd_adapt(student: nn.Module, kd: LossFn, next_batch: Batches, opt, iters: in
         nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
     student.eval()
+
+
+def fixed_merge_plan(spec: dict, cfg: SearchConfig) -> Plan:
+    """The teacher's widths with ``search.merges`` in place. A merge before a block the teacher lacks, or one that
+    halves a grid side of 1, is a UserError naming ``search.merges[k]`` (``vitrim run`` checks this before the
+    teacher and the table)."""
+    plan, depth = Plan.full(spec), spec["depth"]
+    for k, m in enumerate(cfg.merges or []):
+        i, kind = m["block"], m["type"]
+        if not 0 <= i < depth:
+            raise UserError("config", f"search.merges[{k}]: a merge before block {i}, but the teacher has blocks "
+                            f"0..{depth - 1}", "give each merge the index of the block it precedes")
+        grid = plan.block_grids()[i]
+        if not merge_valid(grid, kind):
+            raise UserError("config", f"search.merges[{k}]: merge '{kind}' before block {i} is impossible, the grid "
+                            f"there is {grid[0]}x{grid[1]}", "drop that merge or merge along a side longer than 1")
+        plan.set_merges({**plan.merges, i: kind})
+    return plan
 
 
 def embed_floor(cfg: SearchConfig, lut) -> int:
@@ -142,12 +160,9 @@ class SearchContext:
 
     def start_plan(self) -> Plan:
         """Where the search starts: the teacher's widths with the fixed merges (``search.merges``) in place."""
-        plan = Plan.full(self.spec)
-        fixed = self.fixed_merges()
-        if not fixed:
+        plan = fixed_merge_plan(self.spec, self.cfg)
+        if not plan.merges:
             return plan
-        plan.set_merges(fixed)
-        plan.check_tokens("search.merges")  # a block out of range or a side of 1 to halve: a UserError naming it
         if min(plan.block_tokens()) < self.min_tokens:
             raise UserError("search", f"search.merges leave {min(plan.block_tokens())} tokens, below the LUT's token "
                             f"axis {self.lut.grid.tokens}", "rebuild the LUT for this config, or merge less")

@@ -89,10 +89,11 @@ class StepwiseSearch(Strategy):
 
     def search(self, ctx: SearchContext) -> SearchResult:
         cfg, cost, budget, student = ctx.cfg, ctx.cost, ctx.budget, ctx.student
-        start = ctx.log_start()
+        ctx.log_start()
+        plan = ctx.start_plan()  # the teacher, with the fixed merges (search.merges) in place
+        start = cost.predict(plan)  # the steps' targets fall from here
         history = [{"step": 0, "cost": start, "val_top1": None, "removed": 0, "s": 0.0}]
         kd = ctx.kd
-        plan = ctx.start_plan()
         opt = torch.optim.AdamW([p for p in student.parameters()], lr=cfg.lr, weight_decay=0.0)
         steps = max(1, cfg.steps)
         removed_all: list[Candidate] = []
@@ -119,7 +120,7 @@ class StepwiseSearch(Strategy):
             for r in removed:
                 counts[r.dim] = counts.get(r.dim, 0) + 1
             rec = {"step": step, "target": target, "cost": c, "val_top1": acc, "removed": counts, "s": ctx.elapsed()}
-            if cfg.prune_tokens:
+            if cfg.prune_tokens or cfg.merges:
                 rec["merges"] = {str(i): t for i, t in plan.merges.items()}
                 rec["tokens"] = plan.block_tokens()
             if added:

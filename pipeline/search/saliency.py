@@ -116,9 +116,9 @@ def mean_loss(model: nn.Module, loss_fn, batches) -> float:
     return float(sum(float(loss_fn(model, x, y)) for x, y in batches) / max(1, len(batches)))
 
 
-def adapted_loss(model: CompactViT, merges: dict[int, str], loss_fn, batches: list,
-                 adapt: Callable[[nn.Module], None]) -> float:
-    """The mean loss on ``batches`` of a copy of ``model`` with token ``merges`` installed, after ``adapt(copy)``
+def adapted_losses(model: CompactViT, merges: dict[int, str], loss_fn, batches: list,
+                   adapt: Callable[[nn.Module], None]) -> torch.Tensor:
+    """The loss on each of ``batches`` of a copy of ``model`` with token ``merges`` installed, after ``adapt(copy)``
     (a few KD steps): the loss a merge leaves once the weights had a chance to repair it. ``model`` is untouched."""
     import copy
 
@@ -127,7 +127,7 @@ def adapted_loss(model: CompactViT, merges: dict[int, str], loss_fn, batches: li
     with torch.enable_grad():
         adapt(m)
     m.eval()
-    return mean_loss(m, loss_fn, batches)
+    return torch.tensor([float(loss_fn(m, x, y)) for x, y in batches], dtype=torch.float64)
 
 
 @torch.no_grad()
@@ -145,6 +145,9 @@ def merge_scores(model: CompactViT, gates: dict, loss_fn, batches: list, merges:
     merged network after ``adapt`` (a few KD steps on a copy, the same batches for
     every option) minus the loss of the unmerged network adapted alike; the width
     groups' calibration stays as it is (their saliency is the unadapted estimate).
+    An adapted ``d`` is a small difference of two noisy losses, often slightly
+    negative: it is floored at its standard error over the batches, so no merge
+    is priced as free because of the noise (a free merge would be taken first).
     """
     model.eval()
     base = mean_loss(model, loss_fn, batches)
@@ -156,9 +159,12 @@ def merge_scores(model: CompactViT, gates: dict, loss_fn, batches: list, merges:
         model.set_token_merges(merges)
         adapted_base = None
     else:
-        adapted_base = adapted_loss(model, merges, loss_fn, batches, adapt)
+        ref = adapted_losses(model, merges, loss_fn, batches, adapt)
+        adapted_base, floors = float(ref.mean()), {}
         for key in options:
-            raw[key] = adapted_loss(model, {**merges, key.block: key.type}, loss_fn, batches, adapt) - adapted_base
+            diff = adapted_losses(model, {**merges, key.block: key.type}, loss_fn, batches, adapt) - ref
+            se = float(diff.std() / len(diff) ** 0.5) if len(diff) > 1 else 0.0
+            raw[key], floors[key] = float(diff.mean()), se
     ratios = []
     for c in groups:
         g = gates[c.key]
@@ -173,12 +179,14 @@ def merge_scores(model: CompactViT, gates: dict, loss_fn, batches: list, merges:
             ratios.append(c.saliency / d ** 2)  # the gate saliency is quadratic in the loss change
     scale = float(torch.tensor(ratios, dtype=torch.float64).median()) if ratios else 1.0
     tol = 1e-6 * max(1.0, abs(base))  # float32 rounding of a mean loss: a change below it is no change
-    out = {k: scale * (v * v if v > tol else 0.0) for k, v in raw.items()}
+    priced = raw if adapt is None else {k: max(v, floors[k]) for k, v in raw.items()}
+    out = {k: scale * (v * v if v > tol else 0.0) for k, v in priced.items()}
     info = {"base_loss": base, "scale": scale, "calibration_groups": len(ratios),
             "scoring": "unadapted" if adapt is None else "adapted",
             "loss_increase": {f"{k.block}:{k.type}": v for k, v in raw.items()}}
     if adapted_base is not None:
         info["adapted_base_loss"] = adapted_base
+        info["noise_floor"] = {f"{k.block}:{k.type}": v for k, v in floors.items()}
     return out, info
 
 

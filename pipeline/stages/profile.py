@@ -24,7 +24,12 @@ def lut_tokens(cfg: RunConfig, spec: dict) -> Optional[list[int]]:
     s = cfg.search
     if not (s.prune_tokens or s.merges):
         return None
-    return token_axis(spec, cfg.profile.token_points, max(s.max_merges, len(s.merges or [])))
+    axis = token_axis(spec, cfg.profile.token_points, max(s.max_merges if s.prune_tokens else 0, len(s.merges or [])))
+    if s.merges:  # the counts the fixed merges give are measured, not interpolated
+        from vitrim.pipeline.search import fixed_merge_plan
+
+        axis = sorted(set(axis) | set(fixed_merge_plan(spec, s).block_tokens()))
+    return axis
 
 
 def spec_hash(spec: dict) -> str:

@@ -87,6 +87,12 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
                             f"{RunDir(cfg.export.baseline).manifest.name})",
                             "point it at the last release's directory, or leave export.baseline unset for a first release")
         verify_manifest(cfg.export.baseline)
+    if cfg.search.merges:  # fixed token merges checked on the architecture, before the teacher (it may train) and LUT
+        from vitrim.pipeline.core.models import create_model
+        from vitrim.pipeline.search import fixed_merge_plan
+
+        fixed_merge_plan(describe(create_model(cfg.model, load_checkpoint=False, pretrained=False), cfg.model.arch,
+                                  cfg.model.kwargs), cfg.search)
     timings: dict = {}
 
     t0 = time.time()
@@ -263,6 +269,7 @@ def run_curve(cfg: RunConfig, budgets: list[float], baselines: list[str], log: C
             c = copy.deepcopy(cfg)
             c.search.strategy = method
             c.search.prune_tokens = cfg.search.prune_tokens and strategy(method).merges_tokens  # others merge none
+            c.search.merges = cfg.search.merges if strategy(method).merges_tokens else None
             c.search.budget_fraction, c.search.budget_ms = b, None
             c.search.flops_fraction = c.search.params_fraction = None
             c.out_dir = str(base.curve_run(method, b).root)

@@ -144,11 +144,11 @@ def requested_ratio(cfg: RunConfig) -> float:
 
 class CorrectionWeights:
     """The weights the closed loop's corrections score and the run slices: the search's adapted weights at
-    round 0, and for every corrected plan those weights adapted to it with ``search.kd_iters`` KD steps
-    (issue 25: a re-pruned plan sliced from weights that never saw it lost half its accuracy at deep budgets).
+    round 0, and for every corrected plan the last round's weights adapted to it with ``search.kd_iters`` KD
+    steps (issue 25: a re-pruned plan sliced from weights that never saw it lost half its accuracy at deep budgets).
 
-    ``scores()`` gives the strategy's correction scores at the searched plan; ``adapt(plan)`` adapts a copy of
-    the last weights to ``plan`` and returns its scores; ``state(round)`` the weights of a measured round.
+    ``scores()`` gives the strategy's correction scores at the searched plan; ``adapt(plan)`` adapts the weights
+    to ``plan`` and returns their scores there; ``state(round)`` the weights of a measured round.
     """
 
     def __init__(self, cfg: RunConfig, teacher, res: SearchResult, train_ds):
@@ -184,6 +184,7 @@ class CorrectionWeights:
             self.teacher.cpu()
 
     def adapt(self, plan: Plan) -> dict:
+        """Adapt the weights (carrying on from the last round's) to ``plan``; returns their scores at ``plan``."""
         import torch
 
         from vitrim.pipeline.core.distill import make_kd_fn
@@ -203,6 +204,7 @@ class CorrectionWeights:
         finally:
             detach_gates(self.student)
             self.student.set_token_merges({})
+            self.teacher.cpu()
         self.states.append({k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()})
         return self.scores(plan)
 
@@ -217,17 +219,18 @@ def stage_closed_loop(cfg: RunConfig, teacher, lut, res: SearchResult, splits, o
     rd = RunDir(out_dir)
     scfg = res.config  # the strategy's constraints hold for its corrections too
     requested = requested_ratio(cfg)
-    weights = CorrectionWeights(cfg, teacher, res, splits.train)
-    scores = weights.scores() if scfg.measured_rounds else {}
+    weights = CorrectionWeights(cfg, teacher, res, splits.train) if scfg.measured_rounds else None
+    scores = weights.scores() if weights else {}
     loop = closed_loop(res.plan, lut, requested, lambda p: timer(p, res.state), scores, scfg, embed_floor(scfg, lut),
-                       log=log, adapt=weights.adapt)
+                       log=log, adapt=weights.adapt if weights else None)
     plan = loop.plan.validate(Floors.from_config(scfg))
     if loop.chosen_round:  # a corrected plan: slice the weights adapted to it (latency does not depend on them)
         from vitrim.pipeline.core.models import save_weights
 
         res.state = weights.state(loop.chosen_round)
         save_weights(res.state, rd.search_state)
-        log(f"[measure] round {loop.chosen_round}'s plan: its weights were adapted to it with {scfg.kd_iters} KD steps")
+        log(f"[measure] round {loop.chosen_round}'s plan: sliced from weights adapted to it ({scfg.kd_iters} KD steps "
+            "after each correction)")
     plan.save(rd.plan)
     info = {"requested": requested, "tolerance": scfg.measured_tolerance, "anchor": anchor,
             "converged": loop.converged, "chosen_round": loop.chosen_round, "rounds": loop.rounds}

@@ -118,7 +118,6 @@ def test_zero_align_is_refused():
 def test_the_recipe_and_merge_keys_are_checked():
     """Issue 25's keys: merge scoring, fixed merges, prune-finetune epochs, hidden-state distillation."""
     for bad, key in (("search.merge_scoring=learned", "search.merge_scoring"),
-                     ("search.merge_adapt_iters=0", "search.merge_adapt_iters"),
                      ("search.merges=[{block: 2}]", r"search.merges\[0\]"),
                      ("search.merges=[{block: 2, type: diag}]", r"search.merges\[0\]"),
                      ("search.merges=[{block: 2, type: hw}, {block: 2, type: w}]", "search.merges"),
@@ -128,6 +127,10 @@ def test_the_recipe_and_merge_keys_are_checked():
             load_config(None, [bad])
     with pytest.raises(UserError, match="search.merges"):
         load_config(None, ["search.strategy=uvc", "search.merges=[{block: 2, type: hw}]"])
+    with pytest.raises(UserError, match=r"search\.merge_adapt_iters"):
+        load_config(None, ["search.prune_tokens=true", "search.merge_adapt_iters=0"])
+    with pytest.raises(UserError, match=r"search\.merges\[0\]"):  # an unhashable type: a clean error, not a crash
+        load_config(None, ["search.merges=[{block: 2, type: [hw]}]"])
     cfg = load_config(None, ["search.merges=[{block: 4, type: hw}]", "search.merge_scoring=unadapted",
                              "search.step_epochs=0.5", "finetune.hidden_weight=1"])
     assert cfg.search.merges == [{"block": 4, "type": "hw"}] and cfg.finetune.hidden_weight == 1.0

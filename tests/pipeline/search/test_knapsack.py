@@ -89,11 +89,19 @@ def test_fixed_merges_stay_in_the_plan_and_the_widths_meet_the_budget(data):
     assert res.plan.merges == {1: "hw"} and lut.predict(res.plan) <= res.budget + 1e-9
     assert any(len(b.mlp) < spec["mlp_hidden"] or len(b.heads) < spec["num_heads"] for b in res.plan.blocks)
     assert slice_model(res.state, res.plan)(data.train[list(range(4))][0]).shape == (4, 10)
-    for bad, word in (([{"block": 5, "type": "hw"}], "block"), ([{"block": 1, "type": "hw"}, {"block": 1, "type": "w"}],
-                                                                "two token merges")):
+    for bad, word in (([{"block": 5, "type": "hw"}], r"search\.merges\[0\].*block 5"),
+                      ([{"block": 1, "type": "hw"}, {"block": 1, "type": "w"}], "two token merges")):
         with pytest.raises(UserError, match=word):
             run_search(copy.deepcopy(t), full_size_compact(t)[0], lut, SearchConfig(merges=bad), data.train, data.val,
                        batch_size=64, log=lambda s: None)
+    # a side of 1 halved: on a depth-3 teacher, h, h, h takes 4x4 to 2x4 to 1x4, and the third is impossible
+    from vitrim.pipeline.search import fixed_merge_plan
+
+    deep = describe(timm.create_model("vit_tiny_patch16_224", **dict(POOL_KW, depth=3)))
+    hh = [{"block": i, "type": "h"} for i in range(3)]
+    assert fixed_merge_plan(deep, SearchConfig(merges=hh[:2])).block_grids() == [(2, 4), (1, 4), (1, 4)]
+    with pytest.raises(UserError, match=r"search\.merges\[2\].*1x4"):
+        fixed_merge_plan(deep, SearchConfig(merges=hh))
 
 
 def test_step_epochs_fine_tune_between_pruning_steps(data, tiny_lut):

@@ -109,6 +109,22 @@ def test_impossible_budget_exits_nonzero_without_artifacts(tmp_path, fmnist_dir,
     assert not (run / "manifest.json").exists()
 
 
+def test_an_impossible_fixed_merge_exits_2_before_the_teacher_and_the_table(tmp_path, fmnist_dir, capsys):
+    """search.merges naming a block the teacher lacks, or two merges at one block, exits 2 naming search.merges
+    before any teacher is trained or table built (an empty cache stays empty). (A side of 1 halved is refused the
+    same way: tests/pipeline/search/test_knapsack.py.)"""
+    for merges, word in (("[{block: 5, type: hw}]", r"search\.merges\[0\].*block 5"),
+                         ("[{block: 0, type: hw}, {block: 1, type: hw}, {block: 1, type: w}]", r"search\.merges")):
+        cache_dir = tmp_path / "cache"
+        rc = main(["run", "configs/fmnist_cpu.yaml", *sets(tmp_path, [f"data.root={fmnist_dir}",
+                                                                     f"search.merges={merges}"], cache_dir)])
+        assert rc == 2
+        assert not cache_dir.exists() or not any(cache_dir.iterdir())
+        import re
+
+        assert re.search(word, capsys.readouterr().err), merges
+
+
 def test_help_lists_subcommands():
     p = subprocess.run([sys.executable, "-m", "vitrim.pipeline.cli", "--help"], cwd=ROOT, capture_output=True, text=True)
     for cmd in ("run", "train-teacher", "eval", "profile", "search", "slice", "finetune", "export", "verify-manifest"):
