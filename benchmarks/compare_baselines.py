@@ -264,8 +264,9 @@ def main() -> int:
                 params = a["plan"].num_params()
             acc = top1(student, splits.test, cfg.data.eval_batch_size)
             onnx_path = export_onnx(student.eval(), out / "onnx" / f"final_{method}_{f:g}.onnx", shape)
+            merges = "" if method == "torch-pruning" else ", ".join(f"{t}@{i}" for i, t in sorted(a["plan"].merges.items()))
             rows.append({"fraction": f, "method": method, "p": p, "onnx": str(onnx_path), "top1": acc, "params": params,
-                         "search_s": round(a["search_s"], 1), "finetune_s": round(time.time() - t0, 1)})
+                         "merges": merges, "search_s": round(a["search_s"], 1), "finetune_s": round(time.time() - t0, 1)})
             log(f"[bench] {method}@{f:g}: test top-1 {acc:.2f}% ({params / 1e6:.3f}M params)")
             atomic_write_json(out / "results.json", rows)
 
@@ -297,17 +298,17 @@ def main() -> int:
              f"final session) and fine-tuned with the same KD recipe ({cfg.finetune.epochs} epochs). Latency: median "
              f"of {args.repeats} runs per model over {args.rounds} round-robin visits, every model in one session.", "",
              f"| target | method | params (M) | measured ms | speedup | lat. vs {d} | test top-1 (%) | Δ vs teacher (pt) "
-             f"| {d} ahead by (pt) | search (s) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| {d} ahead by (pt) | merges (type@block) | search (s) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         if not r["onnx"]:
-            lines.append(f"| {r['fraction']:.0%} | {r['method']} | - | - | - | not reached | - | - | - | - |")
+            lines.append(f"| {r['fraction']:.0%} | {r['method']} | - | - | - | not reached | - | - | - | - | - |")
             continue
         name = r["method"] + (" (default)" if r["method"] == d else "")
         vs = r.get("vs_default_latency")
         ahead = "" if r["method"] == d else f"{r.get('vs_default_top1', float('nan')):+.2f}"
         lines.append(f"| {r['fraction']:.0%} | {name} | {r['params'] / 1e6:.3f} | {r['measured_ms']:.3f} | "
                      f"{r['speedup']:.2f}x | {'' if vs is None or r['method'] == d else f'{vs:+.1%}'} | {r['top1']:.2f} | "
-                     f"{r['delta']:+.2f} | {ahead} | {r['search_s']:.0f} |")
+                     f"{r['delta']:+.2f} | {ahead} | {r.get('merges') or '-'} | {r['search_s']:.0f} |")
     lines += ["", f"Wall time: {(time.time() - t_start) / 60:.1f} min."]
     table = "\n".join(lines) + "\n"
     atomic_write_text(out / "results.md", table)
