@@ -176,13 +176,19 @@ def test_planted_dead_embed_channels_go_first(data, planted_lut):
     assert embed_steps and embed_steps[0] == DEAD
 
 
-def test_informative_tokens_make_merges_costly(data):
-    """A model with its patch embedding intact: merging changes the output, so the loss rises."""
+def merge_setup(data):
+    """A tiny ViT with informative tokens, scored: (gated student, gates, KD loss, batches, every merge option of the
+    full plan, the width candidates that calibrate the merges' scale)."""
     t = random_init(timm.create_model("vit_tiny_patch16_224", **POOL_KW), seed=0, std=0.15)
     full = Plan.full(describe(t))
     student, gates, kd, batches, scores = scored(t, data, full)
-    options = merge_options(full, 2, 1)
-    groups = candidates(full, scores, Floors(), 8, 1, 8, True, True)
+    return (student, gates, kd, batches, merge_options(full, 2, 1),
+            candidates(full, scores, Floors(), 8, 1, 8, True, True))
+
+
+def test_informative_tokens_make_merges_costly(data):
+    """A model with its patch embedding intact: merging changes the output, so the loss rises."""
+    student, gates, kd, batches, options, groups = merge_setup(data)
     merges, info = merge_scores(student, gates, kd, batches, {}, options, groups)
     assert all(v > 0 for v in merges.values())
     assert max(info["loss_increase"].values()) > 1e-3
@@ -256,11 +262,7 @@ def test_adapted_merge_scoring_with_no_adaptation_is_the_unadapted_scoring(data)
     """The adapted scoring's plumbing: with an adaptation that changes nothing, every merge's loss change and the
     scale are the unadapted scoring's, and so is every score above its noise floor (the standard error of the
     change over the batches); the student scored is left as it was."""
-    t = random_init(timm.create_model("vit_tiny_patch16_224", **POOL_KW), seed=0, std=0.15)
-    full = Plan.full(describe(t))
-    student, gates, kd, batches, scores = scored(t, data, full)
-    options = merge_options(full, 2, 1)
-    groups = candidates(full, scores, Floors(), 8, 1, 8, True, True)
+    student, gates, kd, batches, options, groups = merge_setup(data)
     before = {k: v.clone() for k, v in student.state_dict().items()}
     plain, info0 = merge_scores(student, gates, kd, batches, {}, options, groups)
     same, info1 = merge_scores(student, gates, kd, batches, {}, options, groups, adapt=lambda m: None)
@@ -284,11 +286,7 @@ def test_adaptation_repairs_a_merge_and_lowers_its_price(data):
     """A merge of every 2x2 window before block 0 is a bulk change that KD repairs: after 30 KD steps (on other
     batches than the ones scored) of the merged network, its loss increase over the unmerged one adapted alike is
     well below the unadapted increase, and so is its price (measured: 0.17 unadapted, -0.002 adapted)."""
-    t = random_init(timm.create_model("vit_tiny_patch16_224", **POOL_KW), seed=0, std=0.15)
-    full = Plan.full(describe(t))
-    student, gates, kd, batches, scores = scored(t, data, full)
-    options = merge_options(full, 2, 1)
-    groups = candidates(full, scores, Floors(), 8, 1, 8, True, True)
+    student, gates, kd, batches, options, groups = merge_setup(data)
     plain, info0 = merge_scores(student, gates, kd, batches, {}, options, groups)
     other = [data.train[list(range(i * 64, (i + 1) * 64))] for i in range(2, 6)]  # not the batches scored on
     adapted, info1 = merge_scores(student, gates, kd, batches, {}, options, groups,
