@@ -19,19 +19,20 @@ from vitrim.pipeline.core.rundir import RunDir
                     reason="opt-in: VITRIM_TOKENS49=1 (needs the 49-token teacher: vitrim train-teacher "
                            "configs/fmnist_tokens_cpu.yaml, about 45 min on 2 cores)")
 def test_tokens49_run_is_fast_and_keeps_its_accuracy(tmp_path, fmnist_dir):
-    """At 20% of the teacher's latency, with searched merges priced after adaptation: the engine measures at least
-    3x faster than the teacher (5x asked) and loses at most 3 points (margin for the recipe and the machine), the
-    parity gate passes, and the search log says which scoring priced the merges."""
+    """At 35% of the teacher's latency, with searched merges priced after adaptation and a 2-epoch fine-tune: the
+    engine measures at least 2x faster than the teacher (about 3x asked) and loses at most 3 points (the benchmark's
+    1-epoch students lost 1.1-2.0), the parity gate passes, and the search log says which scoring priced merges."""
     from vitrim.pipeline.stages.run import run_pipeline
     from vitrim.pipeline.stages.teacher import teacher_path
 
-    cfg = load_config("configs/fmnist_tokens_cpu.yaml", [f"out_dir={tmp_path / 'run'}", f"data.root={fmnist_dir}",
-                                                         "finetune.epochs=2"])
+    # data.root stays the config's (null: $VITRIM_FMNIST_DIR or the Debian package): it is part of the teacher's key
+    cfg = load_config("configs/fmnist_tokens_cpu.yaml", [f"out_dir={tmp_path / 'run'}", "finetune.epochs=2",
+                                                         "search.budget_fraction=0.35"])
     if not teacher_path(cfg).is_file():
         pytest.skip(f"no 49-token teacher at {teacher_path(cfg)}: run `vitrim train-teacher "
                     "configs/fmnist_tokens_cpu.yaml` first")
     s = run_pipeline(cfg, log=lambda m: None, progress=False)
-    assert s["speedup"] >= 3.0 and s["delta_top1"] >= -3.0, (s["speedup"], s["delta_top1"])
+    assert s["speedup"] >= 2.0 and s["delta_top1"] >= -3.0, (s["speedup"], s["delta_top1"])
     rd = RunDir(tmp_path / "run")
     log = json.loads(rd.search_dir.search_log.read_text())
     assert all("merges" in step for step in log["steps"][1:])  # prune_tokens on: every step records its merges
