@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import os
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -161,19 +162,28 @@ class CorrectionWeights:
         self.student.load_state_dict(res.state)
         self.states = [res.state]  # by measured round
 
-    def _inputs(self):
-        from vitrim.pipeline.core.data import make_loader
+    @cached_property
+    def kd(self):
+        """The KD loss of the fine-tune's recipe (logits only: the correction is a search step)."""
         from vitrim.pipeline.core.distill import make_kd_fn
 
-        cfg, device = self.cfg, self.device
-        self.student.to(device)
-        self.teacher.to(device).eval()
-        loader = make_loader(self.train_ds, cfg.data.batch_size, shuffle=True, seed=self.res.config.seed + 1,
-                             drop_last=True, workers=cfg.data.workers, pin_memory=device.startswith("cuda"))
-        it = iter(loader)
-        n = max(1, min(self.res.config.saliency_batches, len(loader)))
-        return (make_kd_fn(self.teacher, cfg.finetune.alpha, cfg.finetune.temperature),
-                [tuple(t.to(device) for t in next(it)) for _ in range(n)])
+        return make_kd_fn(self.teacher, self.cfg.finetune.alpha, self.cfg.finetune.temperature)
+
+    def _to_device(self) -> None:
+        self.student.to(self.device)
+        self.teacher.to(self.device).eval()
+
+    def _stream(self, seed: int):
+        from vitrim.pipeline.search import BatchStream
+
+        return BatchStream(self.train_ds, self.cfg.data.batch_size, seed, self.device, self.cfg.data.workers)
+
+    def _inputs(self):
+        """(KD loss, the saliency batches) with the student and the teacher on the device."""
+        self._to_device()
+        stream = self._stream(self.res.config.seed + 1)
+        n = max(1, min(self.res.config.saliency_batches, len(self.train_ds) // self.cfg.data.batch_size))
+        return self.kd, [stream() for _ in range(n)]
 
     def scores(self, plan: Optional[Plan] = None) -> dict:
         """The strategy's correction scores of the current weights at ``plan`` (default: the searched plan)."""
@@ -187,20 +197,15 @@ class CorrectionWeights:
         """Adapt the weights (carrying on from the last round's) to ``plan``; returns their scores at ``plan``."""
         import torch
 
-        from vitrim.pipeline.core.distill import make_kd_fn
-        from vitrim.pipeline.search import BatchStream, attach_gates, detach_gates, kd_adapt, masks_from_plan
+        from vitrim.pipeline.search import attach_gates, detach_gates, kd_adapt, masks_from_plan
 
-        scfg, cfg = self.res.config, self.cfg
-        self.student.to(self.device)
-        self.teacher.to(self.device).eval()
+        scfg = self.res.config
+        self._to_device()
         attach_gates(self.student, masks_from_plan(plan))
         self.student.set_token_merges(plan.merges)
         opt = torch.optim.AdamW(self.student.parameters(), lr=scfg.lr, weight_decay=0.0)
-        stream = BatchStream(self.train_ds, cfg.data.batch_size, scfg.seed + 1 + len(self.states), self.device,
-                             cfg.data.workers)
         try:
-            kd_adapt(self.student, make_kd_fn(self.teacher, cfg.finetune.alpha, cfg.finetune.temperature), stream,
-                     opt, scfg.kd_iters)
+            kd_adapt(self.student, self.kd, self._stream(scfg.seed + 1 + len(self.states)), opt, scfg.kd_iters)
         finally:
             detach_gates(self.student)
             self.student.set_token_merges({})
