@@ -14,6 +14,8 @@ ORT-CPU latency) every method is matched to the same measured latency:
      primal-dual budget with block skipping; budget bisected);
    * ``magnitude``: L1 weight magnitude in the same loop (budget bisected);
    * ``uniform``: one width fraction for every block (budget bisected);
+   * ``compound``: one fraction for the depth (evenly spaced blocks), every width and the embedding: the
+     block-skipping baseline of the deep end (budget bisected);
    * ``torch-pruning``: Torch-Pruning's MetaPruner, Taylor importance, one
      ratio for every layer, ``round_to=8`` (ratio bisected).
 
@@ -41,7 +43,7 @@ The Torch-Pruning row is fine-tuned with logit KD only (``finetune.hidden_weight
 needs a sliced vitrim student).
 
     python benchmarks/compare_baselines.py configs/fmnist_tokens_cpu.yaml --out runs/bench49 \
-        --fractions 0.35,0.2,0.1 --methods merges,widths,merges-unadapted,forced-merge,uniform,magnitude,torch-pruning
+        --fractions 0.35,0.2,0.1 --methods merges,widths,merges-unadapted,forced-merge,uniform,compound,magnitude,torch-pruning
 """
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ from vitrim.export.onnx import export_onnx
 from vitrim.export.runners import OrtCpuRunner, interleaved, time_interleaved
 from vitrim.pipeline.core.config import load_config
 from vitrim.pipeline.core.data import build_splits
-from vitrim.pipeline.core.errors import UserError
+from vitrim.pipeline.core.errors import UnreachableBudget, UserError
 from vitrim.pipeline.core.evaluate import top1
 from vitrim.pipeline.core.io import atomic_write_json, atomic_write_text
 from vitrim.pipeline.core.models import describe
@@ -188,9 +190,7 @@ def main() -> int:
             try:
                 res = run_search(teacher, student, lut, c, splits.train, splits.val, batch_size=cfg.data.batch_size,
                                  kd_alpha=cfg.finetune.alpha, kd_T=cfg.finetune.temperature, log=quiet)
-            except UserError as e:  # below this method's reachable floor; anything else is an error to show
-                if "reach" not in str(e):
-                    raise
+            except UnreachableBudget:  # below this method's reachable floor; any other error is shown
                 return None
             path = export_onnx(slice_model(res.state, res.plan), out / "onnx" / f"{strategy}_{p:.5f}.onnx", shape)
             artifacts[(strategy, p)] = {"onnx": path, "plan": res.plan, "state": res.state, "search_s": res.wall_s}
@@ -336,7 +336,9 @@ def method_overrides(method: str, search, spec: dict) -> dict:
                 "merge_scoring": "adapted" if method == "merges" else "unadapted"}
     if method == "forced-merge":
         return {"strategy": "knapsack", "prune_tokens": False, "merges": [{"block": spec["depth"] // 2, "type": "hw"}]}
-    return {"strategy": method, "prune_tokens": search.prune_tokens and strategy(method).merges_tokens, "merges": None}
+    s = strategy(method)
+    return {"strategy": method, "prune_tokens": search.prune_tokens and s.merges_tokens, "merges": None,
+            "step_epochs": search.step_epochs if s.stepwise else 0.0}
 
 
 def torch_pruning_model(teacher: torch.nn.Module, ratio: float, x_cal: torch.Tensor, y_cal: torch.Tensor):

@@ -143,14 +143,15 @@ class ProfileConfig:
     remeasure_spread_pct: float = 3.0
 
 
-STRATEGIES = ("knapsack", "nvit", "slim", "uvc", "uniform", "magnitude")
+STRATEGIES = ("knapsack", "nvit", "slim", "uvc", "uniform", "magnitude", "compound")
+STEPWISE = ("knapsack", "nvit", "magnitude")  # the strategies that prune in steps (search.step_epochs)
 
 
 @dataclass
 class SearchConfig:
     """Latency-aware structural search (NViT)."""
 
-    strategy: str = "knapsack"  # knapsack | nvit | slim | uvc | uniform | magnitude (STRATEGIES)
+    strategy: str = "knapsack"  # knapsack | nvit | slim | uvc | uniform | magnitude | compound (STRATEGIES)
     # Exactly one budget. None of them set: budget_fraction = DEFAULT_BUDGET_FRACTION.
     budget_ms: Optional[float] = None
     budget_fraction: Optional[float] = None  # of the teacher's predicted latency
@@ -451,6 +452,9 @@ def validate_search(cfg: SearchConfig, source: str = "<config>") -> None:
             "use at least 1 KD step (10 is the default), or merge_scoring: unadapted")
     if not cfg.step_epochs >= 0:
         bad("search.step_epochs", f"is {cfg.step_epochs}", "use 0 (short KD only) or a number of epochs")
+    if cfg.step_epochs and cfg.strategy not in STEPWISE:
+        bad("search.step_epochs", f"is {cfg.step_epochs} with strategy '{cfg.strategy}', which does not prune in steps",
+            f"use it with {', '.join(STEPWISE)}, or set step_epochs: 0")
     if cfg.merges is not None:
         from vitrim.pipeline.core.plan import MERGE_TYPES
 

@@ -47,6 +47,17 @@ class UserError(VitrimError):
         return (type(self), (self.stage, self.what, self.fix))
 
 
+class UnreachableBudget(UserError):
+    """A budget below what a strategy's plans can reach (its floors, or where its search stopped). A benchmark
+    that bisects budgets treats it as "this method does not reach that point"; every other UserError is shown."""
+
+    def __init__(self, what: str, fix: str | None = None):
+        super().__init__("search", what, fix)
+
+    def __reduce__(self):
+        return (type(self), (self.what, self.fix))
+
+
 EXIT_PASS = 0
 EXIT_INTERNAL = 1
 EXIT_USER = 2

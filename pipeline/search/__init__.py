@@ -12,6 +12,7 @@ knapsack      HALP's knapsack on NViT's Hessian saliency        :mod:`.knapsack`
 nvit          NViT's latency-regularised ranking                :mod:`.knapsack`
 magnitude     the knapsack loop on L1 magnitude (width only)    :mod:`.knapsack`
 uniform       one width fraction for every block               :mod:`.uniform`
+compound      one fraction for the depth and every width        :mod:`.compound`
 slim          ViT-Slim's latency-weighted l1 masks              :mod:`.slim`
 uvc           UVC's Gumbel gates, dual ascent, block skipping   :mod:`.uvc`
 ============  ===============================================  ==========================
@@ -33,6 +34,7 @@ from vitrim.pipeline.core.config import SearchConfig, validate_search
 from vitrim.pipeline.search.base import (BatchStream, SearchContext, SearchResult, Strategy, embed_floor,
                                          fixed_merge_plan, kd_adapt)
 from vitrim.pipeline.search.closed_loop import LoopResult, Measure, closed_loop, correct_plan, removed_pool
+from vitrim.pipeline.search.compound import Compound, evenly_spaced
 from vitrim.pipeline.search.cost import Cost, LatencyCost, MacsCost, ParamsCost, is_latency_budget, resolve_budget
 from vitrim.pipeline.search.greedy import Ranking, knapsack_ratio, nvit_penalty, prune_to, refill
 from vitrim.pipeline.search.groups import (EMBED, WIDTH_DIMS, Candidate, GroupKey, apply_addition, apply_removal,
@@ -46,7 +48,7 @@ from vitrim.pipeline.search.slim import Slim, fold_masks, scale_embed
 from vitrim.pipeline.search.uniform import Uniform, uniform_plan
 from vitrim.pipeline.search.uvc import Uvc
 
-STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Knapsack, Nvit, Slim, Uvc, Uniform, Magnitude)}
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Knapsack, Nvit, Slim, Uvc, Uniform, Magnitude, Compound)}
 
 
 def strategy(name: str) -> type[Strategy]:
@@ -92,7 +94,7 @@ def run_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchConfig, 
 __all__ = [
     "STRATEGIES", "strategy", "searched_config", "run_search", "measured_align",
     "Strategy", "SearchContext", "SearchResult", "BatchStream", "kd_adapt", "embed_floor", "fixed_merge_plan",
-    "StepwiseSearch", "Knapsack", "Nvit", "Magnitude", "Uniform", "uniform_plan", "MaskedSearch", "Slim", "Uvc",
+    "StepwiseSearch", "Knapsack", "Nvit", "Magnitude", "Uniform", "uniform_plan", "Compound", "evenly_spaced", "MaskedSearch", "Slim", "Uvc",
     "fold_masks", "scale_embed",
     "GroupKey", "EMBED", "WIDTH_DIMS", "Candidate", "width_keys", "full_widths", "apply_removal", "apply_addition",
     "floor_plan", "masks_from_plan", "merge_options", "candidates",

@@ -9,6 +9,7 @@ a method or a class attribute here, never a test of the strategy's name:
   to the search and to every later correction of its plan;
 * ``merges_tokens``: it searches token merges (``search.prune_tokens``);
 * ``correctable``: the closed loop may correct its plan (it has per-group scores);
+* ``stepwise``: it prunes in ``search.steps`` steps with KD between them (``search.step_epochs``);
 * :meth:`Strategy.search`: the plan;
 * :meth:`Strategy.correction_scores`: the per-group scores the closed loop
   corrects its plan with.
@@ -32,7 +33,7 @@ from vitrim.pipeline.core.compact import CompactViT
 from vitrim.pipeline.core.config import SearchConfig
 from vitrim.pipeline.core.data import TensorImages, make_loader
 from vitrim.pipeline.core.distill import make_kd_fn
-from vitrim.pipeline.core.errors import UserError
+from vitrim.pipeline.core.errors import UnreachableBudget, UserError
 from vitrim.pipeline.core.evaluate import top1
 from vitrim.pipeline.core.plan import Floors, Plan, merge_valid
 from vitrim.pipeline.search.cost import Cost, resolve_budget
@@ -196,7 +197,7 @@ class SearchContext:
         cfg, fl, unit = self.cfg, self.floors, self.cost.unit
         lower = self.cost.predict(self.smallest_plan())
         if self.budget < lower:
-            raise UserError("search", f"budget {self.budget:.3f} {unit} ({self.desc}) is below the smallest reachable "
+            raise UnreachableBudget(f"budget {self.budget:.3f} {unit} ({self.desc}) is below the smallest reachable "
                             f"{lower:.3f} {unit} for strategy {cfg.strategy} (floors: heads>={fl.heads}, QK>={fl.qk}, "
                             f"V>={fl.v}, MLP>={fl.mlp}, embed>={self.e_min}, "
                             f"blocks>={cfg.min_blocks if cfg.prune_blocks else self.spec['depth']}"
@@ -250,6 +251,7 @@ class Strategy:
     constraints: ClassVar[dict] = {}  # config values it always searches (and is corrected) under
     merges_tokens: ClassVar[bool] = False  # it searches token merges (search.prune_tokens)
     correctable: ClassVar[bool] = True  # the closed loop may correct its plan (it has per-group scores)
+    stepwise: ClassVar[bool] = False  # it prunes in steps, with KD between them (search.step_epochs)
 
     @classmethod
     def searched_config(cls, cfg: SearchConfig) -> SearchConfig:

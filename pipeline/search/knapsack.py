@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 
 from vitrim.pipeline.core.config import SearchConfig
-from vitrim.pipeline.core.errors import UserError
+from vitrim.pipeline.core.errors import UnreachableBudget
 from vitrim.pipeline.core.plan import Plan
 from vitrim.pipeline.search.base import SearchContext, SearchResult, Strategy, kd_adapt
 from vitrim.pipeline.search.greedy import Ranking, knapsack_ratio, nvit_penalty, prune_to, refill
@@ -49,6 +49,8 @@ from vitrim.pipeline.search.saliency import attach_gates, hessian_scores, merge_
 class StepwiseSearch(Strategy):
     """Score, prune to the step's target, adapt with KD; ``search.steps`` times. Subclasses pick the
     scores (:meth:`scores`) and the ranking (:meth:`ranking`)."""
+
+    stepwise = True
 
     def ranking(self, cfg: SearchConfig) -> Ranking:
         """How :func:`~vitrim.pipeline.search.greedy.prune_to` orders the candidates (one per call)."""
@@ -130,7 +132,7 @@ class StepwiseSearch(Strategy):
                     + (f", put back {len(added)} groups to fill the budget" if added else "")
                     + f", val top-1 {acc:.2f}%")
         if cost.predict(plan) > budget + 1e-9:
-            raise UserError("search", f"could not reach the budget {budget:.3f} {cost.unit}; stopped at "
+            raise UnreachableBudget(f"could not reach the budget {budget:.3f} {cost.unit}; stopped at "
                             f"{cost.predict(plan):.3f}", "raise the budget, lower the floors or allow block/embed pruning")
         return ctx.result(plan, history, **({"merge_saliency": merge_log} if merge_log else {}))
 

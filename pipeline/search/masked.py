@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from vitrim.pipeline.core.errors import UserError
+from vitrim.pipeline.core.errors import UnreachableBudget
 from vitrim.pipeline.core.plan import BlockPlan, Floors, Plan
 from vitrim.pipeline.search.base import SearchContext, SearchResult, Strategy, kd_adapt
 from vitrim.pipeline.search.cost import Cost
@@ -157,7 +157,7 @@ class MaskedSearch(Strategy):
 
         plan, gap = self.final_plan(ctx)
         if cost.predict(plan) > budget + 1e-9:
-            raise UserError("search", f"{cfg.strategy} could not reach the budget {budget:.3f} {cost.unit}; stopped "
+            raise UnreachableBudget(f"{cfg.strategy} could not reach the budget {budget:.3f} {cost.unit}; stopped "
                             f"at {cost.predict(plan):.3f}", "raise the budget, lower the floors or use strategy knapsack")
         self.hand_on(ctx)
         detach_gates(student)

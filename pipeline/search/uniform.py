@@ -6,42 +6,51 @@ closed loop leaves its plan as it is (``correctable = False``).
 from __future__ import annotations
 
 import time
+from typing import Callable, Optional
 
 from vitrim.pipeline.core.compact import CompactViT
 from vitrim.pipeline.core.config import SearchConfig
-from vitrim.pipeline.core.errors import UserError
+from vitrim.pipeline.core.errors import UnreachableBudget
 from vitrim.pipeline.core.plan import BlockPlan, Floors, Plan
 from vitrim.pipeline.search.base import SearchContext, SearchResult, Strategy
 from vitrim.pipeline.search.cost import Cost
-from vitrim.pipeline.search.groups import GroupKey
+from vitrim.pipeline.search.groups import EMBED, GroupKey
 from vitrim.pipeline.search.saliency import magnitude_scores
 
 
-def uniform_plan(teacher_state_model: CompactViT, spec: dict, cost: Cost, budget: float, cfg: SearchConfig) -> Plan:
-    """One width fraction for every block's heads, QK, V and MLP (units ranked by L1)."""
-    mags = magnitude_scores(teacher_state_model)
-    fl = Floors.from_config(cfg)
-    a = cfg.align
+def scaled_width(full: int, f: float, floor: int, align: int) -> int:
+    """``f`` of ``full`` units, aligned, at least ``floor`` (and one alignment step), at most ``full``."""
+    w = max(floor, int(round(full * f / align)) * align)
+    return min(full, max(w, align if full >= align else 1))
 
-    def width(full: int, f: float, floor: int, align: int) -> int:
-        w = max(floor, int(round(full * f / align)) * align)
-        return min(full, max(w, align if full >= align else 1))
 
-    def make(f: float) -> Plan:
-        blocks = []
-        for i in range(spec["depth"]):
-            dims = {"heads": width(spec["num_heads"], f, fl.heads, 1), "qk": width(spec["head_dim"], f, fl.qk, a),
-                    "v": width(spec["head_dim"], f, fl.v, a), "mlp": width(spec["mlp_hidden"], f, fl.mlp, a)}
-            kept = {}
-            for dim, n in dims.items():
-                sc = mags[GroupKey(dim, i)]
-                kept[dim] = sorted(sorted(range(len(sc)), key=lambda u: (-float(sc[u]), u))[:n])
-            blocks.append(BlockPlan(True, kept["heads"], kept["qk"], kept["v"], kept["mlp"]))
-        return Plan(spec=dict(spec), embed_keep=list(range(spec["embed_dim"])), blocks=blocks)
+def scaled_plan(mags: dict, spec: dict, cfg: SearchConfig, f: float, blocks: Optional[list[int]] = None,
+                embed: Optional[int] = None) -> Plan:
+    """The fraction ``f`` of every kept block's heads, QK, V and MLP units (the largest by L1, ``mags``); the blocks
+    ``blocks`` kept (default all), the ``embed`` largest embedding channels (default all)."""
+    fl, a = Floors.from_config(cfg), cfg.align
+    kept_blocks = set(range(spec["depth"]) if blocks is None else blocks)
 
-    if cost.predict(make(0.0)) > budget:
-        raise UserError("search", f"uniform width scaling cannot reach the budget {budget:.3f} {cost.unit} "
-                        f"(smallest uniform plan: {cost.predict(make(0.0)):.3f})", "raise the budget or use strategy knapsack")
+    def top(key: GroupKey, n: int) -> list[int]:
+        sc = mags[key]
+        return sorted(sorted(range(len(sc)), key=lambda u: (-float(sc[u]), u))[:n])
+
+    out = []
+    for i in range(spec["depth"]):
+        if i not in kept_blocks:
+            out.append(BlockPlan(False))
+            continue
+        dims = {"heads": scaled_width(spec["num_heads"], f, fl.heads, 1),
+                "qk": scaled_width(spec["head_dim"], f, fl.qk, a), "v": scaled_width(spec["head_dim"], f, fl.v, a),
+                "mlp": scaled_width(spec["mlp_hidden"], f, fl.mlp, a)}
+        kept = {dim: top(GroupKey(dim, i), n) for dim, n in dims.items()}
+        out.append(BlockPlan(True, kept["heads"], kept["qk"], kept["v"], kept["mlp"]))
+    embed_keep = list(range(spec["embed_dim"])) if embed is None else top(EMBED, embed)
+    return Plan(spec=dict(spec), embed_keep=embed_keep, blocks=out)
+
+
+def bisect_scale(make: Callable[[float], Plan], cost: Cost, budget: float) -> Plan:
+    """The plan ``make(f)`` with the largest ``f`` in [0, 1] under ``budget`` (its cost grows with ``f``)."""
     lo, hi = 0.0, 1.0
     for _ in range(30):
         mid = (lo + hi) / 2
@@ -52,18 +61,32 @@ def uniform_plan(teacher_state_model: CompactViT, spec: dict, cost: Cost, budget
     return make(lo)
 
 
+def uniform_plan(teacher_state_model: CompactViT, spec: dict, cost: Cost, budget: float, cfg: SearchConfig) -> Plan:
+    """One width fraction for every block's heads, QK, V and MLP (units ranked by L1)."""
+    mags = magnitude_scores(teacher_state_model)
+    make = lambda f: scaled_plan(mags, spec, cfg, f)  # noqa: E731
+    if cost.predict(make(0.0)) > budget:
+        raise UnreachableBudget(f"uniform width scaling cannot reach the budget {budget:.3f} {cost.unit} "
+                                f"(smallest uniform plan: {cost.predict(make(0.0)):.3f})",
+                                "raise the budget or use strategy knapsack (or compound, which skips blocks)")
+    return bisect_scale(make, cost, budget)
+
+
 class Uniform(Strategy):
     """Uniform width scaling: the same kept fraction in every block; the weights are the teacher's."""
 
     name = "uniform"
     correctable = False
 
+    def plan(self, ctx: SearchContext) -> Plan:
+        return uniform_plan(ctx.student, ctx.spec, ctx.cost, ctx.budget, ctx.cfg)
+
     def search(self, ctx: SearchContext) -> SearchResult:
-        cost, budget = ctx.cost, ctx.budget
+        cost = ctx.cost
         start = ctx.log_start()
         history = [{"step": 0, "cost": start, "val_top1": None, "removed": 0, "s": 0.0}]
-        plan = uniform_plan(ctx.student, ctx.spec, cost, budget, ctx.cfg)
+        plan = self.plan(ctx)
         history.append({"step": 1, "cost": cost.predict(plan), "val_top1": None, "removed": None, "s": ctx.elapsed()})
-        plan.meta = {"strategy": self.name, "budget": budget, "unit": cost.unit, "predicted": cost.predict(plan)}
-        return SearchResult(plan, {k: v.clone() for k, v in ctx.student.state_dict().items()}, history, budget,
+        plan.meta = {"strategy": self.name, "budget": ctx.budget, "unit": cost.unit, "predicted": cost.predict(plan)}
+        return SearchResult(plan, {k: v.clone() for k, v in ctx.student.state_dict().items()}, history, ctx.budget,
                             cost.unit, ctx.desc, time.time() - ctx.t0, ctx.cfg)

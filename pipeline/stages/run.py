@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from vitrim.pipeline.core.config import RunConfig, config_hash, save_resolved
+from vitrim.pipeline.core.errors import UnreachableBudget
 from vitrim.pipeline.core.io import atomic_write_json
 from vitrim.pipeline.core.rundir import RunDir
 
@@ -270,6 +271,7 @@ def run_curve(cfg: RunConfig, budgets: list[float], baselines: list[str], log: C
             c.search.strategy = method
             c.search.prune_tokens = cfg.search.prune_tokens and strategy(method).merges_tokens  # others merge none
             c.search.merges = cfg.search.merges if strategy(method).merges_tokens else None
+            c.search.step_epochs = cfg.search.step_epochs if strategy(method).stepwise else 0.0
             c.search.budget_fraction, c.search.budget_ms = b, None
             c.search.flops_fraction = c.search.params_fraction = None
             c.out_dir = str(base.curve_run(method, b).root)
@@ -277,11 +279,7 @@ def run_curve(cfg: RunConfig, budgets: list[float], baselines: list[str], log: C
             log(f"[curve] {method} at {b:g} of the teacher's latency -> {c.out_dir}")
             try:
                 s = run_pipeline(c, log=log)
-            except Exception as e:  # one unreachable point (e.g. uniform at a tiny budget) must not sink the curve
-                from vitrim.pipeline.core.errors import UserError
-
-                if not isinstance(e, UserError):
-                    raise
+            except UnreachableBudget as e:  # one unreachable point (uniform at a tiny budget) must not sink the curve
                 log(f"[curve] skipped {method}@{b:g}: {e}")
                 continue
             rows.append({"method": method, "budget": b, "predicted_ms": s["student"]["predicted_ms"],

@@ -2,7 +2,7 @@
 import pytest
 
 from vitrim.pipeline.core import config
-from vitrim.pipeline.core.errors import UserError
+from vitrim.pipeline.core.errors import UnreachableBudget, UserError
 from vitrim.pipeline.search import STRATEGIES, searched_config, strategy
 from tests.pipeline.search.helpers import cfg, search, teacher
 
@@ -46,5 +46,5 @@ def test_two_budgets_in_a_search_config_are_refused(data, tiny_lut):
 @pytest.mark.parametrize("name", ["knapsack", "uvc"])
 def test_impossible_budget_is_refused(data, tiny_lut, name):
     lut, _ = tiny_lut
-    with pytest.raises(UserError, match="below the smallest reachable"):
+    with pytest.raises(UnreachableBudget, match="below the smallest reachable"):  # a benchmark's "not reached"
         search(teacher(), lut, data, cfg(strategy=name, budget_fraction=None, budget_ms=1e-4))
