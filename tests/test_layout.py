@@ -198,7 +198,7 @@ def test_cycle_check_catches_a_cycle(tmp_path):
 
 # --- strategies register; keys are typed; run artifacts are named in one place ----------------------------------
 
-STRATEGY_NAMES = ("knapsack", "nvit", "slim", "uvc", "uniform", "magnitude")
+STRATEGY_NAMES = ("knapsack", "nvit", "slim", "uvc", "uniform", "magnitude", "compound")
 # the registry, and the config's validation of the names it accepts
 REGISTRY = {ROOT / "pipeline" / "search" / "__init__.py", ROOT / "pipeline" / "core" / "config.py"}
 

@@ -145,6 +145,7 @@ class ProfileConfig:
 
 STRATEGIES = ("knapsack", "nvit", "slim", "uvc", "uniform", "magnitude", "compound")
 STEPWISE = ("knapsack", "nvit", "magnitude")  # the strategies that prune in steps (search.step_epochs)
+MERGING = ("knapsack", "nvit")  # the strategies that search token merges (search.prune_tokens, search.merges)
 
 
 @dataclass
@@ -442,7 +443,7 @@ def validate_search(cfg: SearchConfig, source: str = "<config>") -> None:
     for k in ("steps", "saliency_batches", "min_heads", "min_blocks", "max_merges"):
         if getattr(cfg, k) < 1:
             bad(f"search.{k}", f"is {getattr(cfg, k)}", "use a value >= 1")
-    if cfg.prune_tokens and cfg.strategy not in ("knapsack", "nvit"):
+    if cfg.prune_tokens and cfg.strategy not in MERGING:
         bad("search.prune_tokens", f"is true with strategy '{cfg.strategy}'",
             "token merges are searched by the knapsack and nvit strategies: use one of them or set prune_tokens: false")
     if cfg.merge_scoring not in ("adapted", "unadapted"):
@@ -469,7 +470,7 @@ def validate_search(cfg: SearchConfig, source: str = "<config>") -> None:
         if len(set(blocks)) < len(blocks):
             bad("search.merges", f"has two token merges before one block ({blocks})",
                 "merge at most once per block boundary (type hw merges both sides)")
-        if cfg.strategy not in ("knapsack", "nvit"):
+        if cfg.strategy not in MERGING:
             bad("search.merges", f"is set with strategy '{cfg.strategy}'",
                 "token merges go with the knapsack and nvit strategies: use one of them or remove search.merges")
 

@@ -33,7 +33,7 @@ class UserError(VitrimError):
         if what is None:
             # One-argument form: torch's DataLoader re-raises a worker's exception as
             # ``type(e)(formatted_traceback)``; keep only the original message.
-            msg = stage.rsplit("UserError: ", 1)[-1].strip()
+            msg = stage.rsplit(f"{type(self).__name__}: ", 1)[-1].strip()
             self.stage, self.what, self.fix = "data", msg, None
             super().__init__(msg)
             return

@@ -16,7 +16,6 @@ loop leaves its plan as it is.
 """
 from __future__ import annotations
 
-from vitrim.pipeline.core.errors import UnreachableBudget
 from vitrim.pipeline.core.plan import Plan
 from vitrim.pipeline.search.base import SearchContext
 from vitrim.pipeline.search.saliency import magnitude_scores
@@ -38,8 +37,8 @@ class Compound(Uniform):
     name = "compound"
     constraints = {"prune_blocks": True}  # it skips blocks by construction
 
-    def plan(self, ctx: SearchContext) -> Plan:
-        spec, cfg, cost, budget = ctx.spec, ctx.cfg, ctx.cost, ctx.budget
+    def plan(self, ctx: SearchContext) -> tuple[Plan, float]:
+        spec, cfg = ctx.spec, ctx.cfg
         mags = magnitude_scores(ctx.student)
         depth, E = spec["depth"], spec["embed_dim"]
 
@@ -48,7 +47,4 @@ class Compound(Uniform):
             embed = scaled_width(E, s, ctx.e_min, cfg.align) if cfg.prune_embed else None
             return scaled_plan(mags, spec, cfg, s, evenly_spaced(depth, n), embed)
 
-        if cost.predict(make(0.0)) > budget:
-            raise UnreachableBudget(f"compound scaling cannot reach the budget {budget:.3f} {cost.unit} (smallest "
-                                    f"compound plan: {cost.predict(make(0.0)):.3f})", "raise the budget")
-        return bisect_scale(make, cost, budget)
+        return bisect_scale(make, ctx.cost, ctx.budget, "compound scaling", "raise the budget")

@@ -5,7 +5,6 @@ closed loop leaves its plan as it is (``correctable = False``).
 """
 from __future__ import annotations
 
-import time
 from typing import Callable, Optional
 
 from vitrim.pipeline.core.compact import CompactViT
@@ -49,8 +48,13 @@ def scaled_plan(mags: dict, spec: dict, cfg: SearchConfig, f: float, blocks: Opt
     return Plan(spec=dict(spec), embed_keep=embed_keep, blocks=out)
 
 
-def bisect_scale(make: Callable[[float], Plan], cost: Cost, budget: float) -> Plan:
-    """The plan ``make(f)`` with the largest ``f`` in [0, 1] under ``budget`` (its cost grows with ``f``)."""
+def bisect_scale(make: Callable[[float], Plan], cost: Cost, budget: float, what: str, fix: str
+                 ) -> tuple[Plan, float]:
+    """The plan ``make(f)`` with the largest ``f`` in [0, 1] under ``budget`` (its cost grows with ``f``), and ``f``.
+    An UnreachableBudget naming ``what`` (the scaling) when even ``make(0)`` is over the budget."""
+    if cost.predict(make(0.0)) > budget:
+        raise UnreachableBudget(f"{what} cannot reach the budget {budget:.3f} {cost.unit} (its smallest plan: "
+                                f"{cost.predict(make(0.0)):.3f})", fix)
     lo, hi = 0.0, 1.0
     for _ in range(30):
         mid = (lo + hi) / 2
@@ -58,18 +62,15 @@ def bisect_scale(make: Callable[[float], Plan], cost: Cost, budget: float) -> Pl
             lo = mid
         else:
             hi = mid
-    return make(lo)
+    return make(lo), lo
 
 
-def uniform_plan(teacher_state_model: CompactViT, spec: dict, cost: Cost, budget: float, cfg: SearchConfig) -> Plan:
-    """One width fraction for every block's heads, QK, V and MLP (units ranked by L1)."""
+def uniform_plan(teacher_state_model: CompactViT, spec: dict, cost: Cost, budget: float, cfg: SearchConfig
+                 ) -> tuple[Plan, float]:
+    """One width fraction for every block's heads, QK, V and MLP (units ranked by L1), and the fraction."""
     mags = magnitude_scores(teacher_state_model)
-    make = lambda f: scaled_plan(mags, spec, cfg, f)  # noqa: E731
-    if cost.predict(make(0.0)) > budget:
-        raise UnreachableBudget(f"uniform width scaling cannot reach the budget {budget:.3f} {cost.unit} "
-                                f"(smallest uniform plan: {cost.predict(make(0.0)):.3f})",
-                                "raise the budget or use strategy knapsack (or compound, which skips blocks)")
-    return bisect_scale(make, cost, budget)
+    return bisect_scale(lambda f: scaled_plan(mags, spec, cfg, f), cost, budget, "uniform width scaling",
+                        "raise the budget or use strategy knapsack (or compound, which skips blocks)")
 
 
 class Uniform(Strategy):
@@ -78,15 +79,15 @@ class Uniform(Strategy):
     name = "uniform"
     correctable = False
 
-    def plan(self, ctx: SearchContext) -> Plan:
+    def plan(self, ctx: SearchContext) -> tuple[Plan, float]:
+        """The plan under the budget and its scale (the kept fraction)."""
         return uniform_plan(ctx.student, ctx.spec, ctx.cost, ctx.budget, ctx.cfg)
 
     def search(self, ctx: SearchContext) -> SearchResult:
-        cost = ctx.cost
-        start = ctx.log_start()
-        history = [{"step": 0, "cost": start, "val_top1": None, "removed": 0, "s": 0.0}]
-        plan = self.plan(ctx)
-        history.append({"step": 1, "cost": cost.predict(plan), "val_top1": None, "removed": None, "s": ctx.elapsed()})
-        plan.meta = {"strategy": self.name, "budget": ctx.budget, "unit": cost.unit, "predicted": cost.predict(plan)}
-        return SearchResult(plan, {k: v.clone() for k, v in ctx.student.state_dict().items()}, history, ctx.budget,
-                            cost.unit, ctx.desc, time.time() - ctx.t0, ctx.cfg)
+        history = [{"step": 0, "cost": ctx.log_start(), "val_top1": None, "removed": 0, "s": 0.0}]
+        plan, scale = self.plan(ctx)
+        history.append({"step": 1, "cost": ctx.cost.predict(plan), "val_top1": None, "removed": None,
+                        "s": ctx.elapsed(), "scale": round(scale, 4)})
+        ctx.log(f"[search] {self.name}: scale {scale:.3f}, {sum(b.keep for b in plan.blocks)} blocks kept, "
+                f"{ctx.cost.predict(plan):.3f} {ctx.cost.unit}")
+        return ctx.result(plan, history, scale=scale)  # the teacher's weights: nothing was adapted

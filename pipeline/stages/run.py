@@ -252,14 +252,31 @@ def retime_pair(cfg: RunConfig, teacher_onnx: Path, student_onnx: Path, log):
     return t, s
 
 
+def curve_point(cfg: RunConfig, method: str, budget: float) -> RunConfig:
+    """The config of one curve point: ``cfg`` with strategy ``method`` at ``budget`` of the teacher's latency, and
+    what that strategy does not do turned off (token merges, prune-finetune steps, the budget gate of a plan the
+    closed loop cannot correct: that point is timed, not gated)."""
+    import copy
+
+    from vitrim.pipeline.search import strategy
+
+    s = strategy(method)
+    c = copy.deepcopy(cfg)
+    c.search.strategy = method
+    c.search.prune_tokens = cfg.search.prune_tokens and s.merges_tokens
+    c.search.merges = cfg.search.merges if s.merges_tokens else None
+    c.search.step_epochs = cfg.search.step_epochs if s.stepwise else 0.0
+    c.export.require_budget = cfg.export.require_budget and s.correctable
+    c.search.budget_fraction, c.search.budget_ms = budget, None
+    c.search.flops_fraction = c.search.params_fraction = None
+    return c
+
+
 def run_curve(cfg: RunConfig, budgets: list[float], baselines: list[str], log: Callable[[str], None] = print) -> list[dict]:
     """Run the pipeline per budget (and per baseline strategy), sharing the teacher and the LUT.
 
     Writes the curve (CSV and plot) into ``out_dir``.
     """
-    import copy
-
-    from vitrim.pipeline.search import strategy
     from vitrim.profiling.curve import write_curve
 
     base = RunDir(cfg.out_dir)
@@ -267,13 +284,7 @@ def run_curve(cfg: RunConfig, budgets: list[float], baselines: list[str], log: C
     teacher_row = None
     for method in [cfg.search.strategy] + [b for b in baselines if b != cfg.search.strategy]:
         for b in budgets:
-            c = copy.deepcopy(cfg)
-            c.search.strategy = method
-            c.search.prune_tokens = cfg.search.prune_tokens and strategy(method).merges_tokens  # others merge none
-            c.search.merges = cfg.search.merges if strategy(method).merges_tokens else None
-            c.search.step_epochs = cfg.search.step_epochs if strategy(method).stepwise else 0.0
-            c.search.budget_fraction, c.search.budget_ms = b, None
-            c.search.flops_fraction = c.search.params_fraction = None
+            c = curve_point(cfg, method, b)
             c.out_dir = str(base.curve_run(method, b).root)
             c.name = f"{cfg.name}/{method}@{b:g}"
             log(f"[curve] {method} at {b:g} of the teacher's latency -> {c.out_dir}")

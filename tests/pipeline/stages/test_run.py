@@ -150,6 +150,26 @@ def test_curve_writes_csv_and_png(tmp_path, fmnist_dir, cache):
     assert (tmp_path / "run" / "curve.png").stat().st_size > 2000
 
 
+def test_every_curve_point_of_a_full_recipe_is_a_valid_run_config():
+    """vitrim curve turns off, per baseline, what its strategy does not do (token merges, prune-finetune steps, the
+    budget gate of an uncorrectable plan): one point failing its config checks used to end the whole curve."""
+    from vitrim.pipeline.core.config import load_config, validate_search
+    from vitrim.pipeline.search import STRATEGIES
+    from vitrim.pipeline.stages.run import curve_point
+    from vitrim.pipeline.stages.search import wants_closed_loop
+
+    cfg = load_config("configs/fmnist_tokens_cpu.yaml", ["search.merges=[{block: 4, type: hw}]",
+                                                          "search.step_epochs=0.5", "export.require_budget=true"])
+    for name, s in STRATEGIES.items():
+        c = curve_point(cfg, name, 0.3)
+        validate_search(c.search)  # merges, prune_tokens and step_epochs only where the strategy has them
+        assert c.search.budget_fraction == 0.3 and c.search.strategy == name
+        assert bool(c.search.merges) == bool(c.search.prune_tokens) == s.merges_tokens, name
+        assert (c.search.step_epochs == 0.5) == s.stepwise, name
+        assert c.export.require_budget == wants_closed_loop(c), name  # gated exactly where the loop runs
+    assert cfg.search.step_epochs == 0.5 and cfg.export.require_budget  # the user's config is left as it is
+
+
 def test_curve_rejects_bad_budgets(tmp_path):
     assert main(["curve", "configs/fmnist_cpu.yaml", "--budgets", "0.5,abc"]) == 2
     assert main(["curve", "configs/fmnist_cpu.yaml", "--budgets", "1.5"]) == 2
