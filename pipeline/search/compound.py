@@ -6,6 +6,8 @@ DistilBERT initialises its student from every other layer of its teacher), and
 in each kept block the fraction ``s`` of the heads, QK, V and MLP units, and of
 the embedding channels when ``search.prune_embed`` (down to the LUT's smallest
 embedding), all ranked by L1 magnitude. ``s`` is bisected to the budget; the
+depth moves in whole blocks, so the kept blocks' widths (and the embedding) are
+then widened, at that depth, into what the rounding left of the budget. The
 weights are the teacher's.
 
 It is the block-skipping baseline for the deep end of the curve (issue 25): a
@@ -37,14 +39,20 @@ class Compound(Uniform):
     name = "compound"
     constraints = {"prune_blocks": True}  # it skips blocks by construction
 
-    def plan(self, ctx: SearchContext) -> tuple[Plan, float]:
+    def plan(self, ctx: SearchContext) -> tuple[Plan, dict]:
         spec, cfg = ctx.spec, ctx.cfg
         mags = magnitude_scores(ctx.student)
         depth, E = spec["depth"], spec["embed_dim"]
 
-        def make(s: float) -> Plan:
-            n = min(depth, max(cfg.min_blocks, int(s * depth + 0.5)))
-            embed = scaled_width(E, s, ctx.e_min, cfg.align) if cfg.prune_embed else None
-            return scaled_plan(mags, spec, cfg, s, evenly_spaced(depth, n), embed)
+        def blocks(s: float) -> int:
+            return min(depth, max(cfg.min_blocks, int(s * depth + 0.5)))
 
-        return bisect_scale(make, ctx.cost, ctx.budget, "compound scaling", "raise the budget")
+        def make(s: float, w: float) -> Plan:
+            embed = scaled_width(E, w, ctx.e_min, cfg.align) if cfg.prune_embed else None
+            return scaled_plan(mags, spec, cfg, w, evenly_spaced(depth, blocks(s)), embed)
+
+        _, s = bisect_scale(lambda f: make(f, f), ctx.cost, ctx.budget, "compound scaling", "raise the budget")
+        # the depth moves in whole blocks: widen the kept blocks into what the rounding left of the budget
+        plan, w = bisect_scale(lambda f: make(s, max(s, f)), ctx.cost, ctx.budget, "compound scaling",
+                               "raise the budget")
+        return plan, {"scale": round(s, 4), "width": round(max(s, w), 4)}

@@ -79,15 +79,16 @@ class Uniform(Strategy):
     name = "uniform"
     correctable = False
 
-    def plan(self, ctx: SearchContext) -> tuple[Plan, float]:
-        """The plan under the budget and its scale (the kept fraction)."""
-        return uniform_plan(ctx.student, ctx.spec, ctx.cost, ctx.budget, ctx.cfg)
+    def plan(self, ctx: SearchContext) -> tuple[Plan, dict]:
+        """The plan under the budget and what it was scaled by (the kept fraction)."""
+        plan, f = uniform_plan(ctx.student, ctx.spec, ctx.cost, ctx.budget, ctx.cfg)
+        return plan, {"width": round(f, 4)}
 
     def search(self, ctx: SearchContext) -> SearchResult:
         history = [{"step": 0, "cost": ctx.log_start(), "val_top1": None, "removed": 0, "s": 0.0}]
         plan, scale = self.plan(ctx)
         history.append({"step": 1, "cost": ctx.cost.predict(plan), "val_top1": None, "removed": None,
-                        "s": ctx.elapsed(), "scale": round(scale, 4)})
-        ctx.log(f"[search] {self.name}: scale {scale:.3f}, {sum(b.keep for b in plan.blocks)} blocks kept, "
-                f"{ctx.cost.predict(plan):.3f} {ctx.cost.unit}")
-        return ctx.result(plan, history, scale=scale)  # the teacher's weights: nothing was adapted
+                        "s": ctx.elapsed(), **scale})
+        ctx.log(f"[search] {self.name}: {', '.join(f'{k} {v:.3f}' for k, v in scale.items())}, "
+                f"{sum(b.keep for b in plan.blocks)} blocks kept, {ctx.cost.predict(plan):.3f} {ctx.cost.unit}")
+        return ctx.result(plan, history, **scale)  # the teacher's weights: nothing was adapted
