@@ -327,7 +327,7 @@ VARIANTS = ("widths", "merges", "merges-unadapted", "forced-merge")
 def method_overrides(method: str, search, spec: dict) -> dict:
     """The search config changes of a row: a strategy (token merges only where it searches them and the config
     asks), or one of the knapsack VARIANTS."""
-    from vitrim.pipeline.search import strategy
+    from vitrim.pipeline.search import for_strategy
 
     if method == "widths":
         return {"strategy": "knapsack", "prune_tokens": False, "merges": None}
@@ -336,9 +336,8 @@ def method_overrides(method: str, search, spec: dict) -> dict:
                 "merge_scoring": "adapted" if method == "merges" else "unadapted"}
     if method == "forced-merge":
         return {"strategy": "knapsack", "prune_tokens": False, "merges": [{"block": spec["depth"] // 2, "type": "hw"}]}
-    s = strategy(method)
-    return {"strategy": method, "prune_tokens": search.prune_tokens and s.merges_tokens, "merges": None,
-            "step_epochs": search.step_epochs if s.stepwise else 0.0}
+    c = for_strategy(search, method)
+    return {"strategy": method, "prune_tokens": c.prune_tokens, "merges": None, "step_epochs": c.step_epochs}
 
 
 def torch_pruning_model(teacher: torch.nn.Module, ratio: float, x_cal: torch.Tensor, y_cal: torch.Tensor):

@@ -61,6 +61,17 @@ def searched_config(cfg: SearchConfig) -> SearchConfig:
     return strategy(cfg.strategy).searched_config(cfg)
 
 
+def for_strategy(cfg: SearchConfig, name: str) -> SearchConfig:
+    """``cfg`` for strategy ``name``: token merges and prune-finetune steps kept only where that strategy does them
+    (``vitrim curve``'s baselines, the benchmark's rows)."""
+    import dataclasses
+
+    s = strategy(name)
+    return dataclasses.replace(cfg, strategy=name, prune_tokens=cfg.prune_tokens and s.merges_tokens,
+                               merges=cfg.merges if s.merges_tokens else None,
+                               step_epochs=cfg.step_epochs if s.stepwise else 0.0)
+
+
 def measured_align(cfg: SearchConfig, lut, log: Callable[[str], None] = print) -> SearchConfig:
     """``cfg`` with ``align`` raised to the alignment the LUT measured as fast on its target (widths off it
     ran slower than their neighbours' line by more than the build's tolerance), unless ``align_from_lut`` is off."""
@@ -92,7 +103,7 @@ def run_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchConfig, 
 
 
 __all__ = [
-    "STRATEGIES", "strategy", "searched_config", "run_search", "measured_align",
+    "STRATEGIES", "strategy", "searched_config", "for_strategy", "run_search", "measured_align",
     "Strategy", "SearchContext", "SearchResult", "BatchStream", "kd_adapt", "embed_floor", "fixed_merge_plan",
     "StepwiseSearch", "Knapsack", "Nvit", "Magnitude", "Uniform", "uniform_plan", "Compound", "evenly_spaced",
     "MaskedSearch", "Slim", "Uvc",

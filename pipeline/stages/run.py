@@ -258,15 +258,11 @@ def curve_point(cfg: RunConfig, method: str, budget: float) -> RunConfig:
     closed loop cannot correct: that point is timed, not gated)."""
     import copy
 
-    from vitrim.pipeline.search import strategy
+    from vitrim.pipeline.search import for_strategy, strategy
 
-    s = strategy(method)
     c = copy.deepcopy(cfg)
-    c.search.strategy = method
-    c.search.prune_tokens = cfg.search.prune_tokens and s.merges_tokens
-    c.search.merges = cfg.search.merges if s.merges_tokens else None
-    c.search.step_epochs = cfg.search.step_epochs if s.stepwise else 0.0
-    c.export.require_budget = cfg.export.require_budget and s.correctable
+    c.search = for_strategy(cfg.search, method)
+    c.export.require_budget = cfg.export.require_budget and strategy(method).correctable
     c.search.budget_fraction, c.search.budget_ms = budget, None
     c.search.flops_fraction = c.search.params_fraction = None
     return c
