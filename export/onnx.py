@@ -40,6 +40,40 @@ def _quiet():
             logging.getLogger("torch.onnx").setLevel(level)
 
 
+_TORCHLIB_REGISTRIES: dict = {}
+
+
+@contextlib.contextmanager
+def _one_torchlib_registry():
+    """Build the dynamo exporter's ATen-to-ONNX registry once per opset and reuse it.
+
+    ``torch.onnx.export(dynamo=True)`` rebuilds that registry from torchlib on every call: 0.4-0.8 s on these
+    2-core CPUs, about a third of a block micro-model's export, and the profiler exports dozens of them. The
+    registry is only read during an export (torch adds to it only for ``custom_translation_table``, which vitrim
+    never passes), so while vitrim exports, ``ONNXRegistry.from_torchlib`` returns the cached one. That class is
+    torch-internal: where it is absent or shaped otherwise, the export runs as torch ships it.
+    """
+    try:
+        from torch.onnx._internal.exporter._registration import ONNXRegistry
+        shipped = ONNXRegistry.__dict__["from_torchlib"]
+        build = shipped.__func__
+    except (ImportError, KeyError, AttributeError):
+        yield
+        return
+
+    def cached(cls, *args, **kwargs):
+        key = (cls, args, tuple(sorted(kwargs.items())))
+        if key not in _TORCHLIB_REGISTRIES:
+            _TORCHLIB_REGISTRIES[key] = build(cls, *args, **kwargs)
+        return _TORCHLIB_REGISTRIES[key]
+
+    ONNXRegistry.from_torchlib = classmethod(cached)
+    try:
+        yield
+    finally:
+        ONNXRegistry.from_torchlib = shipped
+
+
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[int, ...], opset: int = 18,
                 dynamic_batch: bool = True, example_batch: int = 2, simplify: bool = False,
                 check: bool = True) -> Path:
@@ -59,7 +93,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
     arg = _forward_arg_name(model)
     if dyn is not None and arg != "x":
         dyn = {arg: dyn["x"]}
-    with atomic_path(path) as tmp, _quiet():
+    with atomic_path(path) as tmp, _quiet(), _one_torchlib_registry():
         tmp_onnx = tmp.with_suffix(".onnx")
         try:
             prog = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],

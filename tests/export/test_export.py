@@ -191,3 +191,27 @@ def test_merged_student_exports_when_the_lut_has_no_token_axis(env, tiny_lut, ca
     p = m["latency_prediction"]
     assert p["available"] is False and "token axis" in p["reason"] and "prune_tokens" in p["fix"]
     assert not (out / "lut.json").exists()  # a LUT that cannot price the plan is not shipped with it
+
+
+def test_one_torchlib_registry_serves_every_export_and_changes_no_graph(tmp_path, monkeypatch):
+    """export_onnx builds the exporter's ATen-to-ONNX registry once and reuses it; the graphs it writes are the
+    ones an export that rebuilds the registry writes, and torch's own method is back in place afterwards."""
+    import contextlib
+
+    from torch.onnx._internal.exporter._registration import ONNXRegistry
+
+    from vitrim.export import onnx as vonnx
+
+    shipped = ONNXRegistry.__dict__["from_torchlib"]
+    built = []
+    build = shipped.__func__
+    monkeypatch.setattr(vonnx, "_TORCHLIB_REGISTRIES", {})
+    monkeypatch.setattr(ONNXRegistry, "from_torchlib", classmethod(lambda cls, *a, **k: built.append(1) or build(cls, *a, **k)))
+    shipped = ONNXRegistry.__dict__["from_torchlib"]
+    model = random_init(timm.create_model("vit_tiny_patch16_224", **TINY_KW), seed=3)
+    graphs = [onnx.load(export_onnx(model, tmp_path / f"cached{i}.onnx", (1, 28, 28))).graph for i in range(2)]
+    assert len(built) == 1 and ONNXRegistry.__dict__["from_torchlib"] is shipped
+    monkeypatch.setattr(vonnx, "_one_torchlib_registry", contextlib.nullcontext)
+    graphs.append(onnx.load(export_onnx(model, tmp_path / "rebuilt.onnx", (1, 28, 28))).graph)
+    assert len(built) == 2
+    assert graphs[0] == graphs[1] == graphs[2]
