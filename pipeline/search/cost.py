@@ -54,17 +54,22 @@ def is_latency_budget(s: SearchConfig) -> bool:
     return s.flops_fraction is None and s.params_fraction is None
 
 
+def pct(fraction: float) -> str:
+    """A fraction as a percentage with the digits it has: 0.45 -> '45%', 0.095 -> '9.5%'."""
+    return f"{100 * fraction:.4g}%"
+
+
 def resolve_budget(cfg: SearchConfig, lut) -> tuple[Cost, float, str]:
     """(cost model, budget in its unit, description) of a validated config (one budget at most)."""
     full = Plan.full(lut.spec)
     if cfg.flops_fraction is not None:
         c = MacsCost()
-        return c, cfg.flops_fraction * c.predict(full), f"{cfg.flops_fraction:.0%} of the teacher's MACs"
+        return c, cfg.flops_fraction * c.predict(full), f"{pct(cfg.flops_fraction)} of the teacher's MACs"
     if cfg.params_fraction is not None:
         c = ParamsCost()
-        return c, cfg.params_fraction * c.predict(full), f"{cfg.params_fraction:.0%} of the teacher's params"
+        return c, cfg.params_fraction * c.predict(full), f"{pct(cfg.params_fraction)} of the teacher's params"
     c = LatencyCost(lut)
     if cfg.budget_ms is not None:
         return c, cfg.budget_ms, f"{cfg.budget_ms:.3f} ms"
     frac = DEFAULT_BUDGET_FRACTION if cfg.budget_fraction is None else cfg.budget_fraction
-    return c, frac * c.predict(full), f"{frac:.0%} of the teacher's predicted latency"
+    return c, frac * c.predict(full), f"{pct(frac)} of the teacher's predicted latency"

@@ -24,6 +24,8 @@ def test_budgets_resolve_to_their_cost_model(tiny_lut):
     cost, budget, desc = resolve_budget(SearchConfig(), lut)  # no budget at all: the config's default fraction
     assert isinstance(cost, LatencyCost) and budget == pytest.approx(DEFAULT_BUDGET_FRACTION * lut.predict(full))
     assert resolve_budget(SearchConfig(budget_ms=1.5), lut)[1:] == (1.5, "1.500 ms")
+    # a fraction is described with the digits it has (9.5% used to print as "10%")
+    assert resolve_budget(SearchConfig(budget_fraction=0.095), lut)[2] == "9.5% of the teacher's predicted latency"
     assert is_latency_budget(SearchConfig(budget_ms=1.5)) and not is_latency_budget(SearchConfig(flops_fraction=0.4))
 
 
