@@ -84,16 +84,16 @@ def test_readme_run_end_to_end(tmp_path, fmnist_dir, cache):
         assert not (run / stale).exists(), stale
 
 
-def test_unknown_key_exits_nonzero_naming_it(tmp_path):
+def test_unknown_key_exits_nonzero_naming_it(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("search:\n  budget_fractoin: 0.5\n")
-    p = subprocess.run([sys.executable, "-m", "vitrim.pipeline.cli", "run", str(bad)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
-    assert p.returncode == 2
-    assert "search.budget_fractoin" in p.stderr and "Traceback" not in p.stderr
+    assert main(["run", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "search.budget_fractoin" in err and "Traceback" not in err
 
 
-def test_missing_dataset_exits_nonzero(tmp_path):
+def test_missing_dataset_exits_nonzero(tmp_path, capsys):
+    """Through `python -m vitrim.pipeline.cli` in a fresh process, as the README's commands run."""
     p = subprocess.run([sys.executable, "-m", "vitrim.pipeline.cli", "run", "configs/fmnist_cpu.yaml", "--set",
                         f"data.root={tmp_path}", "--set", f"out_dir={tmp_path / 'o'}", "--set",
                         f"cache_dir={tmp_path / 'c'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
