@@ -60,7 +60,7 @@ import torch
 
 from vitrim.export.onnx import export_onnx
 from vitrim.export.runners import OrtCpuRunner, interleaved, time_interleaved
-from vitrim.pipeline.core.config import load_config
+from vitrim.pipeline.core.config import load_config, pct
 from vitrim.pipeline.core.data import build_splits
 from vitrim.pipeline.core.errors import UnreachableBudget, UserError
 from vitrim.pipeline.core.evaluate import top1
@@ -294,19 +294,19 @@ def main() -> int:
     sig = lut.signature
     lines = [f"Target: `{sig.backend}` on {sig.device} ({sig.engine_version}), batch {cfg.target.batch}, "
              f"{cfg.target.threads} threads. Teacher: {t_ms:.3f} ms, test top-1 {t_top1:.2f}%. Every method is matched "
-             f"to the measured latency of `{d}` (within {args.tol:.0%} in the bisection; column 'lat. vs {d}' is from the "
+             f"to the measured latency of `{d}` (within {pct(args.tol)} in the bisection; column 'lat. vs {d}' is from the "
              f"final session) and fine-tuned with the same KD recipe ({cfg.finetune.epochs} epochs). Latency: median "
              f"of {args.repeats} runs per model over {args.rounds} round-robin visits, every model in one session.", "",
              f"| target | method | params (M) | measured ms | speedup | lat. vs {d} | test top-1 (%) | Δ vs teacher (pt) "
              f"| {d} ahead by (pt) | merges (type@block) | search (s) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         if not r["onnx"]:
-            lines.append(f"| {r['fraction']:.0%} | {r['method']} | - | - | - | not reached | - | - | - | - | - |")
+            lines.append(f"| {pct(r['fraction'])} | {r['method']} | - | - | - | not reached | - | - | - | - | - |")
             continue
         name = r["method"] + (" (default)" if r["method"] == d else "")
         vs = r.get("vs_default_latency")
         ahead = "" if r["method"] == d else f"{r.get('vs_default_top1', float('nan')):+.2f}"
-        lines.append(f"| {r['fraction']:.0%} | {name} | {r['params'] / 1e6:.3f} | {r['measured_ms']:.3f} | "
+        lines.append(f"| {pct(r['fraction'])} | {name} | {r['params'] / 1e6:.3f} | {r['measured_ms']:.3f} | "
                      f"{r['speedup']:.2f}x | {'' if vs is None or r['method'] == d else f'{vs:+.1%}'} | {r['top1']:.2f} | "
                      f"{r['delta']:+.2f} | {ahead} | {r.get('merges') or '-'} | {r['search_s']:.0f} |")
     lines += ["", f"Wall time: {(time.time() - t_start) / 60:.1f} min."]

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from vitrim.pipeline.core.config import pct
+
 
 def embedded(cfg_path: str, out: Path, fractions: list[float], baseline_dir: Path | None, sets: list[str]) -> dict:
     from vitrim.export.onnx import export_onnx
@@ -56,7 +58,7 @@ def embedded(cfg_path: str, out: Path, fractions: list[float], baseline_dir: Pat
                 r = prior[round(f, 3)]
                 onnx[name] = Path(r["onnx"])
                 rows.append({"name": name, "fraction": f, "tokens": False, "top1": r["top1"], "params": r["params"],
-                             "source": f"{baseline_dir}/results.json (matched to {f:.0%} measured)", "plan": None})
+                             "source": f"{baseline_dir}/results.json (matched to {pct(f)} measured)", "plan": None})
                 continue
             cfg = copy.deepcopy(base)
             cfg.search.budget_fraction, cfg.search.prune_tokens = f, tokens
@@ -128,7 +130,7 @@ def table(emb: dict | None, deit: dict | None) -> str:
         for r in emb["rows"]:
             merges = ", ".join(f"{i}: {k}" for i, k in (r.get("merges") or {}).items()) or "-"
             toks = "/".join(map(str, r["block_tokens"])) if r.get("block_tokens") else "-"
-            lines.append(f"| {r['fraction']:.0%} | {'with' if r['tokens'] else 'without'} merges | {merges} | {toks} | "
+            lines.append(f"| {pct(r['fraction'])} | {'with' if r['tokens'] else 'without'} merges | {merges} | {toks} | "
                          f"{r['params'] / 1e6:.3f} | {r['measured_ms']:.3f} | {r['speedup']:.2f}x | {r['top1']:.2f} | "
                          f"{r['delta']:+.2f} |")
     if deit:

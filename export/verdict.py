@@ -38,6 +38,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Optional
 
+from vitrim.pipeline.core.config import pct
 from vitrim.pipeline.core.errors import (EXIT_ACCURACY, EXIT_CODES, EXIT_LATENCY, EXIT_PASS, AccuracyGateError,
                                          GateError, InternalError, LatencyGateError, RegressionGateError, UserError)
 from vitrim.pipeline.core.io import atomic_write_json, read_json
@@ -135,7 +136,7 @@ def latency_gate(measured_ratio: float, requested_ratio: float, tolerance: float
     ms = f"; student {student_ms:.3f} ms / teacher {teacher_ms:.3f} ms" if teacher_ms and student_ms else ""
     return gate("latency", "budget", measured_ratio, limit, "<=", EXIT_LATENCY, subject=subject,
                 unit="ratio to the teacher",
-                detail=f"requested {requested_ratio:.1%} of the teacher's latency, +{tolerance:.0%} tolerance "
+                detail=f"requested {requested_ratio:.1%} of the teacher's latency, +{pct(tolerance)} tolerance "
                        f"(search.measured_tolerance){ms}")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+from vitrim.pipeline.core.config import pct
 from vitrim.pipeline.core.io import atomic_write_json, atomic_write_text
 from vitrim.pipeline.core.plan import Plan
 from vitrim.pipeline.core.rundir import RunDir
@@ -103,7 +104,7 @@ def measured_budget_lines(s: dict) -> list[str]:
         lines.append(f"The budget {a['budget_ms']:.3f} ms was anchored on the teacher measured on the target when the "
                      f"run started ({a['teacher_measured_ms']:.3f} ms), i.e. {a['fraction']:.1%} of the teacher; LUT "
                      f"milliseconds from the build were not used for it.  ")
-    lines.append(f"Requested: {m['requested']:.1%} of the teacher's latency; tolerance +-{m['tolerance']:.0%} "
+    lines.append(f"Requested: {m['requested']:.1%} of the teacher's latency; tolerance +-{pct(m['tolerance'])} "
                  f"(`search.measured_tolerance`). Each round exports the plan and times it round-robin with the "
                  f"teacher in one session.")
     lines += ["", "| round | LUT budget | predicted | measured | miss | corrected budget |", "|---:|---:|---:|---:|---:|---:|"]
@@ -115,7 +116,7 @@ def measured_budget_lines(s: dict) -> list[str]:
     if not m.get("converged", True):
         k = m.get("chosen_round", len(m["rounds"]) - 1)
         c = m["rounds"][k]
-        lines += ["", f"**The closed loop did not converge**: no measured plan came within +-{m['tolerance']:.0%} of "
+        lines += ["", f"**The closed loop did not converge**: no measured plan came within +-{pct(m['tolerance'])} of "
                   f"the requested {m['requested']:.1%} in {len(m['rounds'])} measurements. The plan kept is round "
                   f"{k}'s, the closest measured ({c['measured_ratio']:.1%} of the teacher, {c['miss_pct']:+.1f}%); "
                   "raise `search.measured_rounds` or `search.measured_tolerance` (or `profile.repeats` on a "
@@ -124,7 +125,7 @@ def measured_budget_lines(s: dict) -> list[str]:
     if d:
         lines += ["", f"**Delivered engine: {d['measured_ratio']:.1%} of the teacher, measured "
                   f"({100 * (d['measured_ratio'] / m['requested'] - 1):+.1f}% off the requested {m['requested']:.1%}; "
-                  f"{'within' if d['within'] else 'outside'} +-{m['tolerance']:.0%}).**"]
+                  f"{'within' if d['within'] else 'outside'} +-{pct(m['tolerance'])}).**"]
     return lines
 
 

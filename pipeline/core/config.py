@@ -143,6 +143,12 @@ class ProfileConfig:
     remeasure_spread_pct: float = 3.0
 
 
+def pct(fraction: float) -> str:
+    """A fraction (a budget, a tolerance) as a percentage with the digits it has: 0.45 -> '45%', 0.095 -> '9.5%',
+    0.025 -> '2.5%' (``:.0%`` printed those two as 10% and 2%)."""
+    return f"{100 * fraction:.4g}%"
+
+
 STRATEGIES = ("knapsack", "nvit", "slim", "uvc", "uniform", "magnitude", "compound")
 STEPWISE = ("knapsack", "nvit", "magnitude")  # the strategies that prune in steps (search.step_epochs)
 MERGING = ("knapsack", "nvit")  # the strategies that search token merges (search.prune_tokens, search.merges)

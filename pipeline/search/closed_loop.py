@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from vitrim.pipeline.core.config import SearchConfig
+from vitrim.pipeline.core.config import SearchConfig, pct
 from vitrim.pipeline.core.plan import BlockPlan, Plan
 from vitrim.pipeline.search.cost import LatencyCost
 from vitrim.pipeline.search.greedy import prune_to, refill
@@ -147,7 +147,7 @@ def closed_loop(plan: Plan, lut, requested: float, measure: Measure, scores: dic
         if abs(miss) <= cfg.measured_tolerance:
             res.converged = True
             log(f"[measure] round {r}: predicted {p:.1%}, measured {m:.1%} of the teacher (requested {requested:.1%}, "
-                f"{100 * miss:+.1f}%): within +-{cfg.measured_tolerance:.0%}")
+                f"{100 * miss:+.1f}%): within +-{pct(cfg.measured_tolerance)}")
             break
         if r == cfg.measured_rounds:
             log(f"[measure] round {r}: measured {m:.1%} of the teacher, {100 * miss:+.1f}% off the requested "
@@ -175,7 +175,7 @@ def closed_loop(plan: Plan, lut, requested: float, measure: Measure, scores: dic
         res.chosen_round = min(range(len(res.rounds)), key=lambda i: (abs(res.rounds[i]["miss_pct"]),
                                                                        res.rounds[i]["measured_ratio"]))
         c = res.rounds[res.chosen_round]
-        log(f"[measure] did NOT converge to within +-{cfg.measured_tolerance:.0%} of the requested {requested:.1%} "
+        log(f"[measure] did NOT converge to within +-{pct(cfg.measured_tolerance)} of the requested {requested:.1%} "
             f"in {len(res.rounds)} measurements: keeping round {res.chosen_round}'s plan, the closest measured "
             f"({c['measured_ratio']:.1%} of the teacher, {c['miss_pct']:+.1f}%)")
     res.plan = res.plans[res.chosen_round]

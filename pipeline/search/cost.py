@@ -1,7 +1,7 @@
 """What a budget is measured in: latency from the measured LUT, or MACs / params for comparison with UVC and ViT-Slim."""
 from __future__ import annotations
 
-from vitrim.pipeline.core.config import DEFAULT_BUDGET_FRACTION, SearchConfig
+from vitrim.pipeline.core.config import DEFAULT_BUDGET_FRACTION, SearchConfig, pct
 from vitrim.pipeline.core.plan import Plan
 from vitrim.pipeline.search.groups import GroupKey, apply_removal
 
@@ -52,11 +52,6 @@ class ParamsCost(Cost):
 def is_latency_budget(s: SearchConfig) -> bool:
     """Whether the budget is a latency (ms or a fraction of the teacher's), not MACs or params."""
     return s.flops_fraction is None and s.params_fraction is None
-
-
-def pct(fraction: float) -> str:
-    """A fraction as a percentage with the digits it has: 0.45 -> '45%', 0.095 -> '9.5%'."""
-    return f"{100 * fraction:.4g}%"
 
 
 def resolve_budget(cfg: SearchConfig, lut) -> tuple[Cost, float, str]:

@@ -20,7 +20,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable, Optional
 
-from vitrim.pipeline.core.config import DEFAULT_BUDGET_FRACTION, RunConfig
+from vitrim.pipeline.core.config import DEFAULT_BUDGET_FRACTION, RunConfig, pct
 from vitrim.pipeline.core.io import atomic_write_json
 from vitrim.pipeline.core.plan import Floors, Plan
 from vitrim.pipeline.core.rundir import RunDir
@@ -121,7 +121,7 @@ def anchor_budget(cfg: RunConfig, timer: PairTimer, log: Callable[[str], None] =
     if not 0.0 < frac <= 1.0:
         from vitrim.pipeline.core.errors import UserError
 
-        raise UserError("search", f"budget {cfg.search.budget_ms:.3f} ms is {frac:.0%} of the teacher, measured "
+        raise UserError("search", f"budget {cfg.search.budget_ms:.3f} ms is {pct(frac)} of the teacher, measured "
                         f"{t_ms:.3f} ms on the target now", "set a budget below the teacher's measured latency, or "
                         "use search.budget_fraction")
     c = copy.deepcopy(cfg)
