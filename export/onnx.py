@@ -9,9 +9,11 @@ TensorRT 11's strong typing, where fp16 precision means an fp16 ONNX.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -41,6 +43,7 @@ def _quiet():
 
 
 _TORCHLIB_REGISTRIES: dict = {}
+_TORCHLIB_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
@@ -48,10 +51,12 @@ def _one_torchlib_registry():
     """Build the dynamo exporter's ATen-to-ONNX registry once per opset and reuse it.
 
     ``torch.onnx.export(dynamo=True)`` rebuilds that registry from torchlib on every call: 0.4-0.8 s on these
-    2-core CPUs, about a third of a block micro-model's export, and the profiler exports dozens of them. The
-    registry is only read during an export (torch adds to it only for ``custom_translation_table``, which vitrim
-    never passes), so while vitrim exports, ``ONNXRegistry.from_torchlib`` returns the cached one. That class is
-    torch-internal: where it is absent or shaped otherwise, the export runs as torch ships it.
+    2-core CPUs, about a third of a block micro-model's export, and the profiler exports dozens of them. While
+    vitrim exports, ``ONNXRegistry.from_torchlib`` returns a copy of the one built first for that opset (a copy of
+    its tables, so a ``custom_translation_table`` registered into it by anyone cannot reach the next export), and
+    vitrim's exports run one at a time (they would hold the GIL anyway). That class is torch-internal: where it is
+    absent or shaped otherwise, the export runs as torch ships it. The first registry built is the one every later
+    export uses: ops of a library imported after it (torchvision's) would be missing, which no ViT needs.
     """
     try:
         from torch.onnx._internal.exporter._registration import ONNXRegistry
@@ -62,16 +67,26 @@ def _one_torchlib_registry():
         return
 
     def cached(cls, *args, **kwargs):
-        key = (cls, args, tuple(sorted(kwargs.items())))
+        try:
+            key = (cls, args, tuple(sorted(kwargs.items())))
+            hash(key)
+        except TypeError:  # an argument torch passes that cannot key a cache: build as torch does
+            return build(cls, *args, **kwargs)
         if key not in _TORCHLIB_REGISTRIES:
             _TORCHLIB_REGISTRIES[key] = build(cls, *args, **kwargs)
-        return _TORCHLIB_REGISTRIES[key]
+        first = _TORCHLIB_REGISTRIES[key]
+        if not isinstance(getattr(first, "functions", None), dict):
+            return build(cls, *args, **kwargs)
+        reg = copy.copy(first)
+        reg.functions = {k: list(v) for k, v in first.functions.items()}
+        return reg
 
-    ONNXRegistry.from_torchlib = classmethod(cached)
-    try:
-        yield
-    finally:
-        ONNXRegistry.from_torchlib = shipped
+    with _TORCHLIB_LOCK:
+        ONNXRegistry.from_torchlib = classmethod(cached)
+        try:
+            yield
+        finally:
+            ONNXRegistry.from_torchlib = shipped
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[int, ...], opset: int = 18,

@@ -211,7 +211,22 @@ def test_one_torchlib_registry_serves_every_export_and_changes_no_graph(tmp_path
     model = random_init(timm.create_model("vit_tiny_patch16_224", **TINY_KW), seed=3)
     graphs = [onnx.load(export_onnx(model, tmp_path / f"cached{i}.onnx", (1, 28, 28))).graph for i in range(2)]
     assert len(built) == 1 and ONNXRegistry.__dict__["from_torchlib"] is shipped
+    # each export gets its own copy of the tables: what one adds (a custom_translation_table) never reaches the next
+    with vonnx._one_torchlib_registry():
+        a, b = ONNXRegistry.from_torchlib(), ONNXRegistry.from_torchlib()
+        a.functions.clear()
+        assert b.functions and ONNXRegistry.from_torchlib().functions
+    assert len(built) == 2  # one more build, for the key these calls make (torch passes opset_version)
+    # an export that fails puts torch's method back too
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("planted")
+
+    with pytest.raises(Exception, match="planted"):
+        export_onnx(Broken(), tmp_path / "broken.onnx", (1, 28, 28))
+    assert ONNXRegistry.__dict__["from_torchlib"] is shipped
     monkeypatch.setattr(vonnx, "_one_torchlib_registry", contextlib.nullcontext)
+    n = len(built)
     graphs.append(onnx.load(export_onnx(model, tmp_path / "rebuilt.onnx", (1, 28, 28))).graph)
-    assert len(built) == 2
+    assert len(built) == n + 1
     assert graphs[0] == graphs[1] == graphs[2]
