@@ -84,11 +84,11 @@ def test_readme_run_end_to_end(tmp_path, fmnist_dir, cache):
         assert not (run / stale).exists(), stale
 
 
-def test_unknown_key_exits_nonzero_naming_it(tmp_path, capsys):
+def test_unknown_key_exits_nonzero_naming_it(tmp_path, capfd):
     bad = tmp_path / "bad.yaml"
     bad.write_text("search:\n  budget_fractoin: 0.5\n")
     assert main(["run", str(bad)]) == 2
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert "search.budget_fractoin" in err and "Traceback" not in err
 
 
@@ -179,7 +179,7 @@ def test_curve_rejects_bad_budgets(tmp_path):
 
 
 def test_parity_batches_zero_is_refused(tmp_path, capsys):
-    assert main(["run", "configs/fmnist_cpu.yaml", "--set", "export.parity_batches=0", "--set",
+    assert main(["run", str(ROOT / "configs/fmnist_cpu.yaml"), "--set", "export.parity_batches=0", "--set",
                  f"out_dir={tmp_path / 'o'}"]) == 2
     assert "export.parity_batches" in capsys.readouterr().err and not (tmp_path / "o").exists()
 

@@ -234,14 +234,15 @@ def _cli(args, cwd):
                           timeout=180, env=env)
 
 
-def _main(args, capsys) -> tuple[int, str]:
-    """The same entry point in this process (one interpreter start less): exit code and stderr."""
-    capsys.readouterr()
+def _main(args, capfd) -> tuple[int, str]:
+    """The same entry point in this process (one interpreter start less): exit code and stderr, file descriptor
+    2 included (what a DataLoader worker or a library's C++ writes there)."""
+    capfd.readouterr()
     rc = main(list(args))
-    return rc, capsys.readouterr().err
+    return rc, capfd.readouterr().err
 
 
-def test_data_errors_exit_2_naming_the_input(tmp_path, capsys):
+def test_data_errors_exit_2_naming_the_input(tmp_path, capfd):
     # an empty class folder, through `python -m vitrim` in a fresh process
     root = write_folder(tmp_path / "a")
     for f in (root / "train" / "bee").iterdir():
@@ -254,25 +255,25 @@ def test_data_errors_exit_2_naming_the_input(tmp_path, capsys):
     (root / "val" / "dog").mkdir()
     for split in ("train", "val"):
         (root / split / "dog" / "0.png").write_bytes((root / split / "ant" / "0.png").read_bytes())
-    rc, err = _main(["run", str(write_config(tmp_path / "b", root, 3))], capsys)
+    rc, err = _main(["run", str(write_config(tmp_path / "b", root, 3))], capfd)
     assert rc == 2 and "4 classes" in err and "3 outputs" in err
     # an unreadable image deep in the split, read by a DataLoader worker process
     root = write_folder(tmp_path / "c")
     bad = root / "val" / "cat" / "3.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
     cfg = write_config(tmp_path / "c", root, 3, **{"data.workers": 1})
-    rc, err = _main(["eval", str(cfg), "--split", "test"], capsys)
+    rc, err = _main(["eval", str(cfg), "--split", "test"], capfd)
     assert rc == 2 and str(bad) in err and "Traceback" not in err, err[-2000:]
 
 
-def test_unavailable_target_fails_before_any_training(tmp_path, capsys):
+def test_unavailable_target_fails_before_any_training(tmp_path, capfd):
     root = write_folder(tmp_path / "imgs")
     cfg = write_config(tmp_path, root, 3)
-    rc, err = _main(["profile", "build", str(cfg), "--set", "target.backend=tensorrt"], capsys)
+    rc, err = _main(["profile", "build", str(cfg), "--set", "target.backend=tensorrt"], capfd)
     assert rc == 2 and "tensorrt" in err.lower(), err[-1500:]
     assert not (tmp_path / "cache").exists()  # nothing trained, nothing measured
-    rc, err = _main(["run", str(cfg), "--set", "target.backend=torch-cuda"], capsys)
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available():  # (with CUDA, torch-cuda is available: nothing to refuse)
+        rc, err = _main(["run", str(cfg), "--set", "target.backend=torch-cuda"], capfd)
         assert rc == 2 and "CUDA" in err
         assert not (tmp_path / "run" / "stages.json").exists()
         assert not (tmp_path / "cache").exists()
