@@ -1,7 +1,7 @@
 """Cost models and budgets (pipeline/search/cost.py)."""
 import pytest
 
-from vitrim.pipeline.core.config import DEFAULT_BUDGET_FRACTION, SearchConfig
+from vitrim.pipeline.core.config import DEFAULT_BUDGET_FRACTION, SearchConfig, pct
 from vitrim.pipeline.core.plan import Plan
 from vitrim.pipeline.search import (EMBED, GroupKey, LatencyCost, MacsCost, ParamsCost, apply_removal,
                                     is_latency_budget, resolve_budget)
@@ -26,6 +26,7 @@ def test_budgets_resolve_to_their_cost_model(tiny_lut):
     assert resolve_budget(SearchConfig(budget_ms=1.5), lut)[1:] == (1.5, "1.500 ms")
     # a fraction is described with the digits it has (9.5% used to print as "10%")
     assert resolve_budget(SearchConfig(budget_fraction=0.095), lut)[2] == "9.5% of the teacher's predicted latency"
+    assert [pct(f) for f in (0.45, 0.025, 0.03, 1.0)] == ["45%", "2.5%", "3%", "100%"]  # a tolerance too
     assert is_latency_budget(SearchConfig(budget_ms=1.5)) and not is_latency_budget(SearchConfig(flops_fraction=0.4))
 
 
