@@ -13,8 +13,8 @@ multiples of 8 for the target's fast kernels), whole blocks (UVC), and, with
 ``search.prune_tokens``, token merges (CAIT): their saliency is the KD-loss
 change of applying the merge, measured directly
 (:func:`~vitrim.pipeline.search.saliency.merge_scores`; with
-``search.merge_scoring: adapted``, the default, after ``search.merge_adapt_iters``
-KD steps of the merged network against the unmerged one adapted alike), and
+``search.merge_scoring: adapted``, after ``search.merge_adapt_iters`` KD steps
+of the merged network against the unmerged one adapted alike), and
 their saving is the LUT's prediction with every later block at the merged
 token count. Merges in ``search.merges`` are in the plan from the start and stay.
 

@@ -37,4 +37,4 @@ def test_tokens49_run_is_fast_and_keeps_its_accuracy(tmp_path, fmnist_dir):
     log = json.loads(rd.search_dir.search_log.read_text())
     assert all("merges" in step for step in log["steps"][1:])  # prune_tokens on: every step records its merges
     plan = Plan.load(rd.search_dir.plan)
-    assert plan.num_tokens == 49 and plan.meta["merge_saliency"][0]["scoring"] == "adapted"
+    assert plan.num_tokens == 49 and plan.meta["merge_saliency"][0]["scoring"] == "unadapted"
