@@ -128,7 +128,8 @@ def test_the_recipe_and_merge_keys_are_checked():
     with pytest.raises(UserError, match="search.merges"):
         load_config(None, ["search.strategy=uvc", "search.merges=[{block: 2, type: hw}]"])
     with pytest.raises(UserError, match=r"search\.merge_adapt_iters"):
-        load_config(None, ["search.prune_tokens=true", "search.merge_adapt_iters=0"])
+        load_config(None, ["search.prune_tokens=true", "search.merge_scoring=adapted", "search.merge_adapt_iters=0"])
+    assert load_config(None, ["search.prune_tokens=true", "search.merge_adapt_iters=0"])  # unadapted, the default
     with pytest.raises(UserError, match=r"search\.merges\[0\]"):  # an unhashable type: a clean error, not a crash
         load_config(None, ["search.merges=[{block: 2, type: [hw]}]"])
     cfg = load_config(None, ["search.merges=[{block: 4, type: hw}]", "search.merge_scoring=unadapted",
