@@ -202,12 +202,11 @@ def test_one_torchlib_registry_serves_every_export_and_changes_no_graph(tmp_path
 
     from vitrim.export import onnx as vonnx
 
-    shipped = ONNXRegistry.__dict__["from_torchlib"]
-    built = []
-    build = shipped.__func__
+    build = ONNXRegistry.__dict__["from_torchlib"].__func__
+    built = []  # one entry per registry torch builds
     monkeypatch.setattr(vonnx, "_TORCHLIB_REGISTRIES", {})
     monkeypatch.setattr(ONNXRegistry, "from_torchlib", classmethod(lambda cls, *a, **k: built.append(1) or build(cls, *a, **k)))
-    shipped = ONNXRegistry.__dict__["from_torchlib"]
+    shipped = ONNXRegistry.__dict__["from_torchlib"]  # the (counting) method the exports must leave in place
     model = random_init(timm.create_model("vit_tiny_patch16_224", **TINY_KW), seed=3)
     graphs = [onnx.load(export_onnx(model, tmp_path / f"cached{i}.onnx", (1, 28, 28))).graph for i in range(2)]
     assert len(built) == 1 and ONNXRegistry.__dict__["from_torchlib"] is shipped

@@ -92,7 +92,7 @@ def test_unknown_key_exits_nonzero_naming_it(tmp_path, capfd):
     assert "search.budget_fractoin" in err and "Traceback" not in err
 
 
-def test_missing_dataset_exits_nonzero(tmp_path, capsys):
+def test_missing_dataset_exits_nonzero(tmp_path):
     """Through `python -m vitrim.pipeline.cli` in a fresh process, as the README's commands run."""
     p = subprocess.run([sys.executable, "-m", "vitrim.pipeline.cli", "run", "configs/fmnist_cpu.yaml", "--set",
                         f"data.root={tmp_path}", "--set", f"out_dir={tmp_path / 'o'}", "--set",
