@@ -122,12 +122,14 @@ def identical_tokens(t):
     return t
 
 
-def reachable_fraction(lut, frac: float, skip_blocks: bool) -> float:
+def reachable_fraction(lut, frac: float, skip_blocks: bool, prune_embed: bool = True) -> float:
     """``frac`` raised, where needed, to 40% of the way from the floor plan to the teacher: a tiny model's floor
     can cost over half the teacher on a loaded machine (per-run overhead dominates), so the budget stays
-    reachable whatever this session's LUT measured."""
+    reachable whatever this session's LUT measured. ``prune_embed=False``: the strategy keeps the whole
+    embedding (uniform), so its floor does too."""
     blocks = 1 if skip_blocks else lut.spec["depth"]
-    lower = lut.predict(floor_plan(lut.spec, Floors(), lut.grid.embed[0], blocks, 8)) / lut.predict(Plan.full(lut.spec))
+    embed = lut.grid.embed[0] if prune_embed else lut.spec["embed_dim"]
+    lower = lut.predict(floor_plan(lut.spec, Floors(), embed, blocks, 8)) / lut.predict(Plan.full(lut.spec))
     return max(frac, round(lower + 0.4 * (1 - lower), 3))
 
 

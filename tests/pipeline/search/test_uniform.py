@@ -9,7 +9,7 @@ from tests.pipeline.search.helpers import cfg, check_plan, reachable_fraction, s
 
 def test_uniform_meets_budget_floors_alignment(data, tiny_lut):
     lut, _ = tiny_lut
-    frac = reachable_fraction(lut, 0.85, skip_blocks=False)
+    frac = reachable_fraction(lut, 0.85, skip_blocks=False, prune_embed=False)  # uniform keeps the embedding
     res = search(teacher(seed=2), lut, data, cfg(strategy="uniform", budget_fraction=frac))
     check_plan(res, lut, frac)
     plan = res.plan
