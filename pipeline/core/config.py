@@ -197,7 +197,7 @@ class SearchConfig:
     # merged network (against the unmerged one adapted alike), so a bulk change that fine-tuning repairs is not priced
     # as if it stayed; unadapted: the loss change of the merge applied to the weights as they are. unadapted is the
     # default: on the 49-token benchmark adapted was 0.06 pt ahead at 20% and 1.28 and 0.14 pt behind at 10% (two
-    # seeds), at about 1.5x the search time (benchmarks/README.md)
+    # seeds), at 1.2-1.5x the search time (benchmarks/README.md)
     merge_scoring: str = "unadapted"
     merge_adapt_iters: int = 10
     # issue 25: token merges every plan has, searched or not ([{block: i, type: w|h|hw}]): the widths are searched

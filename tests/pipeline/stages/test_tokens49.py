@@ -19,7 +19,7 @@ from vitrim.pipeline.core.rundir import RunDir
                     reason="opt-in: VITRIM_TOKENS49=1 (needs the 49-token teacher: vitrim train-teacher "
                            "configs/fmnist_tokens_cpu.yaml, about 45 min on 2 cores)")
 def test_tokens49_run_is_fast_and_keeps_its_accuracy(tmp_path, fmnist_dir):
-    """At 35% of the teacher's latency, with searched merges priced after adaptation and a 2-epoch fine-tune: the
+    """At 35% of the teacher's latency, with searched merges (priced unadapted, the default) and a 2-epoch fine-tune: the
     engine measures at least 2x faster than the teacher (about 3x asked) and loses at most 3 points (the benchmark's
     1-epoch students lost 1.1-2.0), the parity gate passes, and the search log says which scoring priced merges."""
     from vitrim.pipeline.stages.run import run_pipeline
