@@ -197,6 +197,9 @@ def cmd_export(args) -> int:
     from vitrim.export.triton import triton_from_config
 
     triton_from_config(cfg, out)  # export.triton / --triton: the release as a Triton model repository
+    from vitrim.export.manifest import seal_manifest
+
+    seal_manifest(out)  # a Triton repository inside the release is listed too
     return 0
 
 
@@ -204,7 +207,7 @@ def cmd_verify_manifest(args) -> int:
     from vitrim.export.manifest import verify_manifest
 
     m = verify_manifest(args.dir, pubkey=args.pubkey)
-    print(f"manifest OK: {len(m['artifacts'])} artifacts verified in {args.dir}"
+    print(f"manifest OK: {len(m['files'])} files verified in {args.dir}"
           + (f"; signature OK under {args.pubkey}" if args.pubkey else ""))
     return 0
 

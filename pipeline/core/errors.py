@@ -16,6 +16,9 @@ Exit codes of the ``vitrim`` command (stable; a CI job may branch on them):
 3     accuracy/parity gate: the engine diverges from PyTorch (:class:`AccuracyGateError`)
 4     latency gate: the delivered latency misses the budget, with ``export.require_budget``
 5     regression gate: the candidate is slower or less accurate than the baseline release
+6     inconclusive: no gate failed, but one could not decide (too few images for the accuracy
+      tolerance, or a machine too noisy for the latency threshold): evaluate more images or rerun on
+      a quiet machine (:class:`InconclusiveError`)
 130   interrupted (SIGINT); 143 terminated (SIGTERM), after a checkpoint was saved
 ====  ===========================================================================
 """
@@ -64,8 +67,10 @@ EXIT_USER = 2
 EXIT_ACCURACY = 3
 EXIT_LATENCY = 4
 EXIT_REGRESSION = 5
+EXIT_INCONCLUSIVE = 6
 EXIT_CODES = {EXIT_PASS: "pass", EXIT_INTERNAL: "internal error", EXIT_USER: "user error",
-              EXIT_ACCURACY: "accuracy/parity gate", EXIT_LATENCY: "latency gate", EXIT_REGRESSION: "regression gate"}
+              EXIT_ACCURACY: "accuracy/parity gate", EXIT_LATENCY: "latency gate", EXIT_REGRESSION: "regression gate",
+              EXIT_INCONCLUSIVE: "inconclusive"}
 
 
 class GateError(VitrimError):
@@ -97,6 +102,13 @@ class RegressionGateError(GateError):
     """A candidate release is slower or less accurate than its baseline release (exit 5)."""
 
     exit_code = EXIT_REGRESSION
+
+
+class InconclusiveError(GateError):
+    """No gate failed, but one could not decide with confidence (exit 6): too few images for the
+    accuracy tolerance, or a machine too noisy for the latency threshold."""
+
+    exit_code = EXIT_INCONCLUSIVE
 
 
 class InternalError(VitrimError):

@@ -220,6 +220,9 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
         raise
     summary["wall_s"] = round(time.time() - t_start, 1)
     write_summary(rd, summary)
+    from vitrim.export.manifest import seal_manifest
+
+    seal_manifest(rd.root)  # the report, summary, card and Triton files written after the release are listed too
     log(f"[run] teacher {summary['teacher']['measured_ms']:.2f} ms / {summary['teacher']['top1']:.2f}%  ->  "
         f"student {summary['student']['measured_ms']:.2f} ms / {summary['student']['top1']:.2f}%  "
         f"(measured speedup {summary['speedup']:.2f}x, {summary['delta_top1']:+.2f} pt); report: {rd.report}")
