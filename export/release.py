@@ -156,7 +156,7 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
     from vitrim.export.parity import ParityError, ParityInconclusive, Tolerances, check_parity
     from vitrim.export.runners import OrtCpuRunner, TorchRunner, make_runner
     from vitrim.export.verdict import parity_gates, parity_info, write_verdict
-    from vitrim.pipeline.core.io import atomic_write_json
+    from vitrim.pipeline.core.io import atomic_write_json, make_dir
 
     ecfg = export_cfg or ExportConfig()
     if model is None and onnx_path is None:
@@ -167,8 +167,7 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
     if onnx_path is not None and target.backend in ("torch-cpu", "torch-cuda"):
         raise UserError("export", f"a {target.backend} target ships a torch program, not the given ONNX '{onnx_path}'",
                         "drop --onnx, or use target.backend=ort-cpu or tensorrt to release that file")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(out_dir, "export")
     if onnx_path is not None:
         onnx_path = Path(onnx_path)
         if not onnx_path.is_file():

@@ -35,7 +35,7 @@ import numpy as np
 
 from vitrim.export.target import DeviceSignature, Target
 from vitrim.pipeline.core.config import ProfileConfig
-from vitrim.pipeline.core.io import atomic_write_json
+from vitrim.pipeline.core.io import atomic_write_json, make_dir
 from vitrim.pipeline.core.plan import Floors, Plan
 
 from vitrim.profiling.micro import Item, make_item
@@ -443,7 +443,7 @@ def build_lut(spec: dict, target: Target, pcfg: ProfileConfig, floors: Floors, a
     if not resumed:  # another build's partial and exports (another grid, teacher or settings): start afresh
         shutil.rmtree(parts, ignore_errors=True)
         save()  # before any export, so that a kill during the exports resumes with them
-    parts.mkdir(parents=True, exist_ok=True)
+    make_dir(parts, "profile")
 
     items, check_dims = lut_items(spec, grid, pcfg, align)
     phases: dict = {}

@@ -307,6 +307,9 @@ class RunConfig:
     device: str = "auto"  # teacher training, search and fine-tune: auto (CUDA when present) | cpu | cuda
     out_dir: str = "runs/run"
     cache_dir: str = ".cache/vitrim"
+    # when cache_dir cannot be written and lacks the teacher or the LUT a command needs: "refuse" (exit 2 before
+    # any work) or "temp" (build them in a temporary directory, deleted at exit; what is cached is still read)
+    cache_fallback: str = "refuse"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -522,6 +525,8 @@ def validate_config(cfg: RunConfig, source: str = "<config>") -> None:
         bad("data.name", f"is '{cfg.data.name}'", "use fmnist or imagefolder")
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
         bad("device", f"is '{cfg.device}'", "use auto, cpu or cuda")
+    if cfg.cache_fallback not in ("refuse", "temp"):
+        bad("cache_fallback", f"is '{cfg.cache_fallback}'", "use refuse or temp")
     if cfg.data.workers < 0:
         bad("data.workers", f"is {cfg.data.workers}", "use 0 (load in the main process) or more workers")
     if cfg.data.interpolation not in (None, "bilinear", "bicubic", "nearest", "box", "hamming", "lanczos"):

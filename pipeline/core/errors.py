@@ -12,7 +12,7 @@ Exit codes of the ``vitrim`` command (stable; a CI job may branch on them):
 ====  ===========================================================================
 0     every gate passed
 1     an internal error (a bug in vitrim: please report it with the traceback)
-2     user error: a config, a file, a budget, a signature (the message names the fix)
+2     user error: a config, a file, a budget, a signature, an I/O fault (the message names the fix)
 3     accuracy/parity gate: the engine diverges from PyTorch (:class:`AccuracyGateError`)
 4     latency gate: the delivered latency misses the budget, with ``export.require_budget``
 5     regression gate: the candidate is slower or less accurate than the baseline release
@@ -48,6 +48,19 @@ class UserError(VitrimError):
 
     def __reduce__(self):  # picklable across worker processes
         return (type(self), (self.stage, self.what, self.fix))
+
+
+class IOFault(UserError):
+    """A write that the filesystem refused (read-only, no space left, permission denied, a missing parent):
+    exit 2 like bad input, naming the path, the cause and the fix (:func:`vitrim.pipeline.core.io.io_fault`)."""
+
+    def __init__(self, stage: str, what: str, fix: str | None = None, path: str | None = None,
+                 errno_: int | None = None):
+        super().__init__(stage, what, fix)
+        self.path, self.errno = path, errno_
+
+    def __reduce__(self):
+        return (type(self), (self.stage, self.what, self.fix, self.path, self.errno))
 
 
 class UnreachableBudget(UserError):
