@@ -98,7 +98,8 @@ def io_fault(path: str | os.PathLike, err: OSError | int, action: str = "write",
     elif key:
         fix = f"{fix} ({key} chose it)"
     other = None if isinstance(err, int) else getattr(err, "filename", None)
-    if other and Path(other) != path and not _is_tmp_of(Path(other), path):  # the OS blamed another file
+    if (other and Path(other) != path and not _is_tmp_of(Path(other), path)  # the OS blamed another file
+            and code not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)):  # (a copy names its source for these)
         if code == errno.ENOENT:
             cause = f"'{other}' does not exist"
         elif code == errno.EEXIST:
