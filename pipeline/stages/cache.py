@@ -114,6 +114,6 @@ def prepare_cache(cfg: RunConfig, teacher: Optional[str] = "load", lut: bool = F
 
 def check_out_dir(path, key: str = "--out") -> None:
     """Refuse (exit 2) before any work when the output directory cannot be written."""
-    check_writable(path, key, stage="run")
+    check_writable(path, key)
 
 
