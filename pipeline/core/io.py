@@ -110,7 +110,7 @@ def io_fault(path: str | os.PathLike, err: OSError | int, action: str = "write",
 
 
 def _is_tmp_of(other: Path, path: Path) -> bool:
-    return other.parent == path.parent and other.name.startswith(f".{path.name}.") and other.name.endswith(".tmp")
+    return other.parent == path.parent and other.name.startswith(f".{path.name}.")
 
 
 def disk_full_fault(path: str | os.PathLike, exc: BaseException, stage: str = "io") -> Optional[IOFault]:
@@ -347,3 +347,27 @@ def undo_on_fault(root: str | os.PathLike, claims: tuple[str | os.PathLike, ...]
         out = IOFault(fault.stage, fault.what + note, fault.fix, fault.path, fault.errno)
         out.undone = not stuck
         raise out from None
+
+
+@contextlib.contextmanager
+def shared_use(lock: str | os.PathLike) -> Iterator[Callable[[], bool]]:
+    """Hold a shared ``flock`` on file ``lock`` while using files that other processes may use too (two
+    builds of one table into one cache); yields ``alone()``, true when no other holder is left, so the
+    last one out cleans up and nobody removes files under another's feet."""
+    import fcntl
+
+    with writing(lock):
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+
+        def alone() -> bool:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                return False
+
+        yield alone
+    finally:
+        os.close(fd)
