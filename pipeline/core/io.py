@@ -353,7 +353,9 @@ def undo_on_fault(root: str | os.PathLike, claims: tuple[str | os.PathLike, ...]
 def shared_use(lock: str | os.PathLike) -> Iterator[Callable[[], bool]]:
     """Hold a shared ``flock`` on file ``lock`` while using files that other processes may use too (two
     builds of one table into one cache); yields ``alone()``, true when no other holder is left, so the
-    last one out cleans up and nobody removes files under another's feet."""
+    last one out cleans up and nobody removes files under another's feet. Call ``alone()`` once, when done
+    with the shared files: a refused upgrade may drop this holder's own shared lock (``flock`` converts
+    non-atomically)."""
     import fcntl
 
     with writing(lock):

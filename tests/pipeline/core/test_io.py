@@ -87,3 +87,16 @@ def test_undo_on_fault_takes_back_what_the_block_wrote(tmp_path, mounts):
             (fresh / "resolved_config.yaml").write_text("x")
             raise OSError(errno.ENOSPC, "No space left on device", str(fresh / "model.onnx"))
     assert not fresh.exists()
+
+
+def test_shared_use_lets_only_the_last_holder_clean_up(tmp_path):
+    """Two builds of one table share its partial and parts: the first to finish must leave them to the other."""
+    from vitrim.pipeline.core.io import shared_use
+
+    lock = tmp_path / ".lut.json.lock"
+    with shared_use(lock) as first:
+        with shared_use(lock) as second:
+            assert not first()  # done first: the other one still uses the files
+            assert second()  # the last one out cleans up
+    with shared_use(lock) as only:
+        assert only()
