@@ -100,3 +100,41 @@ def test_shared_use_lets_only_the_last_holder_clean_up(tmp_path):
             assert second()  # the last one out cleans up
     with shared_use(lock) as only:
         assert only()
+
+
+def test_undo_on_fault_keeps_what_a_rerun_resumes_from(tmp_path):
+    """`vitrim run`'s release stops on a full disk: the release goes, the search and fine-tuned student stay."""
+    from vitrim.pipeline.core.rundir import RunDir
+
+    rd = RunDir(tmp_path / "run").mkdir()
+    rd.search_dir.mkdir()
+    with pytest.raises(IOFault) as e:
+        with undo_on_fault(rd.root, rd.release_claims(), keep=rd.resumable()):
+            rd.search_dir.plan.write_text("{}")
+            rd.student.write_bytes(b"w")
+            rd.stages.write_text("{}")
+            rd.teacher_dir.mkdir()
+            rd.teacher_dir.manifest.write_text("{}")
+            rd.onnx.write_bytes(b"g")
+            raise OSError(errno.ENOSPC, "No space left on device", str(rd.ort_engine))
+    assert "no space left" in str(e.value) and "no release was left" in str(e.value)
+    left = sorted(p.relative_to(rd.root).as_posix() for p in rd.root.rglob("*"))
+    assert left == ["search", "search/plan.json", "stages.json", "student.safetensors"]
+
+
+def test_the_cli_turns_a_stray_os_error_into_exit_2(monkeypatch, capsys):
+    from vitrim.pipeline import cli
+
+    def boom(args):
+        raise OSError(errno.EROFS, "Read-only file system", "/ro/x.json")
+
+    monkeypatch.setattr(cli, "cmd_run", boom)
+    assert cli.main(["run", "configs/fmnist_cpu.yaml"]) == 2
+    assert "cannot write '/ro/x.json': the filesystem is mounted read-only" in capsys.readouterr().err
+
+    def bug(args):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(cli, "cmd_run", bug)
+    with pytest.raises(OSError):  # not an I/O fault of the user's: a bug keeps its traceback
+        cli.main(["run", "configs/fmnist_cpu.yaml"])
