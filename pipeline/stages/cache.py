@@ -30,7 +30,9 @@ def cache_writes(cfg: RunConfig, teacher: Optional[str] = "load", lut: bool = Fa
     out = []
     tkey = "teacher.cache" if cfg.teacher.cache else "cache_dir"
     tp = teacher_path(cfg)
-    if teacher == "force" or (teacher == "train" and not tp.is_file()):
+    if teacher == "force":
+        out.append(("the retrained teacher (--force)", tp, tkey))
+    elif teacher == "train" and not tp.is_file():
         out.append(("the teacher", tp, tkey))
     elif (teacher == "load" and not tp.is_file() and not (cfg.model.checkpoint or cfg.model.pretrained)
           and cfg.data.name == "fmnist"):  # else load_teacher says what is missing
@@ -89,8 +91,8 @@ def prepare_cache(cfg: RunConfig, teacher: Optional[str] = "load", lut: bool = F
     e = blocked[0][3]
     d = Path(cfg.cache_dir)
     if cfg.cache_fallback != "temp":
-        raise IOFault("cache", f"cache_dir '{d}' cannot be written ({cause(e.errno)}), and it lacks {what} "
-                      f"({names}); nothing was trained or measured",
+        raise IOFault("cache", f"cache_dir '{d}' cannot be written ({cause(e.errno)}), and this command must add "
+                      f"{what} to it ({names}); nothing was trained or measured",
                       "set cache_dir to a writable directory (--set cache_dir=DIR; copy what it holds there to "
                       "reuse it), or --set cache_fallback=temp to build what is missing in a temporary directory "
                       "(deleted at exit; what the cache holds is still read)", str(d), e.errno)

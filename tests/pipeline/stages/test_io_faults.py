@@ -72,7 +72,7 @@ def test_read_only_cache_builds_what_is_missing_in_a_temp_dir_when_allowed(tiny_
     shutil.copyfile(tiny_lut[1], lut_path(cfg, tiny_lut[0].spec, Target.from_config(cfg.target)))
     ro = mounts.read_only(cache)
     assert main(["profile", "build", "configs/fmnist_cpu.yaml", *_sets(fmnist_dir, ro)]) == 2
-    assert "it lacks the teacher" in _err(capsys)
+    assert "must add the teacher to it" in _err(capsys)
     assert main(["profile", "build", "configs/fmnist_cpu.yaml", *_sets(fmnist_dir, ro, cache_fallback="temp")]) == 0
     out = capsys.readouterr().out
     assert f"[cache] cache_dir '{ro}' cannot be written (the filesystem is mounted read-only): building the teacher" in out
