@@ -263,7 +263,7 @@ def verify_manifest(run_dir: str | os.PathLike, pubkey: str | os.PathLike | None
     path = RunDir(run_dir).manifest if run_dir.is_dir() else run_dir
     if path.name != RunDir(path.parent).manifest.name:
         raise UserError("verify-manifest", f"'{path}' is not a release manifest ({RunDir(path.parent).manifest.name})",
-                        "pass the release directory, or its manifest.json")
+                        f"pass the release directory, or its {RunDir(path.parent).manifest.name}")
     data = _read_bytes(path)
     if pubkey is not None:
         _check_signature(path, data, pubkey)
