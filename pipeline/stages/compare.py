@@ -53,6 +53,9 @@ def finish_release(cfg: RunConfig, rd: RunDir, summary: dict, verdict: dict,
                    "student_ms": summary["student"]["measured_ms"],
                    "protocol": summary.get("latency_protocol", "teacher and student timed by their releases")}
     log(f"[run] model card {write_model_card(rd.root, dataset=dataset_info(cfg.data), speedup=speedup)}")
+    from vitrim.export.manifest import seal_manifest
+
+    seal_manifest(rd.root)  # the card is part of the release that Triton and compare verify
     triton_from_config(cfg, rd.root, log=log)
     if not cfg.export.baseline:
         return verdict

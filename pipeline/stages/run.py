@@ -230,6 +230,9 @@ def _run_pipeline(cfg: RunConfig, log: Callable[[str], None], progress: bool) ->
     verdict = write_run_verdict(rd.verdict, teacher_exp["parity"], student_exp["parity"],  # issue 24
                                 measured_budget=summary.get("measured_budget"),
                                 require_budget=cfg.export.require_budget)
+    from vitrim.export.manifest import seal_manifest
+
+    seal_manifest(rd.root)  # the run's verdict (and a rerun's rewritten files): Triton and compare verify the release
     try:
         verdict = finish_release(cfg, rd, summary, verdict, log)  # the card with the speedup, export.triton, .baseline
     except UserError:
@@ -237,8 +240,6 @@ def _run_pipeline(cfg: RunConfig, log: Callable[[str], None], progress: bool) ->
         raise
     summary["wall_s"] = round(time.time() - t_start, 1)
     write_summary(rd, summary)
-    from vitrim.export.manifest import seal_manifest
-
     seal_manifest(rd.root)  # the report, summary, card and Triton files written after the release are listed too
     log(f"[run] teacher {summary['teacher']['measured_ms']:.2f} ms / {summary['teacher']['top1']:.2f}%  ->  "
         f"student {summary['student']['measured_ms']:.2f} ms / {summary['student']['top1']:.2f}%  "
