@@ -17,7 +17,7 @@ The release directory is relocatable and tamper-evident:
 * :func:`sign_manifest` writes a detached Ed25519 signature of ``manifest.json`` (``manifest.json.sig``,
   the raw 64-byte signature, as ``openssl pkeyutl -sign -rawin`` makes it), and ``verify_manifest(...,
   pubkey=...)`` checks it, so a release job can prove who produced the engine. Signing needs the
-  optional ``cryptography`` package (``pip install vitrim[sign]``).
+  optional ``cryptography`` package (``pip install -e '.[sign]'`` in the checkout).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from importlib import metadata
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Optional
 
-from vitrim.pipeline.core.errors import InternalError, UserError
+from vitrim.pipeline.core.errors import InternalError, UserError, install_hint
 from vitrim.pipeline.core.io import atomic_write_json, read_json, sha256_file
 from vitrim.pipeline.core.rundir import RunDir
 
@@ -214,7 +214,7 @@ def _crypto():
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ed25519
     except ImportError:
-        raise UserError("sign", "signing needs the 'cryptography' package", "pip install 'vitrim[sign]'") from None
+        raise UserError("sign", "signing needs the 'cryptography' package", install_hint("sign")) from None
     return serialization, ed25519
 
 
