@@ -15,6 +15,8 @@ hits all alike).
 
     .venv/bin/python benchmarks/int8.py configs/fmnist_cpu.yaml --out runs/int8
     .venv/bin/python benchmarks/int8.py --skip-embedded --out runs/int8_deit      # deit_small only
+
+``--smoke``: tiny sizes, seconds (benchmarks/smoke.py).
 """
 from __future__ import annotations
 
@@ -28,14 +30,15 @@ from pathlib import Path
 
 import torch
 
+import smoke as smoke_sizes  # benchmarks/smoke.py (a script's own folder is on sys.path)
+
 
 def _time(paths: dict, batch: int, threads: int, smoke: bool = False) -> dict:
     from vitrim.export.runners import OrtCpuRunner, interleaved, time_interleaved
 
     runners = [OrtCpuRunner(p, threads, "all") for p in paths.values()]
     with interleaved(runners):
-        ts = time_interleaved(runners, batch, repeats=4 if smoke else 60, rounds=2 if smoke else 12,
-                              warmup=1 if smoke else 5)
+        ts = time_interleaved(runners, batch, **smoke_sizes.timing(smoke, 60, 12, 5))
     return {k: t.median_ms for k, t in zip(paths, ts)}
 
 
@@ -122,7 +125,7 @@ def deit_small(out: Path, grid: str = "embed=2,heads=3,qk=2,v=2,mlp=3", mode: st
 
     torch.manual_seed(0)
     # --smoke: a 32 px, dim-32 ViT of the same family, few timings (the script's code path, not its figures)
-    kwargs = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0) if smoke else {}
+    kwargs = dict(smoke_sizes.DEIT_KW) if smoke else {}
     res = kwargs.get("img_size", 224)
     teacher = timm.create_model("deit_small_patch16_224", **kwargs).eval()
     spec = describe(teacher, "deit_small_patch16_224", kwargs)
@@ -176,6 +179,8 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: checks the script runs (make test), "
                     "its figures mean nothing; pass tiny --set overrides for the embedded part")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.set += smoke_sizes.SETS
     warnings.simplefilter("ignore")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
