@@ -136,3 +136,21 @@ def test_the_recipe_and_merge_keys_are_checked():
                              "search.step_epochs=0.5", "finetune.hidden_weight=1"])
     assert cfg.search.merges == [{"block": 4, "type": "hw"}] and cfg.finetune.hidden_weight == 1.0
     assert load_config(None, ["search.merge_scoring=unadapted", "search.merge_adapt_iters=0"])
+
+
+def test_runtime_threads_sets_torchs_intra_op_threads(capsys):
+    import torch
+
+    from types import SimpleNamespace
+
+    from vitrim.pipeline import cli
+
+    before = torch.get_num_threads()
+    try:
+        cli._cfg(SimpleNamespace(config="configs/fmnist_cpu.yaml", set=["runtime.threads=1"]))
+        assert torch.get_num_threads() == 1
+        assert "[runtime] torch intra-op threads: 1 (runtime.threads)" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(UserError, match="runtime.threads"):
+        load_config(None, ["runtime.threads=0"])
