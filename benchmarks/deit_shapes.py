@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     sets = []
     if a.smoke:
         a.builds, a.plans, a.controls, a.batch, a.models = 1, 2, 1, 2, a.models.split(",")[0]
-        sets = [s for s in smoke_sizes.SETS if s.startswith("profile.")] + ["profile.calibration_plans=1"]
+        sets = [s for s in smoke_sizes.SETS if s.startswith("profile.")]
     cfg = load_config(a.config, sets)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

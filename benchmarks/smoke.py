@@ -16,7 +16,7 @@ SETS = ["data.train_limit=256", "data.val_limit=64", "data.test_limit=64", "data
         "teacher.epochs=1", "target.batch=8", "target.threads=1", "target.quant.calib_images=16",
         "profile.embed_points=2", "profile.head_points=0", "profile.qk_points=1", "profile.v_points=1",
         "profile.mlp_points=2", "profile.warmup=1", "profile.repeats=4", "profile.rounds=2", "profile.checks=1",
-        "profile.min_visit_ms=0", "profile.remeasure_spread_pct=0", "profile.calibration_plans=2",
+        "profile.min_visit_ms=0", "profile.remeasure_spread_pct=0", "profile.calibration_plans=1",
         "profile.validate_plans=2", "profile.token_points=2",
         "search.steps=1", "search.kd_iters=2", "search.saliency_batches=1", "search.measured_rounds=0",
         "search.mask_iters=4", "search.merge_adapt_iters=1", "search.step_epochs=0",

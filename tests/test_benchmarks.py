@@ -91,7 +91,7 @@ def test_documented_benchmark_command_runs_in_smoke_mode(cmd, outs, fmnist_dir, 
     if "--baseline-dir" in args:  # another documented command's output
         assert Path(args[args.index("--baseline-dir") + 1]).is_dir(), f"{cmd}: run the command writing it first"
     src = script.read_text()
-    if "--set" in src:  # a config-driven script: the shared cache and the installed Fashion-MNIST
+    if 'add_argument("--set"' in src:  # a config-driven script: the shared cache and the installed Fashion-MNIST
         args += ["--set", f"cache_dir={outs['_cache']}", "--set", f"data.root={fmnist_dir}"]
     monkeypatch.setenv("VITRIM_FMNIST_DIR", fmnist_dir)
     monkeypatch.syspath_prepend(str(script.parent))

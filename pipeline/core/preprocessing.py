@@ -332,7 +332,7 @@ def check_chance(model_cfg: Any, top1: float, images: int, num_classes: int, aug
     used = prep.line() if prep is not None else "preprocessing: unknown"
     aug = ("Fashion-MNIST in memory, horizontal flips (data.augment.hflip)" if augment is None else
            "timm.data.create_transform(is_training=True) with " + ", ".join(f"{k}={v}" for k, v in augment.items()))
-    what += (f". A teacher that learned nothing has nothing to pass on to a student. It was evaluated with\n  {used}\n"
+    what += (f". A student learns from its teacher, and this one is hard to tell from chance. It was evaluated with\n  {used}\n"
              f"and a teacher trained by vitrim trains with\n  {aug}")
     fix = ("milder training augmentation: data.augment.scale (e.g. [0.6, 1]: crops keep 60% or more of the image), "
            "data.augment.ratio, data.augment.color_jitter (0: off), data.augment.auto_augment (null: off), "
