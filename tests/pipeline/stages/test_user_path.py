@@ -107,6 +107,24 @@ def test_chance_level_teacher_stops_run_with_exit_2(tmp_path, capsys):
     assert not (tmp_path / "run").exists() and not any((tmp_path / "cache").glob("lut-*"))
 
 
+def test_train_teacher_near_chance_exits_2_and_keeps_the_weights(tmp_path, capsys):
+    """Classes that the images say nothing about (the same noise in every class folder): `vitrim train-teacher`
+    caches the weights, then stops."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imgs"
+    for split, n in (("train", 12), ("val", 4)):
+        for name in CLASSES:
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / split / name / f"{i}.png")
+    cfg = write_config(tmp_path, root, 3, **{"model.chance_check": True, "model.checkpoint": None,
+                                             "teacher.epochs": 1})
+    assert main(["train-teacher", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "near chance" in err and "data.augment.scale" in err and "model.chance_check=false" in err
+    assert len(list((tmp_path / "cache").glob("teacher-*.safetensors"))) == 1
+
+
 def test_transforms_come_from_the_teacher_and_config(tmp_path):
     from vitrim.pipeline.core.config import load_config
     from vitrim.pipeline.core.data import build_splits
