@@ -21,6 +21,8 @@ Exit codes of the ``vitrim`` command (stable; a CI job may branch on them):
 """
 from __future__ import annotations
 
+import importlib.metadata as md
+
 
 class VitrimError(Exception):
     """Base class of every error vitrim raises on purpose."""
@@ -124,8 +126,6 @@ def install_hint(extra: str) -> str:
     Names ``pip install -e '.[extra]'`` (from the vitrim checkout) and the extra's own packages, read from the
     installed distribution's metadata so the hint never drifts from ``pyproject.toml``.
     """
-    import importlib.metadata as md
-
     try:
         reqs = md.requires("vitrim") or []
     except md.PackageNotFoundError:
