@@ -15,7 +15,7 @@ from functools import lru_cache
 from typing import Optional
 
 from vitrim.pipeline.core.config import PRECISIONS, QuantConfig, TargetConfig
-from vitrim.pipeline.core.errors import UserError
+from vitrim.pipeline.core.errors import UserError, install_hint
 
 BACKENDS = ("ort-cpu", "tensorrt", "torch-cpu", "torch-cuda")
 
@@ -60,7 +60,7 @@ def import_tensorrt():
         import tensorrt as trt  # noqa: F401
     except ImportError:
         raise UserError("target", "target.backend=tensorrt needs the tensorrt Python package",
-                        "pip install 'vitrim[gpu]' on a machine with an NVIDIA GPU, or use target.backend=ort-cpu") from None
+                        install_hint("gpu") + " on a machine with an NVIDIA GPU; or use target.backend=ort-cpu") from None
     return trt
 
 
