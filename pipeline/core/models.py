@@ -1,4 +1,4 @@
-"""The timm adapter: the only module that knows timm's ViT module names.
+"""The timm adapter: the module that knows timm's ViT module names (:mod:`.hf` maps transformers' onto them).
 
 It creates a timm ViT by name, loads local checkpoints, and describes a teacher
 as plain data (:func:`describe`) plus a canonical state dict in CompactViT naming
@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitrim.pipeline.core import hf
 from vitrim.pipeline.core.config import ModelConfig
 from vitrim.pipeline.core.errors import UserError
 
@@ -43,6 +44,8 @@ def create_model(cfg: ModelConfig, load_checkpoint: bool = True, pretrained: boo
                             "this machine is offline: set model.pretrained=false and model.checkpoint to a local "
                             ".safetensors/.pth file") from None
         raise
+    if hf.is_hf_folder(cfg.checkpoint):
+        hf.apply_norm_eps(model, cfg.checkpoint)
     if cfg.checkpoint and load_checkpoint:
         load_weights(model, cfg.checkpoint)
     return model
@@ -60,10 +63,11 @@ def meta_model(cfg: ModelConfig) -> nn.Module:
                         "use a ViT name from timm.list_models('*vit*') or timm.list_models('deit*')")
     try:
         with torch.device("meta"):
-            return timm.create_model(cfg.arch, pretrained=False, **cfg.kwargs)
+            model = timm.create_model(cfg.arch, pretrained=False, **cfg.kwargs)
     except TypeError as e:
         raise UserError("model", f"timm rejected model.kwargs {cfg.kwargs} for '{cfg.arch}': {e}",
                         "remove or rename the offending key in model.kwargs") from None
+    return hf.apply_norm_eps(model, cfg.checkpoint) if hf.is_hf_folder(cfg.checkpoint) else model
 
 
 def read_pretrained_cfg(path: str | os.PathLike) -> dict:
@@ -138,7 +142,11 @@ def load_weights(model: nn.Module, path: str | os.PathLike, stage: str = "model"
     With ``allow_new_head`` a classifier head of another class count is skipped
     (kept freshly initialised), for adapting a checkpoint to new classes.
     """
-    sd = read_state_dict(path, stage)
+    if hf.is_hf_folder(path):  # a transformers save_pretrained folder: its weights in timm's names
+        sd = hf.to_timm_state(hf.read_weights(Path(path)), hf.read_config(path))
+        hf.apply_norm_eps(model, path)
+    else:
+        sd = read_state_dict(path, stage)
     own = model.state_dict()
     fresh = []
     if allow_new_head:
