@@ -106,3 +106,19 @@ def test_other_model_types_and_a_conflicting_arch_are_refused(tmp_path, capsys):
     assert main(["eval", config]) == 2
     err = capsys.readouterr().err
     assert "model_type 'swin'" in err and "Traceback" not in err
+
+
+def test_deit_with_teacher_maps_its_two_classifiers_to_timms_two_heads(tmp_path):
+    from vitrim.pipeline.core.config import ModelConfig
+    from vitrim.pipeline.core.models import create_model
+
+    torch.manual_seed(1)
+    model = transformers.DeiTForImageClassificationWithTeacher(transformers.DeiTConfig(**SIZE)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    model.save_pretrained(tmp_path / "d")
+    ours = create_model(ModelConfig(checkpoint=str(tmp_path / "d")))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert (ours(x) - model(pixel_values=x).logits).abs().max().item() <= 1e-5
