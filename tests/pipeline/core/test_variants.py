@@ -160,3 +160,14 @@ def test_slim_refuses_a_qk_norm_teacher():
 
     with pytest.raises(UserError, match="qk_norm"):
         Slim().init_masks(SimpleNamespace(spec={"qk_norm": True}), {}, [])
+
+
+@pytest.mark.parametrize("arch", ["vit_small_patch16_18x2_224", "vit_base_patch16_rpn_224"])
+def test_cli_refuses_an_unsupported_vit_with_exit_2_before_training(arch, tmp_path, capsys):
+    from vitrim.pipeline.cli import main
+
+    code = main(["train-teacher", "--set", f"model.arch={arch}", "--set", "model.kwargs={img_size: 28, patch_size: 7, "
+                 "in_chans: 1, num_classes: 10, embed_dim: 32, depth: 2, num_heads: 2}",
+                 "--set", f"cache_dir={tmp_path}", "--set", f"out_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not supported by vitrim's slicer" in err and "Traceback" not in err, err
