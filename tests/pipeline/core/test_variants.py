@@ -171,3 +171,15 @@ def test_cli_refuses_an_unsupported_vit_with_exit_2_before_training(arch, tmp_pa
                  "--set", f"cache_dir={tmp_path}", "--set", f"out_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err
     assert code == 2 and "is not supported by vitrim's slicer" in err and "Traceback" not in err, err
+
+
+def test_register_token_config_loads_and_its_teacher_slices():
+    """configs/fmnist_reg_cpu.yaml (the register-token run) is valid and its teacher is a register-token ViT."""
+    from pathlib import Path
+
+    from vitrim.pipeline.core.config import load_config
+    from vitrim.pipeline.core.models import meta_model
+
+    cfg = load_config(Path(__file__).resolve().parents[3] / "configs" / "fmnist_reg_cpu.yaml")
+    spec = describe(meta_model(cfg.model), cfg.model.arch, cfg.model.kwargs)
+    assert spec["reg_tokens"] == 4 and Plan.full(spec).num_prefix == 4 and Plan.full(spec).num_tokens == 20
