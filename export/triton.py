@@ -243,7 +243,16 @@ def write_triton_repo(release_dir: str | os.PathLike, repo_dir: str | os.PathLik
     served = graph if backend == "ort-cpu" else artifact("engine")
     repo = TritonRepo(repo_dir)
     filename = PLATFORMS[backend][1]
-    copy_into(served, repo.model_file(name, filename))
+    dst = repo.model_file(name, filename)
+    if served.suffix == ".onnx":  # a graph whose weights live in external-data files: they travel beside it
+        from vitrim.export.release import external_data_files
+
+        for loc in external_data_files(served):
+            if os.path.isabs(loc) or ".." in Path(loc).parts:
+                raise UserError("triton", f"'{served}' keeps tensors in '{loc}', outside its own directory",
+                                "re-export the release with its weights inside its directory")
+            copy_into(served.parent / loc, dst.parent / loc)
+    copy_into(served, dst)
     path = repo.config(name)
     atomic_write_text(path, to_pbtxt(cfg))
     log(f"[triton] {repo.model_dir(name)}: {cfg['platform']}, max_batch_size {cfg['max_batch_size']}, "
