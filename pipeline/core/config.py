@@ -61,7 +61,7 @@ class DataConfig:
 class ModelConfig:
     """The teacher: any timm ViT by name, with constructor overrides; or a Hugging Face ViT/DeiT folder."""
 
-    # left out (null): read from a Hugging Face checkpoint folder, else vit_tiny_patch16_224
+    # left out (null, or the default): read from a Hugging Face checkpoint folder, else vit_tiny_patch16_224
     arch: Optional[str] = None
     kwargs: dict = field(default_factory=dict)  # e.g. img_size, patch_size, embed_dim, depth
     # .safetensors or .pth (weights_only); a config.json beside it sets preprocessing. Or a folder written by
@@ -80,7 +80,8 @@ class ModelConfig:
             self.arch = self.arch or DEFAULT_ARCH
             return
         arch, kw = hf.timm_arch_and_kwargs(hf.read_config(self.checkpoint))
-        if self.arch not in (None, arch):
+        # the default arch counts as left out: config sections are built on top of a default ModelConfig
+        if self.arch not in (None, DEFAULT_ARCH, arch):
             raise UserError("config", f"model.arch is '{self.arch}', but model.checkpoint '{self.checkpoint}' is a "
                             f"Hugging Face folder that converts to '{arch}'",
                             "leave model.arch out: it is read from the folder's config.json")
