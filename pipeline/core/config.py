@@ -90,11 +90,14 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The teacher: any timm ViT by name, with constructor overrides."""
+    """The teacher: any timm ViT by name, with constructor overrides; or a Hugging Face ViT/DeiT folder."""
 
-    arch: str = "vit_tiny_patch16_224"
+    # left out (null, or the default): read from a Hugging Face checkpoint folder, else vit_tiny_patch16_224
+    arch: Optional[str] = None
     kwargs: dict = field(default_factory=dict)  # e.g. img_size, patch_size, embed_dim, depth
-    checkpoint: Optional[str] = None  # .safetensors or .pth (weights_only); a config.json beside it sets preprocessing
+    # .safetensors or .pth (weights_only); a config.json beside it sets preprocessing. Or a folder written by
+    # transformers' save_pretrained (ViT/DeiT image classifier; its preprocessor_config.json sets preprocessing)
+    checkpoint: Optional[str] = None
     pretrained: bool = False  # timm hub download; needs network
     # the teacher's top-1 (%) in the user's own loop: a teacher that evaluates more than the tolerance below it
     # on the test split stops the command (exit 2) before any search or training; the usual cause is preprocessing
@@ -104,6 +107,23 @@ class ModelConfig:
     # (1 + chance_margin) x chance, or not above chance by a one-sided binomial test at p < 0.01. false: only warn
     chance_check: bool = True
     chance_margin: float = 0.5
+
+    def __post_init__(self) -> None:
+        from vitrim.pipeline.core import hf
+
+        if not hf.is_hf_folder(self.checkpoint):
+            self.arch = self.arch or DEFAULT_ARCH
+            return
+        arch, kw = hf.timm_arch_and_kwargs(hf.read_config(self.checkpoint))
+        # the default arch counts as left out: config sections are built on top of a default ModelConfig
+        if self.arch not in (None, DEFAULT_ARCH, arch):
+            raise UserError("config", f"model.arch is '{self.arch}', but model.checkpoint '{self.checkpoint}' is a "
+                            f"Hugging Face folder that converts to '{arch}'",
+                            "leave model.arch out: it is read from the folder's config.json")
+        self.arch, self.kwargs = arch, {**kw, **self.kwargs}
+
+
+DEFAULT_ARCH = "vit_tiny_patch16_224"
 
 
 @dataclass

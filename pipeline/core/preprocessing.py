@@ -10,7 +10,8 @@ records where each came from. Highest priority first:
 2. the checkpoint's own config: ``config.json`` beside ``model.checkpoint`` (the format timm's
    ``save_for_hf`` / ``push_to_hf_hub`` write: a ``pretrained_cfg`` section, or the legacy flat
    keys), then a ``pretrained_cfg`` dict stored in the checkpoint itself (a key of a ``.pth`` dict,
-   or JSON in the ``.safetensors`` metadata);
+   or JSON in the ``.safetensors`` metadata); for a Hugging Face transformers folder, its
+   ``preprocessor_config.json`` (:func:`vitrim.pipeline.core.hf.read_preprocessor`);
 3. timm's defaults for the architecture (its ``pretrained_cfg``, as ``timm.data.resolve_data_config``
    reads it).
 
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from vitrim.pipeline.core import hf
 from vitrim.pipeline.core.config import DataConfig, ModelConfig
 from vitrim.pipeline.core.errors import UserError
 
@@ -143,6 +145,10 @@ def read_checkpoint_config(model_cfg: Optional[ModelConfig]) -> tuple[dict, dict
     ckpt = Path(model_cfg.checkpoint)
     values: dict = {}
     sources: dict = {}
+    if hf.is_hf_folder(ckpt):  # a transformers folder: its image processor's file
+        pcfg = hf.read_preprocessor(ckpt)
+        _take(pcfg, f"preprocessor_config.json ({ckpt / 'preprocessor_config.json'})", values, sources)
+        return values, sources
     embedded = read_pretrained_cfg(ckpt)
     if embedded:
         _take(embedded, f"pretrained_cfg in {ckpt}", values, sources)
