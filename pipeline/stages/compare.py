@@ -71,7 +71,8 @@ def finish_release(cfg: RunConfig, rd: RunDir, summary: dict, verdict: dict,
         from vitrim.export.triton import TritonRepo, sanitize_name
 
         model_dir = TritonRepo(cfg.export.triton).model_dir(sanitize_name(cfg.export.triton_name or cfg.name))
-        log(f"[triton] not written: the release did not pass every gate (exit {verdict['exit_code']}, "
+        how = "could not be decided" if verdict.get("outcome") == "inconclusive" else "failed a gate"
+        log(f"[triton] not written: the release {how} (exit {verdict['exit_code']}, "
             f"{verdict['exit_meaning']}); export.triton gets only releases that passed every gate"
             + (f" ({model_dir} is an earlier release's, left as it was)" if model_dir.exists() else ""))
     return verdict
