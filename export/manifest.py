@@ -35,8 +35,9 @@ from vitrim.pipeline.core.rundir import RunDir
 MANIFEST_SCHEMA = 1
 # files a serving system would load as a model: one in the directory that the manifest does not cover fails
 # verification (an engine dropped in beside the verified one)
-MODEL_SUFFIXES = (".onnx", ".plan", ".pt2", ".safetensors", ".engine")
-_LIBS = ("vitrim", "torch", "timm", "onnx", "onnxruntime", "onnxscript", "polygraphy", "numpy", "safetensors", "tensorrt")
+MODEL_SUFFIXES = (".onnx", ".plan", ".pt2", ".safetensors", ".engine", ".xml", ".bin")  # .xml/.bin: OpenVINO IR
+_LIBS = ("vitrim", "torch", "timm", "onnx", "onnxruntime", "openvino", "nncf", "onnxscript", "polygraphy", "numpy",
+         "safetensors", "tensorrt")
 
 
 def library_versions() -> dict:

@@ -55,6 +55,10 @@ class Tolerances:
     @classmethod
     def for_precision(cls, export_cfg, precision: str) -> "Tolerances":
         e = export_cfg
+        if precision == "bf16":  # interim, until bf16 has fields of its own: fp16's, scaled by the ratio of the
+            # formats' unit roundoff (bf16 keeps 8 significand bits, fp16 11: 2^-8 / 2^-11 = 8)
+            k = 8.0
+            return cls(k * e.atol_fp16, k * e.rtol_fp16, e.min_top1_agreement, e.max_acc_delta, k * e.max_rel_l2_fp16)
         if precision == "fp16":
             return cls(e.atol_fp16, e.rtol_fp16, e.min_top1_agreement, e.max_acc_delta, e.max_rel_l2_fp16)
         if precision in ("int8", "fp8"):

@@ -237,7 +237,7 @@ def test_name_test_check_catches_one(tmp_path):
     assert name_tests(f) == []
 
 
-BACKEND_NAMES = ("ort-cpu", "tensorrt", "torch-cpu", "torch-cuda")
+BACKEND_NAMES = ("ort-cpu", "openvino", "tensorrt", "torch-cpu", "torch-cuda")
 BACKENDS_PKG = ROOT / "export" / "backends"
 
 

@@ -4,6 +4,6 @@ Adding a backend is one module here (a :class:`Backend` subclass, registered) pl
 tests; nothing outside this package tests a backend's name.
 """
 from vitrim.export.backends.base import BACKENDS, Backend, Engine, TritonSpec, cpu_flags, cpu_name, get_backend, names
-from vitrim.export.backends import ort_cpu, tensorrt, torch  # noqa: F401,E402  (each registers itself)
+from vitrim.export.backends import ort_cpu, openvino, tensorrt, torch  # noqa: F401,E402  (each registers itself)
 
 __all__ = ["BACKENDS", "Backend", "Engine", "TritonSpec", "cpu_flags", "cpu_name", "get_backend", "names"]

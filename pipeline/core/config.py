@@ -86,7 +86,7 @@ class TeacherConfig:
 
 # the names vitrim.export.backends registers (tests/test_layout.py checks they agree); each backend checks its
 # own precisions and quantization settings (Target.check_available), before any training or measuring
-BACKEND_NAMES = ("ort-cpu", "tensorrt", "torch-cpu", "torch-cuda")
+BACKEND_NAMES = ("ort-cpu", "openvino", "tensorrt", "torch-cpu", "torch-cuda")
 
 
 @dataclass
