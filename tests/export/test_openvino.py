@@ -63,6 +63,12 @@ def test_fp32_release_builds_an_ir_gates_it_and_serves_it(tiny, tmp_path):
     for key, val in (("NUM_STREAMS", "1"), ("PERFORMANCE_HINT", "LATENCY"), ("INFERENCE_PRECISION_HINT", "f32"),
                      ("INFERENCE_NUM_THREADS", "1")):
         assert f'key: "{key}"' in cfg and f'string_value: "{val}"' in cfg
+    mc = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient is not installed")
+    from google.protobuf import text_format
+
+    parsed = text_format.Parse(cfg, mc.ModelConfig())  # Triton's own schema accepts every field
+    assert parsed.backend == "openvino" and parsed.max_batch_size == 8
+    assert parsed.parameters["INFERENCE_PRECISION_HINT"].string_value == "f32"
     assert (tmp_path / "repo" / "tiny" / "1" / "model.xml").is_file()
     assert (tmp_path / "repo" / "tiny" / "1" / "model.bin").is_file()
     # the served IR runs and computes what the release's engine computes
