@@ -136,31 +136,22 @@ def run_snippet(manifest: dict, root: Path) -> Optional[str]:
 
 
 def _gate_rows(parity: dict) -> list[str]:
-    tol = parity.get("tolerances") or {}
+    """The parity gate's entries (:func:`~vitrim.export.verdict.parity_gates`: one source for verdict and card)."""
+    from vitrim.export.verdict import parity_gates
+
     rows = ["| gate | measured | threshold | |", "|---|---:|---:|---|"]
-    ok = lambda b: "pass" if b else "FAIL"  # noqa: E731
-    for name, o in (parity.get("outputs") or {}).items():
-        if o.get("max_rel_l2") is not None and "max_rel_l2" in tol:
-            rows.append(f"| output `{name}`: worst batch's relative L2 error | {o['max_rel_l2']:.3g} | "
-                        f"<= {tol['max_rel_l2']:g} | {ok(o['max_rel_l2'] <= tol['max_rel_l2'])} |")
-        if o.get("max_over_allowed") is not None:
-            rows.append(f"| output `{name}`: worst element over its allowance (atol {tol.get('atol', '?'):g}, "
-                        f"rtol {tol.get('rtol', '?'):g}) | {o['max_over_allowed']:.3g} | <= 1 | "
-                        f"{ok(o['max_over_allowed'] <= 1)} |")
-        rows.append(f"| output `{name}`: non-finite values | {o.get('nonfinite_engine', 0)} | 0 | "
-                    f"{ok(not o.get('nonfinite_engine'))} |")
-    if "min_top1_agreement" in tol:
-        a = parity.get("top1_agreement", 0.0)
-        rows.append(f"| top-1 agreement with the reference | {100 * a:.2f}% | >= {100 * tol['min_top1_agreement']:g}% "
-                    f"| {ok(a >= tol['min_top1_agreement'])} |")
-    if "max_acc_delta" in tol:
-        d = parity.get("acc_delta", 0.0)
-        rows.append(f"| top-1 delta, engine - reference | {d:+.2f} pt | ±{tol['max_acc_delta']:g} pt | "
-                    f"{ok(abs(d) <= tol['max_acc_delta'])} |")
+    if not parity.get("outputs"):
+        return rows
+    for g in parity_gates(parity):
+        what = g["check"] + (f" (output `{g['output']}`)" if g.get("output") else "")
+        m = "not finite" if g["measured"] is None else f"{g['measured']:.3g}"
+        if g.get("interval"):
+            m += f" [{g['interval'][0]:+.2f}, {g['interval'][1]:+.2f}]"
+        rows.append(f"| {what} | {m} | {g['op']} {g['threshold']:g} | {g['outcome'].upper()} |")
     return rows
 
 
-def render_model_card(manifest: dict, root: Path, *, manifest_sha256: str, dataset: Optional[dict] = None,
+def render_model_card(manifest: dict, root: Path, *, dataset: Optional[dict] = None,
                       speedup: Optional[dict] = None) -> str:
     """The card's text for a manifest (see :func:`write_model_card`)."""
     from vitrim.export.target import DeviceSignature
@@ -172,6 +163,8 @@ def render_model_card(manifest: dict, root: Path, *, manifest_sha256: str, datas
         sig_str = str(sig)
     acc, lat, parity = manifest.get("accuracy") or {}, manifest.get("latency") or {}, manifest.get("parity") or {}
     model = manifest.get("model") or {}
+    engine_sha = ((manifest.get("artifacts") or {}).get("engine") or (manifest.get("artifacts") or {}).get("onnx")
+                  or {}).get("sha256")
     name = model.get("name") or root.name
     engine = f"{sig.get('backend')}/{sig.get('precision')}"
     ds = dataset or {"name": "unknown", "type": "unknown", "split": "test"}
@@ -195,7 +188,7 @@ def render_model_card(manifest: dict, root: Path, *, manifest_sha256: str, datas
         "model-index": [{"name": name, "results": [{
             "task": {"type": "image-classification", "name": "Image Classification"},
             "dataset": ds, "metrics": metrics}]}],
-        "vitrim": {"manifest": RunDir(root).manifest.name, "manifest_sha256": manifest_sha256, "device_signature": sig,
+        "vitrim": {"manifest": RunDir(root).manifest.name, "engine_sha256": engine_sha, "device_signature": sig,
                    "preprocessing": manifest.get("preprocessing")},
     }
     if not front["datasets"]:
@@ -203,7 +196,8 @@ def render_model_card(manifest: dict, root: Path, *, manifest_sha256: str, datas
     out = ["---", yaml.dump(front, Dumper=_Dumper, sort_keys=False).rstrip(), "---", "", f"# {name}", "",
            f"A Vision Transformer released by vitrim as a `{engine}` engine, verified against its reference by the "
            f"parity gate and timed on the machine below. Every figure here comes from `{RunDir(root).manifest.name}` "
-           f"(sha256 `{manifest_sha256[:16]}...`; `vitrim verify-manifest .` re-checks the files).", "",
+           f"(engine sha256 `{(engine_sha or '?')[:16]}...`), which also lists this card's sha256: `vitrim "
+           "verify-manifest .` re-checks every file of the release.", "",
            "## Results", "", "| | |", "|---|---|"]
     if acc.get("engine_top1") is not None:
         out.append(f"| top-1, engine (%) | {acc['engine_top1']:.2f} on {acc.get('images')} {ds.get('name')} "
@@ -268,11 +262,11 @@ def write_model_card(release_dir: str | os.PathLike, *, dataset: Optional[dict] 
     """
     import json
 
-    from vitrim.pipeline.core.io import atomic_write_text, sha256_file
+    from vitrim.pipeline.core.io import atomic_write_text
 
     rd = RunDir(release_dir)
     manifest = json.loads(rd.manifest.read_text())
-    text = render_model_card(manifest, rd.root, manifest_sha256=sha256_file(rd.manifest), dataset=dataset,
+    text = render_model_card(manifest, rd.root, dataset=dataset,
                              speedup=speedup)
     atomic_write_text(rd.model_card, text)
     return rd.model_card

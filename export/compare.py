@@ -14,14 +14,19 @@ another machine. :func:`compare_releases` therefore
    threshold does not decide: up to ``export.compare_sessions`` sessions run and the gate takes
    the median of their ratios;
 3. re-evaluates both engines on the same test images (top-1 each, and how many images only one
-   of them gets right);
-4. fails when the candidate is slower by more than ``max_latency_regression`` (a fraction, 3% by
-   default) or loses more than ``max_acc_regression`` points of top-1 (0.3 by default).
+   of them gets right) and decides the accuracy loss with McNemar's exact test on those paired
+   predictions (:func:`~vitrim.export.stats.paired_accuracy`): its interval against
+   ``max_acc_regression`` (0.3 pt by default) gives PASS, FAIL or INCONCLUSIVE;
+4. decides the latency the same way: the paired ratio against ``1 + max_latency_regression`` (3%
+   slower at most by default), INCONCLUSIVE while it lies within twice the A/A control's deviation
+   of the threshold after every allowed session (a machine too noisy to decide).
 
 ``compare.json`` (every figure) is written either way, and the two gate entries are merged into
 the ``verdict.json`` beside it (:mod:`vitrim.export.verdict`; Polygraphy's ``--save-results``,
 MLflow's ``validate_evaluation_results``: the evidence stays on disk); a failure then raises
-:class:`~vitrim.pipeline.core.errors.RegressionGateError`, which the CLI turns into exit 5.
+:class:`~vitrim.pipeline.core.errors.RegressionGateError`, which the CLI turns into exit 5; an
+undecided gate with no failure raises :class:`~vitrim.pipeline.core.errors.InconclusiveError` (exit 6):
+rerun on a quiet machine, or evaluate more images.
 """
 from __future__ import annotations
 
@@ -35,11 +40,12 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 
 from vitrim.export.runners import Runner
+from vitrim.export.stats import FAIL, INCONCLUSIVE, paired_accuracy, ratio_outcome
 from vitrim.export.target import DeviceSignature, Target
 from vitrim.pipeline.core.errors import EXIT_REGRESSION, UserError
 from vitrim.pipeline.core.rundir import RunDir
 
-COMPARE_SCHEMA = 1
+COMPARE_SCHEMA = 2
 
 
 @dataclass
@@ -156,11 +162,16 @@ def _images_labels(batch) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(x, dtype=np.float32), y.astype(np.int64)
 
 
-def evaluate_pair(base: Runner, cand: Runner, data: Iterable) -> dict:
-    """Top-1 of both (activated) engines on the same batches, streamed, and the images they disagree on."""
+def evaluate_pair(base: Runner, cand: Runner, data: Iterable, max_images: Optional[int] = None) -> dict:
+    """Top-1 of both (activated) engines on the same batches, streamed (up to ``max_images``), and the
+    images only one of them gets right (McNemar's discordant pairs)."""
     n = right_b = right_c = only_b = only_c = agree = 0
     for batch in data:
+        if max_images is not None and n >= max_images:
+            break
         x, y = _images_labels(batch)
+        if max_images is not None:
+            x, y = x[:max_images - n], y[:max_images - n]
         pb, pc = base.infer(x).argmax(1), cand.infer(x).argmax(1)
         ok_b, ok_c = pb == y, pc == y
         n += len(y)
@@ -201,13 +212,14 @@ def time_pair(base: Release, cand: Release, rounds: int, repeats: int, warmup: i
         if abs(med - 1.0 - threshold) > 2 * noise:
             break  # the verdict stands clear of this measurement's noise
     last = runs[-1]
+    ratio = float(np.median([r["ratio"] for r in runs]))
     return {"protocol": "round-robin sessions on this machine; per round: baseline, candidate, baseline, baseline "
                         "again (a second session: the A/A control), baseline; a session's ratio is the median over "
                         "rounds of each visit's median over the median of the baseline visits around it; another "
                         "session runs while the median ratio lies within twice the largest A/A deviation of the "
                         "threshold",
             "batch": batch, "rounds": rounds, "repeats": repeats, "warmup": warmup,
-            "ratio": float(np.median([r["ratio"] for r in runs])),
+            "ratio": ratio,
             "aa_ratio": max((r["aa_ratio"] for r in runs), key=lambda v: abs(v - 1.0)),
             "baseline": last["baseline"], "candidate": last["candidate"], "sessions": runs}
 
@@ -217,21 +229,23 @@ def markdown_table(result: dict) -> str:
     lat, acc = result["latency"], result["accuracy"]
     g = {x["check"]: x for x in result["gates"]}
     gl, ga = g["latency"], g["accuracy"]
-    mark = lambda ok: "pass" if ok else "**FAIL**"  # noqa: E731
+    mark = lambda g: {"pass": "pass", "fail": "**FAIL**", "inconclusive": "**INCONCLUSIVE**"}[g["outcome"]]  # noqa: E731
     rows = [
         "| | baseline | candidate | change | gate | verdict |",
         "|---|---:|---:|---:|---|---|",
         f"| latency, median ms (batch {lat['batch']}, one session) | {lat['baseline']['median_ms']:.3f} | "
         f"{lat['candidate']['median_ms']:.3f} | {100 * (lat['ratio'] - 1):+.1f}% (paired ratio {lat['ratio']:.3f}) | "
-        f"<= {100 * (gl['threshold'] - 1):+.1f}% | {mark(gl['passed'])} |",
+        f"<= {100 * (gl['threshold'] - 1):+.1f}% | {mark(gl)} |",
         f"| A/A control: the baseline against itself | | | {100 * (lat['aa_ratio'] - 1):+.1f}% | noise of this "
         f"measurement ({len(lat['sessions'])} session{'s' if len(lat['sessions']) > 1 else ''}) | |",
         f"| test top-1 % ({acc['images']} images) | {acc['baseline_top1']:.2f} | {acc['candidate_top1']:.2f} | "
-        f"{acc['delta_pt']:+.2f} pt | >= {ga['threshold']:+.2f} pt | {mark(ga['passed'])} |",
+        f"{acc['delta_pt']:+.2f} pt | loss <= {ga['threshold']:.2f} pt | {mark(ga)} |",
+        f"| accuracy loss, {100 * acc['test']['confidence']:g}% interval (McNemar exact) | | | "
+        f"[{acc['test']['ci_pt'][0]:+.2f}, {acc['test']['ci_pt'][1]:+.2f}] pt | | |",
         f"| top-1 agreement | | | {100 * acc['agreement']:.2f}% ({acc['only_baseline_right']} images only the "
         f"baseline gets right, {acc['only_candidate_right']} only the candidate) | | |",
     ]
-    head = f"**{'PASS' if result['passed'] else 'FAIL'}**: candidate `{result['candidate']['dir']}` against " \
+    head = f"**{result['outcome'].upper()}**: candidate `{result['candidate']['dir']}` against " \
            f"baseline `{result['baseline']['dir']}` on {result['signature']['backend']}/" \
            f"{result['signature']['precision']} ({result['machine']['device']})"
     return head + "\n\n" + "\n".join(rows) + "\n"
@@ -240,17 +254,20 @@ def markdown_table(result: dict) -> str:
 def compare_releases(baseline: str | os.PathLike, candidate: str | os.PathLike, data: Iterable, *,
                      max_latency_regression: float = 0.03, max_acc_regression: float = 0.3, rounds: int = 20,
                      repeats: int = 200, warmup: int = 10, sessions: int = 3, out: str | os.PathLike | None = None,
-                     data_preprocessing: Optional[dict] = None, log: Callable[[str], None] = print) -> dict:
+                     data_preprocessing: Optional[dict] = None, max_images: Optional[int] = None,
+                     confidence: float = 0.95, log: Callable[[str], None] = print) -> dict:
     """Gate ``candidate`` against ``baseline`` (two release directories); write ``compare.json``.
 
     Args:
         data: ``(images, labels)`` batches of the test images both engines are evaluated on.
         max_latency_regression: the candidate may be this fraction slower (paired ratio - 1).
-        max_acc_regression: the candidate's top-1 may be this many points lower.
+        max_acc_regression: the candidate's top-1 may be this many points lower, decided with
+            McNemar's exact test at ``confidence`` (two-sided interval).
         rounds, repeats, warmup: one paired timing session (``repeats`` candidate runs over ``rounds`` visits).
         sessions: timing sessions at most, while the ratio is within the session's noise of the threshold.
         out: where ``compare.json`` goes (default: the candidate directory).
         data_preprocessing: ``Preprocessing.to_dict()`` of ``data``; refused when the releases expect another.
+        max_images: evaluate at most this many images (``export.parity_images``; None: all of ``data``).
 
     Returns:
         The content of ``compare.json``.
@@ -258,12 +275,16 @@ def compare_releases(baseline: str | os.PathLike, candidate: str | os.PathLike, 
     Raises:
         UserError: different device signatures or preprocessing, another machine, a tampered release.
         RegressionGateError: after writing ``compare.json`` and ``verdict.json``, when a gate fails (exit 5).
+        InconclusiveError: likewise, when no gate failed but one could not decide (exit 6).
     """
+    from vitrim.export.manifest import seal_manifest
     from vitrim.pipeline.core.io import atomic_write_json
 
     out_rd = RunDir(out if out is not None else candidate)
-    out_rd.compare.unlink(missing_ok=True)  # never leave an earlier comparison beside a refused one
     base, cand = Release.load(baseline, "baseline"), Release.load(candidate, "candidate")
+    if out_rd.compare.is_file():  # never leave an earlier comparison beside a refused one
+        out_rd.compare.unlink()
+        seal_manifest(out_rd.root)
     check_same_target(base, cand)
     pb, pc = base.preprocessing_key(), cand.preprocessing_key()
     if pb is not None and pc is not None and pb != pc:
@@ -284,44 +305,61 @@ def compare_releases(baseline: str | os.PathLike, candidate: str | os.PathLike, 
     from vitrim.export.runners import interleaved
 
     with interleaved([base.eval_runner(), cand.eval_runner()]) as (rb, rc):
-        acc = evaluate_pair(rb, rc, data)
+        acc = evaluate_pair(rb, rc, data, max_images)
+    test = paired_accuracy(acc["only_baseline_right"], acc["only_candidate_right"], acc["images"], max_acc_regression,
+                           confidence)
+    acc["test"] = test.to_dict()
     log(f"[compare] top-1 on {acc['images']} test images: baseline {acc['baseline_top1']:.2f}%, candidate "
-        f"{acc['candidate_top1']:.2f}% ({acc['delta_pt']:+.2f} pt)")
+        f"{acc['candidate_top1']:.2f}% ({acc['delta_pt']:+.2f} pt; candidate's {test.describe()}): "
+        f"{test.outcome.upper()}")
     lat = time_pair(base, cand, rounds, repeats, warmup, sessions, max_latency_regression, log)
+    lat["noise"] = max(abs(r["aa_ratio"] - 1.0) for r in lat["sessions"])  # the largest A/A deviation
+    lat["outcome"] = ratio_outcome(lat["ratio"], 1.0 + max_latency_regression, lat["noise"])
 
     from vitrim.export.verdict import gate, make_verdict, merge_gates, raise_for
 
     gates = [
         gate("regression", "latency", lat["ratio"], 1.0 + max_latency_regression, "<=", EXIT_REGRESSION,
-             subject="candidate", unit="ratio to the baseline",
-             detail=f"paired latency ratio candidate/baseline at batch {lat['batch']}, re-timed in one round-robin "
-                    f"session on this machine (A/A control {lat['aa_ratio']:.3f}); export.max_latency_regression "
+             subject="candidate", unit="ratio to the baseline", outcome=lat["outcome"],
+             interval=[lat["ratio"] - 2 * lat["noise"], lat["ratio"] + 2 * lat["noise"]],
+             detail=f"paired latency ratio candidate/baseline at batch {lat['batch']}, re-timed round-robin on this "
+                    f"machine in {len(lat['sessions'])} session(s); A/A control {lat['aa_ratio']:.3f}: undecided "
+                    f"within twice its deviation of the threshold; export.max_latency_regression "
                     f"{max_latency_regression:g}"),
-        gate("regression", "accuracy", acc["delta_pt"], -max_acc_regression, ">=", EXIT_REGRESSION,
-             subject="candidate", unit="pt",
-             detail=f"test top-1 candidate {acc['candidate_top1']:.2f}% - baseline {acc['baseline_top1']:.2f}% on "
-                    f"the same {acc['images']} images; export.max_acc_regression {max_acc_regression:g}"),
+        gate("regression", "accuracy", test.loss_pt, max_acc_regression, "<=", EXIT_REGRESSION,
+             subject="candidate", unit="pt lost", outcome=test.outcome, interval=list(test.ci_pt),
+             detail=f"test top-1 baseline {acc['baseline_top1']:.2f}% - candidate {acc['candidate_top1']:.2f}% on "
+                    f"the same {acc['images']} images, {100 * confidence:g}% interval [{test.ci_pt[0]:+.2f}, "
+                    f"{test.ci_pt[1]:+.2f}] pt (McNemar exact: {test.only_a_right} only the baseline gets right, "
+                    f"{test.only_b_right} only the candidate); export.max_acc_regression {max_acc_regression:g}"),
     ]
-    passed = all(g["passed"] for g in gates)
+    v = make_verdict(gates, "compare")
     result = {"schema": COMPARE_SCHEMA,
               "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-              "passed": passed, "exit_code": 0 if passed else EXIT_REGRESSION, "gates": gates,
+              "passed": v["passed"], "outcome": v["outcome"], "exit_code": v["exit_code"],
+              "exit_meaning": v["exit_meaning"], "gates": gates,
               "baseline": base.describe(), "candidate": cand.describe(), "signature": base.signature.to_dict(),
               "machine": here, "latency": lat, "accuracy": acc,
-              "noisy": bool(abs(lat["aa_ratio"] - 1.0) > max_latency_regression)}
+              "noisy": lat["outcome"] == INCONCLUSIVE}
     atomic_write_json(out_rd.compare, result)
     merge_gates(out_rd.root, gates, kind=None if out_rd.verdict.is_file() else "compare",
                 info={"regression_baseline": str(base.root)})
+    seal_manifest(out_rd.root)  # compare.json and the merged verdict are part of the release now
     table = markdown_table(result)
     log(table)
     if result["noisy"]:
-        log(f"[compare] warning: the A/A control moved by {100 * (lat['aa_ratio'] - 1):+.1f}%, more than the "
-            f"{100 * max_latency_regression:.1f}% threshold: this machine is too busy for a latency verdict at this "
-            "threshold; rerun on a quieter machine, or raise export.compare_sessions / compare_rounds")
+        log(f"[compare] the latency cannot be decided here: the A/A control moved by up to "
+            f"{100 * lat['noise']:.1f}% over {len(lat['sessions'])} session(s), and the ratio {lat['ratio']:.3f} lies "
+            f"within twice that of the {100 * max_latency_regression:.1f}% threshold; rerun on a quiet runner, or "
+            "raise export.compare_sessions / compare_rounds")
+    if test.outcome == INCONCLUSIVE:
+        log(f"[compare] the accuracy cannot be decided on {acc['images']} images at a {max_acc_regression:g} pt "
+            "tolerance: evaluate more images (data.test_limit, export.parity_images) or allow a larger loss")
     # raised for this comparison's own gates: an earlier failure in the merged verdict has its own exit code
-    raise_for(make_verdict(gates, "compare"), "[compare] regression gate FAILED against the baseline:\n  " + "\n  ".join(
-        f"{g['check']}: {'non-finite' if g['measured'] is None else format(g['measured'], '.4g')} {g['op']} "
-        f"{g['threshold']:.4g} fails ({g['detail']})"
+    word = "FAILED" if v["outcome"] == FAIL else "INCONCLUSIVE"
+    raise_for(v, f"[compare] regression gate {word} against the baseline:\n  " + "\n  ".join(
+        f"{g['check']} {g['outcome'].upper()}: {'non-finite' if g['measured'] is None else format(g['measured'], '.4g')} "
+        f"{g['op']} {g['threshold']:.4g} ({g['detail']})"
         for g in gates if not g["passed"]) + f"\n  details: {out_rd.compare}, {out_rd.verdict}")
     return result
 
@@ -339,7 +377,7 @@ def compare_from_config(cfg, baseline: str | os.PathLike, candidate: str | os.Pa
                             max_acc_regression=e.max_acc_regression, rounds=e.compare_rounds,
                             repeats=e.compare_repeats, sessions=e.compare_sessions, warmup=cfg.profile.warmup, out=out,
                             data_preprocessing=splits.preprocessing.to_dict() if splits.preprocessing else None,
-                            log=log)
+                            max_images=e.parity_images, confidence=e.confidence, log=log)
 
 
 def _recorded_batch(release: str | os.PathLike) -> Optional[int]:

@@ -6,18 +6,24 @@ interpolation, mean/std, channels, layout, value range, and where each came from
 accuracy, measured and predicted latency, the parity figures and a config hash. It is
 written only after the parity gate passed.
 
-The release directory is relocatable and tamper-evident:
+The release directory is relocatable and tamper-evident as a whole:
 
 * every artifact path is relative to the directory and inside it; :func:`write_manifest` refuses a
   file outside it (the release step copies what it ships into the directory first), so the
   directory verifies after a copy or a move;
-* :func:`verify_manifest` re-hashes every artifact, refuses a path that leaves the directory (absolute,
-  ``..``, a symlink pointing out), lists model files in the directory that the manifest does not
-  cover (:data:`MODEL_SUFFIXES`), and checks nested releases (``teacher/`` of a run) the same way;
+* ``files`` holds the sha256 of **every file under the directory**, whatever its name: nested
+  releases (``teacher/`` of a run) with their own manifests, ``verdict.json``, ``compare.json``,
+  ``MODEL_CARD.md``, a Triton repository inside it. Stages that add a file to a release afterwards
+  call :func:`seal_manifest`, which rewrites ``files`` (and drops a signature, which signed other
+  contents). Only ``manifest.json`` and its signature are not listed;
+* :func:`verify_manifest` re-hashes every file, refuses a path that leaves the directory (absolute,
+  ``..``, a symlink pointing out), fails on any file the manifest does not list, naming it, and
+  checks nested releases against their own manifests too;
 * :func:`sign_manifest` writes a detached Ed25519 signature of ``manifest.json`` (``manifest.json.sig``,
   the raw 64-byte signature, as ``openssl pkeyutl -sign -rawin`` makes it), and ``verify_manifest(...,
-  pubkey=...)`` checks it, so a release job can prove who produced the engine. Signing needs the
-  optional ``cryptography`` package (``pip install vitrim[sign]``).
+  pubkey=...)`` checks it over the very bytes it then parses, so a release job can prove who produced
+  every file of the release. Signing needs the optional ``cryptography`` package
+  (``pip install -e '.[sign]'`` in a source checkout).
 """
 from __future__ import annotations
 
@@ -29,13 +35,10 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Optional
 
 from vitrim.pipeline.core.errors import InternalError, UserError
-from vitrim.pipeline.core.io import atomic_write_json, read_json, sha256_file
+from vitrim.pipeline.core.io import atomic_write_json, sha256_file
 from vitrim.pipeline.core.rundir import RunDir
 
-MANIFEST_SCHEMA = 1
-# files a serving system would load as a model: one in the directory that the manifest does not cover fails
-# verification (an engine dropped in beside the verified one)
-MODEL_SUFFIXES = (".onnx", ".plan", ".pt2", ".safetensors", ".engine", ".xml", ".bin")  # .xml/.bin: OpenVINO IR
+MANIFEST_SCHEMA = 2
 _LIBS = ("vitrim", "torch", "timm", "onnx", "onnxruntime", "openvino", "nncf", "onnxscript", "polygraphy", "numpy",
          "safetensors", "tensorrt")
 
@@ -101,7 +104,67 @@ def write_manifest(run_dir: str | os.PathLike, artifacts: dict[str, str | os.Pat
     }
     rd = RunDir(run_dir)
     rd.manifest_signature.unlink(missing_ok=True)
+    manifest["files"] = _hash_tree(run_dir)
     atomic_write_json(rd.manifest, manifest)
+    return rd.manifest
+
+
+def _own_files(base: Path) -> set[str]:
+    rd = RunDir(base)
+    return {rd.manifest.name, rd.manifest_signature.name}
+
+
+def _walk(base: Path) -> tuple[list[str], list[str]]:
+    """(files under ``base`` relative to it, symlinks leaving it), walking without following links.
+
+    The top-level ``manifest.json`` and its signature are left out: they cannot list themselves.
+    """
+    files, escaping = [], []
+    own = _own_files(base)
+    for d, dirs, names in os.walk(base, followlinks=False):
+        here = Path(d)
+        for name in list(dirs):
+            sub = here / name
+            if sub.is_symlink():
+                dirs.remove(name)
+                (escaping if _inside(sub, base) is None else files).append(sub.relative_to(base).as_posix())
+        for name in names:
+            f = here / name
+            rel = f.relative_to(base).as_posix()
+            if here == base and name in own:
+                continue
+            (escaping if f.is_symlink() and _inside(f, base) is None else files).append(rel)
+    return sorted(files), sorted(escaping)
+
+
+def _hash_tree(base: Path) -> dict:
+    files, escaping = _walk(Path(base))
+    if escaping:
+        raise UserError("manifest", f"'{base}' holds symlinks leaving the directory: {', '.join(escaping)}",
+                        "copy what they point to into the release directory, or remove them")
+    out = {}
+    for rel in files:
+        p = Path(base) / rel
+        if p.is_dir():  # a symlink to a directory inside the release: its files are listed where they live
+            continue
+        out[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    return out
+
+
+def seal_manifest(run_dir: str | os.PathLike) -> Optional[Path]:
+    """Re-hash every file under ``run_dir`` into its manifest's ``files`` (after a stage added some).
+
+    The named ``artifacts`` and every figure stay as they were; a signature is removed (it signed the
+    old manifest: sign again). Returns the manifest's path, or None where the directory has no manifest
+    (a release that failed its gate has none, and gets none here).
+    """
+    rd = RunDir(run_dir)
+    if not rd.manifest.is_file():
+        return None
+    m = _load(rd.manifest)
+    m["files"] = _hash_tree(rd.root)
+    rd.manifest_signature.unlink(missing_ok=True)
+    atomic_write_json(rd.manifest, m)
     return rd.manifest
 
 
@@ -118,49 +181,37 @@ def _path_problem(rel, base: Path) -> Optional[str]:
     return None
 
 
-def _scan(base: Path) -> tuple[list[str], list[Path], list[str]]:
-    """(model files, nested release directories, symlinks leaving ``base``), walking without following links.
+def _parse(data: bytes, path: Path) -> dict:
+    import json
 
-    A sub-directory with a ``manifest.json`` of its own (``teacher/`` in a run) is a nested release:
-    its files are its own manifest's business, checked by the caller.
-    """
-    models, nested, escaping = [], [], []
-    for d, dirs, files in os.walk(base, followlinks=False):
-        here = Path(d)
-        for name in list(dirs):
-            sub = here / name
-            if sub.is_symlink():
-                dirs.remove(name)
-                if _inside(sub, base) is None:
-                    escaping.append(sub.relative_to(base).as_posix())
-            elif RunDir(sub).manifest.is_file():
-                dirs.remove(name)
-                nested.append(sub)
-        for name in files:
-            f = here / name
-            rel = f.relative_to(base).as_posix()
-            if f.is_symlink() and _inside(f, base) is None:
-                escaping.append(rel)
-            elif name.endswith(MODEL_SUFFIXES):
-                models.append(rel)
-    return sorted(models), sorted(nested), sorted(escaping)
+    try:
+        m = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError("verify-manifest", f"'{path}' is not valid JSON ({e})", "the manifest is corrupt; re-export") from None
+    if not isinstance(m, dict) or m.get("schema") != MANIFEST_SCHEMA:
+        raise UserError("verify-manifest", f"'{path}' has schema {m.get('schema') if isinstance(m, dict) else None!r}, "
+                        f"not {MANIFEST_SCHEMA}", "re-export with this vitrim version")
+    if not isinstance(m.get("artifacts"), dict) or not isinstance(m.get("files"), dict):
+        raise UserError("verify-manifest", f"'{path}' lists no artifacts or files", "the manifest is corrupt; re-export")
+    return m
+
+
+def _read_bytes(path: Path) -> bytes:
+    if not path.is_file():
+        raise UserError("verify-manifest", f"no manifest at '{path}'", "run `vitrim export` (it writes one after parity passes)")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise UserError("verify-manifest", f"cannot read '{path}' ({e.strerror})", "check the path and its permissions") from None
 
 
 def _load(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError("verify-manifest", f"no manifest at '{path}'", "run `vitrim export` (it writes one after parity passes)")
-    m = read_json(path, "verify-manifest", "manifest", "the manifest is corrupt; re-export")
-    if not isinstance(m, dict) or m.get("schema") != MANIFEST_SCHEMA:
-        raise UserError("verify-manifest", f"'{path}' has schema {m.get('schema') if isinstance(m, dict) else None!r}",
-                        "re-export with this vitrim version")
-    if not isinstance(m.get("artifacts"), dict):
-        raise UserError("verify-manifest", f"'{path}' lists no artifacts", "the manifest is corrupt; re-export")
-    return m
+    return _parse(_read_bytes(path), path)
 
 
 def _problems(base: Path, m: dict, prefix: str = "") -> list[str]:
     """Every way the directory differs from its manifest (nested releases included)."""
-    problems, covered = [], set()
+    problems = []
     for name, e in m["artifacts"].items():
         rel = e.get("path") if isinstance(e, dict) else None
         why = _path_problem(rel, base)
@@ -168,43 +219,60 @@ def _problems(base: Path, m: dict, prefix: str = "") -> list[str]:
             problems.append(f"{prefix}{name}: {why}")
             continue
         p = base / rel
-        covered.add(_inside(p, base))
         if not p.is_file():
             problems.append(f"{prefix}{name}: '{prefix}{rel}' is missing")
         elif sha256_file(p) != e.get("sha256"):
             problems.append(f"{prefix}{name}: '{prefix}{rel}' has changed (sha256 mismatch)")
-    models, nested, escaping = _scan(base)
+    listed = m["files"]
+    for rel, e in listed.items():
+        why = _path_problem(rel, base)
+        if why:
+            problems.append(f"{prefix}{rel}: {why}")
+            continue
+        p = base / rel
+        if not p.is_file():
+            problems.append(f"{prefix}{rel}: missing")
+        elif not isinstance(e, dict) or sha256_file(p) != e.get("sha256"):
+            problems.append(f"{prefix}{rel}: has changed (sha256 mismatch)")
+    files, escaping = _walk(base)
     problems += [f"{prefix}{rel}: a symlink leaving the release directory" for rel in escaping]
-    problems += [f"{prefix}{rel}: a model file the manifest does not cover" for rel in models if rel not in covered]
-    for sub in nested:
-        sub_prefix = f"{prefix}{sub.name}/"
+    problems += [f"{prefix}{rel}: a file the manifest does not list" for rel in files
+                 if rel not in listed and not (base / rel).is_dir()]
+    nested = sorted({Path(rel).parent for rel in files if Path(rel).name == RunDir(base).manifest.name
+                     and Path(rel).parent != Path(".")})
+    for sub in nested:  # a nested release must also match its own manifest
+        sub_prefix = f"{prefix}{sub.as_posix()}/"
         try:
-            problems += _problems(sub, _load(RunDir(sub).manifest), sub_prefix)
+            problems += _problems(base / sub, _load(RunDir(base / sub).manifest), sub_prefix)
         except UserError as e:
-            problems.append(f"{sub_prefix}{RunDir(sub).manifest.name}: {e.what}")
+            problems.append(f"{sub_prefix}{RunDir(base / sub).manifest.name}: {e.what}")
     return problems
 
 
 def verify_manifest(run_dir: str | os.PathLike, pubkey: str | os.PathLike | None = None) -> dict:
     """Check a release directory against its manifest; returns the manifest.
 
-    Re-hashes every artifact, refuses paths that leave the directory, lists model files the manifest
-    does not cover, checks nested releases (sub-directories with a manifest of their own), and, with
-    ``pubkey`` (an Ed25519 public key, PEM), checks the detached signature ``manifest.json.sig``.
+    Re-hashes every listed file, refuses paths that leave the directory, fails on any file under it
+    that the manifest does not list, checks nested releases (sub-directories with a manifest of their
+    own) against theirs, and, with ``pubkey`` (an Ed25519 public key, PEM), checks the detached
+    signature ``<manifest>.sig`` over the very bytes that are then parsed and checked.
 
     Raises:
         UserError: listing every problem found (the CLI exits 2).
     """
     run_dir = Path(run_dir)
     path = RunDir(run_dir).manifest if run_dir.is_dir() else run_dir
-    m = _load(path)
-    base = path.parent
+    if path.name != RunDir(path.parent).manifest.name:
+        raise UserError("verify-manifest", f"'{path}' is not a release manifest ({RunDir(path.parent).manifest.name})",
+                        f"pass the release directory, or its {RunDir(path.parent).manifest.name}")
+    data = _read_bytes(path)
     if pubkey is not None:
-        _check_signature(base, pubkey)
-    problems = _problems(base, m)
+        _check_signature(path, data, pubkey)
+    m = _parse(data, path)
+    problems = _problems(path.parent, m)
     if problems:
         raise UserError("verify-manifest", "manifest check failed:\n  " + "\n  ".join(problems),
-                        "restore the original artifacts, remove files the release does not ship, or re-run the export")
+                        "restore the original files, remove files the release does not ship, or re-run the export")
     return m
 
 
@@ -215,7 +283,8 @@ def _crypto():
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ed25519
     except ImportError:
-        raise UserError("sign", "signing needs the 'cryptography' package", "pip install 'vitrim[sign]'") from None
+        raise UserError("sign", "signing needs the 'cryptography' package",
+                        "pip install cryptography (or pip install -e '.[sign]' in vitrim's source checkout)") from None
     return serialization, ed25519
 
 
@@ -258,31 +327,35 @@ def key_fingerprint(public_key) -> str:
 def sign_manifest(run_dir: str | os.PathLike, key: str | os.PathLike) -> Path:
     """Verify the directory, then write the detached Ed25519 signature of its ``manifest.json``.
 
-    The signature covers the manifest's bytes, and the manifest covers every artifact's sha256, so
-    it attests to the whole release. Returns the signature's path (``manifest.json.sig``).
+    The signature covers the manifest's bytes, and the manifest covers the sha256 of every file under
+    the directory, so it attests to the whole release. Returns the signature's path (``manifest.json.sig``).
     """
     from vitrim.pipeline.core.io import atomic_write_bytes
 
     rd = RunDir(run_dir)
     private = _read_key(key, private=True)  # a bad key fails before anything is read
+    data = _read_bytes(rd.manifest)
     verify_manifest(rd.root)  # never sign a directory that does not match its manifest
-    atomic_write_bytes(rd.manifest_signature, private.sign(rd.manifest.read_bytes()))
+    if _read_bytes(rd.manifest) != data:
+        raise UserError("sign", f"'{rd.manifest}' changed while it was verified", "sign again once nothing writes to it")
+    atomic_write_bytes(rd.manifest_signature, private.sign(data))
     return rd.manifest_signature
 
 
-def _check_signature(base: Path, pubkey: str | os.PathLike) -> str:
+def _check_signature(path: Path, data: bytes, pubkey: str | os.PathLike) -> str:
+    """Check ``<path>.sig`` over ``data`` (the manifest's bytes as read once by the caller)."""
     from cryptography.exceptions import InvalidSignature
 
-    rd = RunDir(base)
+    sig_path = path.with_name(path.name + ".sig")
     public = _read_key(pubkey, private=False)
-    if not rd.manifest_signature.is_file():
-        raise UserError("verify-manifest", f"no signature at '{rd.manifest_signature}'",
-                        f"sign the release: vitrim sign {base} --key KEY.pem")
+    if not sig_path.is_file():
+        raise UserError("verify-manifest", f"no signature at '{sig_path}'",
+                        f"sign the release: vitrim sign {path.parent} --key KEY.pem")
     try:
-        public.verify(rd.manifest_signature.read_bytes(), rd.manifest.read_bytes())
+        public.verify(sig_path.read_bytes(), data)
     except InvalidSignature:
-        raise UserError("verify-manifest", f"the signature '{rd.manifest_signature}' does not match "
-                        f"'{rd.manifest}' under the key '{pubkey}' ({key_fingerprint(public)})",
+        raise UserError("verify-manifest", f"the signature '{sig_path}' does not match "
+                        f"'{path}' under the key '{pubkey}' ({key_fingerprint(public)})",
                         "the manifest changed after signing, or it was signed with another key: re-export and "
                         "sign again with the right key, or pass the signer's public key") from None
     return key_fingerprint(public)

@@ -1,31 +1,37 @@
 """The accuracy-parity gate: does the engine compute what PyTorch computes?
 
-Two levels (the idea of Polygraphy's comparator plus timm's "argmax is still
-owl" check), both over every image the gate sees (up to ``max_images``),
-streamed batch by batch from one inference of each runner:
+Every statistic is **per image**, streamed batch by batch from one inference of
+each runner, so the loader's batch (``target.batch``, a latency knob) cannot
+change a verdict. Two levels (Polygraphy's comparator plus timm's "argmax is
+still owl" check):
 
-1. Error statistics per output, with the **reference** as the denominator:
+1. What the engine outputs, against the reference (the reference is always the
+   denominator):
 
    * non-finite: any NaN or Inf in either output fails by itself;
    * elementwise: ``|e - r| <= atol + rtol * |r|`` for every element (numpy
      ``isclose`` semantics; NaN never passes);
-   * relative L2 error ``||e - r|| / ||r||`` per batch, the worst batch against
-     ``max_rel_l2``: a scale-aware whole-output figure, so an engine whose
-     outputs are scaled, sign-flipped, constant or permuted fails even where
-     the elementwise tolerances are loose (int8).
+   * relative L2 error ``||e_i - r_i|| / ||r_i||`` of each image's logits: the worst
+     image (a zeroed or corrupted image) and the mean over images (a scaled,
+     sign-flipped, constant or permuted output);
+   * what a deployed classifier returns: the Jensen-Shannon divergence (bits)
+     between the softmax of each image's logits, its mean and a high quantile
+     (a temperature change, a biased class logit), and the distribution of the
+     predicted classes: no class may gain or lose more than ``max_class_shift``
+     of the predictions (a class collapsed onto another).
 
-   Polygraphy's ``CompareFunc.simple`` is not used for the decision: it flags an
-   element only where both the absolute and the relative difference exceed
-   their tolerances, with the relative one divided by the *engine's* output, so
-   with int8's loose tolerances an engine returning 50x the reference logits
-   passed (|50r - r| / |50r| = 0.98 < rtol 1.0). Its ``Comparator`` would also
-   keep every batch's outputs, and each batch is already run once here for
-   level 2.
-2. Top-1 agreement and the accuracy delta over the same images.
+   Polygraphy's ``CompareFunc.simple`` is not used for the decision: it divides
+   the relative difference by the *engine's* output, so with int8's loose
+   tolerances an engine returning 50x the logits passed.
+2. The decisions: top-1 agreement with the reference, and the accuracy loss,
+   decided by McNemar's exact test on the paired predictions
+   (:func:`~vitrim.export.stats.paired_accuracy`): PASS only when the loss is
+   below ``max_acc_loss`` with confidence, FAIL when above it with confidence,
+   INCONCLUSIVE otherwise (too few images for the tolerance: evaluate more).
 
 Silent divergence happens (TensorRT #4333, #4482: wrong SDPA outputs), so a
-failure raises :class:`ParityError` naming the output and the check; the caller
-then writes no manifest.
+failure raises :class:`ParityError` naming the output and the check, an
+undecided gate :class:`ParityInconclusive`; the caller then writes no manifest.
 """
 from __future__ import annotations
 
@@ -35,35 +41,39 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from vitrim.pipeline.core.errors import AccuracyGateError, UserError
+from vitrim.export.stats import FAIL, INCONCLUSIVE, PASS, paired_accuracy
+from vitrim.pipeline.core.errors import AccuracyGateError, InconclusiveError, UserError
 
 
 class ParityError(AccuracyGateError):
     """The engine diverges from PyTorch beyond the configured tolerances (exit 3)."""
 
 
+class ParityInconclusive(InconclusiveError):
+    """Nothing failed, but the images cannot show that the accuracy loss is within tolerance (exit 6)."""
+
+
 @dataclass
 class Tolerances:
-    """Per-precision thresholds of the gate (see :class:`~vitrim.pipeline.core.config.ExportConfig`)."""
+    """One precision's thresholds (:class:`~vitrim.pipeline.core.config.ParityTolerance`) plus the gate's
+    confidence and quantile (see :class:`~vitrim.pipeline.core.config.ExportConfig`)."""
 
     atol: float
     rtol: float
+    max_rel_l2: float = 1e-4
+    max_mean_rel_l2: float = 1e-5
+    max_prob_js: float = 1e-6
+    max_mean_prob_js: float = 1e-7
+    max_class_shift: float = 0.002
     min_top1_agreement: float = 0.99
-    max_acc_delta: float = 0.5  # points
-    max_rel_l2: float = 1e-4  # worst batch's ||e - r|| / ||r|| (ExportConfig's fp32 default)
+    max_acc_loss: float = 0.5  # points
+    confidence: float = 0.95
+    quantile: float = 0.99
 
     @classmethod
     def for_precision(cls, export_cfg, precision: str) -> "Tolerances":
-        e = export_cfg
-        if precision == "bf16":  # interim, until bf16 has fields of its own: fp16's, scaled by the ratio of the
-            # formats' unit roundoff (bf16 keeps 8 significand bits, fp16 11: 2^-8 / 2^-11 = 8)
-            k = 8.0
-            return cls(k * e.atol_fp16, k * e.rtol_fp16, e.min_top1_agreement, e.max_acc_delta, k * e.max_rel_l2_fp16)
-        if precision == "fp16":
-            return cls(e.atol_fp16, e.rtol_fp16, e.min_top1_agreement, e.max_acc_delta, e.max_rel_l2_fp16)
-        if precision in ("int8", "fp8"):
-            return cls(e.atol_int8, e.rtol_int8, e.min_top1_agreement_int8, e.max_acc_delta_int8, e.max_rel_l2_int8)
-        return cls(e.atol_fp32, e.rtol_fp32, e.min_top1_agreement, e.max_acc_delta, e.max_rel_l2_fp32)
+        t = export_cfg.tolerance(precision)
+        return cls(**asdict(t), confidence=export_cfg.confidence, quantile=export_cfg.parity_quantile)
 
 
 @dataclass
@@ -71,45 +81,68 @@ class ParityReport:
     passed: bool
     precision: str
     tolerances: dict
+    outcome: str = PASS  # pass | fail | inconclusive
     outputs: dict = field(default_factory=dict)  # per output: see OutputErrors.to_dict
     top1_agreement: float = 0.0
     torch_top1: float = 0.0
     engine_top1: float = 0.0
     acc_delta: float = 0.0
+    accuracy: dict = field(default_factory=dict)  # PairedAccuracy.to_dict: the loss, its interval, the decision
+    class_shift: dict = field(default_factory=dict)  # the predicted class that moved most, and by how much
     images: int = 0
     failures: list = field(default_factory=list)
+    undecided: list = field(default_factory=list)  # checks that could not decide (INCONCLUSIVE)
     vs_second: Optional[dict] = None  # informational: the engine against a second reference (e.g. the fp32 engine)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-class OutputErrors:
-    """Streaming error statistics of one output, engine against reference, with the reference as denominator.
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
 
-    ``add`` takes one batch and keeps only running sums, maxima and the ``keep_worst``
-    worst batches' figures, so memory does not grow with the number of batches.
+
+def js_divergence(ref_logits: np.ndarray, eng_logits: np.ndarray) -> np.ndarray:
+    """Per row, the Jensen-Shannon divergence (bits, in [0, 1]) between the two softmax distributions."""
+    from scipy.special import rel_entr
+
+    p, q = _softmax(ref_logits), _softmax(eng_logits)
+    m = 0.5 * (p + q)
+    js = 0.5 * (rel_entr(p, m).sum(1) + rel_entr(q, m).sum(1)) / np.log(2.0)
+    return np.clip(js, 0.0, 1.0)
+
+
+class OutputErrors:
+    """Streaming per-image error statistics of one output, engine against reference.
+
+    ``add`` takes one batch and keeps running sums and maxima, plus one float per image for the
+    relative L2 error and the probability divergence (for the quantiles; images are never kept).
     """
 
-    def __init__(self, name: str, tol: "Tolerances", keep_worst: int = 4):
+    def __init__(self, name: str, tol: Tolerances, keep_worst: int = 4):
         self.name, self.tol, self.keep_worst = name, tol, max(1, keep_worst)
-        self.batches = self.elements = self.finite = self.mismatched = self.mismatched_nonfinite = 0
+        self.images = self.elements = self.finite = self.mismatched = self.mismatched_nonfinite = 0
         self.nonfinite_engine = self.nonfinite_reference = 0
         self.shape_mismatch: Optional[str] = None
         self.max_absdiff = self.max_reldiff = self.max_over_allowed = 0.0
-        self.sum_absdiff = self.sum_sq_diff = self.sum_sq_ref = 0.0
-        self.max_rel_l2, self.worst_batch = 0.0, 0
-        self._worst: list[tuple[float, int, float]] = []  # min-heap of (rel_l2, batch, max_absdiff)
+        self.sum_absdiff = 0.0
+        self._rel: list[np.ndarray] = []  # per image ||e - r|| / ||r|| (inf where not finite)
+        self._js: list[np.ndarray] = []  # per image JS divergence of the softmax (nan where not finite)
+        self._worst: list[tuple[float, int, float]] = []  # min-heap of (rel_l2, image, js)
 
     def add(self, ref: np.ndarray, eng: np.ndarray) -> None:
-        i = self.batches
-        self.batches += 1
+        first = self.images
         if np.shape(ref) != np.shape(eng):
             if self.shape_mismatch is None:
                 self.shape_mismatch = f"shape {tuple(np.shape(eng))} differs from the reference's " \
-                                      f"{tuple(np.shape(ref))} (batch {i})"
+                                      f"{tuple(np.shape(ref))} (images from {first})"
+            self.images += len(ref)
             return
-        r, e = np.asarray(ref, dtype=np.float64), np.asarray(eng, dtype=np.float64)
+        r = np.asarray(ref, dtype=np.float64).reshape(len(ref), -1)
+        e = np.asarray(eng, dtype=np.float64).reshape(len(eng), -1)
+        self.images += len(r)
         self.elements += r.size
         fin_r, fin_e = np.isfinite(r), np.isfinite(e)
         self.nonfinite_reference += int((~fin_r).sum())
@@ -118,8 +151,7 @@ class OutputErrors:
         with np.errstate(invalid="ignore", over="ignore"):
             d = np.abs(e - r)
             allowed = self.tol.atol + self.tol.rtol * np.abs(r)
-            # isclose semantics with the reference as denominator; NaN compares False, so it mismatches
-            bad = ~(d <= allowed)
+            bad = ~(d <= allowed)  # isclose semantics, the reference as denominator; NaN compares False
         self.mismatched += int(bad.sum())
         self.mismatched_nonfinite += int((bad & ~ok).sum())
         if ok.any():
@@ -132,34 +164,51 @@ class OutputErrors:
                 self.max_reldiff = max(self.max_reldiff, float((dk[nz] / rk[nz]).max()))
             over = np.divide(dk, ak, out=np.where(dk > 0, np.inf, 0.0), where=ak > 0)
             self.max_over_allowed = max(self.max_over_allowed, float(over.max()))
-        if ok.all():
-            sq_d, sq_r = float((d * d).sum()), float((r * r).sum())
-            self.sum_sq_diff += sq_d
-            self.sum_sq_ref += sq_r
-            rel = np.sqrt(sq_d / sq_r) if sq_r > 0 else (0.0 if sq_d == 0 else np.inf)
-        else:
-            rel = np.inf  # a batch with NaN/Inf has no finite error; the non-finite check names it
-        rel = float(rel)
-        if rel > self.max_rel_l2:
-            self.max_rel_l2, self.worst_batch = rel, i
-        item = (rel, i, float(d[ok].max()) if ok.any() else float("nan"))
-        if len(self._worst) < self.keep_worst:
-            heapq.heappush(self._worst, item)
-        elif item[0] > self._worst[0][0]:
-            heapq.heapreplace(self._worst, item)
+        row_ok = ok.all(axis=1)
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            num = np.sqrt((np.where(ok, d, 0.0) ** 2).sum(1))
+            den = np.sqrt((np.where(ok, r, 0.0) ** 2).sum(1))
+            rel = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where(num > 0, np.inf, 0.0))
+        rel = np.where(row_ok, rel, np.inf)  # an image with NaN/Inf has no finite error; the non-finite check names it
+        js = np.full(len(r), np.nan)
+        if row_ok.any():
+            js[row_ok] = js_divergence(r[row_ok], e[row_ok])
+        self._rel.append(rel.astype(np.float64))
+        self._js.append(js)
+        for k in np.argsort(-rel)[: self.keep_worst]:
+            item = (float(rel[k]), first + int(k), float(js[k]))
+            if len(self._worst) < self.keep_worst:
+                heapq.heappush(self._worst, item)
+            elif item[0] > self._worst[0][0]:
+                heapq.heapreplace(self._worst, item)
 
-    @property
-    def rel_l2(self) -> float:
-        """The relative L2 error over every finite batch together."""
-        if self.sum_sq_ref > 0:
-            return float(np.sqrt(self.sum_sq_diff / self.sum_sq_ref))
-        return 0.0 if self.sum_sq_diff == 0 else float("inf")
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        rel = np.concatenate(self._rel) if self._rel else np.zeros(0)
+        js = np.concatenate(self._js) if self._js else np.zeros(0)
+        return rel, js
+
+    def figures(self) -> dict:
+        """Worst, mean and quantile of the per-image statistics (inf/NaN where an image was not finite)."""
+        rel, js = self._arrays()
+        q = self.tol.quantile
+        if rel.size == 0:
+            return {"max_rel_l2": 0.0, "mean_rel_l2": 0.0, "q_rel_l2": 0.0, "worst_image": 0,
+                    "q_prob_js": 0.0, "mean_prob_js": 0.0, "max_prob_js": 0.0}
+        finite_js = np.isfinite(js).all()
+        with np.errstate(invalid="ignore"):
+            return {"max_rel_l2": float(rel.max()), "mean_rel_l2": float(rel.mean()),
+                    "q_rel_l2": float(np.quantile(rel, q)), "worst_image": int(np.argmax(rel)),
+                    "q_prob_js": float(np.quantile(js, q)) if finite_js else float("inf"),
+                    "mean_prob_js": float(js.mean()) if finite_js else float("inf"),
+                    "max_prob_js": float(js.max()) if finite_js else float("inf")}
 
     def failures(self) -> list[str]:
         """One line per failed check, each naming the output and the check."""
         t, out, f = self.tol, f"output '{self.name}'", []
+        g = self.figures()
         if self.shape_mismatch:
             f.append(f"{out}: {self.shape_mismatch}")
+            return f
         if self.nonfinite_engine:
             f.append(f"{out}: non-finite values: {self.nonfinite_engine} NaN/Inf of {self.elements} in the engine's "
                      "output")
@@ -171,51 +220,70 @@ class OutputErrors:
             f.append(f"{out}: elementwise |engine - reference| <= atol + rtol*|reference| fails for {self.mismatched} "
                      f"of {self.elements} elements ({nan}max_absdiff {self.max_absdiff:.3g}, worst finite element "
                      f"{self.max_over_allowed:.3g}x its allowance; atol {t.atol:g}, rtol {t.rtol:g})")
-        if not self.max_rel_l2 <= t.max_rel_l2:
-            why = " (NaN/Inf there)" if np.isinf(self.max_rel_l2) and self.nonfinite_engine + self.nonfinite_reference \
-                else ""
-            f.append(f"{out}: relative L2 error {self.max_rel_l2:.3g} > {t.max_rel_l2:g} (||engine - reference|| / "
-                     f"||reference||, worst: batch {self.worst_batch}{why} of {self.batches}; {self.rel_l2:.3g} over "
-                     f"the finite batches)")
+        if not g["max_rel_l2"] <= t.max_rel_l2:
+            f.append(f"{out}: relative L2 error of the worst image {g['max_rel_l2']:.3g} > {t.max_rel_l2:g} "
+                     f"(||engine - reference|| / ||reference|| of image {g['worst_image']} of {self.images})")
+        if not g["mean_rel_l2"] <= t.max_mean_rel_l2:
+            f.append(f"{out}: mean relative L2 error {g['mean_rel_l2']:.3g} > {t.max_mean_rel_l2:g} over "
+                     f"{self.images} images")
+        if not g["q_prob_js"] <= t.max_prob_js:
+            f.append(f"{out}: probability divergence at the {100 * t.quantile:g}th percentile of images "
+                     f"{g['q_prob_js']:.3g} > {t.max_prob_js:g} (Jensen-Shannon, bits, softmax of engine vs "
+                     "reference)")
+        if not g["mean_prob_js"] <= t.max_mean_prob_js:
+            f.append(f"{out}: mean probability divergence {g['mean_prob_js']:.3g} > {t.max_mean_prob_js:g} "
+                     f"(Jensen-Shannon, bits, over {self.images} images)")
         return f
 
     def to_dict(self) -> dict:
-        """The figures for ``parity.json``; a non-finite figure (a batch with NaN/Inf) is written as null."""
-        fin = lambda v: float(v) if np.isfinite(v) else None  # noqa: E731 - strict JSON has no NaN/Infinity
-        return {"elements": self.elements, "batches": self.batches, "max_absdiff": self.max_absdiff,
+        """The figures for ``parity.json``; a non-finite figure is written as null (strict JSON)."""
+        fin = lambda v: float(v) if v is not None and np.isfinite(v) else None  # noqa: E731
+        g = self.figures()
+        return {"elements": self.elements, "images": self.images, "max_absdiff": self.max_absdiff,
                 "mean_absdiff": self.sum_absdiff / self.finite if self.finite else 0.0,
                 "max_reldiff": self.max_reldiff, "mismatched": self.mismatched,
-                "max_over_allowed": fin(self.max_over_allowed), "max_rel_l2": fin(self.max_rel_l2),
-                "worst_batch": self.worst_batch, "rel_l2": fin(self.rel_l2),
+                "max_over_allowed": fin(self.max_over_allowed),
+                "max_rel_l2": fin(g["max_rel_l2"]), "mean_rel_l2": fin(g["mean_rel_l2"]),
+                "q_rel_l2": fin(g["q_rel_l2"]), "worst_image": g["worst_image"],
+                "q_prob_js": fin(g["q_prob_js"]), "mean_prob_js": fin(g["mean_prob_js"]),
+                "max_prob_js": fin(g["max_prob_js"]), "quantile": self.tol.quantile,
                 "nonfinite_engine": self.nonfinite_engine, "nonfinite_reference": self.nonfinite_reference,
                 "shape_mismatch": self.shape_mismatch,
-                "worst_batches": [{"batch": b, "rel_l2": fin(r), "max_absdiff": fin(a)}
-                                  for r, b, a in sorted(self._worst, key=lambda w: (-w[0], w[1]))]}
+                "worst_images": [{"image": i, "rel_l2": fin(r), "prob_js": fin(j)}
+                                 for r, i, j in sorted(self._worst, key=lambda w: (-w[0], w[1]))]}
 
 
 def _np(a) -> np.ndarray:
     return a.numpy() if hasattr(a, "numpy") else np.asarray(a)
 
 
+def class_shift(ref_counts: np.ndarray, eng_counts: np.ndarray, n: int) -> dict:
+    """The predicted class whose share of the images moved most between reference and engine."""
+    diff = (eng_counts - ref_counts) / max(n, 1)
+    k = int(np.argmax(np.abs(diff))) if diff.size else 0
+    return {"class": k, "shift": float(diff[k]) if diff.size else 0.0, "reference": int(ref_counts[k]) if diff.size
+            else 0, "engine": int(eng_counts[k]) if diff.size else 0, "max_abs_shift": float(np.abs(diff).max())
+            if diff.size else 0.0}
+
+
 def check_parity(reference, engine, batches: Iterable[tuple], tol: Tolerances, precision: str,
-                 parity_batches: int = 4, max_images: int | None = None, second=None,
+                 worst: int = 4, max_images: int | None = None, second=None,
                  second_name: str = "second", output_name: str = "logits") -> ParityReport:
     """Run both levels over a stream of ``(images, labels)`` batches; return the report.
 
-    The stream is consumed once and never concatenated, so memory does not grow
-    with the split: each batch (up to ``max_images`` images) is run once on each
-    runner, and its outputs feed the error statistics and the top-1 checks before
-    the next batch is read. ``parity_batches`` is how many of the worst batches (by
-    relative L2 error) the report details. A ``second`` runner (for an int8
-    engine: the fp32 engine) is compared with the engine in the same pass, for
-    the report only.
+    The stream is consumed once and never concatenated: each batch (up to ``max_images``
+    images in all) is run once on each runner, and its outputs feed the per-image statistics
+    before the next batch is read. ``worst`` is how many of the worst images (by relative L2
+    error) the report details. A ``second`` runner (for an int8 engine: the fp32 engine) is
+    compared with the engine in the same pass, for the report only.
     """
-    if parity_batches < 1:
-        raise UserError("export", f"export.parity_batches={parity_batches}: the report details at least the worst "
-                        "batch", "set export.parity_batches >= 1")
-    errors = OutputErrors(output_name, tol, parity_batches)
-    n = agree = ref_ok = eng_ok = agree2 = ok2 = 0
+    if worst < 1:
+        raise UserError("export", f"export.parity_worst={worst}: the report details at least the worst image",
+                        "set export.parity_worst >= 1")
+    errors = OutputErrors(output_name, tol, worst)
+    n = agree = ref_ok = eng_ok = only_ref = only_eng = agree2 = ok2 = 0
     maxdiff2 = 0.0
+    ref_counts = eng_counts = None
     for x, y in batches:
         x, y = np.ascontiguousarray(_np(x), dtype=np.float32), _np(y)
         if max_images is not None:
@@ -224,15 +292,26 @@ def check_parity(reference, engine, batches: Iterable[tuple], tol: Tolerances, p
             x, y = x[:max_images - n], y[:max_images - n]
         ro, eo = reference.infer(x), engine.infer(x)
         errors.add(ro, eo)
-        rp, ep = ro.argmax(1), eo.argmax(1)
+        ro2, eo2 = np.asarray(ro).reshape(len(x), -1), np.asarray(eo).reshape(len(x), -1)
+        rp = ro2.argmax(1)
+        # NaN logits have no class: such an image counts as a wrong answer
+        ep = np.where(np.isfinite(eo2).all(1), eo2.argmax(1) if eo2.shape == ro2.shape else -1, -1)
+        classes = ro2.shape[1]
+        if ref_counts is None:
+            ref_counts, eng_counts = np.zeros(classes, np.int64), np.zeros(classes, np.int64)
+        ref_counts += np.bincount(rp, minlength=classes)[:classes]
+        eng_counts += np.bincount(ep[ep >= 0], minlength=classes)[:classes]
         if second is not None:
             so = second.infer(x)
             agree2 += int((so.argmax(1) == ep).sum())
             ok2 += int((so.argmax(1) == y).sum())
             maxdiff2 = max(maxdiff2, float(np.abs(so.astype(np.float64) - eo).max()))
+        r_right, e_right = rp == y, ep == y
         agree += int((rp == ep).sum())
-        ref_ok += int((rp == y).sum())
-        eng_ok += int((ep == y).sum())
+        ref_ok += int(r_right.sum())
+        eng_ok += int(e_right.sum())
+        only_ref += int((r_right & ~e_right).sum())
+        only_eng += int((e_right & ~r_right).sum())
         n += len(x)
     if n == 0:
         raise UserError("export", "the parity gate got no images", "check the data split (data.test_limit, "
@@ -240,16 +319,29 @@ def check_parity(reference, engine, batches: Iterable[tuple], tol: Tolerances, p
     failures = errors.failures()
     agree_f = agree / n
     t_acc, e_acc = 100.0 * ref_ok / n, 100.0 * eng_ok / n
-    delta = e_acc - t_acc
+    shift = class_shift(ref_counts, eng_counts, n)
+    if shift["max_abs_shift"] > tol.max_class_shift:
+        failures.append(f"output '{output_name}': predicted-class distribution: class {shift['class']} "
+                        f"{'gains' if shift['shift'] > 0 else 'loses'} {100 * abs(shift['shift']):.2f}% of the "
+                        f"{n} images ({shift['reference']} -> {shift['engine']} predictions) > "
+                        f"{100 * tol.max_class_shift:g}%")
     if agree_f < tol.min_top1_agreement:
         failures.append(f"output '{output_name}': top-1 agreement {100 * agree_f:.2f}% < "
                         f"{100 * tol.min_top1_agreement:.2f}% over {n} images")
-    if abs(delta) > tol.max_acc_delta:
-        failures.append(f"output '{output_name}': accuracy delta {delta:+.2f} pt exceeds ±{tol.max_acc_delta} pt")
+    acc = paired_accuracy(only_ref, only_eng, n, tol.max_acc_loss, tol.confidence)
+    undecided = []
+    if acc.outcome == FAIL:
+        failures.append(f"output '{output_name}': accuracy loss above {tol.max_acc_loss:g} pt with confidence: "
+                        + acc.describe())
+    elif acc.outcome == INCONCLUSIVE:
+        undecided.append(f"output '{output_name}': accuracy loss undecided: " + acc.describe()
+                         + "; evaluate more images (data.test_limit, export.parity_images) or allow a larger loss")
+    outcome = FAIL if failures else INCONCLUSIVE if undecided else PASS
     vs = None
     if second is not None:
         vs = {"reference": second_name, "top1_agreement": agree2 / n, "reference_top1": 100.0 * ok2 / n,
               "engine_top1": e_acc, "max_absdiff": maxdiff2}
-    return ParityReport(passed=not failures, precision=precision, tolerances=asdict(tol),
+    return ParityReport(passed=outcome == PASS, precision=precision, tolerances=asdict(tol), outcome=outcome,
                         outputs={output_name: errors.to_dict()}, top1_agreement=agree_f, torch_top1=t_acc,
-                        engine_top1=e_acc, acc_delta=delta, images=n, failures=failures, vs_second=vs)
+                        engine_top1=e_acc, acc_delta=e_acc - t_acc, accuracy=acc.to_dict(), class_shift=shift,
+                        images=n, failures=failures, undecided=undecided, vs_second=vs)

@@ -237,8 +237,17 @@ def write_triton_repo(release_dir: str | os.PathLike, repo_dir: str | os.PathLik
     served = [graph] if spec.served == "graph" else [artifact("engine"), artifact("engine_weights")]
     repo = TritonRepo(repo_dir)
     filename = spec.files[0]
-    for src, dst in zip(served, spec.files):
-        copy_into(src, repo.model_file(name, dst))
+    dst = repo.model_file(name, filename)
+    if served[0].suffix == ".onnx":  # a graph whose weights live in external-data files: they travel beside it
+        from vitrim.export.release import external_data_files
+
+        for loc in external_data_files(served[0]):
+            if os.path.isabs(loc) or ".." in Path(loc).parts:
+                raise UserError("triton", f"'{served[0]}' keeps tensors in '{loc}', outside its own directory",
+                                "re-export the release with its weights inside its directory")
+            copy_into(served[0].parent / loc, dst.parent / loc)
+    for src, name_in_repo in zip(served, spec.files):  # the model file, and an IR's weights beside it
+        copy_into(src, repo.model_file(name, name_in_repo))
     served = served[0]
     path = repo.config(name)
     atomic_write_text(path, to_pbtxt(cfg))

@@ -8,22 +8,28 @@ fails the process by itself (the exit code of its :class:`GateError` class) and
 the evidence stays on disk, because the verdict is written *before* the error is
 raised.
 
-Format (schema 1)::
+Format (schema 2)::
 
-    {"schema": 1, "kind": "export" | "run" | ..., "created": ISO-8601,
-     "passed": bool, "exit_code": int, "exit_meaning": "pass" | "accuracy/parity gate" | ...,
+    {"schema": 2, "kind": "export" | "run" | ..., "created": ISO-8601,
+     "passed": bool, "outcome": "pass" | "fail" | "inconclusive",
+     "exit_code": int, "exit_meaning": "pass" | "accuracy/parity gate" | ... | "inconclusive",
      "error": str | null,                   # the failing gate's message
      "gates": [{"gate": "parity" | "int8_vs_fp32" | "latency" | "regression" | ...,
                 "check": str, "subject": str | null, "output": str | null,
                 "measured": float | null,   # null: not finite (NaN/Inf in an output)
                 "threshold": float, "op": "<=" | ">=" | "abs<=", "unit": str | null,
-                "passed": bool, "exit_code": int,   # 0 when passed, else the gate's code (3, 4, 5)
+                "outcome": "pass" | "fail" | "inconclusive",   # statistical gates may not decide
+                "passed": bool, "exit_code": int,   # 0 when passed, the gate's code (3, 4, 5) when failed, 6 undecided
                 "detail": str | null}],
      "info": {...}}                         # figures that decided nothing (e.g. int8 against the fp32 engine)
 
 Every entry in ``gates`` is enforced; ``passed`` is all of them, and ``exit_code``
 is the lowest code among the failed ones (accuracy 3 before latency 4 before
-regression 5: the process stops at the first gate it fails, in that order).
+regression 5: the process stops at the first gate it fails, in that order). When
+nothing failed but a statistical gate could not decide (an accuracy interval that
+straddles the allowed loss, a latency ratio within the A/A control's noise of its
+threshold), the verdict is ``inconclusive`` with exit 6: a CI job reruns on a quiet
+runner or evaluates more images, and never ships it as a pass.
 Figures that are only reported go to ``info``, so ``all(g["passed"] for g in
 gates)`` is always the verdict.
 
@@ -39,14 +45,16 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from vitrim.pipeline.core.config import pct
-from vitrim.pipeline.core.errors import (EXIT_ACCURACY, EXIT_CODES, EXIT_LATENCY, EXIT_PASS, AccuracyGateError,
-                                         GateError, InternalError, LatencyGateError, RegressionGateError, UserError)
+from vitrim.export.stats import FAIL, INCONCLUSIVE, OUTCOMES, PASS
+from vitrim.pipeline.core.errors import (EXIT_ACCURACY, EXIT_CODES, EXIT_INCONCLUSIVE, EXIT_LATENCY, EXIT_PASS,
+                                         AccuracyGateError, GateError, InconclusiveError, InternalError,
+                                         LatencyGateError, RegressionGateError, UserError)
 from vitrim.pipeline.core.io import atomic_write_json, read_json
 from vitrim.pipeline.core.rundir import RunDir
 
-VERDICT_SCHEMA = 1
+VERDICT_SCHEMA = 2
 _OPS = ("<=", ">=", "abs<=")
-_ERRORS = {c.exit_code: c for c in (AccuracyGateError, LatencyGateError, RegressionGateError)}
+_ERRORS = {c.exit_code: c for c in (AccuracyGateError, LatencyGateError, RegressionGateError, InconclusiveError)}
 
 
 def _finite(v) -> Optional[float]:
@@ -57,40 +65,53 @@ def _finite(v) -> Optional[float]:
 
 
 def gate(gate: str, check: str, measured, threshold: float, op: str, exit_code: int, *, subject: str | None = None,
-         output: str | None = None, unit: str | None = None, detail: str | None = None) -> dict:
-    """One verdict entry; ``passed`` is decided here, from the figure, the threshold and ``op``.
+         output: str | None = None, unit: str | None = None, detail: str | None = None,
+         outcome: str | None = None, interval: Optional[list] = None) -> dict:
+    """One verdict entry; its outcome is decided here, from the figure, the threshold and ``op``.
 
-    A measured figure that is ``None`` or not finite fails (NaN/Inf never passes a gate).
+    A measured figure that is ``None`` or not finite fails (NaN/Inf never passes a gate). A
+    statistical gate passes its own ``outcome`` (pass, fail or inconclusive, decided on an
+    ``interval`` or an A/A control rather than on the figure alone); an inconclusive entry
+    carries exit code 6.
     """
     if op not in _OPS:
         raise InternalError(f"verdict gate {gate}/{check}: unknown comparison {op!r}")
     m = _finite(measured)
-    if m is None:
-        ok = False
-    elif op == "<=":
-        ok = m <= threshold
-    elif op == ">=":
-        ok = m >= threshold
-    else:
-        ok = abs(m) <= threshold
-    return {"gate": gate, "check": check, "subject": subject, "output": output, "measured": m,
-            "threshold": float(threshold), "op": op, "unit": unit, "passed": bool(ok),
-            "exit_code": EXIT_PASS if ok else int(exit_code), "detail": detail}
+    if outcome is None:
+        if m is None:
+            ok = False
+        elif op == "<=":
+            ok = m <= threshold
+        elif op == ">=":
+            ok = m >= threshold
+        else:
+            ok = abs(m) <= threshold
+        outcome = PASS if ok else FAIL
+    elif outcome not in OUTCOMES:
+        raise InternalError(f"verdict gate {gate}/{check}: unknown outcome {outcome!r}")
+    code = {PASS: EXIT_PASS, FAIL: int(exit_code), INCONCLUSIVE: EXIT_INCONCLUSIVE}[outcome]
+    entry = {"gate": gate, "check": check, "subject": subject, "output": output, "measured": m,
+             "threshold": float(threshold), "op": op, "unit": unit, "outcome": outcome, "passed": outcome == PASS,
+             "exit_code": code, "detail": detail}
+    if interval is not None:
+        entry["interval"] = [float(v) for v in interval]
+    return entry
 
 
 def parity_gates(rep: dict, subject: str | None = None) -> list[dict]:
     """The parity gate's checks as verdict entries, from ``parity.json`` (:meth:`ParityReport.to_dict`).
 
-    Per output: shape, non-finite values, elementwise ``|e - r| <= atol + rtol*|r|``, the worst batch's
-    relative L2 error; then top-1 agreement and the accuracy delta; and, when the report carries a
-    ``baseline_top1`` (an int8 engine after recovery), the accuracy delta against the fp32 model.
-    The pass/fail of each follows :mod:`vitrim.export.parity`'s own decision.
+    Per output: shape, non-finite values, elementwise ``|e - r| <= atol + rtol*|r|``, the worst image's
+    and the mean relative L2 error, the probability divergence (quantile and mean); then the
+    predicted-class distribution, top-1 agreement, and the accuracy loss with its McNemar interval
+    (pass, fail or inconclusive). The outcome of each follows :mod:`vitrim.export.parity`'s own decision.
     """
     tol, out = rep["tolerances"], []
     for name, o in rep["outputs"].items():
         kw = dict(subject=subject, output=name)
         if o.get("shape_mismatch"):
             out.append(gate("parity", "shape", None, 0, "<=", EXIT_ACCURACY, detail=o["shape_mismatch"], **kw))
+            continue
         nonfinite = o["nonfinite_engine"] + o["nonfinite_reference"]
         out.append(gate("parity", "non_finite", nonfinite, 0, "<=", EXIT_ACCURACY, unit="elements",
                         detail=f"NaN/Inf: {o['nonfinite_engine']} in the engine's output, "
@@ -99,23 +120,33 @@ def parity_gates(rep: dict, subject: str | None = None) -> list[dict]:
                         detail=f"elements outside atol {tol['atol']:g} + rtol {tol['rtol']:g} * |reference| "
                                f"of {o['elements']}; max |diff| {o['max_absdiff']:.3g}", **kw))
         out.append(gate("parity", "rel_l2", o["max_rel_l2"], tol["max_rel_l2"], "<=", EXIT_ACCURACY,
-                        detail=f"worst batch's ||engine - reference|| / ||reference|| (batch {o['worst_batch']} "
-                               f"of {o['batches']})", **kw))
+                        detail=f"the worst image's ||engine - reference|| / ||reference|| (image {o['worst_image']} "
+                               f"of {o['images']})", **kw))
+        out.append(gate("parity", "mean_rel_l2", o["mean_rel_l2"], tol["max_mean_rel_l2"], "<=", EXIT_ACCURACY,
+                        detail=f"mean over {o['images']} images of ||engine - reference|| / ||reference||", **kw))
+        out.append(gate("parity", "prob_js", o["q_prob_js"], tol["max_prob_js"], "<=", EXIT_ACCURACY, unit="bits",
+                        detail=f"{100 * o['quantile']:g}th percentile over images of the Jensen-Shannon divergence "
+                               "between the softmax of engine and reference", **kw))
+        out.append(gate("parity", "mean_prob_js", o["mean_prob_js"], tol["max_mean_prob_js"], "<=", EXIT_ACCURACY,
+                        unit="bits", detail=f"mean over {o['images']} images of the same divergence", **kw))
+    cs = rep["class_shift"]
+    out.append(gate("parity", "class_shift", cs["max_abs_shift"], tol["max_class_shift"], "<=", EXIT_ACCURACY,
+                    subject=subject, unit="fraction",
+                    detail=f"predicted class {cs['class']}: {cs['reference']} -> {cs['engine']} of {rep['images']} "
+                           "images (the class whose share moved most)"))
     out.append(gate("parity", "top1_agreement", rep["top1_agreement"], tol["min_top1_agreement"], ">=",
                     EXIT_ACCURACY, subject=subject, unit="fraction",
                     detail=f"engine and reference agree on the top-1 class of {rep['images']} images"))
-    out.append(gate("parity", "accuracy_delta", rep["acc_delta"], tol["max_acc_delta"], "abs<=", EXIT_ACCURACY,
-                    subject=subject, unit="pt",
-                    detail=f"top-1 engine {rep['engine_top1']:.2f}% - reference {rep['torch_top1']:.2f}%"))
-    if rep.get("baseline_top1") is not None:
-        d = rep["engine_top1"] - rep["baseline_top1"]
-        out.append(gate("int8_vs_fp32", "accuracy_delta", d, tol["max_acc_delta"], "abs<=", EXIT_ACCURACY,
-                        subject=subject, unit="pt",
-                        detail=f"top-1 {rep['precision']} engine {rep['engine_top1']:.2f}% - fp32 model before "
-                               f"recovery {rep['baseline_top1']:.2f}%"))
-    if bool(rep.get("passed")) != all(g["passed"] for g in out):  # the gate and its record must never disagree
-        raise InternalError(f"parity report passed={rep.get('passed')} but its verdict entries say otherwise: "
-                            f"{rep.get('failures')}")
+    a = rep["accuracy"]
+    out.append(gate("parity", "accuracy_loss", a["loss_pt"], tol["max_acc_loss"], "<=", EXIT_ACCURACY,
+                    subject=subject, unit="pt", outcome=a["outcome"], interval=a["ci_pt"],
+                    detail=f"top-1 reference {rep['torch_top1']:.2f}% - engine {rep['engine_top1']:.2f}%; "
+                           f"{100 * a['confidence']:g}% interval [{a['ci_pt'][0]:+.2f}, {a['ci_pt'][1]:+.2f}] pt "
+                           f"(McNemar exact: {a['only_a_right']} images only the reference gets right, "
+                           f"{a['only_b_right']} only the engine)"))
+    if rep.get("outcome", PASS if rep.get("passed") else FAIL) != decide_outcome(out):
+        raise InternalError(f"parity report outcome {rep.get('outcome')} but its verdict entries say "
+                            f"{decide_outcome(out)}: {rep.get('failures')} {rep.get('undecided')}")
     return out
 
 
@@ -140,10 +171,26 @@ def latency_gate(measured_ratio: float, requested_ratio: float, tolerance: float
                        f"(search.measured_tolerance){ms}")
 
 
+def _outcome(g: dict) -> str:
+    return g.get("outcome") or (PASS if g["passed"] else FAIL)
+
+
+def decide_outcome(gates: Iterable[dict]) -> str:
+    """fail when any entry failed, else inconclusive when any could not decide, else pass."""
+    outs = {_outcome(g) for g in gates}
+    return FAIL if FAIL in outs else INCONCLUSIVE if INCONCLUSIVE in outs else PASS
+
+
 def decide(gates: Iterable[dict]) -> tuple[bool, int]:
-    """(passed, exit code) of a list of entries: the lowest failing code, 0 when none failed."""
-    failed = [g["exit_code"] for g in gates if not g["passed"]]
-    return (not failed, min(failed) if failed else EXIT_PASS)
+    """(passed, exit code) of a list of entries: the lowest failing code; 6 when none failed but one could
+    not decide; 0 when all passed."""
+    gates = list(gates)
+    failed = [g["exit_code"] for g in gates if _outcome(g) == FAIL]
+    if failed:
+        return False, min(failed)
+    if any(_outcome(g) == INCONCLUSIVE for g in gates):
+        return False, EXIT_INCONCLUSIVE
+    return True, EXIT_PASS
 
 
 def failure_lines(gates: Iterable[dict]) -> list[str]:
@@ -154,7 +201,8 @@ def failure_lines(gates: Iterable[dict]) -> list[str]:
             continue
         who = "".join(f" ({w})" for w in (g.get("subject"),) if w) + (f" output '{g['output']}'" if g.get("output") else "")
         m = "not finite" if g["measured"] is None else f"{g['measured']:.4g}"
-        out.append(f"{g['gate']} {g['check']}{who}: {m}, needs {g['op']} {g['threshold']:g}"
+        how = "UNDECIDED" if _outcome(g) == INCONCLUSIVE else "FAILED"
+        out.append(f"{g['gate']} {g['check']}{who} {how}: {m}, needs {g['op']} {g['threshold']:g}"
                    + (f" ({g['detail']})" if g.get("detail") else ""))
     return out
 
@@ -165,11 +213,12 @@ def make_verdict(gates: list[dict], kind: str, *, error: str | None = None, info
     if error is not None and passed:  # a gate error with every entry passing: the record is wrong, not the gate
         raise InternalError(f"verdict of kind {kind!r} has an error but no failed gate: {error}")
     if error is None and not passed:
-        error = f"{EXIT_CODES[code]} failed:\n  " + "\n  ".join(failure_lines(gates))
+        head = "no gate failed, but these could not decide" if code == EXIT_INCONCLUSIVE else f"{EXIT_CODES[code]} failed"
+        error = f"{head}:\n  " + "\n  ".join(failure_lines(gates))
     return {"schema": VERDICT_SCHEMA, "kind": kind,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "passed": passed, "exit_code": code, "exit_meaning": EXIT_CODES[code], "error": error,
-            "gates": list(gates), "info": info or {}}
+            "passed": passed, "outcome": decide_outcome(gates), "exit_code": code, "exit_meaning": EXIT_CODES[code],
+            "error": error, "gates": list(gates), "info": info or {}}
 
 
 def _path(where: str | os.PathLike) -> Path:

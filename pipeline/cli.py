@@ -40,6 +40,16 @@ def _check_target(cfg):
     Target.from_config(cfg.target).check_available()
 
 
+def _out(args, cfg) -> Path:
+    """The command's output directory (``--out``, else ``out_dir``), refused before any work when it cannot be
+    written (a read-only mount, a missing permission)."""
+    from vitrim.pipeline.stages.cache import check_out_dir
+
+    out = Path(args.out or cfg.out_dir)
+    check_out_dir(out, "--out" if args.out else "out_dir")
+    return out
+
+
 def _common(p: argparse.ArgumentParser, config_required: bool = False) -> None:
     if config_required:
         p.add_argument("config", help="YAML config")
@@ -52,7 +62,10 @@ def _common(p: argparse.ArgumentParser, config_required: bool = False) -> None:
 def cmd_train_teacher(args) -> int:
     from vitrim.pipeline.stages.teacher import load_teacher, teacher_path, train_teacher
 
+    from vitrim.pipeline.stages.cache import prepare_cache
+
     cfg = _cfg(args)
+    prepare_cache(cfg, teacher="force" if args.force else "train")  # a read-only cache: refused before training
     if args.force or not teacher_path(cfg).is_file():
         train_teacher(cfg)  # from scratch, or fine-tuned from model.checkpoint
     else:
@@ -122,6 +135,11 @@ def cmd_profile(args) -> int:
         print(LatencyTable.load(path).summary())
         return 0
     _check_target(cfg)
+    from vitrim.pipeline.stages.cache import prepare_cache
+
+    prepare_cache(cfg, lut=True, rebuild_lut=args.rebuild)  # a read-only cache: refused before any measuring
+    if args.action == "validate":
+        _out(args, cfg)
     teacher, spec, _ = _teacher_and_spec(cfg)
     lut, path = stage_profile(cfg, spec, rebuild=args.rebuild)
     if args.action == "build":
@@ -148,13 +166,16 @@ def cmd_search(args) -> int:
     from vitrim.pipeline.stages.search import stage_search
     from vitrim.pipeline.stages.teacher import expect_teacher
 
+    from vitrim.pipeline.stages.cache import prepare_cache
+
     cfg = _cfg(args)
     _check_target(cfg)
+    out = _out(args, cfg)
+    prepare_cache(cfg, lut=True)  # a read-only cache: refused before any training or measuring
     splits = _splits(cfg)
     teacher, spec, _ = _teacher_and_spec(cfg, splits)
     expect_teacher(cfg, teacher, splits)
     lut, _ = stage_profile(cfg, spec)
-    out = Path(args.out or cfg.out_dir)
     res = stage_search(cfg, teacher, lut, splits, out)
     print(res.plan.summary())
     return 0
@@ -167,6 +188,7 @@ def cmd_finetune(args) -> int:
     from vitrim.pipeline.stages.teacher import expect_teacher, load_teacher
 
     cfg = _cfg(args)
+    _out(args, cfg)
     splits = _splits(cfg)
     teacher, _ = load_teacher(cfg, splits, train_if_missing=False)
     student = load_compact(args.student)
@@ -188,15 +210,21 @@ def cmd_finetune(args) -> int:
 def cmd_export(args) -> int:
     from vitrim.pipeline.stages.release import stage_release
 
+    from vitrim.pipeline.core.io import undo_on_fault
+
     cfg = _cfg(args)
     if args.triton:
         cfg.export.triton = args.triton
-    out = args.out or cfg.out_dir
-    stage_release(cfg, out, student=args.student, teacher=args.teacher, onnx=args.onnx,
-                  build_lut=args.profile, use_lut=not args.no_lut)
-    from vitrim.export.triton import triton_from_config
+    out = _out(args, cfg)
+    with undo_on_fault(out, RunDir(out).release_claims()):  # an I/O fault: nothing left that looks like a release
+        stage_release(cfg, out, student=args.student, teacher=args.teacher, onnx=args.onnx,
+                      build_lut=args.profile, use_lut=not args.no_lut)
+        from vitrim.export.triton import triton_from_config
 
-    triton_from_config(cfg, out)  # export.triton / --triton: the release as a Triton model repository
+        triton_from_config(cfg, out)  # export.triton / --triton: the release as a Triton model repository
+        from vitrim.export.manifest import seal_manifest
+
+        seal_manifest(out)  # a Triton repository inside the release is listed too
     return 0
 
 
@@ -204,7 +232,7 @@ def cmd_verify_manifest(args) -> int:
     from vitrim.export.manifest import verify_manifest
 
     m = verify_manifest(args.dir, pubkey=args.pubkey)
-    print(f"manifest OK: {len(m['artifacts'])} artifacts verified in {args.dir}"
+    print(f"manifest OK: {len(m['files'])} files verified in {args.dir}"
           + (f"; signature OK under {args.pubkey}" if args.pubkey else ""))
     return 0
 
@@ -398,6 +426,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.fn(args) or 0)
     except UserError as e:
         print(f"vitrim: error: {e}", file=sys.stderr)
+        return EXIT_USER
+    except OSError as e:  # an I/O fault a write outside vitrim.pipeline.core.io met: the same exit 2
+        from vitrim.pipeline.core.io import FAULT_ERRNOS, io_fault
+
+        if e.errno not in FAULT_ERRNOS or not e.filename:
+            raise
+        print(f"vitrim: error: {io_fault(e.filename, e)}", file=sys.stderr)
         return EXIT_USER
     except GateError as e:  # a release gate failed: verdict.json is on disk; the class names the exit code
         print(f"vitrim: {e}", file=sys.stderr)

@@ -35,7 +35,7 @@ import numpy as np
 
 from vitrim.export.target import DeviceSignature, Target
 from vitrim.pipeline.core.config import ProfileConfig
-from vitrim.pipeline.core.io import atomic_write_json
+from vitrim.pipeline.core.io import atomic_write_json, make_dir, shared_use
 from vitrim.pipeline.core.plan import Floors, Plan
 
 from vitrim.profiling.micro import Item, make_item
@@ -398,6 +398,17 @@ def _noise(done: dict, items: list[Item], threshold: float) -> dict:
 def build_lut(spec: dict, target: Target, pcfg: ProfileConfig, floors: Floors, align: int, out_path: str | os.PathLike,
               progress: bool = True, log: Callable[[str], None] = print, opener: Optional[Opener] = None,
               tokens: Optional[list[int]] = None) -> LatencyTable:
+    """:func:`_build_lut` under a shared lock beside ``out_path``: builds of one table into one cache share its
+    partial and parts, and only the last one to finish removes them."""
+    out_path = Path(out_path)
+    make_dir(out_path.parent, "profile")
+    with shared_use(out_path.with_name(f".{out_path.name}.lock")) as alone:
+        return _build_lut(spec, target, pcfg, floors, align, out_path, progress, log, opener, tokens, alone)
+
+
+def _build_lut(spec: dict, target: Target, pcfg: ProfileConfig, floors: Floors, align: int, out_path: str | os.PathLike,
+               progress: bool = True, log: Callable[[str], None] = print, opener: Optional[Opener] = None,
+               tokens: Optional[list[int]] = None, alone: Callable[[], bool] = lambda: True) -> LatencyTable:
     """Measure a LUT for ``spec`` on ``target`` and save it to ``out_path``.
 
     ``tokens``: the token axis (:func:`token_axis`, when the search merges tokens); None: the input count.
@@ -441,7 +452,7 @@ def build_lut(spec: dict, target: Target, pcfg: ProfileConfig, floors: Floors, a
     if not resumed:  # another build's partial and exports (another grid, teacher or settings): start afresh
         shutil.rmtree(parts, ignore_errors=True)
         save()  # before any export, so that a kill during the exports resumes with them
-    parts.mkdir(parents=True, exist_ok=True)
+    make_dir(parts, "profile")
 
     items, check_dims = lut_items(spec, grid, pcfg, align)
     phases: dict = {}
@@ -499,8 +510,9 @@ def build_lut(spec: dict, target: Target, pcfg: ProfileConfig, floors: Floors, a
                        **header["measure"]})
     table.meta["reproducibility_pct"] = table.meta["noise"]["reproducibility_pct"]
     table.save(out_path)
-    partial.unlink(missing_ok=True)
-    shutil.rmtree(parts, ignore_errors=True)
+    if alone():  # another build of this table still uses the partial and the parts: it removes them
+        partial.unlink(missing_ok=True)
+        shutil.rmtree(parts, ignore_errors=True)
     cal_rows = table.calibration
     log(f"[profile] LUT saved to {out_path} in {table.meta['build_s']:.0f}s; composition '{table.meta['compose_model']}' "
         f"k={table.compose:.3f}, per block {table.block_correction_ms:+.3f} ms, per model {table.compose_offset_ms:+.3f} ms, "

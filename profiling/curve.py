@@ -12,7 +12,7 @@ import io
 import os
 from pathlib import Path
 
-from vitrim.pipeline.core.io import atomic_save, atomic_write_text
+from vitrim.pipeline.core.io import atomic_save, atomic_write_text, make_dir
 from vitrim.pipeline.core.rundir import RunDir
 
 FIELDS = ["method", "budget", "predicted_ms", "measured_ms", "p90_ms", "top1", "params", "macs", "speedup",
@@ -21,7 +21,7 @@ FIELDS = ["method", "budget", "predicted_ms", "measured_ms", "p90_ms", "top1", "
 
 def write_curve(rows: list[dict], out_dir: str | os.PathLike, title: str = "") -> tuple[Path, Path]:
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "curve")
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=FIELDS, extrasaction="ignore")
     w.writeheader()

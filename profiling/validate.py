@@ -43,7 +43,7 @@ import numpy as np
 
 from vitrim.export.target import Target, check_compatible
 from vitrim.pipeline.core.errors import UserError
-from vitrim.pipeline.core.io import atomic_write_json
+from vitrim.pipeline.core.io import atomic_write_json, make_dir
 from vitrim.pipeline.core.plan import BlockPlan, Plan
 from vitrim.pipeline.core.rundir import RunDir
 from vitrim.profiling.calibrate import error_stats, plan_key, stratified_plans, with_random_merges
@@ -251,7 +251,7 @@ def validate_lut(lut: LatencyTable, state: dict, target: Target, n: int, out_dir
                                                                          [r["build_ratio"] for r in crow]),
                               "rows": crow}
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "profile")
     atomic_write_json(RunDir(out).lut_validation, report)
     scatter_png(rows, report, RunDir(out).lut_validation_plot)
     log(summary(report))

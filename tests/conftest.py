@@ -100,3 +100,82 @@ def int8_teacher(tmp_path_factory, fmnist_dir):
     splits = build_splits(cfg.data)
     teacher, _ = load_teacher(cfg, splits, log=lambda m: None)
     return d, teacher, splits
+
+
+# --- real filesystem faults: a small tmpfs (a full disk) and a read-only bind mount ------------------------------
+
+def _mount_unavailable() -> str | None:
+    """Why this process cannot mount (None when it can): tried once, on a scratch directory, never assumed."""
+    import subprocess
+    import tempfile
+
+    if getattr(_mount_unavailable, "reason", 0) != 0:
+        return _mount_unavailable.reason
+    d = tempfile.mkdtemp(prefix="vitrim-mount-probe-")
+    try:
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", d], capture_output=True, text=True)
+        reason = None if p.returncode == 0 else f"cannot mount a tmpfs here: {(p.stderr or p.stdout).strip()}"
+        if reason is None:
+            subprocess.run(["umount", d], check=True)
+    except FileNotFoundError:
+        reason = "no mount command on this machine"
+    finally:
+        os.rmdir(d)
+    _mount_unavailable.reason = reason
+    return reason
+
+
+class Mounts:
+    """Mounts made by one test, all unmounted in its teardown (lazily when still busy)."""
+
+    def __init__(self, base: Path):
+        self.base, self.points = base, []
+
+    def _mount(self, *args: str, point: Path) -> None:
+        import subprocess
+
+        p = subprocess.run(["mount", *args, str(point)], capture_output=True, text=True)
+        if p.returncode:
+            pytest.skip(f"mount {' '.join(args)} failed: {p.stderr.strip()}")
+        self.points.append(point)
+
+    def full_disk(self, name: str, size: str) -> Path:
+        """An empty tmpfs of ``size`` (e.g. ``300k``): the disk fills up after that many bytes."""
+        point = self.base / name
+        point.mkdir(parents=True)
+        self._mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", point=point)
+        return point
+
+    def read_only(self, src: Path, name: str | None = None) -> Path:
+        """``src`` seen through a read-only bind mount (root ignores permission bits; a mount it cannot write)."""
+        import subprocess
+
+        point = self.base / (name or f"{src.name}-ro")
+        point.mkdir(parents=True)
+        self._mount("--bind", str(src), point=point)
+        p = subprocess.run(["mount", "-o", "remount,ro,bind", str(point)], capture_output=True, text=True)
+        if p.returncode:
+            pytest.skip(f"cannot remount a bind mount read-only: {p.stderr.strip()}")
+        return point
+
+    def close(self) -> None:
+        import subprocess
+
+        for point in reversed(self.points):
+            if subprocess.run(["umount", str(point)], capture_output=True).returncode:
+                subprocess.run(["umount", "-l", str(point)], capture_output=True)
+        self.points.clear()
+
+
+@pytest.fixture
+def mounts(tmp_path):
+    """Real filesystem faults for a test: ``mounts.full_disk(name, size)``, ``mounts.read_only(dir)``.
+    Skipped, with the reason, where this process cannot mount (not root, no CAP_SYS_ADMIN, no mount command)."""
+    reason = _mount_unavailable()
+    if reason:
+        pytest.skip(reason)
+    m = Mounts(tmp_path / "mnt")
+    try:
+        yield m
+    finally:
+        m.close()

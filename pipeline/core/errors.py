@@ -12,10 +12,13 @@ Exit codes of the ``vitrim`` command (stable; a CI job may branch on them):
 ====  ===========================================================================
 0     every gate passed
 1     an internal error (a bug in vitrim: please report it with the traceback)
-2     user error: a config, a file, a budget, a signature (the message names the fix)
+2     user error: a config, a file, a budget, a signature, an I/O fault (the message names the fix)
 3     accuracy/parity gate: the engine diverges from PyTorch (:class:`AccuracyGateError`)
 4     latency gate: the delivered latency misses the budget, with ``export.require_budget``
 5     regression gate: the candidate is slower or less accurate than the baseline release
+6     inconclusive: no gate failed, but one could not decide (too few images for the accuracy
+      tolerance, or a machine too noisy for the latency threshold): evaluate more images or rerun on
+      a quiet machine (:class:`InconclusiveError`)
 130   interrupted (SIGINT); 143 terminated (SIGTERM), after a checkpoint was saved
 ====  ===========================================================================
 """
@@ -47,6 +50,19 @@ class UserError(VitrimError):
         return (type(self), (self.stage, self.what, self.fix))
 
 
+class IOFault(UserError):
+    """A write that the filesystem refused (read-only, no space left, permission denied, a missing parent):
+    exit 2 like bad input, naming the path, the cause and the fix (:func:`vitrim.pipeline.core.io.io_fault`)."""
+
+    def __init__(self, stage: str, what: str, fix: str | None = None, path: str | None = None,
+                 errno_: int | None = None):
+        super().__init__(stage, what, fix)
+        self.path, self.errno = path, errno_
+
+    def __reduce__(self):
+        return (type(self), (self.stage, self.what, self.fix, self.path, self.errno))
+
+
 class UnreachableBudget(UserError):
     """A budget below what a strategy's plans can reach (its floors, or where its search stopped). A benchmark
     that bisects budgets treats it as "this method does not reach that point"; every other UserError is shown."""
@@ -64,8 +80,10 @@ EXIT_USER = 2
 EXIT_ACCURACY = 3
 EXIT_LATENCY = 4
 EXIT_REGRESSION = 5
+EXIT_INCONCLUSIVE = 6
 EXIT_CODES = {EXIT_PASS: "pass", EXIT_INTERNAL: "internal error", EXIT_USER: "user error",
-              EXIT_ACCURACY: "accuracy/parity gate", EXIT_LATENCY: "latency gate", EXIT_REGRESSION: "regression gate"}
+              EXIT_ACCURACY: "accuracy/parity gate", EXIT_LATENCY: "latency gate", EXIT_REGRESSION: "regression gate",
+              EXIT_INCONCLUSIVE: "inconclusive"}
 
 
 class GateError(VitrimError):
@@ -97,6 +115,13 @@ class RegressionGateError(GateError):
     """A candidate release is slower or less accurate than its baseline release (exit 5)."""
 
     exit_code = EXIT_REGRESSION
+
+
+class InconclusiveError(GateError):
+    """No gate failed, but one could not decide with confidence (exit 6): too few images for the
+    accuracy tolerance, or a machine too noisy for the latency threshold."""
+
+    exit_code = EXIT_INCONCLUSIVE
 
 
 class InternalError(VitrimError):

@@ -47,7 +47,9 @@ class RunDir:
         return self.root / name
 
     def mkdir(self) -> "RunDir":
-        self.root.mkdir(parents=True, exist_ok=True)
+        from vitrim.pipeline.core.io import make_dir
+
+        make_dir(self.root)  # an I/O fault exits 2 naming the directory
         return self
 
     # configuration and bookkeeping
@@ -215,6 +217,17 @@ class RunDir:
     def curve_run(self, method: str, budget: float) -> "RunDir":
         """The run directory of one point of ``vitrim curve`` (a strategy at a budget)."""
         return RunDir(self.root / f"{method}_{budget:g}")
+
+    def release_claims(self) -> tuple[Path, ...]:
+        """The files that make this directory look like a release (and the nested teacher's): an I/O fault
+        in a release removes them with what it wrote."""
+        return (self.manifest, self.manifest_signature, self.verdict, self.model_card,
+                self.teacher_dir.manifest, self.teacher_dir.verdict, self.teacher_dir.model_card)
+
+    def resumable(self) -> tuple[Path, ...]:
+        """What a rerun of ``vitrim run`` resumes from (kept when its release stops on an I/O fault)."""
+        return (self.stages, self.resolved_config, self.lut, self.search_dir.root, self.finetune_dir.root,
+                self.int8_recovery_dir.root, self.student, self.plan, self.finetune_log, self.checkpoint)
 
     def verdicts(self) -> tuple[Path, ...]:
         """Files that state a verdict; removed before a stage that re-decides them runs."""

@@ -20,6 +20,7 @@ from torch import nn
 
 from vitrim.pipeline.core.compact import CompactViT
 from vitrim.pipeline.core.errors import UserError
+from vitrim.pipeline.core.io import make_dir
 from vitrim.pipeline.core.plan import Plan
 from vitrim.pipeline.core.rundir import RunDir
 
@@ -133,7 +134,7 @@ def save_compact(model: CompactViT, plan: Plan, out_dir: str | os.PathLike) -> N
     from vitrim.pipeline.core.models import save_weights
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "slice")
     plan.save(RunDir(out).plan)
     save_weights(model, RunDir(out).student, metadata={"format": "vitrim.compact", "schema": "1"})
 

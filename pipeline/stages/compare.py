@@ -45,7 +45,7 @@ def finish_release(cfg: RunConfig, rd: RunDir, summary: dict, verdict: dict,
     from vitrim.export.card import dataset_info, write_model_card
     from vitrim.export.triton import triton_from_config
     from vitrim.export.verdict import read_verdict
-    from vitrim.pipeline.core.errors import RegressionGateError
+    from vitrim.pipeline.core.errors import InconclusiveError, RegressionGateError
 
     speedup = None
     if summary.get("speedup") is not None:
@@ -58,6 +58,6 @@ def finish_release(cfg: RunConfig, rd: RunDir, summary: dict, verdict: dict,
         return verdict
     try:
         stage_compare(cfg, cfg.export.baseline, rd.root, log=log)
-    except RegressionGateError as e:
+    except (RegressionGateError, InconclusiveError) as e:
         log(str(e))  # the run raises for its merged verdict at its end (the lowest failing exit code)
     return read_verdict(rd.verdict)

@@ -20,8 +20,19 @@ def stage_release(cfg: RunConfig, out_dir: str | os.PathLike, student: Optional[
     A student's release carries its weights and plan, and the matching LUT with the predicted latency when
     one is found (or built, with ``build_lut``); a LUT that cannot price the plan leaves the release without a
     prediction, and says why. When the config's teacher is the reference, it is first checked against
-    ``model.expected_top1``.
+    ``model.expected_top1``. An I/O fault (exit 2) takes back what the release wrote into ``out_dir``.
     """
+    from vitrim.pipeline.core.io import undo_on_fault
+
+    if onnx and not Path(onnx).is_file():
+        raise UserError("export", f"ONNX file '{onnx}' not found", "pass the path of an existing .onnx file")
+    rd = RunDir(out_dir)
+    with undo_on_fault(rd.root, rd.release_claims()):  # an I/O fault: nothing left that looks like a release
+        return _stage_release(cfg, rd, student, teacher, onnx, build_lut, use_lut, log)
+
+
+def _stage_release(cfg: RunConfig, rd: RunDir, student: Optional[str], teacher: bool, onnx: Optional[str],
+                   build_lut: bool, use_lut: bool, log: Callable[[str], None]) -> dict:
     from vitrim.export.release import release_from_config
     from vitrim.export.target import Target
     from vitrim.pipeline.core.io import copy_into
@@ -30,13 +41,14 @@ def stage_release(cfg: RunConfig, out_dir: str | os.PathLike, student: Optional[
     from vitrim.pipeline.core.data import build_splits
     from vitrim.pipeline.stages.teacher import expect_teacher, load_teacher
 
-    if onnx and not Path(onnx).is_file():
-        raise UserError("export", f"ONNX file '{onnx}' not found", "pass the path of an existing .onnx file")
-    rd = RunDir(out_dir)
     plan = predicted = note = None
     if student:
         model = load_compact(student)
         plan, name = model.plan, f"student {student}"
+        if use_lut and build_lut:  # a read-only cache lacking the table: refused before any measuring
+            from vitrim.pipeline.stages.cache import prepare_cache
+
+            prepare_cache(cfg, teacher=None, lut=True, spec=plan.spec, log=log)
     elif teacher or onnx:
         # the config's model is the parity reference (and the exported model without --onnx)
         model, _ = load_teacher(cfg, train_if_missing=False)

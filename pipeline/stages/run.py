@@ -41,7 +41,21 @@ class StageCache:
 
 
 def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: bool = True) -> dict:
-    """Run every stage for one config; returns the summary it writes."""
+    """Run every stage for one config; returns the summary it writes.
+
+    An I/O fault (exit 2) takes back what the release steps wrote (engines, manifests, verdicts, report), and
+    keeps what a rerun resumes from (:meth:`RunDir.resumable`: the search, the fine-tuned student).
+    """
+    from vitrim.pipeline.core.io import undo_on_fault
+    from vitrim.pipeline.stages.cache import check_out_dir
+
+    rd = RunDir(cfg.out_dir)
+    check_out_dir(rd.root, "out_dir")  # a read-only output directory: refused before any work
+    with undo_on_fault(rd.root, rd.release_claims(), keep=rd.resumable(), what="release"):
+        return _run_pipeline(cfg, log, progress)
+
+
+def _run_pipeline(cfg: RunConfig, log: Callable[[str], None], progress: bool) -> dict:
     from vitrim.pipeline.core.data import build_splits
     from vitrim.pipeline.core.evaluate import top1
     from vitrim.pipeline.stages.finetune import finetune
@@ -67,6 +81,9 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
 
     target = Target.from_config(cfg.target)
     target.check_available()
+    from vitrim.pipeline.stages.cache import prepare_cache
+
+    prepare_cache(cfg, lut=True, log=log)  # a read-only cache lacking the teacher or table: refused before any work
     device = resolve_device(cfg.device)
     splits = build_splits(cfg.data, model_cfg=cfg.model)
     prep = splits.preprocessing
@@ -224,6 +241,9 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, progress: b
         raise
     summary["wall_s"] = round(time.time() - t_start, 1)
     write_summary(rd, summary)
+    from vitrim.export.manifest import seal_manifest
+
+    seal_manifest(rd.root)  # the report, summary, card and Triton files written after the release are listed too
     log(f"[run] teacher {summary['teacher']['measured_ms']:.2f} ms / {summary['teacher']['top1']:.2f}%  ->  "
         f"student {summary['student']['measured_ms']:.2f} ms / {summary['student']['top1']:.2f}%  "
         f"(measured speedup {summary['speedup']:.2f}x, {summary['delta_top1']:+.2f} pt); report: {rd.report}")
@@ -281,6 +301,9 @@ def run_curve(cfg: RunConfig, budgets: list[float], baselines: list[str], log: C
     """
     from vitrim.profiling.curve import write_curve
 
+    from vitrim.pipeline.stages.cache import prepare_cache
+
+    prepare_cache(cfg, lut=True, log=log)  # once: every point shares the teacher and table (a temporary cache too)
     base = RunDir(cfg.out_dir)
     rows: list[dict] = []
     teacher_row = None

@@ -69,7 +69,8 @@ def test_card_front_matter_matches_the_manifest_and_its_snippet_runs(tiny_cfg, t
     assert metrics["latency"]["value"] == m["latency"]["median_ms"]
     assert metrics["latency"]["args"]["batch"] == m["latency"]["batch"] == cfg.target.batch
     assert metrics["latency"]["args"]["device_signature"] == m["device_signature"]
-    assert fm["vitrim"]["manifest_sha256"] == sha256_file(out.manifest)
+    assert fm["vitrim"]["engine_sha256"] == m["artifacts"]["engine"]["sha256"]
+    assert m["files"][out.model_card.name]["sha256"] == sha256_file(out.model_card)  # the manifest covers the card
     assert fm["vitrim"]["preprocessing"] == m["preprocessing"] and fm["vitrim"]["device_signature"] == m["device_signature"]
     assert plan.summary() in card and "## Limits" in card and m["device_signature"]["device"] in card
     # the release says how it was made: its resolved config, which `vitrim compare` reads the test data from

@@ -70,8 +70,9 @@ def test_a_slower_candidate_fails_with_exit_5_and_a_copy_passes(releases, tmp_pa
     # the same release, copied elsewhere (relocated): same engine, same answers, a ratio near 1
     copy = shutil.copytree(r["student"], tmp_path / "copy")
     c = _compare(r, "student", copy, None)
-    assert c["passed"] and c["exit_code"] == 0
+    assert c["passed"] and c["exit_code"] == 0 and c["outcome"] == "pass"
     assert c["accuracy"]["delta_pt"] == 0.0 and c["accuracy"]["agreement"] == 1.0  # one engine, deterministic
+    assert c["accuracy"]["test"]["ci_pt"] == [0.0, 0.0] and c["accuracy"]["test"]["outcome"] == "pass"
     assert abs(c["latency"]["ratio"] - 1) < 0.25 and abs(c["latency"]["aa_ratio"] - 1) < 0.25
     assert RunDir(copy).compare.is_file() and json.loads(RunDir(copy).verdict.read_text())["passed"]
 
@@ -85,7 +86,8 @@ def test_a_less_accurate_candidate_fails_on_accuracy(releases, tmp_path):
     a = c["accuracy"]
     # same graph, same cost: the latency gate holds; the accuracy gate fails by far more than one image
     assert g["latency"]["passed"] and not g["accuracy"]["passed"]
-    assert a["baseline_top1"] > 30 and a["delta_pt"] < -20 and g["accuracy"]["measured"] == a["delta_pt"]
+    assert a["baseline_top1"] > 30 and a["delta_pt"] < -20 and g["accuracy"]["measured"] == pytest.approx(-a["delta_pt"])
+    assert g["accuracy"]["outcome"] == "fail" and g["accuracy"]["interval"][0] > 0.3  # lost with confidence
     assert a["only_baseline_right"] > a["only_candidate_right"]
     # the figures are the engines' own on these images: the teacher's top-1 as its release's parity gate saw it
     m = json.loads(RunDir(r["teacher"]).manifest.read_text())
@@ -108,3 +110,41 @@ def test_compare_refuses_what_it_cannot_compare(releases, tmp_path):
     with pytest.raises(UserError, match="has changed"):
         _compare(r, "teacher", bad, tmp_path)
     assert not RunDir(tmp_path).compare.exists()  # a refused comparison leaves no figures
+
+
+def test_a_noisy_machine_makes_the_latency_inconclusive_with_exit_6(releases, tmp_path, monkeypatch):
+    """A planted noisy machine: the real paired timing, with its A/A control moved by 10% (more than the 3%
+    threshold). The same release passed on its own figures; with that control it cannot decide: exit 6."""
+    import vitrim.export.compare as cmp
+    from vitrim.pipeline.core.errors import InconclusiveError
+
+    real = cmp.time_pair
+
+    def noisy(*a, **kw):
+        lat = real(*a, **kw)
+        for s in lat["sessions"]:
+            s["aa_ratio"] = 1.10
+        return lat
+
+    monkeypatch.setattr(cmp, "time_pair", noisy)
+    copy = shutil.copytree(releases["student"], tmp_path / "copy")
+    with pytest.raises(InconclusiveError) as e:
+        _compare(releases, "student", copy, None, max_latency_regression=0.03)
+    assert e.value.exit_code == 6
+    c = json.loads(RunDir(copy).compare.read_text())
+    g = {g["check"]: g for g in c["gates"]}
+    assert c["outcome"] == "inconclusive" and c["exit_code"] == 6 and not c["passed"] and c["noisy"]
+    assert g["latency"]["outcome"] == "inconclusive" and g["accuracy"]["outcome"] == "pass"
+    v = json.loads(RunDir(copy).verdict.read_text())
+    assert v["exit_code"] == 6 and v["outcome"] == "inconclusive"
+    from vitrim.export.manifest import verify_manifest
+
+    verify_manifest(copy)  # compare.json and the merged verdict are covered by the resealed manifest
+
+
+def test_compare_decides_accuracy_on_export_parity_images(releases, tmp_path):
+    """`max_images` (export.parity_images): 40 images of a class-permuted candidate already show the loss."""
+    with pytest.raises(RegressionGateError):
+        _compare(releases, "teacher", "permuted", tmp_path, max_images=40)
+    c = json.loads(RunDir(tmp_path).compare.read_text())
+    assert c["accuracy"]["images"] == 40 and c["accuracy"]["test"]["images"] == 40

@@ -163,33 +163,65 @@ def test_paths_that_leave_the_directory_fail_verification(real_release, tmp_path
         verify_manifest(rd.root)
 
 
-def test_unlisted_model_files_and_escaping_symlinks_fail_verification(real_release, tmp_path):
+@pytest.mark.parametrize("name", ["notes.txt", "model.ONNX", "model.trt", "weights.pt", "weights.pth", "model.bin",
+                                  "libcustom_op.so", "sub/other.onnx"])
+def test_any_unlisted_file_fails_verification_naming_it(real_release, tmp_path, name):
+    """No suffix list: a file of any name beside the engine (a second graph, a custom-op library) fails."""
     rd = _copy(real_release, tmp_path)
     verify_manifest(rd.root)
-    (rd.root / "notes.txt").write_text("not a model: fine")
-    verify_manifest(rd.root)
-    (rd.root / "sub").mkdir()
-    shutil.copy(rd.onnx, rd.root / "sub" / "other.onnx")  # a second graph a server could pick up
-    (rd.root / "model.plan").write_bytes(b"an engine nobody checked")
-    with pytest.raises(UserError) as e:
+    (rd.root / name).parent.mkdir(exist_ok=True)
+    (rd.root / name).write_bytes(b"something a server could pick up")
+    with pytest.raises(UserError, match=f"{name}: a file the manifest does not list"):
         verify_manifest(rd.root)
-    assert "sub/other.onnx: a model file the manifest does not cover" in str(e.value)
-    assert "model.plan: a model file the manifest does not cover" in str(e.value)
-    (rd.root / "model.plan").unlink()
-    shutil.rmtree(rd.root / "sub")
+
+
+def test_escaping_symlinks_fail_verification(real_release, tmp_path):
+    rd = _copy(real_release, tmp_path)
     (rd.root / "weights").symlink_to(tmp_path, target_is_directory=True)
     with pytest.raises(UserError, match="weights: a symlink leaving the release directory"):
         verify_manifest(rd.root)
 
 
-def test_a_nested_release_is_verified_with_its_parent(real_release, tmp_path):
-    """`vitrim run` keeps the teacher's release in teacher/: its files are its own manifest's, checked too."""
+@pytest.mark.parametrize("victim", ["verdict.json", "MODEL_CARD.md", "parity.json", "resolved_config.yaml"])
+def test_every_file_of_the_release_is_covered(real_release, tmp_path, victim):
+    """A flipped verdict, an edited card: each verified before, because only model artifacts were hashed."""
+    rd = _copy(real_release, tmp_path)
+    p = rd.root / victim
+    assert p.is_file()
+    if victim == "verdict.json":
+        v = json.loads(p.read_text())
+        v.update(passed=False, exit_code=3)
+        p.write_text(json.dumps(v))
+    else:
+        p.write_text(p.read_text() + "\nedited\n")
+    with pytest.raises(UserError, match=f"{victim}: has changed"):
+        verify_manifest(rd.root)
+    p.unlink()
+    with pytest.raises(UserError, match=f"{victim}: missing"):
+        verify_manifest(rd.root)
+
+
+def test_a_nested_release_is_covered_by_its_parent(real_release, tmp_path):
+    """`vitrim run` keeps the teacher's release in teacher/. Its engine replaced and its own manifest rewritten to
+    match used to verify (the nested release was checked only against its own, unsigned, manifest)."""
+    from vitrim.export.manifest import seal_manifest
+
     rd = _copy(real_release, tmp_path)
     nested = RunDir(shutil.copytree(rd.root, rd.root / "teacher"))
-    verify_manifest(rd.root)  # teacher/model.onnx is covered by teacher/manifest.json, not listed as unknown
+    with pytest.raises(UserError, match="teacher/model.onnx: a file the manifest does not list"):
+        verify_manifest(rd.root)
+    seal_manifest(rd.root)  # what the stage that writes teacher/ does
+    verify_manifest(rd.root)
     nested.onnx.write_bytes(nested.onnx.read_bytes() + b"\0")
     with pytest.raises(UserError, match="teacher/onnx: 'teacher/model.onnx' has changed"):
         verify_manifest(rd.root)
+    # the attacker rewrites the nested manifest to match (its artifact record and file list): the parent still knows
+    _rewrite(nested, lambda m: m["artifacts"]["onnx"].update(sha256=sha256_file(nested.onnx)))
+    seal_manifest(nested.root)
+    verify_manifest(nested.root)
+    with pytest.raises(UserError) as e:
+        verify_manifest(rd.root)
+    assert "teacher/manifest.json: has changed" in str(e.value) and "teacher/model.onnx: has changed" in str(e.value)
 
 
 def _keys(tmp_path):
@@ -234,3 +266,23 @@ def test_sign_and_verify_with_ed25519_and_a_tampered_manifest_fails(real_release
     moved.onnx.write_bytes(b"swapped")
     assert main(["sign", str(moved.root), "--key", str(other_key)]) == 2
     assert "onnx: 'model.onnx' has changed" in capsys.readouterr().err
+
+
+def test_a_signed_release_fails_when_any_file_changes_and_checks_the_bytes_it_signed(real_release, tmp_path, capsys):
+    pytest.importorskip("cryptography")
+    from vitrim.pipeline.cli import main
+
+    rd = _copy(real_release, tmp_path)
+    key, pub, _, _ = _keys(tmp_path)
+    assert main(["sign", str(rd.root), "--key", str(key)]) == 0
+    assert main(["verify-manifest", str(rd.root), "--pubkey", str(pub)]) == 0
+    v = json.loads(rd.verdict.read_text())
+    rd.verdict.write_text(json.dumps({**v, "passed": True, "exit_code": 0}) + " ")  # a "flipped" verdict
+    capsys.readouterr()
+    assert main(["verify-manifest", str(rd.root), "--pubkey", str(pub)]) == 2
+    assert "verdict.json: has changed" in capsys.readouterr().err
+    # given a file path, the signature and the content check read the same file: another file is refused
+    other = rd.root / "other.json"
+    shutil.copy(rd.manifest, other)
+    assert main(["verify-manifest", str(other), "--pubkey", str(pub)]) == 2
+    assert "is not a release manifest" in capsys.readouterr().err

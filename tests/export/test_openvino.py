@@ -21,7 +21,7 @@ from vitrim.pipeline.core.errors import UserError  # noqa: E402
 from vitrim.pipeline.core.rundir import RunDir  # noqa: E402
 from vitrim.pipeline.core.slicing import full_size_compact  # noqa: E402
 from tests.conftest import TINY_KW, random_init  # noqa: E402
-from tests.export.test_quantize import ROOMY  # noqa: E402
+from tests.export.test_quantize import roomy  # noqa: E402
 
 OV = get_backend("openvino")
 HAS_BF16 = OV.has_bf16()
@@ -113,7 +113,12 @@ def test_bf16_release_passes_its_own_tolerances_not_fp32s(tiny, tmp_path):
     m = json.loads(RunDir(tmp_path / "bf16").manifest.read_text())
     assert m["device_signature"]["options"].endswith("inference_precision=bf16")
     assert "bfloat16" in m["engine_options"]["INFERENCE_PRECISION_HINT"]
-    strict = ExportConfig(atol_fp16=1e-6, rtol_fp16=1e-6, max_rel_l2_fp16=1e-6)
+    from dataclasses import asdict
+
+    from vitrim.pipeline.core.config import ParityTolerance
+
+    strict = ExportConfig(bf16=ParityTolerance(**{**asdict(ExportConfig().bf16), "atol": 1e-6, "rtol": 1e-6,
+                                                  "max_rel_l2": 1e-6}))
     with pytest.raises(ParityError):
         release(tmp_path / "tight", t, _batches(), model=model, export_cfg=strict, warmup=1, repeats=3,
                 log=lambda m: None)
@@ -143,10 +148,10 @@ def test_int8_nncf_release_passes_the_int8_gate_and_a_broken_one_fails(trained, 
     student, splits = trained
     t = Target(backend="openvino", precision="int8", batch=32, threads=1, quant=QuantConfig(calib_images=128))
     r = release(tmp_path / "q", t, make_loader(splits.test, 32), model=student, warmup=1, repeats=3,
-                calib_data=make_loader(splits.val, 32), export_cfg=ExportConfig(**ROOMY), log=lambda m: None)
+                calib_data=make_loader(splits.val, 32), export_cfg=roomy(), log=lambda m: None)
     p, o = r["parity"], r["parity"]["outputs"]["logits"]
     assert p["passed"] and p["precision"] == "int8" and o["max_absdiff"] > 1e-3  # it really ran quantized
-    assert p["tolerances"] == json.loads(json.dumps(vars(Tolerances.for_precision(ExportConfig(**ROOMY), "int8"))))
+    assert p["tolerances"]["max_rel_l2"] == Tolerances.for_precision(roomy(), "int8").max_rel_l2
     rd = RunDir(tmp_path / "q")
     m = json.loads(rd.manifest.read_text())
     assert m["quantization"]["tool"] == "nncf.quantize" and m["quantization"]["model_type"] == "TRANSFORMER"
@@ -156,7 +161,7 @@ def test_int8_nncf_release_passes_the_int8_gate_and_a_broken_one_fails(trained, 
     flipped = append_to_output(export_onnx(student, tmp_path / "m.onnx", (1, 28, 28)), tmp_path / "neg.onnx", "Neg")
     with pytest.raises(ParityError, match="relative L2 error"):
         release(tmp_path / "b", t, make_loader(splits.test, 32), model=student, onnx_path=flipped, warmup=1,
-                repeats=3, calib_data=make_loader(splits.val, 32), export_cfg=ExportConfig(**ROOMY),
+                repeats=3, calib_data=make_loader(splits.val, 32), export_cfg=roomy(),
                 log=lambda m: None)
     assert not (tmp_path / "b" / "manifest.json").exists()
 

@@ -107,3 +107,32 @@ def test_tensorrt_plan_config_and_refusals(rel):
     torch_rel = {**m, "device_signature": {**m["device_signature"], "backend": "torch-cpu"}}
     with pytest.raises(UserError, match="torch program"):
         model_config(torch_rel, graph, "tiny")
+
+
+def test_a_graph_with_external_data_is_served_with_its_weights(rel, tmp_path):
+    """`--triton` used to copy model.onnx alone: ORT then refused the repository ("External data path
+    validation failed"). The weights now travel beside the served graph, and the Triton copy loads."""
+    import onnxruntime as ort
+
+    from vitrim.export.release import external_data_files
+
+    src = tmp_path / "theirs"
+    src.mkdir()
+    m = onnx.load(str(RunDir(rel).onnx))
+    onnx.save(m, str(src / "graph.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="graph.weights", size_threshold=1024)
+    assert external_data_files(src / "graph.onnx") == ["graph.weights"]
+    rng = np.random.default_rng(1)
+    data = [(rng.standard_normal((8, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, 8)) for _ in range(2)]
+    out = tmp_path / "rel"
+    release(out, Target(batch=8, threads=1), data, onnx_path=src / "graph.onnx", warmup=1, repeats=3,
+            log=lambda m: None)
+    write_triton_repo(out, tmp_path / "repo", "ext", log=lambda m: None)
+    served = TritonRepo(tmp_path / "repo").model_file("ext", "model.onnx")
+    assert (served.parent / "graph.weights").is_file()
+    x = data[0][0]
+    ref = ort.InferenceSession(str(RunDir(rel).onnx), providers=["CPUExecutionProvider"])
+    want = ref.run(None, {ref.get_inputs()[0].name: x})[0]
+    sess = ort.InferenceSession(str(served), providers=["CPUExecutionProvider"])  # loads from the repository alone
+    got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    np.testing.assert_array_equal(got, want)

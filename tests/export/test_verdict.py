@@ -13,11 +13,12 @@ from tests.export.test_parity import append_to_output
 from vitrim.export.verdict import (VERDICT_SCHEMA, gate, latency_gate, merge_gates, raise_for, read_verdict,
                                    write_run_verdict)
 from vitrim.pipeline.cli import main
-from vitrim.pipeline.core.errors import (EXIT_ACCURACY, EXIT_LATENCY, EXIT_REGRESSION, AccuracyGateError,
-                                         LatencyGateError, RegressionGateError)
+from vitrim.pipeline.core.errors import (EXIT_ACCURACY, EXIT_INCONCLUSIVE, EXIT_LATENCY, EXIT_REGRESSION,
+                                         AccuracyGateError, InconclusiveError, LatencyGateError, RegressionGateError)
 from vitrim.pipeline.core.rundir import RunDir
 
-PARITY_CHECKS = {"non_finite", "elementwise", "rel_l2", "top1_agreement", "accuracy_delta"}
+PARITY_CHECKS = {"non_finite", "elementwise", "rel_l2", "mean_rel_l2", "prob_js", "mean_prob_js", "class_shift",
+                 "top1_agreement", "accuracy_loss"}
 
 
 def _strict(path) -> dict:
@@ -45,8 +46,12 @@ def test_a_passing_release_writes_a_verdict_with_every_check(real_release):
     assert (by["elementwise"]["measured"], by["elementwise"]["threshold"]) == (out["mismatched"], 0)
     assert (by["top1_agreement"]["measured"], by["top1_agreement"]["threshold"], by["top1_agreement"]["op"]) == \
         (rep["top1_agreement"], tol["min_top1_agreement"], ">=")
-    assert (by["accuracy_delta"]["measured"], by["accuracy_delta"]["threshold"]) == (rep["acc_delta"], tol["max_acc_delta"])
-    assert all(g["passed"] and g["exit_code"] == 0 for g in v["gates"])
+    acc = by["accuracy_loss"]
+    assert (acc["measured"], acc["threshold"], acc["interval"]) == (rep["accuracy"]["loss_pt"], tol["max_acc_loss"],
+                                                                    rep["accuracy"]["ci_pt"])
+    assert (by["mean_rel_l2"]["measured"], by["prob_js"]["measured"]) == (out["mean_rel_l2"], out["q_prob_js"])
+    assert all(g["passed"] and g["exit_code"] == 0 and g["outcome"] == "pass" for g in v["gates"])
+    assert v["outcome"] == "pass"
     assert {g["output"] for g in v["gates"] if g["check"] in ("non_finite", "elementwise", "rel_l2")} == {"logits"}
 
 
@@ -61,7 +66,7 @@ def test_a_broken_engine_exits_3_and_leaves_a_failed_verdict(real_release, tmp_p
     assert v["passed"] is False and v["exit_code"] == 3 and v["exit_meaning"] == "accuracy/parity gate"
     assert "parity gate FAILED" in v["error"] and not rd.manifest.exists()
     by = {g["check"]: g for g in v["gates"]}
-    for check in ("elementwise", "rel_l2", "top1_agreement"):
+    for check in ("elementwise", "rel_l2", "mean_rel_l2", "top1_agreement"):
         g = by[check]
         assert not g["passed"] and g["exit_code"] == 3, g
     assert by["rel_l2"]["measured"] == pytest.approx(2.0, rel=1e-3)  # ||-r - r|| / ||r||
@@ -92,30 +97,20 @@ def test_a_nan_engine_fails_the_non_finite_check_and_the_verdict_stays_strict_js
     assert by["rel_l2"]["measured"] is None and not by["rel_l2"]["passed"]  # no finite figure: fails, written null
 
 
-def test_the_int8_vs_fp32_gate_is_recorded_and_can_fail(real_release, tmp_path):
-    """After an int8 recovery, the engine's top-1 is held against the fp32 model before it (baseline_top1)."""
-    import timm
-
-    from tests.conftest import TINY_KW, random_init
-    from vitrim.export.parity import ParityError
-    from vitrim.export.release import release_from_config
-    from vitrim.pipeline.core.config import load_config
-    from vitrim.pipeline.core.data import build_splits
-
-    cfg = load_config(str(real_release / "c.yaml"), [])
-    splits = build_splits(cfg.data, model_cfg=cfg.model)
-    model = random_init(timm.create_model("vit_tiny_patch16_224", **TINY_KW), seed=3, std=0.2)  # the released one
-    engine_top1 = json.loads((real_release / "rel" / "parity.json").read_text())["engine_top1"]
-    kw = dict(name="student", log=lambda m: None)
-    release_from_config(cfg, model, tmp_path / "ok", splits.test, baseline_top1=engine_top1, **kw)
-    g = [g for g in read_verdict(tmp_path / "ok")["gates"] if g["gate"] == "int8_vs_fp32"]
-    assert len(g) == 1 and g[0]["passed"] and g[0]["measured"] == pytest.approx(0.0)
-    with pytest.raises(ParityError, match="against the fp32 model before recovery"):
-        release_from_config(cfg, model, tmp_path / "bad", splits.test, baseline_top1=engine_top1 + 20.0, **kw)
-    v = read_verdict(tmp_path / "bad")
-    failed = [g for g in v["gates"] if not g["passed"]]
-    assert v["exit_code"] == 3 and [(g["gate"], g["check"]) for g in failed] == [("int8_vs_fp32", "accuracy_delta")]
-    assert failed[0]["measured"] == pytest.approx(-20.0) and failed[0]["threshold"] == cfg.export.max_acc_delta
+def test_an_undecided_gate_makes_an_inconclusive_verdict_with_exit_6(real_release, tmp_path):
+    """No failure, one undecided entry: outcome inconclusive, exit 6, InconclusiveError; a failure outranks it."""
+    rd = RunDir(shutil.copytree(real_release / "rel", tmp_path / "rel"))
+    undecided = gate("regression", "accuracy", 0.2, 0.3, "<=", EXIT_REGRESSION, outcome="inconclusive",
+                     interval=[-0.4, 0.8])
+    assert undecided["exit_code"] == EXIT_INCONCLUSIVE and not undecided["passed"]
+    v = merge_gates(rd.root, [undecided])
+    assert v["outcome"] == "inconclusive" and v["exit_code"] == 6 and v["exit_meaning"] == "inconclusive"
+    assert "could not decide" in v["error"] and "UNDECIDED" in v["error"]
+    with pytest.raises(InconclusiveError) as e:
+        raise_for(v)
+    assert e.value.exit_code == 6
+    v = merge_gates(rd.root, [gate("regression", "latency", 1.2, 1.03, "<=", EXIT_REGRESSION)])
+    assert v["outcome"] == "fail" and v["exit_code"] == 5
 
 
 def test_the_latency_gate_on_real_timings_exits_4_only_when_required(real_release, tmp_path):
@@ -155,7 +150,7 @@ def test_merge_gates_adds_a_regression_gate_to_an_existing_verdict(real_release,
     slower = gate("regression", "latency", 1.08, 1.03, "<=", EXIT_REGRESSION, unit="ratio to the baseline")
     v = merge_gates(rd.root, [slower], kind="run")
     assert len(v["gates"]) == n + 1 and not v["passed"] and v["exit_code"] == 5 and v["kind"] == "run"
-    assert read_verdict(rd.verdict) == v and "regression latency: 1.08, needs <= 1.03" in v["error"]
+    assert read_verdict(rd.verdict) == v and "regression latency FAILED: 1.08, needs <= 1.03" in v["error"]
     with pytest.raises(RegressionGateError) as e:
         raise_for(v)
     assert e.value.exit_code == 5

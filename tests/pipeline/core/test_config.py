@@ -80,10 +80,10 @@ def test_device_and_data_values_are_checked():
 
 
 def test_exponent_floats_without_a_dot():
-    cfg = load_config(None, ["export.atol_fp32=1e-12", "search.budget_ms=5e1"])
-    assert cfg.export.atol_fp32 == 1e-12 and cfg.search.budget_ms == 50.0
-    with pytest.raises(UserError, match="export.atol_fp32"):
-        load_config(None, ["export.atol_fp32=tiny"])
+    cfg = load_config(None, ["export.fp32.atol=1e-12", "search.budget_ms=5e1"])
+    assert cfg.export.fp32.atol == 1e-12 and cfg.search.budget_ms == 50.0
+    with pytest.raises(UserError, match="export.fp32.atol"):
+        load_config(None, ["export.fp32.atol=tiny"])
 
 
 def test_two_budgets_are_refused_naming_both(tmp_path):
@@ -136,3 +136,18 @@ def test_the_recipe_and_merge_keys_are_checked():
                              "search.step_epochs=0.5", "finetune.hidden_weight=1"])
     assert cfg.search.merges == [{"block": 4, "type": "hw"}] and cfg.finetune.hidden_weight == 1.0
     assert load_config(None, ["search.merge_scoring=unadapted", "search.merge_adapt_iters=0"])
+
+
+def test_a_nested_parity_tolerance_keeps_its_precision_defaults():
+    """`export.fp16.atol` in a YAML or a --set changes that key alone: fp16 keeps its own defaults for the rest."""
+    from vitrim.pipeline.core.config import ExportConfig
+
+    cfg = load_config(None, ["export.fp16.atol=0.05"])
+    assert cfg.export.fp16.atol == 0.05 and cfg.export.fp16.max_rel_l2 == ExportConfig().fp16.max_rel_l2
+    assert cfg.export.tolerance("fp8") == cfg.export.int8
+    for bad, key in (("export.int8.max_acc_loss=-1", r"export\.int8\.max_acc_loss"),
+                     ("export.fp32.min_top1_agreement=1.5", r"export\.fp32\.min_top1_agreement"),
+                     ("export.confidence=1.0", r"export\.confidence"), ("export.parity_worst=0", r"export\.parity_worst"),
+                     ("export.fp16.nonsense=1", r"export\.fp16\.nonsense")):
+        with pytest.raises(UserError, match=key):
+            load_config(None, [bad])

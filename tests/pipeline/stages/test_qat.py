@@ -90,7 +90,7 @@ def test_int8_gate_failure_runs_recovery_that_repairs_the_engine(trained, fmnist
     # 384 images it moves by whole images (measured +0.26 pt, one image from a 0.5 pt limit), which int8
     # kernels that differ between CPUs decide; the relative L2 check keeps its default (measured 0.16 / 0.3)
     cfg = tiny_cfg(d, fmnist_dir, "export.int8_recovery_steps=30", "export.int8_recovery_lr=3e-4",
-                   "export.min_top1_agreement_int8=0.85", "export.max_acc_delta_int8=5.0")
+                   "export.int8.min_top1_agreement=0.85", "export.int8.max_acc_loss=5.0")
     out = tmp_path / "rel"
     logs = []
 

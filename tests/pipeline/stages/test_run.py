@@ -78,8 +78,8 @@ def test_readme_run_end_to_end(tmp_path, fmnist_dir, cache):
     for stage in ("search", "finetune", "export"):
         assert f"[{stage}] inputs unchanged" in p.stdout
     # a failing gate on a rerun leaves no verdict of the previous run behind
-    assert main(["run", "configs/fmnist_cpu.yaml", *sets(tmp_path, [f"data.root={fmnist_dir}", "export.atol_fp32=1e-12",
-                                                                   "export.rtol_fp32=0"], cache)]) == 3
+    assert main(["run", "configs/fmnist_cpu.yaml", *sets(tmp_path, [f"data.root={fmnist_dir}", "export.fp32.atol=1e-12",
+                                                                   "export.fp32.rtol=0"], cache)]) == 3
     for stale in ("summary.json", "report.md", "manifest.json"):
         assert not (run / stale).exists(), stale
 
@@ -178,10 +178,10 @@ def test_curve_rejects_bad_budgets(tmp_path):
     assert main(["curve", "configs/fmnist_cpu.yaml", "--budgets", "1.5"]) == 2
 
 
-def test_parity_batches_zero_is_refused(tmp_path, capsys):
-    assert main(["run", str(ROOT / "configs/fmnist_cpu.yaml"), "--set", "export.parity_batches=0", "--set",
+def test_parity_worst_zero_is_refused(tmp_path, capsys):
+    assert main(["run", str(ROOT / "configs/fmnist_cpu.yaml"), "--set", "export.parity_worst=0", "--set",
                  f"out_dir={tmp_path / 'o'}"]) == 2
-    assert "export.parity_batches" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert "export.parity_worst" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 @pytest.mark.slow
@@ -196,8 +196,8 @@ def test_readme_run_int8_with_a_mask_strategy(tmp_path, fmnist_dir, cache):
                                                                   # 512 images move in 0.2 pt steps that CPU-specific
                                                                   # int8 kernels decide (the gate's own tests are
                                                                   # tests/export/test_parity.py)
-                                                                  "export.max_acc_delta_int8=3.0",
-                                                                  "export.min_top1_agreement_int8=0.9"], cache)])
+                                                                  "export.int8.max_acc_loss=3.0",
+                                                                  "export.int8.min_top1_agreement=0.9"], cache)])
     assert rc == 0
     run = tmp_path / "run"
     m = verify_manifest(run)

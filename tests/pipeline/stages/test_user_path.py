@@ -51,7 +51,7 @@ def write_config(tmp_path: Path, data_root: Path, in_chans: int, **extra) -> Pat
            "target": {"batch": 4, "threads": 1},
            "profile": dict(TINY_PCFG, embed_points=1, repeats=4, warmup=1, checks=1, calibration_plans=1),
            "search": {"budget_fraction": 0.8, "steps": 1, "kd_iters": 2, "saliency_batches": 1},
-           "finetune": {"epochs": 1}, "export": {"parity_batches": 1}}
+           "finetune": {"epochs": 1}, "export": {"parity_worst": 1}}
     for k, v in extra.items():
         cfg.setdefault(k.split(".")[0], {})[k.split(".")[1]] = v
     path = tmp_path / "my.yaml"

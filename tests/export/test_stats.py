@@ -1,0 +1,60 @@
+"""The decisions under uncertainty: McNemar's exact interval for an accuracy loss, and the latency outcome."""
+import numpy as np
+import pytest
+from scipy.stats import binomtest
+
+from vitrim.export.stats import FAIL, INCONCLUSIVE, PASS, paired_accuracy, ratio_outcome
+
+
+def test_identical_predictions_pass_with_a_zero_interval():
+    a = paired_accuracy(0, 0, 500, 0.3)
+    assert a.outcome == PASS and a.ci_pt == (0.0, 0.0) and a.loss_pt == 0.0 and a.p_value == 1.0
+
+
+def test_the_interval_is_clopper_pearson_on_the_discordant_images():
+    a = paired_accuracy(60, 40, 10_000, 0.3, confidence=0.95)
+    ci = binomtest(60, 100).proportion_ci(0.95, method="exact")
+    assert a.ci_pt == pytest.approx((100 * 100 * (2 * ci.low - 1) / 10_000, 100 * 100 * (2 * ci.high - 1) / 10_000))
+    assert a.loss_pt == pytest.approx(0.2) and a.ci_pt[0] < a.loss_pt < a.ci_pt[1]
+    assert a.to_dict()["discordant"] == 100
+
+
+@pytest.mark.parametrize("b,c,n,want", [
+    (3, 0, 512, INCONCLUSIVE),      # 3 net flips on 512 images: the old +-0.5 pt gate failed this
+    (90, 90, 10_000, PASS),         # equal accuracy, many images: the loss is below 0.3 pt with confidence
+    (118, 119, 10_000, INCONCLUSIVE),  # the demo's 2.4% discordant: 10,000 images just fail to show 0.3 pt
+    (200, 50, 10_000, FAIL),        # 1.5 pt lost, surely more than 0.3
+    (20, 20, 512, INCONCLUSIVE),    # equal accuracy, too few images for a 0.3 pt tolerance
+])
+def test_three_outcomes(b, c, n, want):
+    assert paired_accuracy(b, c, n, 0.3).outcome == want
+
+
+@pytest.mark.parametrize("n,discordant_rate", [(512, 0.06), (10_000, 0.024)])
+def test_an_equally_accurate_candidate_almost_never_fails(n, discordant_rate):
+    """The old `delta < -0.3 pt` rule failed such a candidate with probability 0.30-0.43 on 512 images and 0.026
+    on 10,000. The interval fails it only when the loss is above 0.3 pt with confidence: far under 2.5%."""
+    rng = np.random.default_rng(0)
+    fails = 0
+    for _ in range(2000):
+        nd = rng.binomial(n, discordant_rate)
+        b = rng.binomial(nd, 0.5)
+        fails += paired_accuracy(b, nd - b, n, 0.3).outcome == FAIL
+    assert fails / 2000 < 0.01
+
+
+def test_a_real_loss_is_caught_once_the_images_suffice():
+    rng = np.random.default_rng(1)
+    outs = []
+    for _ in range(200):  # a true loss of 1 pt: 3% discordant, 2/3 of them the baseline's
+        nd = rng.binomial(10_000, 0.03)
+        b = rng.binomial(nd, 2 / 3)
+        outs.append(paired_accuracy(b, nd - b, 10_000, 0.3).outcome)
+    assert outs.count(FAIL) / len(outs) > 0.9 and PASS not in outs
+
+
+def test_latency_outcome_needs_the_ratio_clear_of_the_threshold_by_twice_the_noise():
+    assert ratio_outcome(1.00, 1.03, 0.005) == PASS
+    assert ratio_outcome(1.20, 1.03, 0.01) == FAIL
+    assert ratio_outcome(1.00, 1.03, 0.05) == INCONCLUSIVE  # the A/A control moved more than the threshold
+    assert ratio_outcome(1.035, 1.03, 0.005) == INCONCLUSIVE
