@@ -98,7 +98,9 @@ def bring_onnx_in(src: Path, rd: RunDir, log: Callable[[str], None] = print) -> 
     root = rd.root.resolve()
     if src.resolve().is_relative_to(root):
         return src
-    ours = {rd.ort_engine.name, rd.ov_engine.name, rd.trt_engine.name, rd.torch_program.name,
+    from vitrim.export.backends import BACKENDS
+
+    ours = {*(b.engine_path(rd).name for b in BACKENDS.values()),
             *(rd.engine_onnx(p).name for p in ("fp16", "bf16", "int8", "fp8"))}
     dst = rd.onnx if src.name in ours else rd.root / src.name
     for loc in external_data_files(src):
