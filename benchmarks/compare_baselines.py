@@ -58,6 +58,7 @@ from typing import Callable, Optional
 
 import torch
 
+import smoke as smoke_sizes  # benchmarks/smoke.py (a script's own folder is on sys.path)
 from vitrim.export.onnx import export_onnx
 from vitrim.export.backends.ort_cpu import OrtCpuRunner
 from vitrim.export.runners import interleaved, time_interleaved
@@ -132,7 +133,7 @@ def match(make: Callable[[float], Optional[Path]], timer: PairTimer, target: flo
     return (best[0] if best else None), probes
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config")
     ap.add_argument("--fractions", default="0.5,0.35", help="targets as fractions of the teacher's measured latency")
@@ -145,7 +146,14 @@ def main() -> int:
     ap.add_argument("--max-probes", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=60, help="timed runs per model in the final session")
     ap.add_argument("--rounds", type=int, default=12, help="round-robin visits in the final session")
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (benchmarks/smoke.py): the first "
+                    "fraction only, one probe per row; figures mean nothing")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.set += smoke_sizes.SETS
+        args.fractions, args.max_probes = args.fractions.split(",")[0], 1
+        t = smoke_sizes.timing(True, args.repeats, args.rounds, 0)
+        args.repeats, args.rounds = t["repeats"], t["rounds"]
     warnings.simplefilter("ignore")
     t_start = time.time()
     cfg = load_config(args.config, args.set)
@@ -180,7 +188,8 @@ def main() -> int:
     lut, _ = stage_profile(cfg, spec, progress=False, log=log)
     shape = (splits.in_chans, splits.img_size, splits.img_size)
     teacher_onnx = export_onnx(teacher, out / "onnx" / "teacher.onnx", shape)
-    timer = PairTimer(teacher_onnx, cfg.target.batch, cfg.target.threads, cfg.target.opt_level)
+    timer = PairTimer(teacher_onnx, cfg.target.batch, cfg.target.threads, cfg.target.opt_level,
+                      **({"repeats": args.repeats, "rounds": args.rounds} if args.smoke else {}))
     artifacts: dict[tuple[str, float], dict] = {}  # (method, p) -> {"onnx", "plan"/"model", ...}
     quiet = lambda m: None  # noqa: E731
 

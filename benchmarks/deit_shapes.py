@@ -33,6 +33,7 @@ from pathlib import Path
 import timm
 import torch
 
+import smoke as smoke_sizes  # benchmarks/smoke.py (a script's own folder is on sys.path)
 from vitrim.export.target import Target
 from vitrim.pipeline.core.config import load_config
 from vitrim.pipeline.core.io import atomic_write_json, read_json
@@ -67,8 +68,9 @@ def goals(v: dict, build_s: float) -> list[str]:
 
 def bench_build(name: str, b: int, a, cfg, out: Path) -> dict:
     torch.manual_seed(0)
-    teacher = timm.create_model(MODELS[name], pretrained=False).eval()
-    spec = describe(teacher, MODELS[name])
+    kwargs = smoke_sizes.DEIT_KW if a.smoke else {}
+    teacher = timm.create_model(MODELS[name], pretrained=False, **kwargs).eval()
+    spec = describe(teacher, MODELS[name], kwargs)
     target = Target(batch=a.batch, threads=a.threads)
     d = out / name / f"build{b}"
     if a.reuse and (d / "result.json").is_file():  # a finished build of an earlier invocation
@@ -135,9 +137,15 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reuse", action="store_true", help="keep the builds an earlier invocation finished in --out, "
                    "and resume one it left unfinished (its build time is then the resumed part's)")
+    p.add_argument("--smoke", action="store_true", help="a 32 px DeiT of each family, one coarse build, 3 plans: "
+                   "seconds (benchmarks/smoke.py); figures mean nothing")
     a = p.parse_args(argv)
     warnings.simplefilter("ignore")
-    cfg = load_config(a.config, [])
+    sets = []
+    if a.smoke:
+        a.builds, a.plans, a.controls, a.batch, a.models = 1, 2, 1, 2, a.models.split(",")[0]
+        sets = [s for s in smoke_sizes.SETS if s.startswith("profile.")]
+    cfg = load_config(a.config, sets)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, t0 = [], time.time()

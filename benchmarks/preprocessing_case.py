@@ -103,14 +103,18 @@ def vitrim_eval(cfg: Path, *sets: str) -> tuple[int, str, str]:
     return p.returncode, p.stdout, p.stderr
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/preprocessing_case")
     ap.add_argument("--fmnist", default=os.environ.get("VITRIM_FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
     ap.add_argument("--train", type=int, default=4000)
     ap.add_argument("--val", type=int, default=1000)
     ap.add_argument("--epochs", type=int, default=10)
-    a = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="1280 training and 100 test images, one epoch: seconds; the "
+                    "figures mean nothing and the final check is not applied")
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.train, a.val, a.epochs = 1280, 100, 1  # 20 steps: OneCycleLR needs a warm-up step
     torch.set_num_threads(2)
     from timm.models._hub import save_config_for_hf
 
@@ -152,6 +156,8 @@ def main() -> int:
     lines += ["", f"`model.expected_top1={own:.2f}` without the config.json: exit {rc}."]
     (out / "preprocessing_case.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if a.smoke:
+        return 0 if rc in (0, 2) else 1  # one epoch: the own loop may score what timm's defaults score
     return 0 if rows[1][1] == round(own, 2) and rc == 2 else 1
 
 

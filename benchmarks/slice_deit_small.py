@@ -17,6 +17,7 @@ from pathlib import Path
 import timm
 import torch
 
+import smoke as smoke_sizes  # benchmarks/smoke.py (a script's own folder is on sys.path)
 
 from vitrim.export.onnx import export_onnx
 from vitrim.export.backends.ort_cpu import OrtCpuRunner
@@ -26,11 +27,18 @@ from vitrim.pipeline.core.plan import Plan
 from vitrim.pipeline.core.slicing import slice_model
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (benchmarks/smoke.py); figures mean nothing")
+    a = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
-    teacher = timm.create_model("deit_small_patch16_224").eval()
-    spec = describe(teacher, "deit_small_patch16_224")
+    kwargs = smoke_sizes.DEIT_KW if a.smoke else {}
+    res = kwargs.get("img_size", 224)
+    teacher = timm.create_model("deit_small_patch16_224", **kwargs).eval()
+    spec = describe(teacher, "deit_small_patch16_224", kwargs)
     full = Plan.full(spec)
     half = Plan.full(spec)
     for b in half.blocks:
@@ -40,16 +48,16 @@ def main() -> int:
         paths = {}
         for name, plan in (("full", full), ("half", half)):
             model = slice_model(teacher, plan)
-            x = torch.randn(2, 3, 224, 224)
+            x = torch.randn(2, 3, res, res)
             if name == "full":
                 with torch.no_grad():
                     assert torch.equal(model(x), teacher(x))
-            paths[name] = export_onnx(model, Path(tmp) / f"{name}.onnx", (3, 224, 224))
+            paths[name] = export_onnx(model, Path(tmp) / f"{name}.onnx", (3, res, res))
             print(f"{name}: {plan.num_params() / 1e6:.2f}M params, {plan.macs() / 1e9:.2f} GMACs, "
                   f"ONNX {paths[name].stat().st_size / 1e6:.1f} MB")
         runners = [OrtCpuRunner(paths["full"], 2), OrtCpuRunner(paths["half"], 2)]
         with interleaved(runners):
-            t_full, t_half = time_interleaved(runners, 8, repeats=20, rounds=5, warmup=3)
+            t_full, t_half = time_interleaved(runners, 8, **smoke_sizes.timing(a.smoke, 20, 5, 3))
     print(f"ORT-CPU batch 8, 2 threads, median of 20 interleaved runs: full {t_full.median_ms:.1f} ms, "
           f"half {t_half.median_ms:.1f} ms -> {t_full.median_ms / t_half.median_ms:.2f}x")
     return 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import tempfile
 import time
@@ -27,10 +28,12 @@ from pathlib import Path
 
 import torch
 
+import smoke as smoke_sizes  # benchmarks/smoke.py (a script's own folder is on sys.path)
 from vitrim.pipeline.core.config import pct
 
 
-def embedded(cfg_path: str, out: Path, fractions: list[float], baseline_dir: Path | None, sets: list[str]) -> dict:
+def embedded(cfg_path: str, out: Path, fractions: list[float], baseline_dir: Path | None, sets: list[str],
+             smoke: bool = False) -> dict:
     from vitrim.export.onnx import export_onnx
     from vitrim.export.backends.ort_cpu import OrtCpuRunner
     from vitrim.export.runners import interleaved, time_interleaved
@@ -75,14 +78,14 @@ def embedded(cfg_path: str, out: Path, fractions: list[float], baseline_dir: Pat
             (out / "tokens.partial.json").write_text(json.dumps(rows, indent=1, default=str))
     runners = [OrtCpuRunner(p, base.target.threads, base.target.opt_level) for p in onnx.values()]
     with interleaved(runners):
-        ts = time_interleaved(runners, base.target.batch, repeats=60, rounds=12, warmup=10)
+        ts = time_interleaved(runners, base.target.batch, **smoke_sizes.timing(smoke, 60, 12, 10))
     ms = {k: t.median_ms for k, t in zip(onnx, ts)}
     for r in rows:
         r.update(measured_ms=ms[r["name"]], speedup=ms["teacher"] / ms[r["name"]], delta=r["top1"] - t_top1)
     return {"teacher_ms": ms["teacher"], "teacher_top1": t_top1, "rows": rows}
 
 
-def deit_small(out: Path) -> dict:
+def deit_small(out: Path, smoke: bool = False) -> dict:
     import timm
 
     from vitrim.export.target import Target
@@ -94,24 +97,29 @@ def deit_small(out: Path) -> dict:
     from vitrim.profiling.validate import measure_plans
 
     torch.manual_seed(0)
-    teacher = timm.create_model("deit_small_patch16_224").eval()
-    spec = describe(teacher, "deit_small_patch16_224")
-    target = Target(batch=8, threads=2)
+    kwargs = dict(smoke_sizes.DEIT_KW, depth=3) if smoke else {}  # merges before blocks 1 and 2 (4 and 8 at full size)
+    teacher = timm.create_model("deit_small_patch16_224", **kwargs).eval()
+    spec = describe(teacher, "deit_small_patch16_224", kwargs)
+    target = Target(batch=2 if smoke else 8, threads=2)
     axis = token_axis(spec, 3, 2)
     pcfg = ProfileConfig(embed_points=1, head_points=1, qk_points=1, v_points=1, mlp_points=1, warmup=3, repeats=24,
                          rounds=6, checks=1, calibration_plans=1)
+    if smoke:
+        pcfg = dataclasses.replace(pcfg, warmup=1, repeats=2, rounds=2, min_visit_ms=0, remeasure_spread_pct=0)
     t0 = time.time()
     lut = build_lut(spec, target, pcfg, Floors(), 8, out / "lut-deit_small-tokens.json", progress=False, tokens=axis)
     build_s = time.time() - t0
     full = Plan.full(spec)
     plans = {"teacher": full}
-    for merges in ({4: "hw"}, {8: "hw"}, {4: "w", 8: "h"}, {4: "hw", 8: "hw"}):
+    a, b = (1, 2) if smoke else (4, 8)
+    for merges in ({a: "hw"}, {b: "hw"}, {a: "w", b: "h"}, {a: "hw", b: "hw"}):
         plans[", ".join(f"{k}@{i}" for i, k in merges.items())] = full.copy().set_merges(merges)
     rows = []
     state = canonical_state(teacher)
     with tempfile.TemporaryDirectory() as tmp:
         for name, plan in list(plans.items())[1:]:  # each against the teacher, paired in one session
-            t, s = measure_plans([full, plan], state, target, 3, 30, 6, Path(tmp), progress=False, paired=True)
+            t, s = measure_plans([full, plan], state, target, 1 if smoke else 3, 4 if smoke else 30, 2 if smoke else 6,
+                                 Path(tmp), progress=False, paired=True)
             pred = lut.predict(plan) / lut.predict(full)
             rows.append({"merges": name, "tokens": plan.block_tokens(), "teacher_ms": t["median_ms"],
                          "measured_ms": s["median_ms"], "measured_ratio": s["ratio"], "predicted_ratio": pred,
@@ -146,7 +154,7 @@ def table(emb: dict | None, deit: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config")
     ap.add_argument("--out", default="runs/tokens")
@@ -155,14 +163,18 @@ def main() -> int:
     ap.add_argument("--skip-embedded", action="store_true")
     ap.add_argument("--skip-deit", action="store_true")
     ap.add_argument("--set", action="append", default=[])
-    a = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (benchmarks/smoke.py); figures mean nothing")
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.set += smoke_sizes.SETS
+        a.fractions = a.fractions.split(",")[0]
     warnings.simplefilter("ignore")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     emb = None if a.skip_embedded else embedded(a.config, out, [float(f) for f in a.fractions.split(",")],
-                                                Path(a.baseline_dir) if a.baseline_dir else None, a.set)
-    deit = None if a.skip_deit else deit_small(out)
+                                                Path(a.baseline_dir) if a.baseline_dir else None, a.set, a.smoke)
+    deit = None if a.skip_deit else deit_small(out, a.smoke)
     md = table(emb, deit) + f"\nWall time {(time.time() - t0) / 60:.1f} min.\n"
     (out / "tokens.md").write_text(md)
     (out / "tokens.json").write_text(json.dumps({"embedded": emb, "deit_small": deit}, indent=1, default=str))

@@ -135,6 +135,24 @@ def run_snippet(manifest: dict, root: Path) -> Optional[str]:
     return "\n".join(lines)
 
 
+def torch_snippet(manifest: dict, root: Path) -> Optional[str]:
+    """A runnable example with torch alone: the released ``torch.export`` program, no vitrim import."""
+    p = manifest.get("preprocessing")
+    prog = _artifact(manifest, root, "torch_program")
+    sig = manifest.get("device_signature") or {}
+    backend = BACKENDS.get(sig.get("backend"))
+    if prog is None and backend is not None and backend.from_model:  # a torch target: its engine is the program
+        prog = _artifact(manifest, root, "engine")
+    if not p or prog is None or not prog.is_file():
+        return None
+    return "\n".join(["import sys", "", "import numpy as np", "import torch", "from PIL import Image", "",
+                      *preprocess_code(p), "", "",
+                      f'model = torch.export.load("{_rel(prog, root)}").module()',
+                      "with torch.no_grad():",
+                      "    logits = model(torch.from_numpy(preprocess(sys.argv[1])))",
+                      'print("class", int(logits.argmax(1)[0]), "logits", logits[0].tolist())'])
+
+
 def _gate_rows(parity: dict) -> list[str]:
     """The parity gate's entries (:func:`~vitrim.export.verdict.parity_gates`: one source for verdict and card)."""
     from vitrim.export.verdict import parity_gates
@@ -232,6 +250,10 @@ def render_model_card(manifest: dict, root: Path, *, dataset: Optional[dict] = N
         if snippet:
             out += ["", "With onnxruntime (`python run.py image.png` in this directory):", "", "```python", snippet,
                     "```"]
+        snippet = torch_snippet(manifest, root)
+        if snippet:
+            out += ["", "With torch alone, from the `torch.export` program (no vitrim needed):", "", "```python",
+                    snippet, "```"]
     else:
         out.append("The release records no preprocessing (an ONNX released without a config): feed it what its "
                    "exporter documented.")

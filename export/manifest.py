@@ -34,7 +34,7 @@ from importlib import metadata
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Optional
 
-from vitrim.pipeline.core.errors import InternalError, UserError
+from vitrim.pipeline.core.errors import InternalError, UserError, install_hint
 from vitrim.pipeline.core.io import atomic_write_json, sha256_file
 from vitrim.pipeline.core.rundir import RunDir
 
@@ -283,8 +283,7 @@ def _crypto():
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ed25519
     except ImportError:
-        raise UserError("sign", "signing needs the 'cryptography' package",
-                        "pip install cryptography (or pip install -e '.[sign]' in vitrim's source checkout)") from None
+        raise UserError("sign", "signing needs the 'cryptography' package", install_hint("sign")) from None
     return serialization, ed25519
 
 

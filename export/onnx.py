@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vitrim.pipeline.core.errors import UserError
+from vitrim.pipeline.core.errors import UserError, install_hint
 from vitrim.pipeline.core.io import atomic_path
 
 INPUT_NAME = "input"
@@ -141,7 +141,7 @@ def _simplify(path: Path) -> None:
         import onnxslim
     except ImportError:
         raise UserError("export", "export.simplify=true needs the onnxslim package",
-                        "pip install onnxslim (or the 'simplify' extra), or set export.simplify=false") from None
+                        install_hint("simplify") + "; or set export.simplify=false") from None
     import onnx
 
     model = onnxslim.slim(onnx.load(str(path)))

@@ -113,6 +113,30 @@ def bring_onnx_in(src: Path, rd: RunDir, log: Callable[[str], None] = print) -> 
     return dst
 
 
+def save_torch_program(model, path: str | os.PathLike, sample_shape: tuple[int, ...]) -> Path:
+    """Save ``model`` as a ``torch.export`` program (fp32, CPU, dynamic batch), atomically.
+
+    Anyone loads it with plain ``torch.export.load(path).module()``, without vitrim: the program holds
+    the graph and the weights, so none of vitrim's classes is needed to run the student.
+    """
+    import copy
+
+    import torch
+
+    from vitrim.export.onnx import _forward_arg_name
+    from vitrim.pipeline.core.io import atomic_path
+
+    m = copy.deepcopy(model).eval().cpu().float()
+    dyn = {_forward_arg_name(m): {0: torch.export.Dim("batch", min=1, max=4096)}}
+    with torch.no_grad():
+        program = torch.export.export(m, (torch.randn(2, *sample_shape),), dynamic_shapes=dyn)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            torch.export.save(program, f)
+    return path
+
+
 def best_device() -> str:
     import torch
 
@@ -190,6 +214,8 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
         stale.unlink(missing_ok=True)
     for stale in (*rd.verdicts(), rd.verdict, rd.manifest_signature):
         stale.unlink(missing_ok=True)
+    if model is None:  # no torch model this time: a program left by an earlier release is not this one's
+        rd.torch_program.unlink(missing_ok=True)
 
     if onnx_path is None:
         onnx_path = export_onnx(model, rd.onnx, sample_shape, opset=ecfg.opset, simplify=ecfg.simplify)
@@ -278,6 +304,10 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
     if src != onnx_path:
         artifacts.update(backend.quantized_artifacts(src, target.precision) if target.quantized
                          else {f"onnx_{target.precision}": src})
+    if model is not None:  # every release loads without vitrim too (torch targets: their engine is that program)
+        if engine.path is None or Path(engine.path).resolve() != rd.torch_program.resolve():
+            artifacts["torch_program"] = save_torch_program(model, rd.torch_program, sample_shape)
+            log(f"[export] torch.export program {rd.torch_program}")
     artifacts.update(extra_artifacts or {})
     n_params = sum(p.numel() for p in model.parameters()) if model is not None else None
     info = {"model": {"name": name, "params": n_params}, "engine_options": engine.options}

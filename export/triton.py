@@ -29,8 +29,8 @@ import re
 from pathlib import Path
 from typing import Callable, Optional
 
-from vitrim.pipeline.core.errors import UserError
 from vitrim.export.backends import BACKENDS
+from vitrim.pipeline.core.errors import UserError, install_hint
 from vitrim.pipeline.core.rundir import RunDir
 
 
@@ -192,7 +192,7 @@ def to_pbtxt(cfg: dict, use_protobuf: Optional[bool] = None) -> str:
             from tritonclient.grpc import model_config_pb2
         except ImportError:
             if use_protobuf:
-                raise UserError("triton", "tritonclient is not installed", "pip install 'vitrim[triton]'") from None
+                raise UserError("triton", "tritonclient is not installed", install_hint("triton")) from None
         else:  # ParseDict refuses a field or enum value that Triton's schema lacks
             msg = json_format.ParseDict(_plain(cfg), model_config_pb2.ModelConfig())
             return text_format.MessageToString(msg)

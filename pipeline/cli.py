@@ -20,8 +20,11 @@ NAMES = RunDir("DIR")  # the artifact names the help texts mention
 
 def _cfg(args):
     from vitrim.pipeline.core.config import load_config
+    from vitrim.pipeline.core.device import apply_threads
 
-    return load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set)
+    apply_threads(cfg.runtime.threads)
+    return cfg
 
 
 def _splits(cfg):
@@ -30,6 +33,7 @@ def _splits(cfg):
 
     splits = build_splits(cfg.data, model_cfg=cfg.model)
     print(splits.preprocessing.line())
+    print(splits.line())
     return splits
 
 
@@ -90,7 +94,10 @@ def cmd_eval(args) -> int:
     else:
         model, _ = load_teacher(cfg, splits, train_if_missing=False)
         what = f"teacher {cfg.model.arch}"
-    ds = getattr(splits, args.split)
+    if args.split == "val":  # the old name of the holdout split
+        print("(--split val is the holdout split, held out of train/; an image folder's val/ folder is --split test)")
+        args.split = "holdout"
+    ds = getattr(splits, "val" if args.split == "holdout" else args.split)
     acc = top1(model, ds, cfg.data.eval_batch_size)
     print(f"{what}: {args.split} top-1 {acc:.2f}% on {len(ds)} images")
     if not args.student and args.split == "test":
@@ -333,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("eval", help="print top-1 of the teacher (or a student) on a split")
     _common(s)
-    s.add_argument("--split", choices=["train", "val", "test"], default="test")
+    s.add_argument("--split", choices=["train", "holdout", "test", "val"], default="test",
+                   help="holdout: held out of the training images (data.val_size); test: Fashion-MNIST's test set or "
+                   "an image folder's val/ folder (val: the holdout, its old name)")
     s.add_argument("--student", help=f"a student directory ({NAMES.plan.name} + {NAMES.student.name})")
     s.set_defaults(fn=cmd_eval)
 

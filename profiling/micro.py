@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from vitrim.pipeline.core.compact import CompactBlock, CompactViT, TokenMerge
+from vitrim.pipeline.core.compact import CompactBlock, CompactViT, TokenMerge, block_options
 from vitrim.pipeline.core.plan import BlockPlan, Plan
 
 
@@ -69,8 +69,7 @@ class NullPart(nn.Module):
 
 
 def make_block(spec: dict, E: int, H: int, QK: int, V: int, M: int) -> CompactBlock:
-    return _init(CompactBlock(E, H, QK, V, M, spec["qkv_bias"], spec["scale_head_dim"], spec["norm_eps"],
-                              spec["layer_scale"]))
+    return _init(CompactBlock(E, H, QK, V, M, **block_options(spec)))  # the teacher's MLP kind, qk_norm, biases
 
 
 def make_part(kind: str, spec: dict, E: int, H: int = 1, QK: int = 8, V: int = 8, M: int = 16) -> nn.Module:
@@ -85,7 +84,7 @@ def make_part(kind: str, spec: dict, E: int, H: int = 1, QK: int = 8, V: int = 8
 
 def make_merge(spec: dict, grid: tuple[int, int], kind: str) -> TokenMerge:
     """A token merge of type ``kind`` receiving ``grid`` (input [B, prefix + h*w, E])."""
-    return TokenMerge(grid, kind, int(spec["class_token"]) + int(spec["dist_token"])).eval()
+    return TokenMerge(grid, kind, Plan.full(spec).num_prefix).eval()  # class, distillation and register tokens
 
 
 def make_plan_model(plan: Plan) -> CompactViT:

@@ -75,6 +75,26 @@ def test_ci_release_workflow(tmp_path, fmnist_dir, capsys):
     s = json.loads(b.summary.read_text())
     assert metrics["speedup"]["value"] == pytest.approx(s["speedup"])  # vitrim run's side-by-side speedup
 
+    # 5. serving copies only after every gate: the release step of a run whose candidate regresses (the slower
+    # teacher release against the last release, as in 2) exits 5 and leaves no Triton repository
+    from vitrim.export.verdict import raise_for, read_verdict
+    from vitrim.pipeline.core.config import load_config
+    from vitrim.pipeline.core.errors import RegressionGateError
+    from vitrim.pipeline.stages.compare import finish_release
+
+    cand = RunDir(tmp_path / "candidate")
+    shutil.copytree(b.teacher_dir.root, cand.root)
+    triton_failed = tmp_path / "triton_failed"
+    cfg = load_config("configs/fmnist_cpu.yaml", [f"data.root={fmnist_dir}", f"export.baseline={last}",
+                                                  f"export.triton={triton_failed}", *GATE])
+    logs: list[str] = []
+    verdict = finish_release(cfg, cand, {}, read_verdict(cand.verdict), logs.append)
+    assert not verdict["passed"] and verdict["exit_code"] == 5 and ("regression", "latency", 5) in _failed(verdict)
+    with pytest.raises(RegressionGateError):
+        raise_for(verdict)  # vitrim run exits 5
+    assert not triton_failed.exists()  # nothing servable
+    assert any("[triton] not written: the release failed a gate (exit 5" in m for m in logs), logs
+
     # 4. `vitrim export --triton` lays out the same kind of repository for a release made by hand
     assert main(["export", "configs/fmnist_cpu.yaml", "--student", str(b.root), "--out", str(tmp_path / "by_hand"),
                  "--triton", str(tmp_path / "triton2"), "--no-lut",

@@ -133,7 +133,6 @@ class Backend:
     entry_chunk: int = 12  # micro-models per timing run of a LUT build
     engine_is_graph: bool = False  # the engine is an ONNX graph onnxruntime runs (the model card's snippet runs it)
     triton: Optional[TritonSpec] = None
-    install_hint: str = ""
 
     # --- identity and availability ------------------------------------------------------------------------------
     def engine_version(self) -> str:

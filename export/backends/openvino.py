@@ -177,7 +177,6 @@ class OpenVino(Backend):
     quant_methods = ("minmax",)
     times_onnx = True
     triton = TritonSpec("backend", "openvino", ("model.xml", "model.bin"), "KIND_CPU", served="engine")
-    install_hint = "pip install openvino nncf"
 
     def engine_version(self) -> str:
         return f"openvino {import_openvino().__version__}"

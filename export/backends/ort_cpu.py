@@ -116,7 +116,6 @@ class OrtCpu(Backend):
     times_onnx = True
     engine_is_graph = True
     triton = TritonSpec("platform", "onnxruntime_onnx", ("model.onnx",), "KIND_CPU", served="graph")
-    install_hint = "pip install onnxruntime"
 
     def engine_version(self) -> str:
         import onnxruntime

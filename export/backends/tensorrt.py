@@ -17,7 +17,7 @@ import numpy as np
 
 from vitrim.export.backends.base import Backend, Engine, TritonSpec, cuda_name, register
 from vitrim.export.runners import Runner
-from vitrim.pipeline.core.errors import UserError
+from vitrim.pipeline.core.errors import UserError, install_hint
 from vitrim.pipeline.core.io import atomic_write_bytes
 
 
@@ -27,7 +27,7 @@ def import_tensorrt():
         import tensorrt as trt  # noqa: F401
     except ImportError:
         raise UserError("target", "target.backend=tensorrt needs the tensorrt Python package",
-                        "pip install 'vitrim[gpu]' on a machine with an NVIDIA GPU, or use target.backend=ort-cpu") from None
+                        install_hint("gpu") + " on a machine with an NVIDIA GPU; or use target.backend=ort-cpu") from None
     return trt
 
 
@@ -190,7 +190,6 @@ class TensorRT(Backend):
     align = 8  # fp16 tensor cores
     entry_chunk = 8
     triton = TritonSpec("platform", "tensorrt_plan", ("model.plan",), "KIND_GPU", served="engine")
-    install_hint = "pip install 'vitrim[gpu]' on a machine with an NVIDIA GPU"
 
     def engine_version(self) -> str:
         return f"tensorrt {import_tensorrt().__version__}"

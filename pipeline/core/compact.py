@@ -12,7 +12,9 @@ owns this small module. What differs from ``timm.models.vision_transformer``:
   current head dim. With QK == teacher head_dim both are the same number.
 * Skipped blocks are absent, and the embedding dim may be smaller than the
   teacher's (LayerNorms then normalise over the kept channels only).
-* No dropout, drop-path, qk_norm, register tokens or attention pooling.
+* No dropout or drop-path. Register tokens, qk_norm (LayerNorms over each head's
+  kept QK dims), QuickGELU / GELU-tanh / gated (GLU) MLPs and SigLIP's attention
+  pool (:class:`CompactAttnPool`, kept whole) are the same ops as timm's.
 * Optional search gates (``None`` by default, so export sees none of them).
 
 Search gates: the search prunes a gated full-size model and ships the sliced
@@ -65,7 +67,7 @@ def gated_layer_norm(ln: nn.LayerNorm, x: torch.Tensor, gate: Optional[torch.Ten
     """
     if gate is None:
         return ln(x)
-    n = gate.sum()
+    n = gate.sum().clamp_min(1e-12)  # an all-zero gate (a skipped block's QK dims) gives zeros, not 0/0
     mean = (x * gate).sum(-1, keepdim=True) / n
     xc = x - mean
     var = (xc * xc * gate).sum(-1, keepdim=True) / n
@@ -154,12 +156,45 @@ class TokenMerge(nn.Module):
         return torch.cat([x[:, :P], t], dim=1) if P else t
 
 
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 x)`` (OpenAI CLIP's activation; the same ops as timm's ``QuickGELU``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def make_act(name: str) -> nn.Module:
+    """The MLP activation a spec names (``mlp_act``): exact GELU, tanh GELU, QuickGELU, SiLU or sigmoid."""
+    if name == "gelu":
+        return nn.GELU()
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")  # timm's GELUTanh calls F.gelu(approximate='tanh'): the same op
+    if name == "quick_gelu":
+        return QuickGELU()
+    if name == "silu":
+        return nn.SiLU()
+    if name == "sigmoid":
+        return nn.Sigmoid()
+    raise ValueError(f"unknown MLP activation {name!r}")
+
+
+def block_options(spec: dict) -> dict:
+    """The keyword arguments of :class:`CompactBlock` that a teacher's spec fixes (every block shares them)."""
+    return {"qkv_bias": spec["qkv_bias"], "scale_head_dim": spec["scale_head_dim"], "eps": spec["norm_eps"],
+            "layer_scale": spec["layer_scale"], "proj_bias": spec.get("proj_bias", True),
+            "qk_norm": spec.get("qk_norm", False), "act": spec.get("mlp_act", "gelu"),
+            "glu": spec.get("mlp_glu")}
+
+
 class CompactAttention(nn.Module):
     def __init__(self, dim: int, heads: int, qk: int, v: int, qkv_bias: bool, scale_head_dim: int,
-                 proj_bias: bool = True):
+                 proj_bias: bool = True, qk_norm: bool = False, eps: float = 1e-6):
         super().__init__()
         self.heads, self.qk, self.v = heads, qk, v
         self.qkv = nn.Linear(dim, heads * (2 * qk + v), bias=qkv_bias)
+        # qk_norm: LayerNorm over each head's kept QK dims (shared by all heads, as in timm)
+        self.q_norm = nn.LayerNorm(qk, eps=eps) if qk_norm else None
+        self.k_norm = nn.LayerNorm(qk, eps=eps) if qk_norm else None
         self.proj = nn.Linear(heads * v, dim, bias=proj_bias)
         # None lets SDPA use qk**-0.5, which is the teacher's scale when QK is unpruned.
         self.scale: Optional[float] = None if qk == scale_head_dim else scale_head_dim ** -0.5
@@ -178,7 +213,10 @@ class CompactAttention(nn.Module):
             q = q.reshape(B, N, H, QK).transpose(1, 2)
             k = k.reshape(B, N, H, QK).transpose(1, 2)
             v = v.reshape(B, N, H, V).transpose(1, 2)
-        if self.gate_qk is not None:
+        if self.q_norm is not None:  # a gated QK dim leaves the norms' statistics, as slicing it would
+            q = gated_layer_norm(self.q_norm, q, self.gate_qk)
+            k = gated_layer_norm(self.k_norm, k, self.gate_qk)
+        elif self.gate_qk is not None:
             q = q * self.gate_qk
         if self.gate_v is not None:
             v = v * self.gate_v
@@ -190,15 +228,23 @@ class CompactAttention(nn.Module):
 
 
 class CompactMlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, bias: bool = True):
+    """``fc2(act(fc1(x)))``, or gated (timm's ``GluMlp``): ``fc1`` gives [a; b] (M units each) and the hidden
+    units are ``a * act(b)`` (``glu='last'``) or ``act(a) * b`` (``glu='first'``); a pruned unit drops its pair."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = True, act: str = "gelu", glu: Optional[str] = None):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden, bias=bias)
-        self.act = nn.GELU()
+        self.glu = glu
+        self.fc1 = nn.Linear(dim, hidden * (2 if glu else 1), bias=bias)
+        self.act = make_act(act)
         self.fc2 = nn.Linear(hidden, dim, bias=bias)
         self.gate: Optional[torch.Tensor] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.fc1(x))
+        if self.glu is None:
+            x = self.act(self.fc1(x))
+        else:
+            a, b = self.fc1(x).chunk(2, dim=-1)
+            x = a * self.act(b) if self.glu == "last" else self.act(a) * b
         if self.gate is not None:
             x = x * self.gate
         return self.fc2(x)
@@ -206,12 +252,13 @@ class CompactMlp(nn.Module):
 
 class CompactBlock(nn.Module):
     def __init__(self, dim: int, heads: int, qk: int, v: int, mlp: int, qkv_bias: bool, scale_head_dim: int,
-                 eps: float, layer_scale: bool, proj_bias: bool = True):
+                 eps: float, layer_scale: bool, proj_bias: bool = True, qk_norm: bool = False, act: str = "gelu",
+                 glu: Optional[str] = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = CompactAttention(dim, heads, qk, v, qkv_bias, scale_head_dim, proj_bias)
+        self.attn = CompactAttention(dim, heads, qk, v, qkv_bias, scale_head_dim, proj_bias, qk_norm, eps)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = CompactMlp(dim, mlp, proj_bias)
+        self.mlp = CompactMlp(dim, mlp, proj_bias, act, glu)
         self.ls1 = nn.Parameter(torch.ones(dim)) if layer_scale else None
         self.ls2 = nn.Parameter(torch.ones(dim)) if layer_scale else None
         self.gate: Optional[torch.Tensor] = None  # whole-block gate (UVC-style skipping)
@@ -229,6 +276,36 @@ class CompactBlock(nn.Module):
         return self._residual(x, self.mlp(gated_layer_norm(self.norm2, x, self.gate_embed)), self.ls2)
 
 
+class CompactAttnPool(nn.Module):
+    """timm's ``AttentionPoolLatent`` (SigLIP's 'map' head), kept whole: only ``kv``'s input channels follow the
+    embedding. Its own width ``dim`` stays the teacher's, so the head after it is not sliced either.
+
+    The same ops as timm's (fused SDPA, then ``x + mlp(norm(x))``, then the first latent or their mean);
+    the output is reshaped with the pool's width rather than the input's, which differ once the
+    embedding is pruned.
+    """
+
+    def __init__(self, in_dim: int, cfg: dict, eps: float, act: str):
+        super().__init__()
+        dim, self.heads, self.latent_len = cfg["dim"], cfg["num_heads"], cfg["latent_len"]
+        self.dim, self.head_dim, self.pool = dim, dim // self.heads, cfg["pool"]
+        self.latent = nn.Parameter(torch.zeros(1, self.latent_len, dim))
+        self.q = nn.Linear(dim, dim, bias=cfg["qkv_bias"])
+        self.kv = nn.Linear(in_dim, 2 * dim, bias=cfg["qkv_bias"])
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=eps) if cfg["norm"] else None
+        self.mlp = CompactMlp(dim, cfg["mlp_hidden"], True, act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        q = self.q(self.latent.expand(B, -1, -1)).reshape(B, self.latent_len, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(x).reshape(B, N, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)
+        x = self.proj(x.transpose(1, 2).reshape(B, self.latent_len, self.dim))
+        x = x + self.mlp(self.norm(x) if self.norm is not None else x)
+        return x[:, 0] if self.pool == "token" else x.mean(1)
+
+
 class CompactViT(nn.Module):
     """A dense, smaller ViT built from a :class:`~vitrim.pipeline.core.plan.Plan`.
 
@@ -244,7 +321,8 @@ class CompactViT(nn.Module):
         self.spec = dict(s)
         E = plan.embed_dim
         self.embed_dim = E
-        self.num_prefix = int(s["class_token"]) + int(s["dist_token"])
+        self.num_prefix = plan.num_prefix
+        self.pool_include_prefix = bool(s.get("pool_include_prefix", False))
         self.no_embed_class = bool(s["no_embed_class"])
         self.global_pool = s["global_pool"]
         eps = s["norm_eps"]
@@ -252,18 +330,21 @@ class CompactViT(nn.Module):
         self.patch_embed = nn.Conv2d(s["in_chans"], E, kernel_size=(ph, pw), stride=(ph, pw), bias=s["patch_bias"])
         self.cls_token = nn.Parameter(torch.zeros(1, 1, E)) if s["class_token"] else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, E)) if s["dist_token"] else None
+        R = int(s.get("reg_tokens", 0))
+        self.reg_token = nn.Parameter(torch.zeros(1, R, E)) if R else None
         pos_len = plan.num_tokens - (self.num_prefix if self.no_embed_class else 0)
         self.pos_embed = nn.Parameter(torch.zeros(1, pos_len, E))
         self.norm_pre = nn.LayerNorm(E, eps=eps) if s["pre_norm"] else None
         self.block_ids = plan.kept_blocks
         self.blocks = nn.ModuleList(
-            CompactBlock(E, *plan.blocks[i].dims, s["qkv_bias"], s["scale_head_dim"], eps, s["layer_scale"],
-                         s.get("proj_bias", True))
-            for i in self.block_ids)
+            CompactBlock(E, *plan.blocks[i].dims, **block_options(s)) for i in self.block_ids)
         self.norm = nn.LayerNorm(E, eps=eps) if s["final_norm"] else None
         self.fc_norm = nn.LayerNorm(E, eps=eps) if s["fc_norm"] else None
-        self.head = nn.Linear(E, s["num_classes"])
-        self.head_dist = nn.Linear(E, s["num_classes"]) if s["dist_token"] else None
+        pool = s.get("attn_pool")
+        self.attn_pool = CompactAttnPool(E, pool, eps, s.get("mlp_act", "gelu")) if pool else None
+        nc = s["num_classes"]  # 0: a feature extractor (timm's Identity head)
+        self.head = nn.Linear(pool["dim"] if pool else E, nc) if nc else nn.Identity()
+        self.head_dist = (nn.Linear(E, nc) if nc else nn.Identity()) if s["dist_token"] else None
         self.distilled_training = False
         self._gate_embed: Optional[torch.Tensor] = None
         self.set_token_merges(plan.merges)
@@ -300,7 +381,9 @@ class CompactViT(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
-        to_cat = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
+        # timm's order: class, then distillation (DeiT) or register tokens
+        to_cat = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token, self.reg_token)
+                  if t is not None]
         if self.no_embed_class:
             x = x + self.pos_embed
             if to_cat:
@@ -332,7 +415,14 @@ class CompactViT(nn.Module):
             if self.distilled_training and self.training:
                 return a, b
             return (a + b) / 2
-        x = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix:].mean(dim=1)
+        if self.attn_pool is not None:
+            if self.norm is None and self._gate_embed is not None:  # no LayerNorm masks the pool's input
+                x = x * self._gate_embed
+            return self.head(self.attn_pool(x if self.pool_include_prefix else x[:, self.num_prefix:]))
+        if self.global_pool == "token":
+            x = x[:, 0]
+        else:
+            x = (x if self.pool_include_prefix else x[:, self.num_prefix:]).mean(dim=1)
         if self.fc_norm is not None:
             x = self._norm(self.fc_norm, x)
         elif self.norm is None and self._gate_embed is not None:  # no LayerNorm masks the head's input

@@ -34,12 +34,42 @@ DEFAULT_BUDGET_FRACTION = 0.5  # used only when no budget key is set anywhere
 
 
 @dataclass
+class AugmentConfig:
+    """Training augmentation of an image folder: ``timm.data.create_transform(is_training=True)``'s arguments.
+
+    ``null`` picks a default that suits the teacher's input size (:func:`vitrim.pipeline.core.data.resolve_augment`):
+    timm's ImageNet recipe (random-resized crops down to 8% of the image, colour jitter 0.4) from 160 px up, and
+    milder crops without colour jitter below, where an 8% crop of a 32 px image is 9 px. Fashion-MNIST, held in
+    memory, takes ``hflip`` only (0 or 0.5). The same transform feeds the teacher's training, the search's KD
+    steps and the fine-tune; evaluation never augments.
+    """
+
+    scale: Optional[list] = None  # [min, max] area of the random-resized crop; null: [0.08, 1] >= 160 px,
+    # [0.25, 1] from 96 px, [0.6, 1] below; [1, 1] with ratio [1, 1]: no crop
+    ratio: list = field(default_factory=lambda: [0.75, 1.3333333333333333])  # aspect range of the crop
+    hflip: float = 0.5  # horizontal flip probability
+    vflip: float = 0.0  # vertical flip probability
+    color_jitter: Optional[float] = None  # brightness/contrast/saturation strength; null: 0.4 >= 160 px, else 0
+    auto_augment: Optional[str] = None  # timm policy string, e.g. rand-m9-mstd0.5 (RandAugment), or null: off
+    re_prob: float = 0.0  # random erasing probability (0: off)
+    re_mode: str = "const"  # const | rand | pixel
+    re_count: int = 1
+
+
+@dataclass
 class DataConfig:
-    """Where the images come from and how they are split."""
+    """Where the images come from and how they are split.
+
+    Two splits judge a model: the *holdout* split, ``val_size`` images held out of the training images (never
+    trained on) for the search's and fine-tune's decisions, and the *test* split (Fashion-MNIST's test set, an
+    image folder's ``val/``), which every report, gate and verdict uses.
+    """
 
     name: str = "fmnist"  # fmnist | imagefolder
     root: Optional[str] = None  # fmnist: $VITRIM_FMNIST_DIR or the Debian package dir
-    val_size: int = 5000  # held out of train, used for search / fine-tune decisions
+    # the holdout split: a count (>= 1) or a fraction (< 1) of the training images; null: 5000 for Fashion-MNIST
+    # (of 60000), 0.1 for an image folder. The resolved count is printed.
+    val_size: Optional[float] = None
     split_seed: int = 0
     batch_size: int = 128
     eval_batch_size: int = 512
@@ -55,20 +85,45 @@ class DataConfig:
     train_limit: Optional[int] = None  # tiny slices for tests and smoke runs
     val_limit: Optional[int] = None
     test_limit: Optional[int] = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
 class ModelConfig:
-    """The teacher: any timm ViT by name, with constructor overrides."""
+    """The teacher: any timm ViT by name, with constructor overrides; or a Hugging Face ViT/DeiT folder."""
 
-    arch: str = "vit_tiny_patch16_224"
+    # left out (null, or the default): read from a Hugging Face checkpoint folder, else vit_tiny_patch16_224
+    arch: Optional[str] = None
     kwargs: dict = field(default_factory=dict)  # e.g. img_size, patch_size, embed_dim, depth
-    checkpoint: Optional[str] = None  # .safetensors or .pth (weights_only); a config.json beside it sets preprocessing
+    # .safetensors or .pth (weights_only); a config.json beside it sets preprocessing. Or a folder written by
+    # transformers' save_pretrained (ViT/DeiT image classifier; its preprocessor_config.json sets preprocessing)
+    checkpoint: Optional[str] = None
     pretrained: bool = False  # timm hub download; needs network
     # the teacher's top-1 (%) in the user's own loop: a teacher that evaluates more than the tolerance below it
     # on the test split stops the command (exit 2) before any search or training; the usual cause is preprocessing
     expected_top1: Optional[float] = None
     expected_top1_tolerance: float = 1.0  # points
+    # a teacher whose test top-1 is near chance (100/classes %) stops the command (exit 2) before any search: under
+    # (1 + chance_margin) x chance, or not above chance by a one-sided binomial test at p < 0.01. false: only warn
+    chance_check: bool = True
+    chance_margin: float = 0.5
+
+    def __post_init__(self) -> None:
+        from vitrim.pipeline.core import hf
+
+        if not hf.is_hf_folder(self.checkpoint):
+            self.arch = self.arch or DEFAULT_ARCH
+            return
+        arch, kw = hf.timm_arch_and_kwargs(hf.read_config(self.checkpoint))
+        # the default arch counts as left out: config sections are built on top of a default ModelConfig
+        if self.arch not in (None, DEFAULT_ARCH, arch):
+            raise UserError("config", f"model.arch is '{self.arch}', but model.checkpoint '{self.checkpoint}' is a "
+                            f"Hugging Face folder that converts to '{arch}'",
+                            "leave model.arch out: it is read from the folder's config.json")
+        self.arch, self.kwargs = arch, {**kw, **self.kwargs}
+
+
+DEFAULT_ARCH = "vit_tiny_patch16_224"
 
 
 @dataclass
@@ -303,6 +358,16 @@ class ExportConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    """How the host's CPU is used."""
+
+    # torch's intra-op threads for teacher training, the search and the fine-tune (torch.set_num_threads);
+    # null: torch's default (all cores). On a shared machine, fewer threads than cores avoid oversubscription.
+    # Engines take target.threads.
+    threads: Optional[int] = None
+
+
+@dataclass
 class RunConfig:
     """Everything ``vitrim run`` needs."""
 
@@ -322,6 +387,7 @@ class RunConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -519,6 +585,49 @@ def validate_search(cfg: SearchConfig, source: str = "<config>") -> None:
                 "token merges go with the knapsack and nvit strategies: use one of them or remove search.merges")
 
 
+def validate_augment(data: DataConfig, source: str = "<config>") -> None:
+    """Checks on ``data.augment`` (timm's create_transform would fail late, or silently ignore a bad value)."""
+    def bad(key: str, msg: str, fix: str) -> None:
+        raise UserError("config", f"{source}: 'data.augment.{key}' {msg}", fix)
+
+    a = data.augment
+    for key in ("scale", "ratio"):
+        r = getattr(a, key)
+        if r is None:
+            continue
+        ok = (isinstance(r, list) and len(r) == 2 and all(isinstance(t, (int, float)) and not isinstance(t, bool)
+                                                         for t in r) and 0 < r[0] <= r[1])
+        if not ok or (key == "scale" and r[1] > 1):
+            bad(key, f"is {r!r}", "use [min, max] with 0 < min <= max" + (" <= 1 (areas)" if key == "scale" else ""))
+    for key in ("hflip", "vflip", "re_prob"):
+        if not 0 <= getattr(a, key) <= 1:
+            bad(key, f"is {getattr(a, key)}", "use a probability in [0, 1]")
+    if a.color_jitter is not None and not a.color_jitter >= 0:
+        bad("color_jitter", f"is {a.color_jitter}", "use a strength >= 0 (0: off, 0.4 is timm's)")
+    if a.re_mode not in ("const", "rand", "pixel"):
+        bad("re_mode", f"is '{a.re_mode}'", "use const, rand or pixel")
+    if a.re_count < 1:
+        bad("re_count", f"is {a.re_count}", "use at least 1")
+    if a.auto_augment is not None:
+        from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+        make = {"rand": rand_augment_transform, "augmix": augment_and_mix_transform}.get(
+            a.auto_augment.split("-")[0], auto_augment_transform)
+        try:
+            make(a.auto_augment, {})
+        except Exception as e:  # timm raises AssertionError / KeyError / ValueError on a bad policy string
+            bad("auto_augment", f"is '{a.auto_augment}', which timm cannot parse ({type(e).__name__}: {e})",
+                "use a timm policy such as rand-m9-mstd0.5, augmix-m5-w4-d2, original or v0, or null")
+    if data.name == "fmnist":
+        default = AugmentConfig()
+        changed = [f.name for f in dataclasses.fields(a) if f.name != "hflip" and getattr(a, f.name) != getattr(default, f.name)]
+        if changed:
+            bad(changed[0], "is set, but Fashion-MNIST is held in memory as tensors and takes data.augment.hflip only",
+                f"remove data.augment.{changed[0]}, or use data.name=imagefolder")
+        if a.hflip not in (0, 0.5):
+            bad("hflip", f"is {a.hflip}; Fashion-MNIST flips half the images or none", "use 0.5 or 0")
+
+
 def validate_config(cfg: RunConfig, source: str = "<config>") -> None:
     """Value checks that types alone cannot express."""
     def bad(key: str, msg: str, fix: str) -> None:
@@ -532,6 +641,14 @@ def validate_config(cfg: RunConfig, source: str = "<config>") -> None:
         bad("cache_fallback", f"is '{cfg.cache_fallback}'", "use refuse or temp")
     if cfg.data.workers < 0:
         bad("data.workers", f"is {cfg.data.workers}", "use 0 (load in the main process) or more workers")
+    v = cfg.data.val_size
+    if v is not None and not (0 < v < 1 or (v >= 1 and float(v).is_integer())):
+        bad("data.val_size", f"is {v}", "use a fraction of the training images in (0, 1), e.g. 0.1, or a count >= 1")
+    validate_augment(cfg.data, source)
+    if not cfg.model.chance_margin >= 0:
+        bad("model.chance_margin", f"is {cfg.model.chance_margin}", "use a fraction of chance >= 0, e.g. 0.5")
+    if cfg.runtime.threads is not None and cfg.runtime.threads < 1:
+        bad("runtime.threads", f"is {cfg.runtime.threads}", "use a thread count >= 1, or null for torch's default")
     if cfg.data.interpolation not in (None, "bilinear", "bicubic", "nearest", "box", "hamming", "lanczos"):
         bad("data.interpolation", f"is '{cfg.data.interpolation}'", "use bilinear, bicubic or nearest (or box, "
             "hamming, lanczos)")

@@ -1,7 +1,8 @@
 """Datasets: the embedded Fashion-MNIST default and ImageNet-style folders.
 
-Splits: ``train`` (minus a held-out part), ``val`` (a deterministic held-out part of
-train, used for search and fine-tune decisions) and ``test`` (final reports only).
+Splits: ``train`` (minus the holdout), the *holdout* (``Splits.val``: a deterministic part of the
+training images, ``data.val_size``, never trained on, for the search's and fine-tune's decisions) and
+``test`` (Fashion-MNIST's test set, an image folder's ``val/`` folder: every report, gate and verdict).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
-from vitrim.pipeline.core.config import FMNIST_DEFAULT_DIR, DataConfig
+from vitrim.pipeline.core.config import FMNIST_DEFAULT_DIR, AugmentConfig, DataConfig
 from vitrim.pipeline.core.errors import UserError
 from vitrim.pipeline.core.preprocessing import FMNIST_MEAN, FMNIST_PREPROCESSING, FMNIST_STD, Preprocessing, \
     resolve_preprocessing
@@ -97,20 +98,70 @@ def load_fmnist(root: str | None, split: str) -> TensorImages:
 @dataclass
 class Splits:
     train: Dataset
-    val: Dataset
+    val: Dataset  # the holdout split (held out of the training images)
     test: Dataset
     num_classes: int
     in_chans: int
     img_size: int
     preprocessing: Preprocessing | None = None  # resolved once; printed and recorded by every command
+    val_size: str = ""  # how the holdout's size was resolved, for the log
+    augment: dict | None = None  # the training transform's create_transform arguments (image folders)
+
+    def line(self) -> str:
+        """One line: the three splits' sizes and the training augmentation."""
+        aug = ("hflip 0.5 (in memory)" if self.augment is None else
+               ", ".join(f"{k} {v}" for k, v in self.augment.items()))
+        return (f"data: {len(self.train)} train, {len(self.val)} holdout ({self.val_size}), {len(self.test)} test "
+                f"images, {self.num_classes} classes; training augmentation (data.augment.*): {aug}")
+
+
+DEFAULT_VAL_SIZE = {"fmnist": 5000, "imagefolder": 0.1}
+
+
+def resolve_val_size(val_size: float | None, n: int, dataset: str) -> tuple[int, str]:
+    """The holdout's image count for ``n`` training images, and how it was resolved (for the log).
+
+    ``val_size`` is a count (>= 1) or a fraction (< 1) of ``n``; None takes the dataset's default.
+    """
+    given = val_size
+    if val_size is None:
+        val_size = DEFAULT_VAL_SIZE[dataset]
+    if val_size < 1:
+        count = max(1, round(val_size * n))
+        how = f"data.val_size={'null: ' if given is None else ''}{val_size:g} of {n} training images"
+    else:
+        count = int(val_size)
+        how = f"data.val_size={'null: ' if given is None else ''}{count} of {n} training images"
+    if not 0 < count < n:
+        raise UserError("data", f"{how} leaves {n - count} to train on (the holdout must be 1 to {n - 1} images)",
+                        "lower data.val_size, or give a fraction such as 0.1")
+    return count, how
 
 
 def split_indices(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Deterministic (train, val) index split of ``range(n)``."""
+    """Deterministic (train, holdout) index split of ``range(n)``."""
     if not 0 < val_size < n:
         raise UserError("data", f"data.val_size={val_size} must be between 1 and {n - 1}", "lower data.val_size")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return perm[val_size:].sort().values, perm[:val_size].sort().values
+
+
+def resolve_augment(a: AugmentConfig, img_size: int) -> dict:
+    """``timm.data.create_transform`` training arguments for ``data.augment`` at input size ``img_size``.
+
+    Unset (null) keys take a default that suits the size: timm's ImageNet recipe (crops down to 8% of the
+    area, colour jitter 0.4) from 160 px, crops down to 25% from 96 px, and 60% without colour jitter below,
+    so a small image keeps its object.
+    """
+    if a.scale is not None:
+        scale = tuple(a.scale)
+    else:
+        scale = (0.08, 1.0) if img_size >= 160 else (0.25, 1.0) if img_size >= 96 else (0.6, 1.0)
+    jitter = a.color_jitter if a.color_jitter is not None else (0.4 if img_size >= 160 else 0.0)
+    jitter = jitter or None  # timm adds a no-op ColorJitter for 0; None leaves it out
+    return {"scale": scale, "ratio": tuple(round(r, 4) for r in a.ratio), "hflip": a.hflip, "vflip": a.vflip,
+            "color_jitter": jitter, "auto_augment": a.auto_augment, "re_prob": a.re_prob, "re_mode": a.re_mode,
+            "re_count": a.re_count}
 
 
 def _limit(ds: Dataset, n: int | None) -> Dataset:
@@ -133,15 +184,18 @@ def build_splits(cfg: DataConfig, model: torch.nn.Module | None = None, model_cf
     """
     if cfg.name == "fmnist":
         full = load_fmnist(cfg.root, "train")
-        tr, va = split_indices(len(full), cfg.val_size, cfg.split_seed)
+        count, how = resolve_val_size(cfg.val_size, len(full), cfg.name)
+        tr, va = split_indices(len(full), count, cfg.split_seed)
         train, val, test = full.subset(tr), full.subset(va), load_fmnist(cfg.root, "test")
-        nc, ch, size, prep = 10, 1, 28, FMNIST_PREPROCESSING
+        nc, ch, size, prep, aug = 10, 1, 28, FMNIST_PREPROCESSING, None
+        if cfg.augment.hflip == 0:
+            aug = {"hflip": 0}
     elif cfg.name == "imagefolder":
-        train, val, test, nc, ch, size, prep = _imagefolder(cfg, model, model_cfg)
+        train, val, test, nc, ch, size, prep, how, aug = _imagefolder(cfg, model, model_cfg)
     else:
         raise UserError("data", f"unknown dataset '{cfg.name}'", "use fmnist or imagefolder")
     return Splits(_limit(train, cfg.train_limit), _limit(val, cfg.val_limit), _limit(test, cfg.test_limit), nc, ch,
-                  size, prep)
+                  size, prep, how, aug)
 
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -174,7 +228,8 @@ def _scan_folder(root: Path) -> list[str]:
 def _imagefolder(cfg: DataConfig, model: torch.nn.Module | None, model_cfg: Any = None):
     """ImageNet layout: ``root/train/<class>/*.JPEG`` and ``root/val/<class>/*.JPEG``.
 
-    ``val`` here is held out of ``train``; the folder named ``val`` is the test split.
+    The holdout is taken out of ``train/``; the folder named ``val/`` is the test split.
+    The training transform takes ``data.augment`` (:func:`resolve_augment`).
     Transforms come from :func:`resolve_preprocessing` (``data.*``, else the checkpoint's
     config.json, else the architecture's timm defaults); a 1-channel teacher reads the
     images as grayscale.
@@ -208,7 +263,8 @@ def _imagefolder(cfg: DataConfig, model: torch.nn.Module | None, model_cfg: Any 
     dcfg = prep.timm_kwargs()
     C = dcfg["input_size"][0]
     loader = functools.partial(_open_image, mode="L" if C == 1 else "RGB")
-    t_train = timm.data.create_transform(**dcfg, is_training=True)
+    aug = resolve_augment(cfg.augment, max(dcfg["input_size"][1:]))
+    t_train = timm.data.create_transform(**dcfg, **aug, is_training=True)
     t_eval = timm.data.create_transform(**dcfg, is_training=False)
     train_full = ImageFolder(str(root / "train"), transform=t_train, loader=loader)
     train_eval = ImageFolder(str(root / "train"), transform=t_eval, loader=loader)
@@ -219,11 +275,12 @@ def _imagefolder(cfg: DataConfig, model: torch.nn.Module | None, model_cfg: Any 
             if label not in seen:
                 seen.add(label)
                 _open_image(path, "L" if C == 1 else "RGB")
-    tr, va = split_indices(len(train_full), cfg.val_size, cfg.split_seed)
+    count, how = resolve_val_size(cfg.val_size, len(train_full), cfg.name)
+    tr, va = split_indices(len(train_full), count, cfg.split_seed)
     train = torch.utils.data.Subset(train_full, tr.tolist())
     val = torch.utils.data.Subset(train_eval, va.tolist())
     size = dcfg["input_size"]
-    return train, val, test, len(classes), size[0], size[-1], prep
+    return train, val, test, len(classes), size[0], size[-1], prep, how, aug
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

@@ -78,3 +78,12 @@ def mean_over_ranks(value: float, device: str) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=collective_device(device))
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return float(t.item()) / dist.get_world_size()
+
+
+def apply_threads(threads: int | None, log=print) -> None:
+    """``runtime.threads``: torch's intra-op threads for training and the search (None: torch's default)."""
+    if threads is None:
+        return
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    log(f"[runtime] torch intra-op threads: {threads} (runtime.threads)")

@@ -24,6 +24,8 @@ Exit codes of the ``vitrim`` command (stable; a CI job may branch on them):
 """
 from __future__ import annotations
 
+import importlib.metadata as md
+
 
 class VitrimError(Exception):
     """Base class of every error vitrim raises on purpose."""
@@ -141,3 +143,19 @@ class Interrupted(VitrimError):
 
     def __reduce__(self):
         return (type(self), (self.signum, self.path))
+
+
+def install_hint(extra: str) -> str:
+    """The fix for a missing optional extra, for a source install (vitrim is not on the package index).
+
+    Names ``pip install -e '.[extra]'`` (from the vitrim checkout) and the extra's own packages, read from the
+    installed distribution's metadata so the hint never drifts from ``pyproject.toml``.
+    """
+    try:
+        reqs = md.requires("vitrim") or []
+    except md.PackageNotFoundError:
+        reqs = []
+    marker = f'extra == "{extra}"'
+    pkgs = [r.split(";")[0].strip() for r in reqs if marker in r]
+    alone = f", or pip install {' '.join(repr(p) if '[' in p or '>' in p else p for p in pkgs)}" if pkgs else ""
+    return f"pip install -e '.[{extra}]' from the vitrim checkout{alone}"

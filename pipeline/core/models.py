@@ -1,4 +1,4 @@
-"""The timm adapter: the only module that knows timm's ViT module names.
+"""The timm adapter: the module that knows timm's ViT module names (:mod:`.hf` maps transformers' onto them).
 
 It creates a timm ViT by name, loads local checkpoints, and describes a teacher
 as plain data (:func:`describe`) plus a canonical state dict in CompactViT naming
@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitrim.pipeline.core import hf
 from vitrim.pipeline.core.config import ModelConfig
 from vitrim.pipeline.core.errors import UserError
 
@@ -43,6 +44,8 @@ def create_model(cfg: ModelConfig, load_checkpoint: bool = True, pretrained: boo
                             "this machine is offline: set model.pretrained=false and model.checkpoint to a local "
                             ".safetensors/.pth file") from None
         raise
+    if hf.is_hf_folder(cfg.checkpoint):
+        hf.apply_norm_eps(model, cfg.checkpoint)
     if cfg.checkpoint and load_checkpoint:
         load_weights(model, cfg.checkpoint)
     return model
@@ -60,10 +63,11 @@ def meta_model(cfg: ModelConfig) -> nn.Module:
                         "use a ViT name from timm.list_models('*vit*') or timm.list_models('deit*')")
     try:
         with torch.device("meta"):
-            return timm.create_model(cfg.arch, pretrained=False, **cfg.kwargs)
+            model = timm.create_model(cfg.arch, pretrained=False, **cfg.kwargs)
     except TypeError as e:
         raise UserError("model", f"timm rejected model.kwargs {cfg.kwargs} for '{cfg.arch}': {e}",
                         "remove or rename the offending key in model.kwargs") from None
+    return hf.apply_norm_eps(model, cfg.checkpoint) if hf.is_hf_folder(cfg.checkpoint) else model
 
 
 def read_pretrained_cfg(path: str | os.PathLike) -> dict:
@@ -138,7 +142,11 @@ def load_weights(model: nn.Module, path: str | os.PathLike, stage: str = "model"
     With ``allow_new_head`` a classifier head of another class count is skipped
     (kept freshly initialised), for adapting a checkpoint to new classes.
     """
-    sd = read_state_dict(path, stage)
+    if hf.is_hf_folder(path):  # a transformers save_pretrained folder: its weights in timm's names
+        sd = hf.to_timm_state(hf.read_weights(Path(path)), hf.read_config(path))
+        hf.apply_norm_eps(model, path)
+    else:
+        sd = read_state_dict(path, stage)
     own = model.state_dict()
     fresh = []
     if allow_new_head:
@@ -179,61 +187,120 @@ def save_weights(model_or_sd: nn.Module | dict, path: str | os.PathLike, metadat
 
 
 def _refuse(arch: str, what: str) -> None:
-    raise UserError("model", f"'{arch}': {what} is not supported by vitrim's slicer",
-                    "use a plain ViT/DeiT variant (cls or avg pooling, optional dist token, LayerScale, qkv_bias on/off)")
+    err = UserError("model", f"'{arch}': {what} is not supported by vitrim's slicer",
+                    "use a plain ViT variant: cls/avg/map pooling, optional dist or register tokens, LayerScale, "
+                    "qk_norm, GELU/QuickGELU/GELU-tanh or GLU MLPs (docs/timm-coverage.md lists what is refused)")
+    err.reason = what  # the reason alone, for the coverage table
+    raise err
+
+
+def _act_name(act: nn.Module) -> str | None:
+    """The spec name of an MLP activation timm builds, or None when vitrim has no compact twin for it."""
+    from timm.layers import GELUTanh, QuickGELU
+
+    if type(act) is nn.GELU:
+        return "gelu" if act.approximate == "none" else "gelu_tanh"
+    names = {GELUTanh: "gelu_tanh", QuickGELU: "quick_gelu", nn.SiLU: "silu", nn.Sigmoid: "sigmoid"}
+    return names.get(type(act))
+
+
+def _describe_pool(arch: str, pool: nn.Module, E: int) -> dict:
+    """timm's ``AttentionPoolLatent`` as data (kept whole by the slicer)."""
+    from timm.layers import Mlp
+    from timm.layers.attention_pool import AttentionPoolLatent
+
+    if type(pool) is not AttentionPoolLatent:
+        _refuse(arch, f"attention pool {type(pool).__name__}")
+    if pool.pos_embed is not None or not isinstance(pool.q, nn.Linear) or type(pool.mlp) is not Mlp:
+        _refuse(arch, "an attention pool with its own position embedding, no query projection or no MLP")
+    if not isinstance(pool.q_norm, nn.Identity) or pool.pool not in ("token", "avg"):
+        _refuse(arch, f"an attention pool with qk_norm or pool type '{pool.pool}'")
+    D = pool.q.out_features
+    if pool.kv.in_features != E or pool.latent.shape[-1] != D or pool.proj.out_features != D \
+            or (pool.q.bias is None) != (pool.kv.bias is None) or pool.proj.bias is None:
+        _refuse(arch, "an attention pool whose widths differ from the embedding")
+    if not isinstance(pool.norm, (nn.Identity, nn.LayerNorm)) or pool.mlp.fc1.bias is None \
+            or not isinstance(pool.mlp.norm, nn.Identity):
+        _refuse(arch, f"an attention pool with norm {type(pool.norm).__name__}")
+    return {"dim": D, "num_heads": pool.num_heads, "latent_len": pool.latent_len, "qkv_bias": pool.q.bias is not None,
+            "norm": isinstance(pool.norm, nn.LayerNorm), "mlp_hidden": pool.mlp.fc1.out_features, "pool": pool.pool,
+            "norm_eps": pool.norm.eps if isinstance(pool.norm, nn.LayerNorm) else None,
+            "act": _act_name(pool.mlp.act)}
 
 
 def describe(model: nn.Module, arch: str = "", kwargs: dict | None = None) -> dict:
     """Describe a timm VisionTransformer as plain data (the Plan's ``spec``).
 
     Supported: DeiT / ViT with a class token, distilled DeiT (dist token, two
-    heads), qkv_bias on/off, LayerScale (DeiT-III), ``no_embed_class``,
-    ``global_pool`` 'token' or 'avg' (with fc_norm), pre-norm.
-    Refused with a clear error: register tokens, attention pooling ('map'),
-    qk_norm, attention gates, norms inside attn/mlp, patch-embed norm, non-GELU
-    MLPs, non-standard blocks, dynamic image size.
+    heads), register tokens, qkv_bias on/off, qk_norm (per-head LayerNorms),
+    LayerScale (DeiT-III), ``no_embed_class``, ``global_pool`` 'token', 'avg'
+    (with fc_norm) or 'map' (SigLIP's attention pool, kept whole), pre-norm,
+    exact GELU, GELU-tanh, QuickGELU and gated (``GluMlp``) MLPs, and
+    ``dynamic_img_size`` (fixed at the configured size).
+    Refused with a clear error (never a crash): other model classes, hybrid
+    (CNN-stem) and parallel blocks, attention gates, norms inside attn/mlp,
+    patch-embed norm, other pools, activations and norms.
     """
-    from timm.layers import LayerScale, Mlp
+    from timm.layers import GluMlp, LayerScale, Mlp, PatchEmbed
     from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
     arch = arch or type(model).__name__
     if not isinstance(model, VisionTransformer):
         _refuse(arch, f"model class {type(model).__name__}")
-    if getattr(model, "reg_token", None) is not None:
-        _refuse(arch, "register tokens")
-    if getattr(model, "attn_pool", None) is not None or model.global_pool not in ("token", "avg"):
+    pe = model.patch_embed
+    if type(pe) is not PatchEmbed or not isinstance(pe.proj, nn.Conv2d):
+        _refuse(arch, f"patch embedding {type(pe).__name__} (a hybrid CNN stem)")
+    if not isinstance(pe.norm, nn.Identity):
+        _refuse(arch, "a norm inside the patch embedding")
+    if getattr(pe, "dynamic_img_pad", False):
+        _refuse(arch, "dynamic_img_pad")
+    pool = getattr(model, "attn_pool", None)
+    if model.global_pool not in ("token", "avg", "map") or (model.global_pool == "map") != (pool is not None):
         _refuse(arch, f"global_pool='{model.global_pool}'")
-    if getattr(model, "dynamic_img_size", False):
-        _refuse(arch, "dynamic_img_size")
     if model.pos_embed is None:
         _refuse(arch, "no absolute position embedding")
-    if not isinstance(model.patch_embed.norm, nn.Identity):
-        _refuse(arch, "a norm inside the patch embedding")
     distilled = getattr(model, "dist_token", None) is not None
+    reg = getattr(model, "reg_token", None)
+    R = 0 if reg is None else int(reg.shape[1])
+    if distilled and R:
+        _refuse(arch, "a distillation token with register tokens")
     blocks = list(model.blocks)
+    for i, b in enumerate(blocks):
+        if type(b) is not Block or type(b.attn) is not Attention or type(b.mlp) not in (Mlp, GluMlp):
+            attn, mlp = getattr(b, "attn", None), getattr(b, "mlp", None)
+            _refuse(arch, f"block {i} of type {type(b).__name__}/{type(attn).__name__}/{type(mlp).__name__}")
     E = model.embed_dim
     first = blocks[0]
     H = first.attn.num_heads
     hd = first.attn.head_dim
-    M = first.mlp.fc1.out_features
+    M = first.mlp.fc2.in_features
+    glu = None
+    if type(first.mlp) is GluMlp:
+        glu = "last" if first.mlp.gate_last else "first"
     eps = first.norm1.eps  # every norm of a timm ViT shares it; the final one may be absent (final_norm=False)
+    act_name = _act_name(first.mlp.act)
+    qk_norm = not isinstance(first.attn.q_norm, nn.Identity)
     for i, b in enumerate(blocks):
-        if type(b) is not Block or type(b.attn) is not Attention or type(b.mlp) is not Mlp:
-            _refuse(arch, f"block {i} of type {type(b).__name__}/{type(b.attn).__name__}/{type(b.mlp).__name__}")
         a = b.attn
-        if not isinstance(a.q_norm, nn.Identity) or not isinstance(a.k_norm, nn.Identity):
-            _refuse(arch, "qk_norm")
+        if type(b.mlp) is not type(first.mlp) or (glu and (b.mlp.gate_last != first.mlp.gate_last
+                                                           or b.mlp.chunk_dim != -1)):
+            _refuse(arch, "blocks with different MLP types")
+        for qn in (a.q_norm, a.k_norm):
+            if not (isinstance(qn, nn.Identity) if not qk_norm else
+                    (isinstance(qn, nn.LayerNorm) and qn.eps == eps and qn.weight is not None)):
+                _refuse(arch, f"qk_norm {type(qn).__name__} (LayerNorms in every block, or none, are supported)")
         if getattr(a, "gate", None) is not None:
             _refuse(arch, "attention output gates")
         if not isinstance(getattr(a, "norm", nn.Identity()), nn.Identity) or not isinstance(b.mlp.norm, nn.Identity):
             _refuse(arch, "a norm inside attention or the MLP")
         act = b.mlp.act
-        if not (isinstance(act, nn.GELU) and act.approximate == "none"):
-            _refuse(arch, f"MLP activation {act}")
+        name = _act_name(act)
+        if name is None or name != act_name or (name in ("silu", "sigmoid") and not glu):
+            _refuse(arch, f"MLP activation {type(act).__name__}")
         biases = {a.proj.bias is not None, b.mlp.fc1.bias is not None, b.mlp.fc2.bias is not None}
         if len(biases) != 1 or (a.proj.bias is not None) != (first.attn.proj.bias is not None):
             _refuse(arch, "a mix of biased and bias-free projections")
-        if a.num_heads != H or a.head_dim != hd or b.mlp.fc1.out_features != M:
+        if a.num_heads != H or a.head_dim != hd or b.mlp.fc2.in_features != M:
             _refuse(arch, "blocks of unequal width")
         if a.head_dim * a.num_heads != getattr(a, "attn_dim", E) or a.head_dim * a.num_heads != E:
             _refuse(arch, "attention dim different from the embedding dim")
@@ -241,13 +308,24 @@ def describe(model: nn.Module, arch: str = "", kwargs: dict | None = None) -> di
             if not isinstance(ls, (nn.Identity, LayerScale)):
                 _refuse(arch, f"layer scale {type(ls).__name__}")
         for ln in (b.norm1, b.norm2):
-            if not isinstance(ln, nn.LayerNorm):
+            if not isinstance(ln, nn.LayerNorm) or ln.eps != eps:
                 _refuse(arch, f"block norm {type(ln).__name__}")
     layer_scale = isinstance(first.ls1, LayerScale)
     if any(isinstance(b.ls1, LayerScale) != layer_scale for b in blocks):
         _refuse(arch, "LayerScale in some blocks only")
-    pe = model.patch_embed
-    return {
+    for name in ("norm_pre", "norm", "fc_norm"):
+        m = getattr(model, name)
+        if not isinstance(m, nn.Identity) and not (isinstance(m, nn.LayerNorm) and m.eps == eps):
+            _refuse(arch, f"{name} {type(m).__name__}")
+    spec_pool = None
+    if pool is not None:
+        spec_pool = _describe_pool(arch, pool, E)
+        if spec_pool.pop("act") != act_name or spec_pool.pop("norm_eps") not in (None, eps) or glu:
+            _refuse(arch, "an attention pool whose MLP or norm differs from the blocks'")
+    for head in (model.head, getattr(model, "head_dist", None)):  # num_classes=0: a feature extractor
+        if head is not None and not isinstance(head, (nn.Linear, nn.Identity)):
+            _refuse(arch, f"a classifier head {type(head).__name__}")
+    spec = {
         "arch": arch,
         "kwargs": dict(kwargs or {}),
         "img_size": list(pe.img_size),
@@ -273,6 +351,13 @@ def describe(model: nn.Module, arch: str = "", kwargs: dict | None = None) -> di
         "norm_eps": eps,
         "scale_head_dim": hd,  # the attention scale stays head_dim**-0.5 of the teacher (NViT)
     }
+    # keys of the variants added later, present only when they are not the default, so older plans still match
+    extra = {"reg_tokens": R, "qk_norm": qk_norm, "mlp_act": act_name if act_name != "gelu" else None,
+             "mlp_glu": glu, "attn_pool": spec_pool,
+             "pool_include_prefix": bool(getattr(model, "pool_include_prefix", False)),
+             "dynamic_img_size": bool(getattr(model, "dynamic_img_size", False))}
+    spec.update({k: v for k, v in extra.items() if v})
+    return spec
 
 
 def canonical_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -291,6 +376,8 @@ def canonical_state(model: nn.Module) -> dict[str, torch.Tensor]:
         sd["cls_token"] = model.cls_token
     if getattr(model, "dist_token", None) is not None:
         sd["dist_token"] = model.dist_token
+    if getattr(model, "reg_token", None) is not None:
+        sd["reg_token"] = model.reg_token
     sd["pos_embed"] = model.pos_embed
     if isinstance(model.norm_pre, nn.LayerNorm):
         sd["norm_pre.weight"], sd["norm_pre.bias"] = model.norm_pre.weight, model.norm_pre.bias
@@ -300,6 +387,9 @@ def canonical_state(model: nn.Module) -> dict[str, torch.Tensor]:
         sd[p + "attn.qkv.weight"] = b.attn.qkv.weight
         if b.attn.qkv.bias is not None:
             sd[p + "attn.qkv.bias"] = b.attn.qkv.bias
+        if isinstance(b.attn.q_norm, nn.LayerNorm):
+            sd[p + "attn.q_norm.weight"], sd[p + "attn.q_norm.bias"] = b.attn.q_norm.weight, b.attn.q_norm.bias
+            sd[p + "attn.k_norm.weight"], sd[p + "attn.k_norm.bias"] = b.attn.k_norm.weight, b.attn.k_norm.bias
         sd[p + "attn.proj.weight"] = b.attn.proj.weight
         sd[p + "norm2.weight"], sd[p + "norm2.bias"] = b.norm2.weight, b.norm2.bias
         sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc2.weight"] = b.mlp.fc1.weight, b.mlp.fc2.weight
@@ -312,7 +402,10 @@ def canonical_state(model: nn.Module) -> dict[str, torch.Tensor]:
         m = getattr(model, name)
         if isinstance(m, nn.LayerNorm):
             sd[name + ".weight"], sd[name + ".bias"] = m.weight, m.bias
-    sd["head.weight"], sd["head.bias"] = model.head.weight, model.head.bias
-    if getattr(model, "head_dist", None) is not None:
-        sd["head_dist.weight"], sd["head_dist.bias"] = model.head_dist.weight, model.head_dist.bias
+    if getattr(model, "attn_pool", None) is not None:
+        sd.update({"attn_pool." + k: v for k, v in model.attn_pool.state_dict(keep_vars=True).items()})
+    for name in ("head", "head_dist"):
+        m = getattr(model, name, None)
+        if isinstance(m, nn.Linear):
+            sd[name + ".weight"], sd[name + ".bias"] = m.weight, m.bias
     return {k: v.detach().clone() for k, v in sd.items()}

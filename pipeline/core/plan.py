@@ -115,7 +115,8 @@ class Plan:
 
     @property
     def num_prefix(self) -> int:
-        return int(self.spec["class_token"]) + int(self.spec["dist_token"])
+        s = self.spec
+        return int(s["class_token"]) + int(s["dist_token"]) + int(s.get("reg_tokens", 0))
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -125,7 +126,7 @@ class Plan:
 
     @property
     def num_tokens(self) -> int:
-        """Tokens entering the network (patches plus class/distillation tokens)."""
+        """Tokens entering the network (patches plus class/distillation/register tokens)."""
         h, w = self.grid
         return h * w + self.num_prefix
 
@@ -170,12 +171,20 @@ class Plan:
         s, E = self.spec, self.embed_dim
         C, nc = s["in_chans"], s["num_classes"]
         ph, pw = s["patch_size"]
-        prefix = int(s["class_token"]) + int(s["dist_token"])
+        prefix = self.num_prefix
         n = E * C * ph * pw + (E if s["patch_bias"] else 0)
         n += prefix * E
         n += (self.num_tokens - (0 if not s["no_embed_class"] else prefix)) * E
         n += 2 * E * int(s["pre_norm"]) + 2 * E * int(s["final_norm"]) + 2 * E * int(s["fc_norm"])
-        n += (E * nc + nc) * (2 if s["dist_token"] else 1)
+        pool = s.get("attn_pool")
+        if pool:  # kept whole; kv reads the kept embedding channels
+            D, Mp = pool["dim"], pool["mlp_hidden"]
+            n += pool["latent_len"] * D + (D * D + D * 2 * E) + (3 * D if pool["qkv_bias"] else 0) + D * D + D
+            n += 2 * D * int(pool["norm"]) + D * Mp + Mp + Mp * D + D
+            n += D * nc + nc
+        else:
+            n += (E * nc + nc) * (2 if s["dist_token"] else 1)
+        glu = 2 if s.get("mlp_glu") else 1
         for b in self.blocks:
             if not b.keep:
                 continue
@@ -185,7 +194,8 @@ class Plan:
             n += E * qkv + (qkv if s["qkv_bias"] else 0)
             pb = int(s.get("proj_bias", True))
             n += H * V * E + E * pb
-            n += E * M + M * pb + M * E + E * pb
+            n += glu * (E * M + M * pb) + M * E + E * pb
+            n += 4 * QK if s.get("qk_norm") else 0
             n += 2 * E if s["layer_scale"] else 0
         return n
 
@@ -195,10 +205,19 @@ class Plan:
         ph, pw = s["patch_size"]
         grid = self.num_tokens - self.num_prefix
         n = grid * E * s["in_chans"] * ph * pw
-        n += E * s["num_classes"] * (2 if s["dist_token"] else 1)
+        pool = s.get("attn_pool")
+        if pool:
+            D, L, Np = pool["dim"], pool["latent_len"], self.block_tokens()[-1] - (
+                0 if s.get("pool_include_prefix") else self.num_prefix)
+            n += L * D * D + Np * E * 2 * D + 2 * L * Np * D + L * D * D + 2 * L * D * pool["mlp_hidden"]
+            n += D * s["num_classes"]
+        else:
+            n += E * s["num_classes"] * (2 if s["dist_token"] else 1)
         for b, N in zip(self.blocks, self.block_tokens()):
             if b.keep:
                 n += block_macs(N, E, *b.dims)
+                if s.get("mlp_glu"):
+                    n += N * E * b.dims[3]  # fc1 computes the gate and the value
         return n
 
     # -- validation -------------------------------------------------------

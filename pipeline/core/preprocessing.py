@@ -10,7 +10,8 @@ records where each came from. Highest priority first:
 2. the checkpoint's own config: ``config.json`` beside ``model.checkpoint`` (the format timm's
    ``save_for_hf`` / ``push_to_hf_hub`` write: a ``pretrained_cfg`` section, or the legacy flat
    keys), then a ``pretrained_cfg`` dict stored in the checkpoint itself (a key of a ``.pth`` dict,
-   or JSON in the ``.safetensors`` metadata);
+   or JSON in the ``.safetensors`` metadata); for a Hugging Face transformers folder, its
+   ``preprocessor_config.json`` (:func:`vitrim.pipeline.core.hf.read_preprocessor`);
 3. timm's defaults for the architecture (its ``pretrained_cfg``, as ``timm.data.resolve_data_config``
    reads it).
 
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from vitrim.pipeline.core import hf
 from vitrim.pipeline.core.config import DataConfig, ModelConfig
 from vitrim.pipeline.core.errors import UserError
 
@@ -143,6 +145,10 @@ def read_checkpoint_config(model_cfg: Optional[ModelConfig]) -> tuple[dict, dict
     ckpt = Path(model_cfg.checkpoint)
     values: dict = {}
     sources: dict = {}
+    if hf.is_hf_folder(ckpt):  # a transformers folder: its image processor's file
+        pcfg = hf.read_preprocessor(ckpt)
+        _take(pcfg, f"preprocessor_config.json ({ckpt / 'preprocessor_config.json'})", values, sources)
+        return values, sources
     embedded = read_pretrained_cfg(ckpt)
     if embedded:
         _take(embedded, f"pretrained_cfg in {ckpt}", values, sources)
@@ -291,4 +297,53 @@ def check_expected_top1(model_cfg: ModelConfig, top1: float, images: int, prep: 
                "data.interpolation, data.crop_mode; or put the checkpoint's config.json (timm's save_for_hf, "
                "with its pretrained_cfg) beside model.checkpoint. If the transforms match, check the data and the "
                "weights, or lower model.expected_top1")
+    raise UserError("teacher", what, fix)
+
+
+def check_chance(model_cfg: Any, top1: float, images: int, num_classes: int, augment: dict | None = None,
+                 prep: Preprocessing | None = None, split: str = "test") -> str:
+    """Refuse a teacher whose top-1 is near chance, the level a model that learned nothing reaches.
+
+    Near chance is under ``(1 + model.chance_margin)`` times chance (``100 / num_classes`` %), or not above
+    chance by a one-sided exact binomial test at p < 0.01 on the ``images`` evaluated. Compressing such a
+    teacher only spends time: its students inherit nothing. The usual causes are augmentation too strong for
+    the images (timm's ImageNet crops of a small image), too few epochs, or transforms other than the
+    checkpoint was trained with.
+
+    Returns:
+        A line for the log (the check passed, or ``model.chance_check`` is false and this is a warning).
+
+    Raises:
+        UserError: naming the training transform, the evaluation preprocessing and the keys that set them.
+    """
+    from scipy.stats import binomtest
+
+    chance = 100.0 / num_classes
+    margin = model_cfg.chance_margin
+    k = min(images, max(0, round(top1 * images / 100)))
+    p = binomtest(k, images, 1.0 / num_classes, alternative="greater").pvalue if images else 1.0
+    floor = (1 + margin) * chance
+    figure = (f"the teacher's {split} top-1 {top1:.2f}% ({k}/{images} images), chance {chance:.2f}% "
+              f"({num_classes} classes)")
+    reasons = []
+    if top1 < floor:
+        reasons.append(f"under {1 + margin:g}x chance = {floor:.2f}% (model.chance_margin={margin:g})")
+    if p >= 0.01:
+        reasons.append(f"not above chance by a one-sided binomial test (p = {p:.3g} >= 0.01)")
+    if not reasons:
+        return f"[teacher] {figure}: clearly above chance (binomial p = {p:.2g})"
+    what = f"{figure} is near chance: {'; '.join(reasons)}"
+    if not model_cfg.chance_check:
+        return f"[teacher] WARNING: {what}; going on (model.chance_check=false)"
+    used = prep.line() if prep is not None else "preprocessing: unknown"
+    aug = ("Fashion-MNIST in memory, horizontal flips (data.augment.hflip)" if augment is None else
+           "timm.data.create_transform(is_training=True) with " + ", ".join(f"{k}={v}" for k, v in augment.items()))
+    what += (f". A student learns from its teacher, and this one is hard to tell from chance. It was evaluated with\n  {used}\n"
+             f"and a teacher trained by vitrim trains with\n  {aug}")
+    fix = ("milder training augmentation: data.augment.scale (e.g. [0.6, 1]: crops keep 60% or more of the image), "
+           "data.augment.ratio, data.augment.color_jitter (0: off), data.augment.auto_augment (null: off), "
+           "data.augment.re_prob (0: off), data.augment.hflip/vflip; or more epochs (teacher.epochs, teacher.lr); "
+           "for a checkpoint trained elsewhere, the evaluation transforms (data.mean, data.std, data.crop_pct, "
+           "data.interpolation) and model.expected_top1. Check the labels (one class a folder). To go on with "
+           "this teacher anyway: model.chance_check=false")
     raise UserError("teacher", what, fix)

@@ -51,20 +51,30 @@ def slice_state(state: dict[str, torch.Tensor], plan: Plan) -> dict[str, torch.T
 
     take("patch_embed.weight", d0=e)
     take("patch_embed.bias", d0=e)
-    for name in ("cls_token", "dist_token", "pos_embed"):
+    for name in ("cls_token", "dist_token", "reg_token", "pos_embed"):
         take(name, d2=e)
     for name in ("norm_pre", "norm", "fc_norm"):
         take(f"{name}.weight", d0=e)
         take(f"{name}.bias", d0=e)
-    for name in ("head", "head_dist"):
-        take(f"{name}.weight", d1=e)
-        take(f"{name}.bias")
+    if s.get("attn_pool"):  # kept whole: only its kv reads the (kept) embedding channels
+        for name in state:
+            if name.startswith("attn_pool."):
+                take(name, d1=e) if name == "attn_pool.kv.weight" else take(name)
+        take("head.weight")
+        take("head.bias")
+    else:
+        for name in ("head", "head_dist"):
+            take(f"{name}.weight", d1=e)
+            take(f"{name}.bias")
+    M = s["mlp_hidden"]
     for j, i in enumerate(plan.kept_blocks):
         b = plan.blocks[i]
         src, dst = f"blocks.{i}.", f"blocks.{j}."
         rows = _qkv_rows(H, hd, b.heads, b.qk, b.v)
         vcols = torch.tensor([h * hd + d for h in b.heads for d in b.v], dtype=torch.long)
         m = torch.tensor(b.mlp, dtype=torch.long)
+        fc1_rows = torch.cat([m, m + M]) if s.get("mlp_glu") else m  # a gated unit keeps its [a; b] pair
+        qk = torch.tensor(b.qk, dtype=torch.long)
         for ln in ("norm1", "norm2"):
             take(src + ln + ".weight", dst + ln + ".weight", d0=e)
             take(src + ln + ".bias", dst + ln + ".bias", d0=e)
@@ -72,8 +82,11 @@ def slice_state(state: dict[str, torch.Tensor], plan: Plan) -> dict[str, torch.T
         take(src + "attn.qkv.bias", dst + "attn.qkv.bias", d0=rows)
         take(src + "attn.proj.weight", dst + "attn.proj.weight", d0=e, d1=vcols)
         take(src + "attn.proj.bias", dst + "attn.proj.bias", d0=e)
-        take(src + "mlp.fc1.weight", dst + "mlp.fc1.weight", d0=m, d1=e)
-        take(src + "mlp.fc1.bias", dst + "mlp.fc1.bias", d0=m)
+        for norm in ("q_norm", "k_norm"):  # per-head norms over the QK dims every head shares
+            take(src + f"attn.{norm}.weight", dst + f"attn.{norm}.weight", d0=qk)
+            take(src + f"attn.{norm}.bias", dst + f"attn.{norm}.bias", d0=qk)
+        take(src + "mlp.fc1.weight", dst + "mlp.fc1.weight", d0=fc1_rows, d1=e)
+        take(src + "mlp.fc1.bias", dst + "mlp.fc1.bias", d0=fc1_rows)
         take(src + "mlp.fc2.weight", dst + "mlp.fc2.weight", d0=e, d1=m)
         take(src + "mlp.fc2.bias", dst + "mlp.fc2.bias", d0=e)
         take(src + "ls1", dst + "ls1", d0=e)

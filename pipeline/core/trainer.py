@@ -264,7 +264,7 @@ def train(model: nn.Module, loss_fn: LossFn, train_ds: Dataset, spec: TrainSpec,
                 loss_s = "n/a" if rec["train_loss"] is None else f"{rec['train_loss']:.4f}"  # no step ran here
                 msg = f"[{desc}] epoch {epoch + 1}/{spec.epochs}  loss {loss_s}"
                 if val is not None:
-                    msg += f"  val top-1 {val:.2f}%"
+                    msg += f"  holdout top-1 {val:.2f}%"
                 log(msg + f"  ({rec['epoch_s']}s)")
             save(epoch + 1, 0, [])
             if _stop_requested(stop, world, device):

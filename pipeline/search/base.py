@@ -226,7 +226,7 @@ class SearchContext:
         return BatchStream(self.train_ds, self.batch_size, self.cfg.seed, self.device, self.workers)
 
     def val_top1(self, n: int = 2000) -> float:
-        """The student's top-1 on (the first ``n`` images of) the validation split."""
+        """The student's top-1 on (the first ``n`` images of) the holdout split (held out of train/)."""
         ds = self.val_ds
         ds = ds.subset(torch.arange(min(n, len(ds)))) if isinstance(ds, TensorImages) else ds
         return top1(self.student, ds, 512, workers=self.workers)

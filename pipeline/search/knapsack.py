@@ -106,6 +106,8 @@ class StepwiseSearch(Strategy):
                 target = budget
             gates = attach_gates(student, masks_from_plan(plan))
             student.set_token_merges(plan.merges)
+            ctx.log(f"[search] step {step}/{steps}: scoring groups on {cfg.saliency_batches} batches "
+                    f"({ctx.elapsed():.0f}s so far)")
             scores, merges = self.scores(ctx, plan, gates, step, merge_log)
             plan, removed = prune_to(plan, scores, cost, target, cfg, ctx.e_min, merges, ctx.min_tokens,
                                      rank=self.ranking(cfg))
@@ -115,7 +117,10 @@ class StepwiseSearch(Strategy):
                 plan, added = refill(plan, removed_all, cost, budget)
             attach_gates(student, masks_from_plan(plan))
             student.set_token_merges(plan.merges)
-            kd_adapt(student, kd, ctx.batches, opt, ctx.adapt_iters(last=step == steps))
+            iters = ctx.adapt_iters(last=step == steps)
+            ctx.log(f"[search] step {step}/{steps}: pruned to {cost.predict(plan):.3f} {cost.unit}; {iters} KD steps "
+                    f"({ctx.elapsed():.0f}s so far)")
+            kd_adapt(student, kd, ctx.batches, opt, iters)
             acc = ctx.val_top1()
             c = cost.predict(plan)
             counts: dict = {}
@@ -130,7 +135,7 @@ class StepwiseSearch(Strategy):
             history.append(rec)
             ctx.log(f"[search] step {step}/{steps}: {c:.3f} {cost.unit} (target {target:.3f}), removed {counts}"
                     + (f", put back {len(added)} groups to fill the budget" if added else "")
-                    + f", val top-1 {acc:.2f}%")
+                    + f", holdout top-1 {acc:.2f}%")
         if cost.predict(plan) > budget + 1e-9:
             raise UnreachableBudget(f"could not reach the budget {budget:.3f} {cost.unit}; stopped at "
                             f"{cost.predict(plan):.3f}", "raise the budget, lower the floors or allow block/embed pruning")

@@ -166,6 +166,6 @@ class MaskedSearch(Strategy):
         acc = ctx.val_top1()
         history.append({"step": len(history), "cost": cost.predict(plan), "val_top1": acc, "removed": None,
                         "s": ctx.elapsed(), **gap})
-        ctx.log(f"[search] {cfg.strategy}: plan {cost.predict(plan):.3f} {cost.unit} (budget {budget:.3f}), val top-1 "
+        ctx.log(f"[search] {cfg.strategy}: plan {cost.predict(plan):.3f} {cost.unit} (budget {budget:.3f}), holdout top-1 "
                 f"after {cfg.kd_iters} KD steps with hard masks {acc:.2f}%")
         return ctx.result(plan, history, **self.plan_meta(gap))

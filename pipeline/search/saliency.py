@@ -55,7 +55,7 @@ def attach_gates(model: CompactViT, masks: dict | None = None) -> dict[GroupKey,
     gates = {EMBED: torch.ones(model.embed_dim, device=dev)}
     for j, blk in enumerate(model.blocks):
         a = blk.attn
-        for dim, n in (("heads", a.heads), ("qk", a.qk), ("v", a.v), ("mlp", blk.mlp.fc1.out_features), ("block", 1)):
+        for dim, n in (("heads", a.heads), ("qk", a.qk), ("v", a.v), ("mlp", blk.mlp.fc2.in_features), ("block", 1)):
             gates[GroupKey(dim, j)] = torch.ones(n, device=dev)
     for key, g in gates.items():
         set_gate(model, key, g)
@@ -206,9 +206,12 @@ def magnitude_scores(model: CompactViT) -> dict[GroupKey, torch.Tensor]:
         out[GroupKey("qk", j)] = (q.mean((0, 2)) + k.mean((0, 2))) / 2
         out[GroupKey("v", j)] = (v.mean((0, 2)) + P.mean((0, 1))) / 2
         f1, f2 = blk.mlp.fc1.weight.detach().abs(), blk.mlp.fc2.weight.detach().abs()
+        if blk.mlp.glu:  # a gated unit is its [a; b] pair of fc1 rows
+            f1 = torch.cat(f1.chunk(2, dim=0), dim=1)
         out[GroupKey("mlp", j)] = (f1.mean(1) + f2.mean(0)) / 2
         out[GroupKey("block", j)] = torch.stack([a.proj.weight.detach().abs().mean(), f2.mean()]).mean().view(1)
-        emb += W.mean(0) + a.proj.weight.detach().abs().mean(1) + f1.mean(0) + f2.mean(1)
+        f1e = blk.mlp.fc1.weight.detach().abs()
+        emb += W.mean(0) + a.proj.weight.detach().abs().mean(1) + f1e.mean(0) + f2.mean(1)
         n_emb += 4
     out[EMBED] = emb / max(1, n_emb)
     return {k: v.cpu() for k, v in out.items()}  # selection reads scores unit by unit: keep them off the GPU

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from vitrim.pipeline.core.compact import CompactViT
+from vitrim.pipeline.core.errors import UserError
 from vitrim.pipeline.core.plan import Floors, Plan
 from vitrim.pipeline.search.base import SearchContext
 from vitrim.pipeline.search.cost import Cost
@@ -59,7 +60,9 @@ def embed_mask_sites(model: CompactViT) -> tuple[list[nn.LayerNorm], list[nn.Lin
     lns = [model.norm_pre, *[n for b in model.blocks for n in (b.norm1, b.norm2)], model.norm, model.fc_norm]
     heads = []
     if model.norm is None:  # CompactViT.forward_head: the heads read the residual stream (masked by gate_embed)
-        if model.head_dist is not None:
+        if model.attn_pool is not None:  # the attention pool's kv reads it, not the head
+            heads = [model.attn_pool.kv]
+        elif model.head_dist is not None:
             heads = [model.head, model.head_dist]
         elif model.fc_norm is None:
             heads = [model.head]
@@ -133,6 +136,9 @@ class Slim(MaskedSearch):
     constraints = {"prune_blocks": False}  # its masks are on widths only
 
     def init_masks(self, ctx: SearchContext, gates: dict, searched: list[GroupKey]) -> list[torch.Tensor]:
+        if ctx.spec.get("qk_norm"):  # a soft QK mask moves the per-head norms' statistics: no weight folds it
+            raise UserError("search", "strategy 'slim' cannot fold its QK masks into a teacher with qk_norm",
+                            "use search.strategy=knapsack (the default) or another gate-based strategy")
         # the width masks are the gates themselves; the embedding mask scales the residual LayerNorms' outputs
         self.searched = searched
         self.masks = {k: gates[k] for k in searched}

@@ -4,8 +4,8 @@
   (:mod:`vitrim.export.compare`): ``compare.json``, the gate entries in ``verdict.json``, exit 5 on a
   regression.
 * :func:`finish_release` - what ``vitrim run`` adds to its student's release once the summary is known:
-  the model card with the measured speedup, the Triton repository (``export.triton``) and the regression
-  gate against ``export.baseline``.
+  the model card with the measured speedup, the regression gate against ``export.baseline``, and then,
+  only when every gate passed, the Triton repository (``export.triton``).
 """
 from __future__ import annotations
 
@@ -37,7 +37,10 @@ def stage_compare(cfg: RunConfig, baseline: str | os.PathLike, candidate: str | 
 
 def finish_release(cfg: RunConfig, rd: RunDir, summary: dict, verdict: dict,
                    log: Callable[[str], None] = print) -> dict:
-    """The model card with the run's speedup, ``export.triton``, and the gate against ``export.baseline``.
+    """The model card with the run's speedup, the gate against ``export.baseline``, then ``export.triton``.
+
+    The Triton repository is written only when the run's verdict (parity, ``export.require_budget``,
+    regression) passed: a failed release is never laid out for serving.
 
     Returns the run's verdict with the regression entries merged in; the caller raises for it (so a
     failed accuracy or latency gate keeps its lower exit code).
@@ -53,11 +56,22 @@ def finish_release(cfg: RunConfig, rd: RunDir, summary: dict, verdict: dict,
                    "student_ms": summary["student"]["measured_ms"],
                    "protocol": summary.get("latency_protocol", "teacher and student timed by their releases")}
     log(f"[run] model card {write_model_card(rd.root, dataset=dataset_info(cfg.data), speedup=speedup)}")
-    triton_from_config(cfg, rd.root, log=log)
-    if not cfg.export.baseline:
-        return verdict
-    try:
-        stage_compare(cfg, cfg.export.baseline, rd.root, log=log)
-    except (RegressionGateError, InconclusiveError) as e:
-        log(str(e))  # the run raises for its merged verdict at its end (the lowest failing exit code)
-    return read_verdict(rd.verdict)
+    from vitrim.export.manifest import seal_manifest
+
+    seal_manifest(rd.root)  # the card is part of the release that compare verifies
+    if cfg.export.baseline:
+        try:
+            stage_compare(cfg, cfg.export.baseline, rd.root, log=log)
+        except (RegressionGateError, InconclusiveError) as e:
+            log(str(e))  # the run raises for its merged verdict at its end (the lowest failing exit code)
+        verdict = read_verdict(rd.verdict)
+    if verdict["passed"]:  # serving copies only of a release that passed every gate
+        triton_from_config(cfg, rd.root, log=log)
+    elif cfg.export.triton:
+        from vitrim.export.triton import TritonRepo, sanitize_name
+
+        model_dir = TritonRepo(cfg.export.triton).model_dir(sanitize_name(cfg.export.triton_name or cfg.name))
+        log(f"[triton] not written: the release did not pass every gate (exit {verdict['exit_code']}, "
+            f"{verdict['exit_meaning']}); export.triton gets only releases that passed every gate"
+            + (f" ({model_dir} is an earlier release's, left as it was)" if model_dir.exists() else ""))
+    return verdict

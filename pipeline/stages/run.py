@@ -66,7 +66,7 @@ def _run_pipeline(cfg: RunConfig, log: Callable[[str], None], progress: bool) ->
     from vitrim.export.verdict import raise_for, write_run_verdict
     from vitrim.pipeline.core.errors import GateError, UserError
     from vitrim.pipeline.core.io import copy_into
-    from vitrim.pipeline.report import add_measured_budget, make_summary, write_summary
+    from vitrim.pipeline.report import add_measured_budget, make_summary, prediction_line, write_summary
     from vitrim.pipeline.stages.profile import stage_profile
     from vitrim.pipeline.stages.search import (PairTimer, anchor_budget, stage_closed_loop, stage_search,
                                                wants_closed_loop)
@@ -88,6 +88,7 @@ def _run_pipeline(cfg: RunConfig, log: Callable[[str], None], progress: bool) ->
     splits = build_splits(cfg.data, model_cfg=cfg.model)
     prep = splits.preprocessing
     log(prep.line())
+    log(splits.line())
     rd = RunDir(cfg.out_dir)
     for stale in (rd.summary, rd.report, rd.verdict):  # never leave a previous run's verdict beside a failed one
         stale.unlink(missing_ok=True)
@@ -124,11 +125,12 @@ def _run_pipeline(cfg: RunConfig, log: Callable[[str], None], progress: bool) ->
         teacher_acc = top1(teacher.to(device), splits.test, cfg.data.eval_batch_size, workers=cfg.data.workers)
         teacher.cpu()
     log(f"[teacher] {cfg.model.arch}: test top-1 {teacher_acc:.2f}% ({sum(p.numel() for p in teacher.parameters()) / 1e6:.3f}M params)")
-    from vitrim.pipeline.core.preprocessing import check_expected_top1
+    from vitrim.pipeline.core.preprocessing import check_chance, check_expected_top1
 
     expected = check_expected_top1(cfg.model, teacher_acc, len(splits.test), prep)  # exit 2 before any artifact
     if expected:
         log(expected)
+    log(check_chance(cfg.model, teacher_acc, len(splits.test), splits.num_classes, splits.augment, prep))
     timings["teacher_s"] = round(time.time() - t0, 1)
     rd.mkdir()
     save_resolved(cfg, rd.root, prep)
@@ -141,6 +143,8 @@ def _run_pipeline(cfg: RunConfig, log: Callable[[str], None], progress: bool) ->
 
     data_key = {k: getattr(cfg.data, k) for k in ("name", "root", "val_size", "split_seed", "train_limit", "batch_size")}
     data_key["preprocessing"] = prep.key()  # other transforms: another search and fine-tune
+    if splits.augment is not None:
+        data_key["augment"] = splits.augment
     t_hash = _weights_key(tinfo.get("source")) or cfg.model.checkpoint or teacher_key(cfg)
     h_search = config_hash({"teacher": t_hash, "lut": lut.signature.key(), "lut_created": lut.meta.get("created"),
                             "search": cfg.search, "data": data_key, "kd": [cfg.finetune.alpha, cfg.finetune.temperature]})
@@ -175,7 +179,7 @@ def _run_pipeline(cfg: RunConfig, log: Callable[[str], None], progress: bool) ->
         student = slice_model(state, plan)
         sliced_acc = top1(student.to(device), splits.val, cfg.data.eval_batch_size, workers=cfg.data.workers)
         student.cpu()
-        log(f"[slice] {plan.num_params() / 1e6:.3f}M params, val top-1 right after slicing {sliced_acc:.2f}%")
+        log(f"[slice] {plan.num_params() / 1e6:.3f}M params, holdout top-1 right after slicing {sliced_acc:.2f}%")
         # an interrupted fine-tune with the same inputs resumes from its checkpoint
         ckpt = rd.finetune_dir.checkpoint
         resume = ckpt.is_file() and cache.data.get("finetune_started") == h_ft
@@ -230,10 +234,17 @@ def _run_pipeline(cfg: RunConfig, log: Callable[[str], None], progress: bool) ->
             summary[key]["measured_ms"], summary[key]["p90_ms"] = t.median_ms, t.p90_ms
         summary["speedup"] = same[0].median_ms / same[1].median_ms
         summary["latency_protocol"] = "teacher and student re-timed round-robin in one session"
-    add_measured_budget(summary, rd, same)  # issue 14
+    warning = add_measured_budget(summary, rd, same)  # issue 14
+    if warning:
+        log(warning)
+    if prediction_line(summary):
+        log(f"[run] {prediction_line(summary)}")
     verdict = write_run_verdict(rd.verdict, teacher_exp["parity"], student_exp["parity"],  # issue 24
                                 measured_budget=summary.get("measured_budget"),
                                 require_budget=cfg.export.require_budget)
+    from vitrim.export.manifest import seal_manifest
+
+    seal_manifest(rd.root)  # the run's verdict (and a rerun's rewritten files): Triton and compare verify the release
     try:
         verdict = finish_release(cfg, rd, summary, verdict, log)  # the card with the speedup, export.triton, .baseline
     except UserError:
@@ -241,8 +252,6 @@ def _run_pipeline(cfg: RunConfig, log: Callable[[str], None], progress: bool) ->
         raise
     summary["wall_s"] = round(time.time() - t_start, 1)
     write_summary(rd, summary)
-    from vitrim.export.manifest import seal_manifest
-
     seal_manifest(rd.root)  # the report, summary, card and Triton files written after the release are listed too
     log(f"[run] teacher {summary['teacher']['measured_ms']:.2f} ms / {summary['teacher']['top1']:.2f}%  ->  "
         f"student {summary['student']['measured_ms']:.2f} ms / {summary['student']['top1']:.2f}%  "

@@ -5,6 +5,7 @@ teacher-training and data configs, so reruns reuse it.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -27,11 +28,14 @@ def teacher_key(cfg: RunConfig) -> str:
     # the weights' identity only (model.expected_top1 is a check, not an input), spelled as the dataclass repr
     # it replaces so that teachers cached before those keys existed stay valid
     model = f"ModelConfig(arch={m.arch!r}, kwargs={m.kwargs!r}, checkpoint={m.checkpoint!r}, pretrained={m.pretrained!r})"
-    data = {"name": d.name, "root": d.root, "val_size": d.val_size, "split_seed": d.split_seed,
+    val_size = d.val_size if d.val_size is not None or d.name != "fmnist" else 5000  # the default, as spelled before
+    data = {"name": d.name, "root": d.root, "val_size": val_size, "split_seed": d.split_seed,
             "train_limit": d.train_limit, "batch_size": d.batch_size}
     transforms = {k: getattr(d, k) for k in ("mean", "std", "interpolation", "crop_pct", "crop_mode")}
     if any(v is not None for v in transforms.values()):  # a teacher trained under other transforms is another one
         data["transforms"] = transforms
+    if d.name != "fmnist" or d.augment.hflip == 0:  # the training augmentation (an image folder's always counts)
+        data["augment"] = dataclasses.asdict(d.augment)
     return config_hash({"model": model, "teacher": {k: v for k, v in vars(cfg.teacher).items() if k != "cache"},
                         "data": data})
 
@@ -97,13 +101,15 @@ def train_teacher(cfg: RunConfig, splits: Splits | None = None, log=print) -> tu
     if splits is None:
         splits = build_splits(cfg.data, model=model, model_cfg=cfg.model)
         log(splits.preprocessing.line())
+        log(splits.line())
     n_params = sum(p.numel() for p in model.parameters())
     log(f"[teacher] training {cfg.model.arch} {cfg.model.kwargs} ({n_params / 1e6:.2f}M params) {start} "
         f"for {cfg.teacher.epochs} epochs on {len(splits.train)} images ({device})")
     crit = nn.CrossEntropyLoss(label_smoothing=cfg.teacher.label_smoothing)
     spec = TrainSpec(epochs=cfg.teacher.epochs, batch_size=cfg.data.batch_size, lr=cfg.teacher.lr, min_lr=1e-5,
                      weight_decay=cfg.teacher.weight_decay, warmup_epochs=cfg.teacher.warmup_epochs, clip_grad=1.0,
-                     seed=cfg.teacher.seed, hflip=cfg.data.name == "fmnist",  # garments are mirror-symmetric
+                     seed=cfg.teacher.seed,  # garments are mirror-symmetric; folders flip in their transform
+                     hflip=cfg.data.name == "fmnist" and cfg.data.augment.hflip > 0,
                      workers=cfg.data.workers)
     path = teacher_path(cfg)
     work = path.parent / f".{path.stem}.work"
@@ -130,6 +136,10 @@ def train_teacher(cfg: RunConfig, splits: Splits | None = None, log=print) -> tu
     except OSError:
         pass
     log(f"[teacher] test top-1 {test_acc:.2f}% after {wall:.0f}s; saved {path}")
+    from vitrim.pipeline.core.preprocessing import check_chance
+
+    # the weights stay cached (a later run with model.chance_check=false reuses them); the command stops here
+    log(check_chance(cfg.model, test_acc, len(splits.test), splits.num_classes, splits.augment, splits.preprocessing))
     info["source"] = str(path)
     return model, info
 

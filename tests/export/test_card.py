@@ -31,9 +31,10 @@ def front_matter(text: str) -> dict:
     return yaml.safe_load(m.group(1))
 
 
-def run_snippet(card: str, release_dir, image) -> np.ndarray:
-    """The card's Python example, saved as run.py in the release and run on one image file."""
-    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+def run_snippet(card: str, release_dir, image, which: int = 0) -> np.ndarray:
+    """The card's Python example (``which``: 0 onnxruntime, 1 torch), saved as run.py in the release and run on
+    one image file."""
+    code = re.findall(r"```python\n(.*?)```", card, re.S)[which]
     (release_dir / "run.py").write_text(code)
     p = subprocess.run([sys.executable, "run.py", str(image)], cwd=release_dir, capture_output=True, text=True,
                        timeout=120)
@@ -83,6 +84,8 @@ def test_card_front_matter_matches_the_manifest_and_its_snippet_runs(tiny_cfg, t
     with OrtCpuRunner(out.onnx, 1) as r:
         want = r.infer(splits.test[0][0][None].numpy())[0]
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert 'torch.export.load("model.pt2").module()' in card and "import vitrim" not in card
+    np.testing.assert_allclose(run_snippet(card, out.root, tmp_path / "img.png", which=1), want, atol=1e-5, rtol=1e-5)
 
     # vitrim run adds the speedup it measured, with the device signature
     fm = front_matter(write_model_card(out.root, dataset=res["dataset"], speedup={"value": 1.7, "teacher_ms": 2.0})

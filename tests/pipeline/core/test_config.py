@@ -151,3 +151,21 @@ def test_a_nested_parity_tolerance_keeps_its_precision_defaults():
                      ("export.fp16.nonsense=1", r"export\.fp16\.nonsense")):
         with pytest.raises(UserError, match=key):
             load_config(None, [bad])
+
+
+def test_runtime_threads_sets_torchs_intra_op_threads(capsys):
+    import torch
+
+    from types import SimpleNamespace
+
+    from vitrim.pipeline import cli
+
+    before = torch.get_num_threads()
+    try:
+        cli._cfg(SimpleNamespace(config="configs/fmnist_cpu.yaml", set=["runtime.threads=1"]))
+        assert torch.get_num_threads() == 1
+        assert "[runtime] torch intra-op threads: 1 (runtime.threads)" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(UserError, match="runtime.threads"):
+        load_config(None, ["runtime.threads=0"])

@@ -17,3 +17,39 @@ def test_a_worker_reraise_keeps_only_the_message():
          "vitrim.pipeline.core.errors.UserError: [data] image a.png is unreadable"
     e = UserError(tb)
     assert e.what == "[data] image a.png is unreadable" and str(e) == e.what
+
+
+def test_install_hints_work_for_a_source_install():
+    """vitrim is installed from its checkout, not the package index: `pip install 'vitrim[sign]'` cannot work."""
+    import tomllib
+    from pathlib import Path
+
+    from vitrim.pipeline.core.errors import install_hint
+
+    extras = tomllib.loads((Path(__file__).resolve().parents[3] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    for extra in ("sign", "triton", "gpu", "simplify"):
+        hint = install_hint(extra)
+        assert hint.startswith(f"pip install -e '.[{extra}]' from the vitrim checkout"), hint
+        assert all(p.split("[")[0].split(">")[0] in hint for p in extras[extra]), (extra, hint)
+        assert "'vitrim[" not in hint
+
+
+def test_a_missing_signing_package_names_the_source_install(monkeypatch):
+    import builtins
+
+    import pytest
+
+    from vitrim.export.manifest import _crypto
+
+    real = builtins.__import__
+
+    def no_crypto(name, *a, **k):
+        if name.startswith("cryptography"):
+            raise ImportError(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_crypto)
+    with pytest.raises(UserError) as e:
+        _crypto()
+    assert "pip install -e '.[sign]'" in e.value.fix and "cryptography" in e.value.fix

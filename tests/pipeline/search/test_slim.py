@@ -13,8 +13,10 @@ from tests.pipeline.core.test_slice import random_plan
 
 
 @pytest.mark.parametrize("kw", [{}, dict(global_pool="avg", fc_norm=True, class_token=False), dict(final_norm=False),
-                                dict(pre_norm=True, final_norm=False, global_pool="avg", class_token=False)],
-                         ids=["final-norm", "fc-norm", "no-norm-head", "pre-norm"])
+                                dict(pre_norm=True, final_norm=False, global_pool="avg", class_token=False),
+                                dict(global_pool="map", class_token=False, reg_tokens=2, final_norm=False),
+                                dict(mlp_layer=timm.layers.SwiGLUPacked, act_layer=torch.nn.SiLU)],
+                         ids=["final-norm", "fc-norm", "no-norm-head", "pre-norm", "map-pool-no-norm", "glu"])
 def test_slim_fold_equals_the_soft_masked_network_embedding_included(kw):
     """slim hands on the network its masks trained: soft (not 0/1) masks on heads, QK, V, MLP and the embedding,
     folded, equal the masked network at the plan; and the sliced student computes the same."""

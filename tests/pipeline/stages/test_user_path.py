@@ -46,8 +46,9 @@ def write_config(tmp_path: Path, data_root: Path, in_chans: int, **extra) -> Pat
     cfg = {"name": "user", "out_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"),
            "data": {"name": "imagefolder", "root": str(data_root), "val_size": 6, "batch_size": 6,
                     "eval_batch_size": 16},
+           # a random-weight teacher (the pipeline's wiring is under test, not its accuracy): near chance
            "model": {"arch": "vit_tiny_patch16_224", "kwargs": dict(KW, in_chans=in_chans),
-                     "checkpoint": str(tmp_path / "my_vit.safetensors")},
+                     "checkpoint": str(tmp_path / "my_vit.safetensors"), "chance_check": False},
            "target": {"batch": 4, "threads": 1},
            "profile": dict(TINY_PCFG, embed_points=1, repeats=4, warmup=1, checks=1, calibration_plans=1),
            "search": {"budget_fraction": 0.8, "steps": 1, "kd_iters": 2, "saliency_batches": 1},
@@ -89,6 +90,39 @@ def test_run_end_to_end_on_users_imagefolder(tmp_path, channels):
         assert prep["sources"]["crop_pct"] == "timm default for vit_tiny_patch16_224"
     assert "## Preprocessing" in (out / "report.md").read_text()
     assert "| crop_pct | `0.9` | timm default for vit_tiny_patch16_224 |" in (out / "report.md").read_text()
+
+
+def test_chance_level_teacher_stops_run_with_exit_2(tmp_path, capsys):
+    """A teacher at chance (here random weights) is a finding: exit 2 naming the transforms and the keys, before
+    anything is measured or written; model.chance_check=false goes on (test_run_end_to_end_on_users_imagefolder)."""
+    root = write_folder(tmp_path / "imgs", 3)
+    cfg = write_config(tmp_path, root, 3, **{"model.chance_check": True})
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "near chance" in err and "chance 33.33% (3 classes)" in err and "binomial" in err
+    assert "create_transform(is_training=True) with scale=(0.6, 1.0)" in err  # the training transform, resolved
+    for key in ("data.augment.scale", "data.augment.color_jitter", "data.augment.auto_augment", "teacher.epochs",
+                "model.chance_check=false"):
+        assert key in err, key
+    assert not (tmp_path / "run").exists() and not any((tmp_path / "cache").glob("lut-*"))
+
+
+def test_train_teacher_near_chance_exits_2_and_keeps_the_weights(tmp_path, capsys):
+    """Classes that the images say nothing about (the same noise in every class folder): `vitrim train-teacher`
+    caches the weights, then stops."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imgs"
+    for split, n in (("train", 12), ("val", 4)):
+        for name in CLASSES:
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / split / name / f"{i}.png")
+    cfg = write_config(tmp_path, root, 3, **{"model.chance_check": True, "model.checkpoint": None,
+                                             "teacher.epochs": 1})
+    assert main(["train-teacher", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "near chance" in err and "data.augment.scale" in err and "model.chance_check=false" in err
+    assert len(list((tmp_path / "cache").glob("teacher-*.safetensors"))) == 1
 
 
 def test_transforms_come_from_the_teacher_and_config(tmp_path):
