@@ -49,21 +49,13 @@ from vitrim.pipeline.stages.profile import lut_tokens
 from vitrim.profiling.build import build_lut
 from vitrim.profiling.validate import validate_lut
 
+import smoke as smoke_sizes  # benchmarks/smoke.py (a script's own folder is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 GOALS = {"median": 2.0, "within5": 0.95, "max": 6.0, "ov_int8_speedup": 6.0}
-# the --smoke sizes: a 2-block dim-32 ViT, a few repeats, a tiny slice of the data
-SMOKE_KW = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2,
-                mlp_ratio=2.0)
-SMOKE_PROFILE = ["profile.embed_points=2", "profile.head_points=0", "profile.qk_points=1", "profile.v_points=1",
-                 "profile.mlp_points=2", "profile.warmup=2", "profile.repeats=6", "profile.rounds=2",
-                 "profile.checks=1", "profile.min_visit_ms=0", "profile.remeasure_spread_pct=0",
-                 "profile.calibration_plans=3", "profile.token_points=2"]
-SMOKE_RUN = ["data.train_limit=1024", "data.val_limit=256", "data.test_limit=256", "data.batch_size=64",
-             "model.kwargs={img_size: 28, patch_size: 7, in_chans: 1, num_classes: 10, embed_dim: 32, depth: 2, "
-             "num_heads: 2, mlp_ratio: 2.0, global_pool: avg, class_token: false}",
-             "teacher.epochs=1", "target.batch=8", "target.threads=1", "search.budget_fraction=0.7",
-             "search.steps=2", "search.kd_iters=5", "search.saliency_batches=2", "finetune.epochs=1",
-             "profile.validate_plans=0", *SMOKE_PROFILE]
+# --smoke: benchmarks/smoke.py's sizes (its figures mean nothing)
+SMOKE_RUN = smoke_sizes.SETS
+SMOKE_PROFILE = [s for s in smoke_sizes.SETS if s.startswith("profile.")]
 
 
 def _ov_target(batch: int, threads: int, precision: str = "fp32") -> Target:
@@ -82,15 +74,13 @@ def lut_part(a, out: Path) -> list[dict]:
         if arch is not None:
             sets.append(f"target.batch={a.batch}")
         if a.smoke:
-            sets += SMOKE_PROFILE
+            sets += SMOKE_PROFILE + ([s for s in SMOKE_RUN if s.startswith("model.kwargs")] if arch is None else [])
         cfg = load_config(config, sets)
         torch.manual_seed(0)
-        if a.smoke:
-            arch, kw = "vit_tiny_patch16_224", dict(SMOKE_KW)
-        elif arch is None:
+        if arch is None:
             arch, kw = cfg.model.arch, dict(cfg.model.kwargs)
         else:
-            kw = {}
+            kw = dict(smoke_sizes.DEIT_KW) if a.smoke else {}
         teacher = timm.create_model(arch, pretrained=False, **kw).eval()
         spec = describe(teacher, arch, kw)
         target = Target.from_config(cfg.target)
@@ -99,7 +89,7 @@ def lut_part(a, out: Path) -> list[dict]:
         lut = build_lut(spec, target, cfg.profile, Floors.from_config(cfg.search), cfg.search.align, d / "lut.json",
                         progress=False, tokens=lut_tokens(cfg, spec))
         print(lut.summary(), flush=True)
-        n = 3 if a.smoke else a.plans
+        n = a.plans
         merged = n // 3 if len(lut.grid.tokens) > 1 else 0
         rep = validate_lut(lut, canonical_state(teacher), target, n - merged, d, seed=100, warmup=cfg.profile.warmup,
                            repeats=cfg.profile.repeats, rounds=cfg.profile.rounds, merged=merged, progress=False)
@@ -139,8 +129,9 @@ def cross_part(a, out: Path) -> dict:
     runs = {}
     for engine, config in (("ort-cpu", "fmnist_cpu.yaml"), ("openvino", "fmnist_openvino.yaml")):
         sets = [f"out_dir={out / 'cross' / engine}", f"target.threads={a.threads}"]
-        if a.cache_dir:
-            sets.append(f"cache_dir={a.cache_dir}")
+        cache = a.cache_dir or (str(out / "cache") if a.smoke else None)  # a smoke run never touches the real cache
+        if cache:
+            sets.append(f"cache_dir={cache}")
         if a.smoke:
             sets += SMOKE_RUN
         cfg = load_config(ROOT / "configs" / config, sets)
@@ -193,14 +184,14 @@ def half_plan(spec: dict) -> Plan:
 
 
 def deit_part(a, out: Path) -> dict:
-    arch, kw = ("vit_tiny_patch16_224", dict(SMOKE_KW)) if a.smoke else ("deit_small_patch16_224", {})
+    arch, kw = "deit_small_patch16_224", (dict(smoke_sizes.DEIT_KW) if a.smoke else {})
     torch.manual_seed(0)
     teacher = timm.create_model(arch, pretrained=False, **kw).eval()
     spec = describe(teacher, arch, kw)
     shape = (spec["in_chans"], *spec["img_size"])
     d = out / "deit"
     d.mkdir(parents=True, exist_ok=True)
-    calib = random_calibration(shape, 8 if a.smoke else a.calib_images)  # latency does not depend on the scales
+    calib = random_calibration(shape, a.calib_images)  # latency does not depend on the scales
     models = {"teacher": teacher, "50% student": slice_model(teacher, half_plan(spec))}
     ov = get_backend("openvino")
     variants = [("ort-cpu", "fp32"), ("ort-cpu", "int8"), ("openvino", "fp32"), ("openvino", "int8")]
@@ -257,7 +248,8 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", default=None, help="the cross part's cache (teacher, LUTs); default the configs'")
     a = p.parse_args(argv)
     if a.smoke:
-        a.repeats, a.rounds, a.plans = min(a.repeats, 6), min(a.rounds, 2), min(a.plans, 3)
+        t = smoke_sizes.timing(True, a.repeats, a.rounds, 1)
+        a.repeats, a.rounds, a.plans, a.calib_images = t["repeats"], t["rounds"], 3, 8
     warnings.simplefilter("ignore")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

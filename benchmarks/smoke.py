@@ -20,7 +20,7 @@ SETS = ["data.train_limit=256", "data.val_limit=64", "data.test_limit=64", "data
         "profile.validate_plans=2", "profile.token_points=2",
         "search.steps=1", "search.kd_iters=2", "search.saliency_batches=1", "search.measured_rounds=0",
         "search.mask_iters=4", "search.merge_adapt_iters=1", "search.step_epochs=0",
-        "finetune.epochs=1", "export.int8_recovery_steps=0", "export.parity_batches=1",
+        "finetune.epochs=1", "export.int8_recovery_steps=0", "export.parity_worst=1",
         "export.compare_rounds=2", "export.compare_repeats=4", "export.compare_sessions=1"]
 
 DEIT_KW = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
