@@ -60,7 +60,8 @@ import torch
 
 import smoke as smoke_sizes  # benchmarks/smoke.py (a script's own folder is on sys.path)
 from vitrim.export.onnx import export_onnx
-from vitrim.export.runners import OrtCpuRunner, interleaved, time_interleaved
+from vitrim.export.backends.ort_cpu import OrtCpuRunner
+from vitrim.export.runners import interleaved, time_interleaved
 from vitrim.pipeline.core.config import load_config, pct
 from vitrim.pipeline.core.data import build_splits
 from vitrim.pipeline.core.errors import UnreachableBudget, UserError
@@ -156,7 +157,10 @@ def main(argv=None) -> int:
     warnings.simplefilter("ignore")
     t_start = time.time()
     cfg = load_config(args.config, args.set)
-    if cfg.target.backend != "ort-cpu":
+    from vitrim.export.backends import get_backend
+    from vitrim.export.backends.ort_cpu import OrtCpu
+
+    if not isinstance(get_backend(cfg.target.backend), OrtCpu):
         raise UserError("bench", f"target.backend is {cfg.target.backend}", "this benchmark times ORT-CPU; use an ort-cpu config")
     out = Path(args.out)
     (out / "onnx").mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,8 @@ import smoke as smoke_sizes  # benchmarks/smoke.py (a script's own folder is on 
 
 
 def _time(paths: dict, batch: int, threads: int, smoke: bool = False) -> dict:
-    from vitrim.export.runners import OrtCpuRunner, interleaved, time_interleaved
+    from vitrim.export.backends.ort_cpu import OrtCpuRunner
+    from vitrim.export.runners import interleaved, time_interleaved
 
     runners = [OrtCpuRunner(p, threads, "all") for p in paths.values()]
     with interleaved(runners):
@@ -43,7 +44,7 @@ def _time(paths: dict, batch: int, threads: int, smoke: bool = False) -> dict:
 
 
 def _top1(path, ds, batch: int = 256) -> float:
-    from vitrim.export.runners import OrtCpuRunner
+    from vitrim.export.backends.ort_cpu import OrtCpuRunner
     from vitrim.pipeline.core.data import make_loader
 
     ok = n = 0

@@ -59,7 +59,8 @@ def engines_for(model, shape, calib, workdir: Path, smoke: bool) -> dict:
 def gate_all(name, model, shape, loader_fn, calib, workdir: Path, smoke: bool, log) -> list[dict]:
     from vitrim.export.parity import Tolerances, check_parity
     from vitrim.export.planted import FAULTS, Planted
-    from vitrim.export.runners import OrtCpuRunner, TorchRunner
+    from vitrim.export.backends.ort_cpu import OrtCpuRunner
+    from vitrim.export.runners import TorchRunner
     from vitrim.pipeline.core.config import ExportConfig
 
     rows = []

@@ -20,7 +20,8 @@ import torch
 import smoke as smoke_sizes  # benchmarks/smoke.py (a script's own folder is on sys.path)
 
 from vitrim.export.onnx import export_onnx
-from vitrim.export.runners import OrtCpuRunner, interleaved, time_interleaved
+from vitrim.export.backends.ort_cpu import OrtCpuRunner
+from vitrim.export.runners import interleaved, time_interleaved
 from vitrim.pipeline.core.models import describe
 from vitrim.pipeline.core.plan import Plan
 from vitrim.pipeline.core.slicing import slice_model

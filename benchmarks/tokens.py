@@ -35,7 +35,8 @@ from vitrim.pipeline.core.config import pct
 def embedded(cfg_path: str, out: Path, fractions: list[float], baseline_dir: Path | None, sets: list[str],
              smoke: bool = False) -> dict:
     from vitrim.export.onnx import export_onnx
-    from vitrim.export.runners import OrtCpuRunner, interleaved, time_interleaved
+    from vitrim.export.backends.ort_cpu import OrtCpuRunner
+    from vitrim.export.runners import interleaved, time_interleaved
     from vitrim.pipeline.core.config import load_config
     from vitrim.pipeline.core.data import build_splits
     from vitrim.pipeline.core.evaluate import top1

@@ -18,6 +18,7 @@ from typing import Optional
 
 import yaml
 
+from vitrim.export.backends import BACKENDS
 from vitrim.pipeline.core.rundir import RunDir
 
 
@@ -114,7 +115,8 @@ def run_snippet(manifest: dict, root: Path) -> Optional[str]:
     p = manifest.get("preprocessing")
     sig = manifest.get("device_signature") or {}
     graph = _artifact(manifest, root, "onnx")
-    if sig.get("backend") == "ort-cpu":  # the quantized graph is the engine's; other backends' run the fp32 graph
+    backend = BACKENDS.get(sig.get("backend"))
+    if backend is not None and backend.engine_is_graph:  # the quantized graph is the engine's; others run fp32
         graph = _artifact(manifest, root, f"onnx_{sig.get('precision')}") or graph
     if not p or graph is None or not graph.is_file():
         return None
@@ -138,7 +140,8 @@ def torch_snippet(manifest: dict, root: Path) -> Optional[str]:
     p = manifest.get("preprocessing")
     prog = _artifact(manifest, root, "torch_program")
     sig = manifest.get("device_signature") or {}
-    if prog is None and str(sig.get("backend", "")).startswith("torch"):
+    backend = BACKENDS.get(sig.get("backend"))
+    if prog is None and backend is not None and backend.from_model:  # a torch target: its engine is the program
         prog = _artifact(manifest, root, "engine")
     if not p or prog is None or not prog.is_file():
         return None
@@ -255,7 +258,8 @@ def render_model_card(manifest: dict, root: Path, *, dataset: Optional[dict] = N
         out.append("The release records no preprocessing (an ONNX released without a config): feed it what its "
                    "exporter documented.")
     eng = _artifact(manifest, root, "engine")
-    if eng is not None and sig.get("backend") != "ort-cpu":
+    backend = BACKENDS.get(sig.get("backend"))
+    if eng is not None and not (backend is not None and backend.engine_is_graph):
         out += ["", f"The `{sig.get('backend')}` engine itself is `{_rel(eng, root)}`; the snippet runs the ONNX graph "
                 "it was built from."]
     out += ["", "## Limits", "",

@@ -41,7 +41,7 @@ import numpy as np
 
 from vitrim.export.runners import Runner
 from vitrim.export.stats import FAIL, INCONCLUSIVE, paired_accuracy, ratio_outcome
-from vitrim.export.target import DeviceSignature
+from vitrim.export.target import DeviceSignature, Target
 from vitrim.pipeline.core.errors import EXIT_REGRESSION, UserError
 from vitrim.pipeline.core.rundir import RunDir
 
@@ -91,32 +91,24 @@ class Release:
                             "re-export it with this vitrim version")
         return p
 
+    def target(self) -> Target:
+        """The target the release was made for, as its signature records it."""
+        s = self.signature
+        return Target(s.backend, s.precision, s.batch, s.threads, s.opt_level or "all",
+                      s.max_batch or None)
+
     def timing_runner(self) -> Runner:
         """The engine as :func:`~vitrim.export.release.release` timed it (the LUT's runner code)."""
-        s = self.signature
-        if s.backend == "ort-cpu":
-            from vitrim.export.runners import OrtCpuRunner
-
-            src = self.artifact(f"onnx_{s.precision}") or self._need("onnx")
-            return OrtCpuRunner(src, s.threads, s.opt_level or "all")
+        t = self.target()
+        if t.impl.engine_is_graph:  # timed from its graph, optimized at session start, as the LUT timed it
+            return t.impl.onnx_runner(self.artifact(f"onnx_{t.precision}") or self._need("onnx"), t)
         return self.eval_runner()
 
     def eval_runner(self) -> Runner:
-        """The engine artifact the parity gate passed (ORT's saved optimized graph, the TensorRT plan, the program)."""
-        s = self.signature
-        engine = self._need("engine")
-        if s.backend == "ort-cpu":
-            from vitrim.export.runners import OrtCpuRunner
-
-            return OrtCpuRunner(engine, s.threads, "disable")  # optimized offline already
-        if s.backend == "tensorrt":
-            from vitrim.export.runners import TrtRunner
-
-            return TrtRunner(engine)
-        from vitrim.export.runners import TorchExportRunner
-
-        return TorchExportRunner(engine, "cuda" if s.backend == "torch-cuda" else "cpu", s.threads or None,
-                                 half=s.precision == "fp16")
+        """The engine artifact the parity gate passed (ORT's saved optimized graph, an OpenVINO IR, the TensorRT
+        plan, the program)."""
+        t = self.target()
+        return t.impl.engine_runner(self._need("engine"), t)
 
     def preprocessing_key(self) -> Optional[dict]:
         """The recorded preprocessing without its sources and recipe text (what changes the input)."""
@@ -150,7 +142,7 @@ def check_this_machine(sig: DeviceSignature) -> dict:
     A ratio measured on another CPU is not the ratio on the release's device, and the
     engine version changes the kernels. Returns this machine's device and engine version.
     """
-    from vitrim.export.target import Target, engine_version
+    from vitrim.export.target import engine_version
 
     here = {"device": Target(backend=sig.backend, precision=sig.precision).device_name(),
             "engine_version": engine_version(sig.backend)}

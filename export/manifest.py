@@ -39,7 +39,8 @@ from vitrim.pipeline.core.io import atomic_write_json, sha256_file
 from vitrim.pipeline.core.rundir import RunDir
 
 MANIFEST_SCHEMA = 2
-_LIBS = ("vitrim", "torch", "timm", "onnx", "onnxruntime", "onnxscript", "polygraphy", "numpy", "safetensors", "tensorrt")
+_LIBS = ("vitrim", "torch", "timm", "onnx", "onnxruntime", "openvino", "nncf", "onnxscript", "polygraphy", "numpy",
+         "safetensors", "tensorrt")
 
 
 def library_versions() -> dict:

@@ -4,6 +4,7 @@
   calibrated on real training images (MinMax, Entropy or Percentile), with
   per-channel weights and a configurable op set; ``dynamic`` quantizes the
   weights and computes activation scales at run time (no calibration).
+* OpenVINO: NNCF (:mod:`vitrim.export.backends.openvino`).
 * TensorRT: NVIDIA ModelOpt's ``modelopt.onnx.quantization.quantize`` writes a QDQ
   ONNX that follows TensorRT's explicit-quantization rules (TensorRT 11 has no
   implicit INT8: precision lives in the graph).
@@ -157,14 +158,8 @@ def quantize_modelopt(src: str | os.PathLike, dst: str | os.PathLike, q: QuantCo
 
 
 def quantize_for_target(src, dst, target, calib: Optional[np.ndarray]) -> dict:
-    """The quantized ONNX a target's engine is built from."""
-    q = target.quant
-    if target.backend == "ort-cpu":
-        return quantize_ort(src, dst, q, calib)
-    if target.backend == "tensorrt":
-        return quantize_modelopt(src, dst, q, calib, mode=target.precision)
-    raise UserError("target", f"{target.precision} is not offered for {target.backend}",
-                    "use ort-cpu or tensorrt for int8")
+    """The quantized graph a target's engine is built from (its backend's quantizer)."""
+    return target.impl.quantize(src, dst, target, calib)
 
 
 def transformer_fusions(onnx_path: str | os.PathLike, num_heads: int, hidden: int) -> dict:

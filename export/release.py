@@ -98,7 +98,9 @@ def bring_onnx_in(src: Path, rd: RunDir, log: Callable[[str], None] = print) -> 
     root = rd.root.resolve()
     if src.resolve().is_relative_to(root):
         return src
-    ours = {rd.ort_engine.name, rd.trt_engine.name, rd.torch_program.name,
+    from vitrim.export.backends import BACKENDS
+
+    ours = {*(b.engine_path(rd).name for b in BACKENDS.values()),
             *(rd.engine_onnx(p).name for p in ("fp16", "bf16", "int8", "fp8"))}
     dst = rd.onnx if src.name in ours else rd.root / src.name
     for loc in external_data_files(src):
@@ -176,21 +178,25 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
     """
     from vitrim.export.engine import build_engine
     from vitrim.export.manifest import write_manifest
-    from vitrim.export.onnx import export_onnx, to_fp16
+    from vitrim.export.backends import BACKENDS
+    from vitrim.export.backends.ort_cpu import OrtCpuRunner
+    from vitrim.export.onnx import export_onnx
     from vitrim.export.parity import ParityError, ParityInconclusive, Tolerances, check_parity
-    from vitrim.export.runners import OrtCpuRunner, TorchRunner, make_runner
+    from vitrim.export.runners import TorchRunner
     from vitrim.export.verdict import parity_gates, parity_info, write_verdict
     from vitrim.pipeline.core.io import atomic_write_json, make_dir
 
     ecfg = export_cfg or ExportConfig()
     if model is None and onnx_path is None:
         raise UserError("export", "nothing to release", "pass a torch model or an ONNX file")
-    if model is None and target.backend in ("torch-cpu", "torch-cuda"):
+    backend = target.impl
+    onnx_backends = " or ".join(n for n, b in BACKENDS.items() if not b.from_model)
+    if model is None and backend.from_model:
         raise UserError("export", f"a {target.backend} target runs the torch model, and only an ONNX file was given",
-                        "pass the torch model, or use target.backend=ort-cpu or tensorrt")
-    if onnx_path is not None and target.backend in ("torch-cpu", "torch-cuda"):
+                        f"pass the torch model, or use target.backend={onnx_backends}")
+    if onnx_path is not None and backend.from_model:
         raise UserError("export", f"a {target.backend} target ships a torch program, not the given ONNX '{onnx_path}'",
-                        "drop --onnx, or use target.backend=ort-cpu or tensorrt to release that file")
+                        f"drop --onnx, or use target.backend={onnx_backends} to release that file")
     out = make_dir(out_dir, "export")
     if onnx_path is not None:
         onnx_path = Path(onnx_path)
@@ -220,12 +226,7 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
             raise UserError("export", f"'{onnx_path}' takes {onnx_sample_shape(onnx_path)} per image but the model "
                             f"takes {tuple(sample_shape)}", "pass the ONNX exported from this model")
         onnx_path = bring_onnx_in(onnx_path, rd, log)
-    src = onnx_path
-    if target.precision == "fp16" and target.backend == "tensorrt":
-        from vitrim.export.target import trt_major
-
-        if trt_major() >= 11:  # strongly typed: fp16 lives in the ONNX
-            src = to_fp16(onnx_path, rd.engine_onnx("fp16"))
+    src = backend.graph_source(onnx_path, rd, target)
     qinfo = None
     if target.quantized:
         from vitrim.export.quantize import collect_calibration, quantize_for_target
@@ -236,14 +237,14 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
                 raise UserError("export", f"a static {target.precision} engine needs calibration images",
                                 "pass calib_data (training images), or set target.quant.mode=dynamic")
             calib = collect_calibration(calib_data, target.quant.calib_images)
-        src = rd.engine_onnx(target.precision)
+        src = backend.quantized_path(rd, target.precision)
         qinfo = quantize_for_target(onnx_path, src, target, calib)
         log(f"[export] quantized {target.precision} ({target.quant_key()}"
             + (f", {qinfo['calib_images']} calibration images" if calib is not None else "") + f"): {src}")
     engine = build_engine(src, out, target, sample_shape, model=model)
     log(f"[export] engine: {engine.backend} {engine.path or '(eager torch)'}")
 
-    tol = Tolerances.for_precision(ecfg, target.precision)
+    tol = Tolerances.for_precision(ecfg, backend.tolerance_precision(target.precision))
     if model is not None:
         ref_device = best_device()
         ref_model = model if reference_model is None else reference_model.eval().cpu()
@@ -251,12 +252,11 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
         ref_desc = f"torch fp32 on {ref_device}" + ("" if reference_model is None else
                                                      " (the fp32 model before recovery)")
     else:
-        reference = OrtCpuRunner(onnx_path, target.threads, "disable")
+        reference = OrtCpuRunner(onnx_path, target.threads, "disable")  # the reference, whatever the target
         ref_desc = "the ONNX on ONNX Runtime, graph optimizations off"
     eng_runner = engine.runner(target, model, sample_shape)
-    second = None
-    if target.quantized and target.backend == "ort-cpu":  # the report also shows int8 against the fp32 engine
-        second = OrtCpuRunner(onnx_path, target.threads, target.opt_level)
+    # a reduced precision's report also shows it against the fp32 engine (where the backend offers one)
+    second = backend.second_reference(onnx_path, target) if target.precision != "fp32" else None
     import contextlib
 
     with reference, eng_runner, (second or contextlib.nullcontext()):
@@ -289,10 +289,7 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
             f"top-1 {v['reference_top1']:.2f}% -> {v['engine_top1']:.2f}%, max |diff| {v['max_absdiff']:.3g}")
 
     # latency with the same runner code as the LUT
-    if target.backend == "ort-cpu":
-        timer = make_runner("ort-cpu", onnx_path=src, threads=target.threads, opt_level=target.opt_level)
-    else:
-        timer = engine.runner(target, model, sample_shape)
+    timer = backend.timing_runner(src, engine, target, model, sample_shape)
     with timer:
         t = timer.time(target.batch, warmup=warmup, repeats=max(30, repeats))
     latency = {"batch": target.batch, "median_ms": t.median_ms, "p90_ms": t.p90_ms, "repeats": t.repeats,
@@ -303,10 +300,10 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
     artifacts = {"onnx": onnx_path, "parity": rd.parity}
     for i, loc in enumerate(external_data_files(onnx_path)):  # the graph's weights, when kept beside it
         artifacts[f"onnx_data_{i}"] = onnx_path.parent / loc
-    if engine.path is not None:
-        artifacts["engine"] = engine.path
+    artifacts.update(engine.artifacts())
     if src != onnx_path:
-        artifacts[f"onnx_{target.precision}"] = src
+        artifacts.update(backend.quantized_artifacts(src, target.precision) if target.quantized
+                         else {f"onnx_{target.precision}": src})
     if model is not None:  # every release loads without vitrim too (torch targets: their engine is that program)
         if engine.path is None or Path(engine.path).resolve() != rd.torch_program.resolve():
             artifacts["torch_program"] = save_torch_program(model, rd.torch_program, sample_shape)
@@ -362,7 +359,7 @@ def release_from_config(cfg, model, out_dir: str | os.PathLike, test_set, *, pla
         extra["student"] = Path(weights)
     loader = make_loader(test_set, cfg.target.batch, workers=cfg.data.workers)
     calib = None
-    if calib_set is not None and cfg.target.precision in ("int8", "fp8"):  # training images, in a fixed order
+    if calib_set is not None and Target.from_config(cfg.target).quantized:  # training images, in a fixed order
         calib = make_loader(calib_set, 32, shuffle=True, seed=cfg.seed, workers=cfg.data.workers)
     from vitrim.export.card import dataset_info
     from vitrim.pipeline.core.config import save_resolved

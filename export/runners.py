@@ -5,29 +5,22 @@ a batch with warm-up and repeats. Profiling (the LUT), engine measurement and
 the parity gate all use these, so a latency in the LUT and a latency in the
 manifest come from the same code.
 
-* :class:`OrtCpuRunner` - ONNX Runtime CPU, fixed intra-op threads, sequential
-  execution, fixed graph optimization level; can save the optimized model.
-* :class:`TrtRunner` - TensorRT 10/11 engine via the tensorrt API with CUDA-event
-  timing and an optional per-layer ``IProfiler`` report.
-* :class:`TorchRunner` - eager PyTorch on CPU or CUDA (CUDA events on GPU), to
-  check the method on a GPU machine without TensorRT.
+Each backend's runners live in its module of :mod:`vitrim.export.backends`
+(``OrtCpuRunner``, ``OpenVinoRunner``, ``TrtRunner``, ``TorchExportRunner``); here are the
+base class, :class:`TorchRunner` (eager PyTorch on CPU or CUDA: the parity gate's
+reference for every backend, and the torch targets' profiling runner) and the one
+side-by-side timing guard, :func:`interleaved`, with its timing functions.
 """
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from vitrim.pipeline.core.errors import UserError
-
-_ORT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
-               "all": "ORT_ENABLE_ALL"}
-
 
 @dataclass
 class Timing:
@@ -97,78 +90,6 @@ class Runner:
         return [self._run_once() for _ in range(repeats)]
 
 
-class OrtCpuRunner(Runner):
-    """ONNX Runtime on the CPU execution provider."""
-
-    name = "ort-cpu"
-
-    def __init__(self, onnx_path: str | os.PathLike, threads: int = 2, opt_level: str = "all",
-                 optimized_path: str | os.PathLike | None = None):
-        self.onnx_path, self.threads, self.opt_level = str(onnx_path), threads, opt_level
-        self.optimized_path = optimized_path
-        self.sess = None
-        self._feed = None
-
-    def session_options(self):
-        import onnxruntime as ort
-
-        if self.opt_level not in _ORT_LEVELS:
-            raise UserError("target", f"unknown ORT optimization level '{self.opt_level}'",
-                            f"use one of {', '.join(_ORT_LEVELS)}")
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = self.threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _ORT_LEVELS[self.opt_level])
-        so.log_severity_level = 3
-        # No spin-waiting: on a shared 2-core machine the spinning intra-op threads of one session
-        # steal the cores of the next, and interleaved timings swing by +-30% (measured); with
-        # spinning off, interleaved medians repeat within a few percent.
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if self.optimized_path:
-            so.optimized_model_filepath = str(self.optimized_path)
-        return so
-
-    def recorded_options(self) -> dict:
-        return {"provider": "CPUExecutionProvider", "intra_op_num_threads": self.threads, "inter_op_num_threads": 1,
-                "execution_mode": "ORT_SEQUENTIAL", "graph_optimization_level": _ORT_LEVELS[self.opt_level],
-                "session.intra_op.allow_spinning": "0"}
-
-    def activate(self) -> None:
-        import onnxruntime as ort
-
-        if not Path(self.onnx_path).is_file():
-            raise UserError("export", f"ONNX model '{self.onnx_path}' not found", "export it first (`vitrim export`)")
-        try:
-            self.sess = ort.InferenceSession(self.onnx_path, self.session_options(), providers=["CPUExecutionProvider"])
-        except Exception as e:  # ORT raises its own exception types for invalid graphs
-            raise UserError("export", f"ONNX Runtime could not load '{self.onnx_path}' ({e})",
-                            "re-export the model; the file may be corrupt") from None
-        self.input_name = self.sess.get_inputs()[0].name
-        self.output_name = self.sess.get_outputs()[0].name
-
-    def deactivate(self) -> None:
-        self.sess = None
-
-    def sample_shape(self) -> tuple[int, ...]:
-        shape = self.sess.get_inputs()[0].shape[1:]
-        if not all(isinstance(d, int) for d in shape):
-            raise UserError("profile", f"'{self.onnx_path}' has symbolic non-batch dims {shape}", "export with a static sample shape")
-        return tuple(shape)
-
-    def infer(self, x: np.ndarray) -> np.ndarray:
-        return self.sess.run([self.output_name], {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
-
-    def _prepare(self, batch: int, seed: int = 0) -> None:
-        x = np.random.default_rng(seed).standard_normal((batch, *self.sample_shape()), dtype=np.float32)
-        self._feed = {self.input_name: x}
-
-    def _run_once(self) -> float:
-        t = time.perf_counter()
-        self.sess.run([self.output_name], self._feed)
-        return (time.perf_counter() - t) * 1e3
-
-
 class tf32_off:
     """Context manager: fp32 matmuls and convolutions in full fp32 on CUDA (TF32 off), the caller's flags restored.
 
@@ -216,8 +137,9 @@ class TorchRunner(Runner):
 
         self.torch = torch
         self.device = device
-        self.name = "torch-cuda" if device.startswith("cuda") else "torch-cpu"
-        if self.name == "torch-cuda" and not torch.cuda.is_available():
+        self.cuda = device.startswith("cuda")
+        self.name = "torch-cuda" if self.cuda else "torch-cpu"
+        if self.cuda and not torch.cuda.is_available():
             raise UserError("target", "torch-cuda target but no CUDA device is visible", "use torch-cpu or ort-cpu")
         # A private copy: moving or halving the caller's module in place would make a parity
         # gate compare a model with itself (or crash on the caller's next fp32/CPU use).
@@ -231,7 +153,7 @@ class TorchRunner(Runner):
         self.threads = threads
 
     def activate(self) -> None:
-        if self.threads and self.name == "torch-cpu":
+        if self.threads and not self.cuda:
             self._old_threads = self.torch.get_num_threads()
             self.torch.set_num_threads(self.threads)
 
@@ -266,7 +188,7 @@ class TorchRunner(Runner):
     def _run_once(self) -> float:
         torch = self.torch
         with torch.inference_mode(), self.numerics():  # timed as it was gated
-            if self.name == "torch-cuda":
+            if self.cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 self.model(self._x)
@@ -276,155 +198,6 @@ class TorchRunner(Runner):
             t = time.perf_counter()
             self.model(self._x)
             return (time.perf_counter() - t) * 1e3
-
-
-class TorchExportRunner(TorchRunner):
-    """A saved ``torch.export`` program (``model.pt2``): the torch targets' engine artifact.
-
-    Loaded from disk, so it is never the in-memory module the parity gate's
-    reference wraps; it runs on the device and in the dtype it was exported with.
-    """
-
-    def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None, half: bool = False):
-        import torch
-
-        self.torch = torch
-        self.path = str(path)
-        self.device = device
-        self.name = "torch-cuda" if device.startswith("cuda") else "torch-cpu"
-        if self.name == "torch-cuda" and not torch.cuda.is_available():
-            raise UserError("target", "torch-cuda target but no CUDA device is visible", "use torch-cpu or ort-cpu")
-        if not Path(self.path).is_file():
-            raise UserError("export", f"torch program '{self.path}' not found", "re-run `vitrim export`")
-        try:
-            self.model = torch.export.load(self.path).module()
-        except Exception as e:  # corrupt archive, other torch version
-            raise UserError("export", f"could not load the torch program '{self.path}' ({type(e).__name__}: {e})",
-                            "re-export it with this torch version") from None
-        self.half = half
-        self._shape = None
-        self.threads = threads
-
-    def sample_shape(self) -> tuple[int, ...]:
-        if self._shape is None:
-            ph = [n for n in self.model.graph.nodes if n.op == "placeholder"]
-            val = ph[-1].meta.get("val") if ph else None
-            if val is None:
-                raise UserError("export", f"'{self.path}' does not record its input shape", "re-export it")
-            self._shape = tuple(int(d) for d in val.shape[1:])
-        return self._shape
-
-    def _prepare(self, batch: int, seed: int = 0) -> None:
-        g = self.torch.Generator().manual_seed(seed)
-        x = self.torch.randn((batch, *self.sample_shape()), generator=g).to(self.device)
-        self._x = x.half() if self.half else x
-
-
-class TrtRunner(Runner):
-    """A serialized TensorRT engine (TensorRT 10 or 11), run with ``execute_async_v3``.
-
-    I/O lives in torch CUDA tensors whose addresses are bound with
-    ``set_tensor_address``; timing uses CUDA events on the runner's stream. With
-    ``layer_profile=True`` an ``IProfiler`` collects per-layer times (for reports
-    only: Myelin fuses whole blocks, so the LUT uses block-level timing).
-    """
-
-    name = "tensorrt"
-
-    def __init__(self, engine_path: str | os.PathLike):
-        self.engine_path = str(engine_path)
-        self.layer_times: dict[str, list[float]] = {}
-
-    def activate(self) -> None:
-        import torch
-
-        from vitrim.export.target import import_tensorrt
-
-        trt = import_tensorrt()
-        if not torch.cuda.is_available():
-            raise UserError("target", "TensorRT needs a CUDA device and none is visible", "run on a GPU machine")
-        self.trt, self.torch = trt, torch
-        self.logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(self.logger)
-        data = Path(self.engine_path).read_bytes()
-        self.engine = self.runtime.deserialize_cuda_engine(data)
-        if self.engine is None:
-            raise UserError("export", f"TensorRT could not deserialize '{self.engine_path}'",
-                            "rebuild the engine on this GPU with this TensorRT version")
-        self.context = self.engine.create_execution_context()
-        self.stream = torch.cuda.Stream()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-
-    def deactivate(self) -> None:
-        self.context = None
-        self.engine = None
-
-    def sample_shape(self) -> tuple[int, ...]:
-        shape = self.engine.get_tensor_profile_shape(self.inputs[0], 0)[1]  # (min, opt, max)
-        return tuple(shape[1:])
-
-    def _dtype(self, name: str):
-        return {self.trt.float32: self.torch.float32, self.trt.float16: self.torch.float16,
-                self.trt.int32: self.torch.int32}[self.engine.get_tensor_dtype(name)]
-
-    def _bind(self, x) -> dict:
-        torch = self.torch
-        name = self.inputs[0]
-        x = x.to(self._dtype(name)).contiguous()
-        self.context.set_input_shape(name, tuple(x.shape))
-        self.context.set_tensor_address(name, x.data_ptr())
-        outs = {}
-        for o in self.outputs:
-            shape = tuple(self.context.get_tensor_shape(o))
-            outs[o] = torch.empty(shape, dtype=self._dtype(o), device="cuda")
-            self.context.set_tensor_address(o, outs[o].data_ptr())
-        self._keep = (x, outs)
-        return outs
-
-    def infer(self, x: np.ndarray) -> np.ndarray:
-        t = self.torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).cuda()
-        outs = self._bind(t)
-        self.stream.wait_stream(self.torch.cuda.current_stream())  # the input copy ran on the default stream
-        self.context.execute_async_v3(self.stream.cuda_stream)
-        self.stream.synchronize()
-        return outs[self.outputs[0]].float().cpu().numpy()
-
-    def _prepare(self, batch: int, seed: int = 0) -> None:
-        g = self.torch.Generator().manual_seed(seed)
-        self._bind(self.torch.randn((batch, *self.sample_shape()), generator=g).cuda())
-        self.stream.wait_stream(self.torch.cuda.current_stream())
-
-    def _run_once(self) -> float:
-        torch = self.torch
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.cuda.stream(self.stream):
-            start.record(self.stream)
-            self.context.execute_async_v3(self.stream.cuda_stream)
-            end.record(self.stream)
-        end.synchronize()
-        return start.elapsed_time(end)
-
-    def layer_profile(self, batch: int, repeats: int = 10) -> dict[str, float]:
-        """Median per-layer time (ms) through ``IProfiler``."""
-        trt = self.trt
-        times: dict[str, list[float]] = {}
-
-        class _Profiler(trt.IProfiler):
-            def __init__(self):
-                trt.IProfiler.__init__(self)
-
-            def report_layer_time(self, layer_name, ms):
-                times.setdefault(layer_name, []).append(ms)
-
-        self._prepare(batch)
-        self.context.profiler = _Profiler()
-        for _ in range(repeats):
-            self.context.execute_async_v3(self.stream.cuda_stream)
-            self.stream.synchronize()
-        self.context.profiler = None
-        return {k: float(np.median(v)) for k, v in times.items()}
 
 
 @contextlib.contextmanager
@@ -528,18 +301,3 @@ def time_ratio_visits(runners: list[Runner], batch: int, repeats: int, rounds: i
             ratios[i].append(float(np.median(got) / np.median(before + after)))
             before = after
     return [Timing.from_samples(s) for s in samples], ratios[1:]
-
-
-def make_runner(backend: str, *, onnx_path=None, engine_path=None, model=None, sample_shape=None, threads: int = 2,
-                opt_level: str = "all", precision: str = "fp32", optimized_path=None) -> Runner:
-    """The runner for a backend name (``ort-cpu``, ``tensorrt``, ``torch-cpu``, ``torch-cuda``)."""
-    if backend == "ort-cpu":
-        return OrtCpuRunner(onnx_path, threads, opt_level, optimized_path)
-    if backend == "tensorrt":
-        return TrtRunner(engine_path)
-    if backend in ("torch-cpu", "torch-cuda"):
-        if model is None:
-            raise UserError("target", f"{backend} needs the torch model", "pass model= to make_runner")
-        return TorchRunner(model, sample_shape, "cuda" if backend == "torch-cuda" else "cpu", threads,
-                           half=precision == "fp16")
-    raise UserError("target", f"unknown backend '{backend}'", "use ort-cpu, tensorrt, torch-cpu or torch-cuda")

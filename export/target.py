@@ -9,63 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 from dataclasses import asdict, dataclass, field, fields
-from functools import lru_cache
 from typing import Optional
 
-from vitrim.pipeline.core.config import PRECISIONS, QuantConfig, TargetConfig
-from vitrim.pipeline.core.errors import UserError, install_hint
-
-BACKENDS = ("ort-cpu", "tensorrt", "torch-cpu", "torch-cuda")
-
-
-@lru_cache(maxsize=None)
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _cuda_name() -> str:
-    import torch
-
-    if not torch.cuda.is_available():
-        raise UserError("target", "this target needs a CUDA GPU, and none is visible",
-                        "run on a GPU machine, or use target.backend=ort-cpu")
-    return torch.cuda.get_device_name(0)
+from vitrim.export.backends import BACKENDS, Backend, cpu_flags, cpu_name, get_backend
+from vitrim.pipeline.core.config import QuantConfig, TargetConfig
+from vitrim.pipeline.core.errors import UserError
 
 
 def engine_version(backend: str) -> str:
-    if backend == "ort-cpu":
-        import onnxruntime
-
-        return f"onnxruntime {onnxruntime.__version__}"
-    if backend == "tensorrt":
-        trt = import_tensorrt()
-        return f"tensorrt {trt.__version__}"
-    import torch
-
-    return f"torch {torch.__version__}"
-
-
-def import_tensorrt():
-    """Import TensorRT or say how to get it."""
-    try:
-        import tensorrt as trt  # noqa: F401
-    except ImportError:
-        raise UserError("target", "target.backend=tensorrt needs the tensorrt Python package",
-                        install_hint("gpu") + " on a machine with an NVIDIA GPU; or use target.backend=ort-cpu") from None
-    return trt
-
-
-def trt_major() -> int:
-    return int(import_tensorrt().__version__.split(".")[0])
+    """The engine's name and version as the signature records it (``onnxruntime 1.22.0``)."""
+    return get_backend(backend).engine_version()
 
 
 @dataclass(frozen=True)
@@ -83,13 +37,21 @@ class DeviceSignature:
     opt_level: str = ""
     max_batch: int = 0
     quant: str = ""  # int8/fp8: how the graph is quantized (mode, calibration method, scales, op set)
+    # further engine options that change timing, as ``key=value`` pairs (OpenVINO: streams, performance hint,
+    # inference precision); left out of to_dict() when empty, so the other backends' signatures and keys are as before
+    options: str = ""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not d["options"]:
+            d.pop("options")
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "DeviceSignature":
         names = {f.name for f in fields(cls)}
+        if isinstance(d, dict) and "options" not in d:
+            d = {**d, "options": ""}
         if not isinstance(d, dict) or set(d) != names:
             missing = sorted(names - set(d)) if isinstance(d, dict) else []
             why = f"it lacks {', '.join(missing)} (made by an older vitrim)" if missing else f"malformed: {d!r}"
@@ -109,8 +71,9 @@ class DeviceSignature:
         opt = f", opt level {self.opt_level}" if self.opt_level else ""
         mb = f", profile max batch {self.max_batch}" if self.max_batch else ""
         qt = f", quant {self.quant}" if self.quant else ""
+        op = f", {self.options}" if self.options else ""
         return (f"{self.backend}/{self.precision} on '{self.device}' ({self.engine_version}), "
-                f"batch {self.batch}, {self.tokens} tokens{thr}{opt}{mb}{qt}")
+                f"batch {self.batch}, {self.tokens} tokens{thr}{opt}{mb}{qt}{op}")
 
 
 @dataclass
@@ -125,75 +88,45 @@ class Target:
 
     @classmethod
     def from_config(cls, cfg: TargetConfig) -> "Target":
-        if cfg.backend not in BACKENDS:
-            raise UserError("target", f"unknown backend '{cfg.backend}'", f"use one of {', '.join(BACKENDS)}")
+        get_backend(cfg.backend)
         return cls(cfg.backend, cfg.precision, cfg.batch, cfg.threads, cfg.opt_level, cfg.max_batch, cfg.quant)
 
     @property
+    def impl(self) -> Backend:
+        """The registered backend that builds, runs and quantizes this target's engine."""
+        return get_backend(self.backend)
+
+    @property
     def quantized(self) -> bool:
-        return self.precision in ("int8", "fp8")
+        return self.precision in self.impl.quantized_precisions
 
     def quant_key(self) -> str:
         """The quantization settings that change timing (the calibration images do not)."""
-        if not self.quantized:
-            return ""
-        q = self.quant
-        if q.mode == "dynamic":
-            return f"dynamic-{'pc' if q.per_channel else 'pt'}-{'+'.join(q.op_types)}{'-attn' if q.quantize_attention else ''}"
-        att = "-attn" if q.quantize_attention else ""
-        return f"static-{q.method}-{'pc' if q.per_channel else 'pt'}-{'+'.join(q.op_types)}{att}"
+        return self.impl.quant_key(self) if self.quantized else ""
 
     @property
     def on_gpu(self) -> bool:
-        return self.backend in ("tensorrt", "torch-cuda")
+        return self.impl.on_gpu
 
     def device_name(self) -> str:
-        return _cuda_name() if self.on_gpu else cpu_name()
+        return self.impl.device_name()
 
     def signature(self, tokens: int) -> DeviceSignature:
-        if self.precision not in PRECISIONS.get(self.backend, ("fp32",)):
+        b = self.impl
+        if self.precision not in b.precisions:
             raise UserError("target", f"{self.backend} does not offer {self.precision}",
-                            f"use target.precision in {', '.join(PRECISIONS.get(self.backend, ('fp32',)))}")
-        return DeviceSignature(self.backend, self.device_name(), engine_version(self.backend), self.precision,
-                               self.batch, tokens, 0 if self.on_gpu else self.threads,
-                               opt_level=self.opt_level if self.backend == "ort-cpu" else "",
-                               max_batch=(self.max_batch or 2 * self.batch) if self.backend == "tensorrt" else 0,
-                               quant=self.quant_key())
+                            f"use target.precision in {', '.join(b.precisions)}")
+        return DeviceSignature(self.backend, self.device_name(), b.engine_version(), self.precision,
+                               self.batch, tokens, quant=self.quant_key(), **b.signature_fields(self))
 
     def check_available(self) -> None:
         """Fail fast, before any training or measuring, when this machine cannot run the target."""
-        if self.backend == "ort-cpu":
-            import onnxruntime as ort
-
-            if "CPUExecutionProvider" not in ort.get_available_providers():
-                raise UserError("target", f"onnxruntime {ort.__version__} has no CPUExecutionProvider",
-                                "pip install onnxruntime")
-            if self.opt_level not in ("disable", "basic", "extended", "all"):
-                raise UserError("target", f"target.opt_level '{self.opt_level}' is not an ORT level",
-                                "use disable, basic, extended or all")
-        elif self.backend == "tensorrt":
-            import_tensorrt()
-            _cuda_name()
-        elif self.backend == "torch-cuda":
-            _cuda_name()
-        allowed = PRECISIONS.get(self.backend, ("fp32",))
-        if self.precision not in allowed:
-            raise UserError("target", f"{self.backend} does not offer {self.precision}",
-                            f"use target.precision in {', '.join(allowed)}")
-        if self.quantized and self.backend == "tensorrt":
-            try:
-                import modelopt.onnx.quantization  # noqa: F401
-            except ImportError:
-                raise UserError("target", f"a TensorRT {self.precision} engine is quantized with NVIDIA ModelOpt, "
-                                "which is not installed", "pip install 'nvidia-modelopt[onnx]'") from None
-        if self.max_batch is not None and self.max_batch < self.batch:
-            raise UserError("target", f"target.max_batch={self.max_batch} is below target.batch={self.batch}",
-                            "raise target.max_batch or leave it null (2x batch)")
+        self.impl.check_available(self)
 
     @property
     def align(self) -> int:
         """Channel alignment that keeps the target's fast kernels (8 for fp16 tensor cores)."""
-        return 8 if self.on_gpu else 1
+        return self.impl.align
 
 
 def check_compatible(lut_sig: DeviceSignature, want: DeviceSignature, what: str = "LUT") -> None:
@@ -204,3 +137,43 @@ def check_compatible(lut_sig: DeviceSignature, want: DeviceSignature, what: str 
                         f"(differs in: {', '.join(diff)})",
                         "rebuild it on this target with `vitrim profile build CONFIG`, or point profile.lut at a "
                         "table measured for this exact target")
+
+
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def machine_targets() -> dict:
+    """What this machine can run: the CPU and its features that matter to the engines' kernels (int8 dot
+    products: avx512_vnni; bf16: avx512_bf16 or AMX), the GPU if any, and per backend its engine version and
+    runnable precisions, or why it is unavailable (``vitrim targets``)."""
+    import torch
+
+    flags = cpu_flags()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    rows = []
+    for name, b in BACKENDS.items():
+        why = b.availability()
+        row = {"backend": name, "available": why is None, "why": why, "engine_version": None, "precisions": [],
+               "offers": list(b.precisions), "device": None}
+        if why is None:
+            row["engine_version"] = b.engine_version()
+            row["precisions"] = list(b.supported_precisions())
+            row["device"] = b.device_name()
+        rows.append(row)
+    return {"cpu": cpu_name(), "cpu_features": {f: f in flags for f in CPU_FEATURES}, "gpu": gpu, "backends": rows}
+
+
+def format_targets(info: dict) -> str:
+    """:func:`machine_targets` as the text ``vitrim targets`` prints."""
+    feats = " ".join(f"{f}{'+' if on else '-'}" for f, on in info["cpu_features"].items())
+    w = max(len("engine"), *(len(r["engine_version"] or "-") for r in info["backends"]))
+    lines = [f"CPU: {info['cpu']}", f"  features: {feats}", f"GPU: {info['gpu'] or 'none visible'}", "",
+             f"{'backend':<11} {'engine':<{w}} {'precisions here':<20} not here / why"]
+    for r in info["backends"]:
+        if r["available"]:
+            missing = [p for p in r["offers"] if p not in r["precisions"]]
+            lines.append(f"{r['backend']:<11} {r['engine_version']:<{w}} {', '.join(r['precisions']):<20} "
+                         f"{', '.join(missing)}".rstrip())
+        else:
+            lines.append(f"{r['backend']:<11} {'-':<{w}} {'-':<20} {r['why']}")
+    return "\n".join(lines)

@@ -4,6 +4,7 @@
 
     DIR/<name>/config.pbtxt
     DIR/<name>/1/model.onnx     (ORT-CPU releases: platform onnxruntime_onnx)
+    DIR/<name>/1/model.xml, model.bin  (OpenVINO releases: backend openvino)
     DIR/<name>/1/model.plan     (TensorRT releases: platform tensorrt_plan)
 
 Everything in ``config.pbtxt`` is read from the release, never typed in: input and output
@@ -13,7 +14,9 @@ plan's profile max; a dynamic-batch ONNX takes ``export.triton_max_batch``, else
 ``target.max_batch``, else the batch the release was timed at); dynamic batching whenever
 the engine takes more than one image, preferring that timed batch; and, for ONNX Runtime, the
 session options the release was measured with (intra-op threads, sequential execution, the
-graph optimization level) as the ORT backend's parameters.
+graph optimization level) as the ORT backend's parameters; for OpenVINO, its threads, streams,
+performance hint and inference precision. Each backend's fields come from its module in
+:mod:`vitrim.export.backends`.
 
 The file is written with protobuf's ``text_format`` from tritonclient's own ``ModelConfig``
 message when ``tritonclient[grpc]`` is installed (the ``triton`` extra), which also rejects any
@@ -26,14 +29,10 @@ import re
 from pathlib import Path
 from typing import Callable, Optional
 
+from vitrim.export.backends import BACKENDS
 from vitrim.pipeline.core.errors import UserError, install_hint
 from vitrim.pipeline.core.rundir import RunDir
 
-# backend -> (Triton platform, the model file name Triton's backend loads by default, instance kind)
-PLATFORMS = {"ort-cpu": ("onnxruntime_onnx", "model.onnx", "KIND_CPU"),
-             "tensorrt": ("tensorrt_plan", "model.plan", "KIND_GPU")}
-# the ORT backend's optimization { graph { level } }: -1 basic, 1 extended, 2 disabled, absent: all
-ORT_GRAPH_LEVELS = {"basic": -1, "extended": 1, "disable": 2}
 
 
 class TritonRepo:
@@ -100,6 +99,16 @@ def _dims(shape: list, batched: bool, where: str) -> list[int]:
     return [int(d) for d in dims]
 
 
+def triton_backend(sig: dict):
+    """The release's backend, when Triton serves it, else a UserError naming those it serves."""
+    backend = BACKENDS.get(sig.get("backend"))
+    if backend is None or backend.triton is None:
+        served = " or ".join(f"{n} ({b.triton.value})" for n, b in BACKENDS.items() if b.triton is not None)
+        raise UserError("triton", f"a {sig.get('backend')} release ships a torch program, which no Triton platform "
+                        "loads as is", f"release for target.backend={served}")
+    return backend
+
+
 def model_config(manifest: dict, graph: Path, name: str, max_batch: Optional[int] = None) -> dict:
     """``ModelConfig`` as a dict (protobuf's JSON form with :class:`Enum` / :class:`Map` marks).
 
@@ -109,29 +118,16 @@ def model_config(manifest: dict, graph: Path, name: str, max_batch: Optional[int
         max_batch: the largest batch Triton may form (dynamic-batch ONNX); see the module docstring.
     """
     sig = manifest.get("device_signature") or {}
-    backend = sig.get("backend")
-    if backend not in PLATFORMS:
-        raise UserError("triton", f"a {backend} release ships a torch program, which no Triton platform loads as is",
-                        "release for target.backend=ort-cpu (onnxruntime_onnx) or tensorrt (tensorrt_plan)")
-    platform, _, kind = PLATFORMS[backend]
+    backend = triton_backend(sig)
+    spec = backend.triton
     inputs, outputs = graph_io(graph)
     if len(inputs) != 1:
         raise UserError("triton", f"'{graph}' has {len(inputs)} inputs", "vitrim releases single-input classifiers")
     dynamic = inputs[0]["shape"][:1] == [None] or inputs[0]["shape"][:1] == [0]
     timed = int(sig.get("batch") or 1)
-    if backend == "tensorrt":  # the plan's optimization profile bounds the batch
-        profile_max = int(sig.get("max_batch") or 0) or 2 * timed
-        if max_batch is not None and max_batch > profile_max:
-            raise UserError("triton", f"export.triton_max_batch={max_batch} exceeds the TensorRT plan's profile "
-                            f"max batch {profile_max}", f"use at most {profile_max}, or re-export with a larger "
-                            "target.max_batch")
-        mb = max_batch or profile_max
-    elif dynamic:
-        mb = max_batch or timed
-    else:  # a static batch: Triton passes whole tensors, batch dim included
-        mb = 0
+    mb = backend.triton_max_batch(sig, max_batch, dynamic)
     prep = manifest.get("preprocessing") or {}
-    cfg: dict = {"name": name, "platform": platform, "max_batch_size": mb}
+    cfg: dict = {"name": name, spec.key: spec.value, "max_batch_size": mb}
     cfg["input"] = []
     for v in inputs:
         d = _dims(v["shape"], mb > 0, f"input '{v['name']}'")
@@ -141,16 +137,13 @@ def model_config(manifest: dict, graph: Path, name: str, max_batch: Optional[int
         cfg["input"].append(entry)
     cfg["output"] = [{"name": v["name"], "data_type": Enum(triton_dtype(v["elem_type"])),
                       "dims": _dims(v["shape"], mb > 0, f"output '{v['name']}'")} for v in outputs]
-    cfg["instance_group"] = [{"count": 1, "kind": Enum(kind)}]
+    cfg["instance_group"] = [{"count": 1, "kind": Enum(spec.kind)}]
     if mb > 1:
         cfg["dynamic_batching"] = {"preferred_batch_size": [timed]} if timed <= mb else {}
-    if backend == "ort-cpu":  # run as measured: the session options the latency was timed with
-        level = ORT_GRAPH_LEVELS.get(sig.get("opt_level") or "all")
-        if level is not None:
-            cfg["optimization"] = {"graph": {"level": level}}
-        cfg["parameters"] = Map({"intra_op_thread_count": {"string_value": str(sig.get("threads") or 0)},
-                                 "inter_op_thread_count": {"string_value": "1"},
-                                 "execution_mode": {"string_value": "0"}})  # sequential
+    fields = backend.triton_fields(sig)  # run as measured: the options the latency was timed with
+    if "parameters" in fields:
+        fields["parameters"] = Map({k: {"string_value": v} for k, v in fields["parameters"].items()})
+    cfg.update(fields)
     return cfg
 
 
@@ -233,29 +226,32 @@ def write_triton_repo(release_dir: str | os.PathLike, repo_dir: str | os.PathLik
         return p if p.is_absolute() else release.root / p
 
     sig = manifest.get("device_signature") or {}
-    backend = sig.get("backend")
     precision = sig.get("precision")
     graph = artifact(f"onnx_{precision}") or artifact("onnx")  # the graph the engine was built from
     if graph is None:
         raise UserError("triton", f"the release '{release.root}' lists no ONNX graph", "re-export it")
     cfg = model_config(manifest, graph, name, max_batch)
-    # ORT serves the engine's graph (Triton's backend optimizes it with the options above); TensorRT the plan
-    served = graph if backend == "ort-cpu" else artifact("engine")
+    spec = triton_backend(sig).triton
+    # ORT serves the engine's graph (Triton's backend optimizes it with the options above); OpenVINO its IR and
+    # weights; TensorRT the plan
+    served = [graph] if spec.served == "graph" else [artifact("engine"), artifact("engine_weights")]
     repo = TritonRepo(repo_dir)
-    filename = PLATFORMS[backend][1]
+    filename = spec.files[0]
     dst = repo.model_file(name, filename)
-    if served.suffix == ".onnx":  # a graph whose weights live in external-data files: they travel beside it
+    if served[0].suffix == ".onnx":  # a graph whose weights live in external-data files: they travel beside it
         from vitrim.export.release import external_data_files
 
-        for loc in external_data_files(served):
+        for loc in external_data_files(served[0]):
             if os.path.isabs(loc) or ".." in Path(loc).parts:
-                raise UserError("triton", f"'{served}' keeps tensors in '{loc}', outside its own directory",
+                raise UserError("triton", f"'{served[0]}' keeps tensors in '{loc}', outside its own directory",
                                 "re-export the release with its weights inside its directory")
-            copy_into(served.parent / loc, dst.parent / loc)
-    copy_into(served, dst)
+            copy_into(served[0].parent / loc, dst.parent / loc)
+    for src, name_in_repo in zip(served, spec.files):  # the model file, and an IR's weights beside it
+        copy_into(src, repo.model_file(name, name_in_repo))
+    served = served[0]
     path = repo.config(name)
     atomic_write_text(path, to_pbtxt(cfg))
-    log(f"[triton] {repo.model_dir(name)}: {cfg['platform']}, max_batch_size {cfg['max_batch_size']}, "
+    log(f"[triton] {repo.model_dir(name)}: {spec.value}, max_batch_size {cfg['max_batch_size']}, "
         f"{served.name} -> {repo.model_file(name, filename)}")
     return path
 

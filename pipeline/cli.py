@@ -293,6 +293,19 @@ def cmd_compare(args) -> int:
     return 0  # a regression raises RegressionGateError: exit 5, after compare.json and verdict.json
 
 
+def cmd_targets(args) -> int:
+    from vitrim.export.target import format_targets, machine_targets
+
+    info = machine_targets()
+    if args.json:
+        import json
+
+        print(json.dumps(info, indent=2))
+    else:
+        print(format_targets(info))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vitrim", description="Make Vision Transformers fast on a chosen target: "
                                 "profile -> search -> slice -> fine-tune -> export & verify.")
@@ -301,6 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"vitrim {__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     sub.required = True
+
+    from vitrim.export.backends import BACKENDS
+
+    s = sub.add_parser("targets", help="the backends and precisions this machine can run (of "
+                       f"{', '.join(BACKENDS)}), their engine versions, the CPU features that matter, the GPU")
+    s.add_argument("--json", action="store_true", help="print it as JSON")
+    s.set_defaults(fn=cmd_targets)
 
     s = sub.add_parser("run", help="the whole pipeline from one YAML: profile, search, slice, fine-tune, export, report")
     _common(s, config_required=True)

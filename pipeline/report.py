@@ -236,7 +236,9 @@ def write_report(rd: RunDir, s: dict) -> None:
     for r in s["search_log"]:
         acc = "" if r.get("val_top1") is None else f"{r['val_top1']:.2f}"
         lines.append(f"| {r['step']} | {r['cost']:.3f} | {acc} | {r.get('removed') or ''} |")
-    names = {k: getattr(rd, k).name for k in ("onnx", "ort_engine", "student", "plan", "lut", "parity", "manifest",
+    from vitrim.export.backends import get_backend
+
+    names = {k: getattr(rd, k).name for k in ("onnx", "student", "plan", "lut", "parity", "manifest",
                                                "resolved_config")}
     pline = prediction_line(s)
     lines += ["", "## Predicted vs measured", "",
@@ -250,7 +252,7 @@ def write_report(rd: RunDir, s: dict) -> None:
               *preprocessing_lines(s, rd),
               "## Stage times (s)", "", "| " + " | ".join(s["timings"]) + " |",
               "|" + "---:|" * len(s["timings"]), "| " + " | ".join(str(v) for v in s["timings"].values()) + " |", "",
-              f"Artifacts: `{names['onnx']}`, `{names['ort_engine']}` (engine), `{names['student']}`, "
+              f"Artifacts: `{names['onnx']}`, `{get_backend(sig['backend']).engine_path(rd).name}` (engine), `{names['student']}`, "
               f"`{names['plan']}`, `{names['lut']}`, `{names['parity']}`, `{names['manifest']}` (verify with "
               f"`vitrim verify-manifest`), `{names['resolved_config']}`."]
     atomic_write_text(rd.report, "\n".join(lines) + "\n")

@@ -62,13 +62,11 @@ def _export_ahead(items: list[Item], spec: dict, target: Target, tokens: int, wo
     enough of them and the target runs ONNX; the runners then reuse the files."""
     from vitrim.profiling.exporter import export_parallel
 
-    if opener is not None or target.backend in ("torch-cpu", "torch-cuda") or len(items) < PARALLEL_MIN_ITEMS:
+    if opener is not None or not target.impl.parallel_export or len(items) < PARALLEL_MIN_ITEMS:
         return
     export_parallel([("item", it, spec, tokens, str(workdir / f"{it.key}.onnx")) for it in items], log)
 
 
-ENTRY_CHUNK = {"tensorrt": 8}  # micro-models per timing run (default 12); each chunk is saved when timed
-DEFAULT_CHUNK = 12
 
 
 def _spread_pct(visits: list[float]) -> float:
@@ -100,7 +98,7 @@ def measure_items(items: list[Item], spec: dict, target: Target, tokens: int, pc
     from vitrim.export.runners import interleaved, time_ratio_visits
 
     todo = [it for it in items if it.key not in done]
-    chunk = chunk or ENTRY_CHUNK.get(target.backend, DEFAULT_CHUNK)
+    chunk = chunk or target.impl.entry_chunk  # micro-models per timing run; each chunk is saved when timed
     open_ = opener or _open_runner
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="[profile] LUT entries", disable=not progress)
     ref_item = sentinel or (todo[0] if todo else None)
@@ -553,7 +551,7 @@ def _timed_plans(state: dict, what: str, plans: list[Plan], sentinel: Item, spec
     log(f"[profile] timing {len(plans)} whole plans ({what}), each visit bracketed by the teacher")
     items = [Item(f"plan_{_plan_digest(p)}", "plan", (p.embed_dim,), p) for p in plans]
     tx = time.time()
-    if opener is None and target.backend not in ("torch-cpu", "torch-cuda") and len(items) >= PARALLEL_MIN_PLANS:
+    if opener is None and target.impl.parallel_export and len(items) >= PARALLEL_MIN_PLANS:
         from vitrim.profiling.exporter import export_parallel
 
         export_parallel([("item", it, spec, tokens, str(workdir / f"{it.key}.onnx")) for it in items], log)

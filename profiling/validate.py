@@ -155,7 +155,7 @@ def measure_plans(plans: list[Plan], state: dict, target: Target, warmup: int, r
     from vitrim.pipeline.core.slicing import slice_model
 
     workdir = Path(workdir)
-    ahead = target.backend not in ("torch-cpu", "torch-cuda") and len(plans) >= PARALLEL_MIN_PLANS
+    ahead = target.impl.parallel_export and len(plans) >= PARALLEL_MIN_PLANS
     if ahead:  # slice and export in worker processes; the runners below reuse the files
         from vitrim.profiling.exporter import export_parallel
 

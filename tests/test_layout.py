@@ -4,7 +4,8 @@
   user's own ``pipeline.py`` next to them changes nothing.
 * core <- export <- profiling <- search <- stages: parsed from every module's imports, and no module
   imports itself back through others (no cycle).
-* Strategies register: nothing outside the registry compares a value with a strategy's name; group keys
+* Strategies and backends register: nothing outside the registry (``export/backends/`` for backends) compares
+  a value with a strategy's or a backend's name; group keys
   are typed (no ``b{i}.`` strings outside ``search/groups.py``); run artifacts are named by ``RunDir``.
 """
 from __future__ import annotations
@@ -234,6 +235,47 @@ def test_name_test_check_catches_one(tmp_path):
         assert len(name_tests(f)) == 1, src
     f.write_text('name = "uvc"\nok = cfg.strategy in STRATEGIES\n')
     assert name_tests(f) == []
+
+
+BACKEND_NAMES = ("ort-cpu", "openvino", "tensorrt", "torch-cpu", "torch-cuda")
+BACKENDS_PKG = ROOT / "export" / "backends"
+
+
+def backend_name_tests(path: Path) -> list[str]:
+    """Comparisons of anything with a backend's name (``t.backend == "ort-cpu"``, ``b in ("torch-cpu", ...)``),
+    including ``.get("backend") != "tensorrt"``."""
+    bad = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, ast.Compare):
+            continue
+        for side in (node.left, *node.comparators):
+            consts = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
+            if any(isinstance(c, ast.Constant) and c.value in BACKEND_NAMES for c in consts):
+                bad.append(f"{path}:{node.lineno}: compares with a backend name ({ast.unparse(node)})")
+                break
+    return bad
+
+
+def test_only_the_backends_package_tests_backend_names():
+    """A backend's name is compared inside ``export/backends/`` only: elsewhere, ask the backend (STYLE 17)."""
+    from vitrim.export.backends import BACKENDS
+    from vitrim.pipeline.core.config import BACKEND_NAMES as CONFIG_NAMES
+
+    assert set(BACKEND_NAMES) == set(BACKENDS) == set(CONFIG_NAMES)
+    files = [p for _, p in _modules()] + sorted((ROOT / "benchmarks").glob("*.py"))
+    bad = [b for path in files if not path.is_relative_to(BACKENDS_PKG) for b in backend_name_tests(path)]
+    assert not bad, "a backend's name tested outside export/backends/ (make it a Backend attribute or method):\n" + \
+        "\n".join(bad)
+
+
+def test_backend_name_check_catches_one(tmp_path):
+    f = tmp_path / "m.py"
+    for src in ('if target.backend == "ort-cpu":\n    pass\n', 'x = b in ("torch-cpu", "torch-cuda")\n',
+                'y = sig.get("backend") != "tensorrt"\n', 'z = "torch-cuda" == name\n'):
+        f.write_text(src)
+        assert len(backend_name_tests(f)) == 1, src
+    f.write_text('name = "ort-cpu"\nok = cfg.target.backend in BACKENDS\n')
+    assert backend_name_tests(f) == []
 
 
 def test_group_keys_are_formatted_in_groups_only():

@@ -15,7 +15,8 @@ The layout of a ``vitrim run`` directory::
     student.safetensors  checkpoint.pt         the fine-tuned student; the trainer's resumable state
     finetune_log.json
     model.onnx  model.<precision>.onnx         the exported graph; the quantized / fp16 graph built from it
-    model.ort.onnx | model.plan | model.pt2    the engine (ORT-optimized graph, TensorRT plan, torch.export)
+    model.ort.onnx | model.ov.xml | model.plan | model.pt2    the engine (ORT-optimized graph, OpenVINO IR,
+                                               TensorRT plan, torch.export)
     parity.json  manifest.json                 the parity gate's figures; the release manifest
     MODEL_CARD.md  compare.json                the model card; the regression gate against a baseline
     verdict.json  manifest.json.sig            every gate's figure, threshold, pass/fail and exit code; the
@@ -128,6 +129,19 @@ class RunDir:
     @property
     def trt_timing_cache(self) -> Path:
         return self.root / "timing.cache"
+
+    @property
+    def ov_engine(self) -> Path:
+        """OpenVINO's engine: an IR (``.xml`` graph; its weights in :attr:`ov_engine_weights`)."""
+        return self.root / "model.ov.xml"
+
+    @property
+    def ov_engine_weights(self) -> Path:
+        return self.ov_engine.with_suffix(".bin")
+
+    def ov_graph(self, precision: str) -> Path:
+        """An OpenVINO IR the engine is built from (NNCF's int8 graph): ``model.<precision>.xml`` and ``.bin``."""
+        return self.root / f"model.{precision}.xml"
 
     @property
     def torch_program(self) -> Path:

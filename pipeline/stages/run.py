@@ -72,13 +72,15 @@ def _run_pipeline(cfg: RunConfig, log: Callable[[str], None], progress: bool) ->
                                                wants_closed_loop)
     from vitrim.pipeline.stages.teacher import load_teacher, teacher_key
 
+    from vitrim.export.backends import BACKENDS
     from vitrim.export.target import Target
 
     t_start = time.time()
     # fail fast: the target and the data are checked before any training or measuring
     from vitrim.pipeline.core.device import resolve_device
 
-    Target.from_config(cfg.target).check_available()
+    target = Target.from_config(cfg.target)
+    target.check_available()
     from vitrim.pipeline.stages.cache import prepare_cache
 
     prepare_cache(cfg, lut=True, log=log)  # a read-only cache lacking the teacher or table: refused before any work
@@ -94,9 +96,10 @@ def _run_pipeline(cfg: RunConfig, log: Callable[[str], None], progress: bool) ->
         raise UserError("run", f"export.require_budget needs the measured closed loop, which strategy "
                         f"'{cfg.search.strategy}' with this budget does not run",
                         "use a latency budget with a correctable strategy (e.g. knapsack), or export.require_budget=false")
-    if cfg.export.require_budget and cfg.target.backend != "ort-cpu":  # the gate wants both engines in one session
+    if cfg.export.require_budget and not target.impl.times_onnx:  # the gate wants both engines in one session
+        onnx_timed = ", ".join(n for n, b in BACKENDS.items() if b.times_onnx)
         raise UserError("run", f"export.require_budget times teacher and student round-robin in one session, which "
-                        f"vitrim run does on ort-cpu; the target is {cfg.target.backend}",
+                        f"vitrim run does on {onnx_timed}; the target is {cfg.target.backend}",
                         "gate the latency with `vitrim compare` against a baseline release, or export.require_budget=false")
     if cfg.export.baseline is not None:  # checked now, not after minutes of search and fine-tuning
         from vitrim.export.manifest import verify_manifest
@@ -219,7 +222,8 @@ def _run_pipeline(cfg: RunConfig, log: Callable[[str], None], progress: bool) ->
         cache.done("export", h_exp)
     timings["export_s"] = round(time.time() - t0, 1) if t0 else "cached"
     p = cfg.target.precision  # the graph each engine was built from (export.release names it)
-    same = retime_pair(cfg, rd.teacher_dir.engine_onnx(p), rd.engine_onnx(p), log)
+    graph = (lambda d: target.impl.quantized_path(d, p)) if target.quantized else (lambda d: d.engine_onnx(p))
+    same = retime_pair(cfg, graph(rd.teacher_dir), graph(rd), log)
 
     summary = make_summary(cfg, spec, plan, lut, teacher_acc, teacher_exp, student_exp, rd, timings)
     summary["preprocessing"] = prep.to_dict()
@@ -267,13 +271,15 @@ def _weights_key(source) -> str | None:
 
 
 def retime_pair(cfg: RunConfig, teacher_onnx: Path, student_onnx: Path, log):
-    """Median latency of teacher and student timed round-robin in one session (ORT-CPU)."""
-    if cfg.target.backend != "ort-cpu" or not (teacher_onnx.is_file() and student_onnx.is_file()):
-        return None
-    from vitrim.export.runners import OrtCpuRunner, interleaved, time_interleaved
+    """Median latency of teacher and student timed round-robin in one session (a backend that times ONNX files)."""
+    from vitrim.export.target import Target
 
-    runners = [OrtCpuRunner(teacher_onnx, cfg.target.threads, cfg.target.opt_level),
-               OrtCpuRunner(student_onnx, cfg.target.threads, cfg.target.opt_level)]
+    target = Target.from_config(cfg.target)
+    if not target.impl.times_onnx or not (teacher_onnx.is_file() and student_onnx.is_file()):
+        return None
+    from vitrim.export.runners import interleaved, time_interleaved
+
+    runners = [target.impl.onnx_runner(teacher_onnx, target), target.impl.onnx_runner(student_onnx, target)]
     with interleaved(runners) as rs:
         t, s = time_interleaved(rs, cfg.target.batch, max(60, cfg.profile.repeats), max(12, cfg.profile.rounds),
                                 cfg.profile.warmup)

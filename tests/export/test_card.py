@@ -14,7 +14,7 @@ from PIL import Image
 
 from vitrim.export.card import write_model_card
 from vitrim.export.release import release, release_from_config
-from vitrim.export.runners import OrtCpuRunner
+from vitrim.export.backends.ort_cpu import OrtCpuRunner
 from vitrim.export.target import Target
 from vitrim.pipeline.core.config import DataConfig
 from vitrim.pipeline.core.data import build_splits, make_loader

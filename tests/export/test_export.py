@@ -13,7 +13,8 @@ from onnx import numpy_helper
 from vitrim.export.manifest import verify_manifest
 from vitrim.export.onnx import export_onnx, to_fp16
 from vitrim.export.parity import ParityError, Tolerances, check_parity
-from vitrim.export.runners import OrtCpuRunner, TorchRunner
+from vitrim.export.backends.ort_cpu import OrtCpuRunner
+from vitrim.export.runners import TorchRunner
 from vitrim.pipeline.cli import main
 from vitrim.pipeline.core.config import load_config
 from vitrim.pipeline.core.data import build_splits
@@ -146,8 +147,8 @@ def _has_trt() -> str | None:
 @pytest.mark.skipif(_has_trt() is not None, reason=str(_has_trt()))
 def test_tensorrt_engine_parity(env):
     tmp_path, cfg, splits = env
-    from vitrim.export.engine import build_trt_engine
-    from vitrim.export.runners import TrtRunner
+    from vitrim.export.backends.tensorrt import build_trt_engine
+    from vitrim.export.backends.tensorrt import TrtRunner
     from vitrim.export.target import Target
 
     student = load_compact(tmp_path / "student")

@@ -33,7 +33,8 @@ import yaml
 from vitrim.export.engine import build_engine
 from vitrim.export.onnx import FP16_MAX, export_onnx, to_fp16
 from vitrim.export.parity import Tolerances, check_parity
-from vitrim.export.runners import OrtCpuRunner, Runner, TorchRunner
+from vitrim.export.backends.ort_cpu import OrtCpuRunner
+from vitrim.export.runners import Runner, TorchRunner
 from vitrim.export.target import Target
 from vitrim.pipeline.core.config import ExportConfig
 from vitrim.pipeline.core.data import load_fmnist

@@ -15,8 +15,9 @@ from onnx import helper, numpy_helper
 
 from vitrim.export.onnx import export_onnx, to_fp16
 from vitrim.export.parity import Tolerances, check_parity
+from vitrim.export.backends.ort_cpu import OrtCpuRunner
 from vitrim.export.planted import FAULTS, Planted
-from vitrim.export.runners import OrtCpuRunner, Runner, TorchRunner
+from vitrim.export.runners import Runner, TorchRunner
 from vitrim.pipeline.cli import main
 from vitrim.pipeline.core.config import ExportConfig, QuantConfig
 from vitrim.pipeline.core.data import make_loader

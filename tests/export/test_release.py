@@ -108,7 +108,8 @@ def test_parity_memory_does_not_grow_with_the_split(tmp_path):
 
     from vitrim.export.onnx import export_onnx
     from vitrim.export.parity import Tolerances, check_parity
-    from vitrim.export.runners import OrtCpuRunner, TorchRunner
+    from vitrim.export.backends.ort_cpu import OrtCpuRunner
+    from vitrim.export.runners import TorchRunner
 
     model = random_init(timm.create_model("vit_tiny_patch16_224", **TINY_KW), seed=6, std=0.2)
     onnx_path = export_onnx(model, tmp_path / "m.onnx", (1, 28, 28))

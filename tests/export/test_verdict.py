@@ -116,7 +116,8 @@ def test_an_undecided_gate_makes_an_inconclusive_verdict_with_exit_6(real_releas
 def test_the_latency_gate_on_real_timings_exits_4_only_when_required(real_release, tmp_path):
     """The delivered ratio is measured (the same engine timed twice, round-robin: ~1.0 on any machine); a budget
     of half the teacher fails it by far, one of 1.5x passes by far."""
-    from vitrim.export.runners import OrtCpuRunner, interleaved, time_interleaved
+    from vitrim.export.backends.ort_cpu import OrtCpuRunner
+    from vitrim.export.runners import interleaved, time_interleaved
 
     rd = RunDir(real_release / "rel")
     with interleaved([OrtCpuRunner(rd.onnx, 1), OrtCpuRunner(rd.onnx, 1)]) as rs:

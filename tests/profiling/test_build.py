@@ -91,7 +91,8 @@ from vitrim.export.target import Target
 from vitrim.pipeline.core.config import ProfileConfig
 from vitrim.pipeline.core.plan import Floors
 from vitrim.profiling import build
-build.DEFAULT_CHUNK = 3  # small chunks: several saves before the kill
+from vitrim.export.backends import BACKENDS
+BACKENDS["ort-cpu"].entry_chunk = 3  # small chunks: several saves before the kill
 spec, pcfg, out = json.load(open(sys.argv[1])), ProfileConfig(**json.load(open(sys.argv[2]))), sys.argv[3]
 build.build_lut(spec, Target(batch=4, threads=1), pcfg, Floors(), 8, out, progress=False)
 """
