@@ -14,7 +14,7 @@ import timm
 import torch
 
 from vitrim.export.onnx import export_onnx
-from vitrim.export.runners import OrtCpuRunner
+from vitrim.export.backends.ort_cpu import OrtCpuRunner
 from vitrim.pipeline.core.errors import UserError
 from vitrim.pipeline.core.models import describe
 from vitrim.pipeline.core.plan import BlockPlan, Plan
