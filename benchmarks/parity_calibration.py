@@ -9,7 +9,7 @@ margin. Models: the embedded default's teacher (``configs/fmnist_cpu.yaml``, tra
 by ``vitrim train-teacher``) on the Fashion-MNIST test images, and a DeiT-shaped model (DeiT-Tiny
 layout at 224 px, timm's random init) on Fashion-MNIST images resized to 224 px, 3 channels.
 
-    .venv/bin/python benchmarks/parity_calibration.py --out runs/parity_calibration
+    .venv/bin/python benchmarks/parity_calibration.py --out runs/parity_calibration   # 2000 + 128 images a gate
     .venv/bin/python benchmarks/parity_calibration.py --smoke --out /tmp/pc   # seconds: tiny model, few images
 """
 from __future__ import annotations
@@ -108,7 +108,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/fmnist_cpu.yaml")
     ap.add_argument("--out", default="runs/parity_calibration")
-    ap.add_argument("--deit-images", type=int, default=256)
+    ap.add_argument("--images", type=int, default=2000, help="test images of the embedded default per gate")
+    ap.add_argument("--deit-images", type=int, default=128)
     ap.add_argument("--smoke", action="store_true", help="a tiny random model on 128 images (seconds)")
     args = ap.parse_args(argv)
     import timm
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
     else:
         from vitrim.pipeline.stages.teacher import load_teacher
 
-        cfg = load_config(args.config, [])
+        cfg = load_config(args.config, [f"data.test_limit={args.images}"])
         splits = build_splits(cfg.data)
         teacher, _ = load_teacher(cfg, splits, train_if_missing=False, log=log)
         calib = collect_calibration(make_loader(splits.train, 32, shuffle=True, seed=0), cfg.target.quant.calib_images)

@@ -104,11 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="exit 1 when the document is out of date")
     ap.add_argument("--out", type=Path, default=DOC)
+    ap.add_argument("--smoke", action="store_true", help="classify and render, print the counts, write nothing "
+                    "(tests/test_benchmarks.py; the full run takes seconds too, but must not rewrite the doc)")
     args = ap.parse_args(argv)
     result = classify()
     text = render(result)
     counts = Counter(s for s, _ in result.values())
     print(f"timm {timm.__version__}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    if args.smoke:
+        return 0
     if args.check:
         current = args.out.read_text() if args.out.is_file() else ""
         if current != text:
