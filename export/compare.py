@@ -172,7 +172,9 @@ def evaluate_pair(base: Runner, cand: Runner, data: Iterable, max_images: Option
         x, y = _images_labels(batch)
         if max_images is not None:
             x, y = x[:max_images - n], y[:max_images - n]
-        pb, pc = base.infer(x).argmax(1), cand.infer(x).argmax(1)
+        ob, oc = base.infer(x), cand.infer(x)  # a NaN row has no class: it counts as a wrong answer
+        pb = np.where(np.isfinite(ob).all(1), ob.argmax(1), -1)
+        pc = np.where(np.isfinite(oc).all(1), oc.argmax(1), -1)
         ok_b, ok_c = pb == y, pc == y
         n += len(y)
         right_b, right_c = right_b + int(ok_b.sum()), right_c + int(ok_c.sum())

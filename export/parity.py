@@ -292,10 +292,13 @@ def check_parity(reference, engine, batches: Iterable[tuple], tol: Tolerances, p
             x, y = x[:max_images - n], y[:max_images - n]
         ro, eo = reference.infer(x), engine.infer(x)
         errors.add(ro, eo)
-        ro2, eo2 = np.asarray(ro).reshape(len(x), -1), np.asarray(eo).reshape(len(x), -1)
+        ro2 = np.asarray(ro).reshape(len(x), -1)
         rp = ro2.argmax(1)
-        # NaN logits have no class: such an image counts as a wrong answer
-        ep = np.where(np.isfinite(eo2).all(1), eo2.argmax(1) if eo2.shape == ro2.shape else -1, -1)
+        if np.shape(eo) == np.shape(ro):  # NaN logits have no class: such an image counts as a wrong answer
+            eo2 = np.asarray(eo).reshape(len(x), -1)
+            ep = np.where(np.isfinite(eo2).all(1), eo2.argmax(1), -1)
+        else:  # the shape check names it; no image has a class
+            ep = np.full(len(x), -1)
         classes = ro2.shape[1]
         if ref_counts is None:
             ref_counts, eng_counts = np.zeros(classes, np.int64), np.zeros(classes, np.int64)

@@ -9,6 +9,10 @@ Two kinds of claim end a release job, and both are statistical:
   interval for the accuracy loss. The loss is decided against the allowed loss: below it with
   confidence is PASS, above it with confidence is FAIL, and an interval that straddles it is
   INCONCLUSIVE (too few images for the tolerance). Identical predictions PASS: the loss is 0.
+  The interval is conditional on the discordant count (the exact McNemar interval): it does not
+  widen for that count's own sampling noise, so when every discordant image goes one way its upper
+  end is the observed loss. A loss at the tolerance therefore never passes (PASS needs the upper
+  end strictly below it); an unconditional interval (Tango's score interval) would be stricter.
 * **a latency ratio** measured beside an A/A control (the baseline against itself in the same
   session): a ratio within twice the control's deviation of the threshold is INCONCLUSIVE.
 """
@@ -85,7 +89,7 @@ def paired_accuracy(only_a_right: int, only_b_right: int, images: int, allowed_l
         # loss = (b - c) / n = nd * (2 q - 1) / n, with q the chance a discordant image is one A alone gets right
         lo, hi = (100.0 * nd * (2.0 * q - 1.0) / n for q in (ci.low, ci.high))
         p = float(t.pvalue)
-    if hi <= allowed_loss_pt:
+    if nd == 0 or hi < allowed_loss_pt:  # strictly below: a loss at the tolerance never passes
         outcome = PASS
     elif lo > allowed_loss_pt:
         outcome = FAIL
@@ -100,6 +104,10 @@ def ratio_outcome(ratio: float, threshold: float, noise: float, k: float = 2.0) 
     PASS when the ratio stays ``k`` noises below the threshold, FAIL when it is ``k`` noises above it,
     INCONCLUSIVE in between: on a machine whose A/A control moves by more than the margin, no verdict.
     """
+    import math
+
+    if not (math.isfinite(ratio) and math.isfinite(noise)):  # a broken timing is a failure, not a noisy machine
+        return FAIL
     margin = k * abs(noise)
     if ratio <= threshold - margin:
         return PASS

@@ -90,7 +90,7 @@ def _run_pipeline(cfg: RunConfig, log: Callable[[str], None], progress: bool) ->
     log(prep.line())
     log(splits.line())
     rd = RunDir(cfg.out_dir)
-    for stale in (rd.summary, rd.report, rd.verdict):  # never leave a previous run's verdict beside a failed one
+    for stale in (rd.summary, rd.report, rd.verdict, rd.compare):  # never leave a previous run's verdict beside a failed one
         stale.unlink(missing_ok=True)
     if cfg.export.require_budget and not wants_closed_loop(cfg):  # issue 24: the gate needs the delivered ratio
         raise UserError("run", f"export.require_budget needs the measured closed loop, which strategy "
@@ -249,6 +249,7 @@ def _run_pipeline(cfg: RunConfig, log: Callable[[str], None], progress: bool) ->
         verdict = finish_release(cfg, rd, summary, verdict, log)  # the card with the speedup, export.triton, .baseline
     except UserError:
         rd.verdict.unlink(missing_ok=True)  # the run stopped on a user error: no verdict of it stands
+        rd.manifest.unlink(missing_ok=True)  # nor a release that lists it
         raise
     summary["wall_s"] = round(time.time() - t_start, 1)
     write_summary(rd, summary)

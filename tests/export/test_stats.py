@@ -58,3 +58,10 @@ def test_latency_outcome_needs_the_ratio_clear_of_the_threshold_by_twice_the_noi
     assert ratio_outcome(1.20, 1.03, 0.01) == FAIL
     assert ratio_outcome(1.00, 1.03, 0.05) == INCONCLUSIVE  # the A/A control moved more than the threshold
     assert ratio_outcome(1.035, 1.03, 0.005) == INCONCLUSIVE
+
+
+def test_a_loss_at_the_tolerance_never_passes_and_a_broken_timing_fails():
+    """Review finding: with every discordant image one way, the conditional interval's upper end is the
+    observed loss; 30 of 10,000 is exactly 0.3 pt, which must not PASS a 0.3 pt tolerance."""
+    assert paired_accuracy(30, 0, 10_000, 0.3).outcome == INCONCLUSIVE
+    assert ratio_outcome(float("nan"), 1.03, 0.01) == FAIL and ratio_outcome(1.0, 1.03, float("inf")) == FAIL
