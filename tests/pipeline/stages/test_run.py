@@ -197,7 +197,10 @@ def test_readme_run_int8_with_a_mask_strategy(tmp_path, fmnist_dir, cache):
                                                                   # int8 kernels decide (the gate's own tests are
                                                                   # tests/export/test_parity.py)
                                                                   "export.int8.max_acc_loss=3.0",
-                                                                  "export.int8.min_top1_agreement=0.9"], cache)])
+                                                                  "export.int8.min_top1_agreement=0.9",
+                                                                  "export.int8.max_class_shift=0.05",
+                                                                  "export.int8.max_rel_l2=2.0",
+                                                                  "export.int8.max_mean_rel_l2=0.5"], cache)])
     assert rc == 0
     run = tmp_path / "run"
     m = verify_manifest(run)
