@@ -218,13 +218,14 @@ def test_readme_run_with_token_merges(tmp_path, fmnist_dir, cache):
     axis is built, the search merges, the shipped plan and ONNX agree and the gate passes.
 
     Merges are forced, not hoped for: this LUT has one grid point per width (a narrower block is priced
-    like a full one) and blocks are kept, so nothing but a merge saves time and a budget of 90% can only
+    like a full one) and blocks are kept, so nothing but a merge saves time and a budget of 97% can only
     be met by merging. The margin is the table's: the cheapest-to-lose merges the search takes first (late
-    ones) saved 17% in one measured table, where 80% could not be reached in two merges; one merge after the
+    ones) saved 17% in one measured table, where 80% could not be reached in two merges, and only 4.6% in a
+    table measured on a loaded machine (2026-12-06 fresh clone: 90% was not reached); one merge after the
     stem saves about 40%.
     """
     rc = main(["run", "configs/fmnist_cpu.yaml", *sets(tmp_path, [
-        f"data.root={fmnist_dir}", "search.prune_tokens=true", "search.budget_fraction=0.9",
+        f"data.root={fmnist_dir}", "search.prune_tokens=true", "search.budget_fraction=0.97",
         "search.prune_blocks=false", "profile.embed_points=1", "profile.head_points=1", "profile.qk_points=1",
         "profile.v_points=1", "profile.mlp_points=1", "profile.token_points=2", "profile.checks=1",
         "profile.calibration_plans=1", "search.measured_rounds=0"], cache)])
@@ -236,7 +237,7 @@ def test_readme_run_with_token_merges(tmp_path, fmnist_dir, cache):
     assert m["parity"]["passed"] and m["parity"]["top1_agreement"] >= 0.99
     plan = json.loads((run / "plan.json").read_text())
     s = json.loads((run / "summary.json").read_text())
-    assert s["student"]["predicted_ms"] <= 0.9 * s["teacher"]["predicted_ms"] + 1e-9
+    assert s["student"]["predicted_ms"] <= 0.97 * s["teacher"]["predicted_ms"] + 1e-9
     steps = json.loads((run / "search" / "search_log.json").read_text())["steps"]
     assert all("tokens" in r for r in steps[1:])
     assert plan["meta"]["merge_saliency"][0]["calibration_groups"] > 0  # merges were scored at every step
