@@ -43,7 +43,7 @@ def engines(int8_teacher, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def test_images(fmnist_dir):
+def fmnist_test_1000(fmnist_dir):
     """1000 real test images: enough for a correct int8 engine's accuracy loss to be decided at 0.5 pt."""
     from vitrim.pipeline.core.config import load_config
     from vitrim.pipeline.core.data import build_splits
@@ -70,15 +70,15 @@ def _gate(teacher, images, path, precision, fault=None, batch=64, tol=None, max_
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
-def test_correct_engine_passes_each_precision_at_every_batch(engines, test_images, precision):
+def test_correct_engine_passes_each_precision_at_every_batch(engines, fmnist_test_1000, precision):
     """Per-image statistics: the verdict and every figure but rounding are the same at batch 1, 8 and 64."""
     teacher, _, paths = engines
-    reps = {b: _gate(teacher, test_images, paths[precision], precision, batch=b) for b in (1, 8, 64)}
+    reps = {b: _gate(teacher, fmnist_test_1000, paths[precision], precision, batch=b) for b in (1, 8, 64)}
     tol = Tolerances.for_precision(ExportConfig(), precision)
     for b, rep in reps.items():
         o = rep.outputs["logits"]
         assert rep.outcome == "pass" and rep.passed, (b, rep.failures, rep.undecided)
-        assert rep.images == len(test_images) == o["images"]
+        assert rep.images == len(fmnist_test_1000) == o["images"]
         assert o["max_rel_l2"] < tol.max_rel_l2 / 2 and o["mean_rel_l2"] < tol.max_mean_rel_l2 / 2  # margin
         assert rep.accuracy["ci_pt"][1] <= tol.max_acc_loss
         if precision != "fp32":
@@ -91,16 +91,16 @@ def test_correct_engine_passes_each_precision_at_every_batch(engines, test_image
 @pytest.mark.parametrize("batch", [1, 8, 64])
 @pytest.mark.parametrize("fault", list(EXPECTED))
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
-def test_planted_engine_fails_each_precision_at_every_batch_naming_the_check(engines, test_images, precision, fault,
+def test_planted_engine_fails_each_precision_at_every_batch_naming_the_check(engines, fmnist_test_1000, precision, fault,
                                                                                batch):
     teacher, _, paths = engines
-    rep = _gate(teacher, test_images, paths[precision], precision, fault, batch, max_images=128 if batch == 1 else 256)
+    rep = _gate(teacher, fmnist_test_1000, paths[precision], precision, fault, batch, max_images=128 if batch == 1 else 256)
     assert rep.outcome == "fail" and not rep.passed
     assert any(EXPECTED[fault] in f for f in rep.failures), rep.failures
     assert all(f.startswith("output 'logits': ") for f in rep.failures), rep.failures
 
 
-def test_int8_logits_scaled_by_1_3_fail(engines, test_images):
+def test_int8_logits_scaled_by_1_3_fail(engines, fmnist_test_1000):
     """The finding: with atol = rtol = 1.0 and a worst-batch relative L2 of 0.3, logits x1.3 passed int8."""
     teacher, _, paths = engines
 
@@ -112,12 +112,12 @@ def test_int8_logits_scaled_by_1_3_fail(engines, test_images):
             return 1.3 * self.inner.infer(x)
 
     with TorchRunner(teacher, SHAPE, threads=1) as ref, OrtCpuRunner(paths["int8"], threads=1) as eng:
-        rep = check_parity(ref, Scaled(eng), make_loader(test_images, 64),
+        rep = check_parity(ref, Scaled(eng), make_loader(fmnist_test_1000, 64),
                            Tolerances.for_precision(ExportConfig(), "int8"), "int8")
     assert not rep.passed and any("mean relative L2" in f for f in rep.failures), rep.failures
 
 
-def test_the_verdict_does_not_depend_on_the_latency_batch(engines, test_images):
+def test_the_verdict_does_not_depend_on_the_latency_batch(engines, fmnist_test_1000):
     """The finding: 1 image in 16 with its logits x1.9 (top-1 unchanged) failed at batch 1 and 8 and passed at 64,
     because the relative L2 error was taken per loader batch. Per image, it fails the same way at every batch."""
     teacher, _, paths = engines
@@ -136,7 +136,7 @@ def test_the_verdict_does_not_depend_on_the_latency_batch(engines, test_images):
     reps = {}
     for b in (1, 8, 64):
         with TorchRunner(teacher, SHAPE, threads=1) as ref, OrtCpuRunner(paths["int8"], threads=1) as eng:
-            reps[b] = check_parity(ref, OneIn16(eng), make_loader(test_images, b),
+            reps[b] = check_parity(ref, OneIn16(eng), make_loader(fmnist_test_1000, b),
                                    Tolerances.for_precision(ExportConfig(), "int8"), "int8", max_images=128)
     assert {r.outcome for r in reps.values()} == {"fail"}
     assert all(any("relative L2 error of the worst image" in f for f in r.failures) for r in reps.values())
@@ -144,7 +144,7 @@ def test_the_verdict_does_not_depend_on_the_latency_batch(engines, test_images):
     assert max(worst) - min(worst) < 0.02 and min(worst) > 0.85  # ~0.9 at every batch
 
 
-def test_accuracy_loss_is_undecided_on_too_few_images(engines, test_images):
+def test_accuracy_loss_is_undecided_on_too_few_images(engines, fmnist_test_1000):
     """3 net flips on 64 images: the interval straddles the allowed loss, so the gate says INCONCLUSIVE."""
     teacher, _, paths = engines
     loose = dict(atol=1e9, rtol=1e9, max_rel_l2=1e9, max_mean_rel_l2=1e9, max_prob_js=1, max_mean_prob_js=1,
@@ -164,14 +164,14 @@ def test_accuracy_loss_is_undecided_on_too_few_images(engines, test_images):
             return out
 
     with TorchRunner(teacher, SHAPE, threads=1) as ref, OrtCpuRunner(paths["fp32"], threads=1) as eng:
-        rep = check_parity(ref, FlipThree(eng, ref), make_loader(test_images, 64), Tolerances(**loose), "fp32",
+        rep = check_parity(ref, FlipThree(eng, ref), make_loader(fmnist_test_1000, 64), Tolerances(**loose), "fp32",
                            max_images=64)
     assert rep.outcome == "inconclusive" and not rep.passed and not rep.failures
     assert rep.accuracy["ci_pt"][0] <= 0.5 < rep.accuracy["ci_pt"][1] and rep.undecided
     assert "evaluate more images" in rep.undecided[0]
 
 
-def test_elementwise_check_uses_the_reference_as_denominator(engines, test_images):
+def test_elementwise_check_uses_the_reference_as_denominator(engines, fmnist_test_1000):
     """|e - r| <= atol + rtol*|r|: an engine at 2x the reference fails rtol 0.6.
 
     Polygraphy's rule divides by the engine's output: |2r - r| / |2r| = 0.5 <= 0.6 passed.
@@ -180,7 +180,7 @@ def test_elementwise_check_uses_the_reference_as_denominator(engines, test_image
     tol = Tolerances(atol=1e-3, rtol=0.6, max_rel_l2=10.0, max_mean_rel_l2=10.0, max_prob_js=1.0,
                      max_mean_prob_js=1.0, max_class_shift=1.0, min_top1_agreement=0.0, max_acc_loss=100.0)
     with TorchRunner(teacher, SHAPE, threads=1) as ref, OrtCpuRunner(paths["fp32"], threads=1) as eng:
-        rep = check_parity(ref, _Doubled(eng), make_loader(test_images, 64), tol, "fp32", max_images=256)
+        rep = check_parity(ref, _Doubled(eng), make_loader(fmnist_test_1000, 64), tol, "fp32", max_images=256)
     assert not rep.passed and len(rep.failures) == 1 and "elementwise" in rep.failures[0], rep.failures
     assert rep.outputs["logits"]["max_over_allowed"] > 1.5  # |2r - r| / (0.6|r|) -> 1.67
 
@@ -193,11 +193,11 @@ class _Doubled(Runner):
         return 2.0 * self.inner.infer(x)
 
 
-def test_report_details_only_the_worst_images(engines, test_images):
+def test_report_details_only_the_worst_images(engines, fmnist_test_1000):
     teacher, _, paths = engines
     tol = Tolerances.for_precision(ExportConfig(), "fp32")
     with TorchRunner(teacher, SHAPE, threads=1) as ref, OrtCpuRunner(paths["fp32"], threads=1) as eng:
-        rep = check_parity(ref, Planted(eng, "nan"), make_loader(test_images, 32), tol, "fp32", worst=3,
+        rep = check_parity(ref, Planted(eng, "nan"), make_loader(fmnist_test_1000, 32), tol, "fp32", worst=3,
                            max_images=384)
     o = rep.outputs["logits"]
     assert o["images"] == 384 and len(o["worst_images"]) == 3
