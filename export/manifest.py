@@ -39,13 +39,16 @@ from vitrim.pipeline.core.io import atomic_write_json, sha256_file
 from vitrim.pipeline.core.rundir import RunDir
 
 MANIFEST_SCHEMA = 2
-_LIBS = ("vitrim", "torch", "timm", "onnx", "onnxruntime", "openvino", "nncf", "onnxscript", "polygraphy", "numpy",
-         "safetensors", "tensorrt")
+_LIBS = ("vitrim", "torch", "timm", "onnx", "onnxscript", "numpy", "safetensors")  # the engines' own: their backends
 
 
 def library_versions() -> dict:
+    """The versions a verdict was measured with: vitrim's own libraries and every registered engine's."""
+    from vitrim.export.backends import BACKENDS
+
     out = {"python": platform.python_version()}
-    for lib in _LIBS:
+    engines = [lib for b in BACKENDS.values() for lib in b.libraries]
+    for lib in dict.fromkeys([*_LIBS, *engines]):
         try:
             out[lib] = metadata.version(lib)
         except metadata.PackageNotFoundError:

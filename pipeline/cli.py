@@ -19,10 +19,12 @@ NAMES = RunDir("DIR")  # the artifact names the help texts mention
 
 
 def _cfg(args):
+    from vitrim.export.backends import get_backend
     from vitrim.pipeline.core.config import load_config
     from vitrim.pipeline.core.device import apply_threads
 
     cfg = load_config(args.config, args.set)
+    get_backend(cfg.target.backend, "config")  # the registry knows the engines: an unknown name is a config error
     apply_threads(cfg.runtime.threads)
     return cfg
 

@@ -237,8 +237,17 @@ def test_name_test_check_catches_one(tmp_path):
     assert name_tests(f) == []
 
 
-BACKEND_NAMES = ("ort-cpu", "openvino", "tensorrt", "torch-cpu", "torch-cuda")
 BACKENDS_PKG = ROOT / "export" / "backends"
+
+
+def _backend_names() -> frozenset:
+    """The registered names: the registry is the only list of backends."""
+    from vitrim.export.backends import BACKENDS
+
+    return frozenset(BACKENDS)
+
+
+BACKEND_NAMES = _backend_names()
 
 
 def backend_name_tests(path: Path) -> list[str]:
@@ -256,14 +265,23 @@ def backend_name_tests(path: Path) -> list[str]:
     return bad
 
 
+def backend_name_lists(path: Path) -> list[str]:
+    """A tuple, list or set literal holding two or more backend names: a second registry to keep in step."""
+    bad = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            hits = [c.value for c in node.elts if isinstance(c, ast.Constant) and c.value in BACKEND_NAMES]
+            if len(hits) >= 2:
+                bad.append(f"{path}:{node.lineno}: lists backends {hits} (use vitrim.export.backends.BACKENDS)")
+    return bad
+
+
 def test_only_the_backends_package_tests_backend_names():
     """A backend's name is compared inside ``export/backends/`` only: elsewhere, ask the backend (STYLE 17)."""
-    from vitrim.export.backends import BACKENDS
-    from vitrim.pipeline.core.config import BACKEND_NAMES as CONFIG_NAMES
-
-    assert set(BACKEND_NAMES) == set(BACKENDS) == set(CONFIG_NAMES)
+    assert {"ort-cpu", "openvino"} <= BACKEND_NAMES  # the registry is filled: the check below checks something
     files = [p for _, p in _modules()] + sorted((ROOT / "benchmarks").glob("*.py"))
-    bad = [b for path in files if not path.is_relative_to(BACKENDS_PKG) for b in backend_name_tests(path)]
+    bad = [b for path in files if not path.is_relative_to(BACKENDS_PKG)
+           for b in backend_name_tests(path) + backend_name_lists(path)]
     assert not bad, "a backend's name tested outside export/backends/ (make it a Backend attribute or method):\n" + \
         "\n".join(bad)
 
@@ -276,6 +294,23 @@ def test_backend_name_check_catches_one(tmp_path):
         assert len(backend_name_tests(f)) == 1, src
     f.write_text('name = "ort-cpu"\nok = cfg.target.backend in BACKENDS\n')
     assert backend_name_tests(f) == []
+    f.write_text('NAMES = ("ort-cpu", "openvino", "tensorrt")\n')
+    assert len(backend_name_lists(f)) == 1
+    f.write_text('pair = ("ort-cpu", 3)\n')
+    assert backend_name_lists(f) == []
+
+
+def test_every_backend_module_registers_itself():
+    """A backend is one file: each module of the package is imported by the package and registers a backend,
+    and every registered backend comes from its own module there."""
+    import pkgutil
+
+    import vitrim.export.backends as pkg
+    from vitrim.export.backends import BACKENDS
+
+    modules = {f"{pkg.__name__}.{m.name}" for m in pkgutil.iter_modules(pkg.__path__)} - {f"{pkg.__name__}.base"}
+    owners = {type(b).__module__ for b in BACKENDS.values()}
+    assert owners == modules, f"modules without a backend: {modules - owners}; backends from elsewhere: {owners - modules}"
 
 
 def test_group_keys_are_formatted_in_groups_only():

@@ -133,6 +133,7 @@ class Backend:
     entry_chunk: int = 12  # micro-models per timing run of a LUT build
     engine_is_graph: bool = False  # the engine is an ONNX graph onnxruntime runs (the model card's snippet runs it)
     triton: Optional[TritonSpec] = None
+    libraries: tuple[str, ...] = ()  # the distributions of its engine, whose versions every manifest records
 
     # --- identity and availability ------------------------------------------------------------------------------
     def engine_version(self) -> str:

@@ -174,6 +174,7 @@ def quantize_nncf(src: str | os.PathLike, dst: str | os.PathLike, calib: np.ndar
 class OpenVino(Backend):
     name = "openvino"
     precisions = ("fp32", "bf16", "int8")
+    libraries = ("openvino", "nncf")
     quant_methods = ("minmax",)
     times_onnx = True
     triton = TritonSpec("backend", "openvino", ("model.xml", "model.bin"), "KIND_CPU", served="engine")

@@ -111,6 +111,7 @@ def build_ort_engine(onnx_path: str | os.PathLike, out_path: str | os.PathLike, 
 class OrtCpu(Backend):
     name = "ort-cpu"
     precisions = ("fp32", "int8")
+    libraries = ("onnxruntime",)
     quant_modes = ("static", "dynamic")
     quant_methods = ("minmax", "entropy", "percentile")
     times_onnx = True

@@ -184,6 +184,7 @@ def _onnx_is_fp16(path) -> bool:
 class TensorRT(Backend):
     name = "tensorrt"
     precisions = ("fp32", "fp16", "int8", "fp8")
+    libraries = ("tensorrt", "polygraphy", "nvidia-modelopt")
     quantized_precisions = ("int8", "fp8")
     quant_methods = ("minmax", "entropy")
     on_gpu = True

@@ -25,6 +25,17 @@ def test_unknown_backend_is_refused_naming_the_registered_ones():
     assert all(name in e.value.fix for name in BACKENDS)
 
 
+def test_every_config_command_refuses_an_unknown_backend(tmp_path, capsys):
+    """The config loader does not list the engines (core sits below export); the CLI asks the registry as it
+    loads a config, so even a command that never builds an engine refuses the name, exit 2, naming the choices."""
+    from vitrim.pipeline.cli import main
+
+    for cmd in (["eval"], ["train-teacher"], ["profile", "show"], ["run"]):
+        assert main([*cmd, "configs/fmnist_cpu.yaml", "--set", "target.backend=tpu"]) == 2, cmd
+        err = capsys.readouterr().err
+        assert "unknown target.backend 'tpu'" in err and all(n in err for n in BACKENDS), err
+
+
 @pytest.mark.parametrize("name", list(BACKENDS))
 def test_each_backend_builds_and_gates_an_engine(name, tmp_path):
     """A tiny ViT released on each backend passes its fp32 gate; a backend this machine cannot run is refused
