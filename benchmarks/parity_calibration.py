@@ -40,43 +40,61 @@ def figures(rep) -> dict:
 
 
 def engines_for(model, shape, calib, workdir: Path, smoke: bool) -> dict:
-    """Correct engine files per precision: fp32, fp16 ONNX, static and dynamic int8 QDQ."""
+    """Correct engines per precision, as (precision, runner factory, what it is): ONNX Runtime on the fp32 and
+    fp16 ONNX and on static and dynamic int8 QDQ; OpenVINO fp32 (precision pinned), bf16 (where the CPU has bf16
+    units) and NNCF int8. One more OpenVINO engine is not correct by design: compiled without the precision hint,
+    it computes in bf16 on such CPUs while claiming fp32 (a planted engine, judged as fp32)."""
+    from vitrim.export.backends.openvino import OpenVinoRunner
     from vitrim.export.onnx import export_onnx, to_fp16
     from vitrim.export.quantize import quantize_for_target
     from vitrim.export.target import Target
     from vitrim.pipeline.core.config import QuantConfig
 
     fp32 = export_onnx(model, workdir / "m.onnx", shape)
-    out = {"fp32": ("fp32", fp32), "fp16": ("fp16", to_fp16(fp32, workdir / "m.fp16.onnx"))}
+    ort = Target(backend="ort-cpu", threads=2)
+    out = {"fp32": ("fp32", lambda: ort.impl.onnx_runner(fp32, ort), "correct"),
+           "fp16": ("fp16", lambda p=to_fp16(fp32, workdir / "m.fp16.onnx"): ort.impl.onnx_runner(p, ort), "correct")}
     for mode in ("static", "dynamic"):
         dst = workdir / f"m.int8.{mode}.onnx"
         quantize_for_target(fp32, dst, Target(precision="int8", threads=2, quant=QuantConfig(mode=mode)),
                             calib if mode == "static" else None)
-        out[f"int8-{mode}"] = ("int8", dst)
+        out[f"int8-{mode}"] = ("int8", lambda p=dst: ort.impl.onnx_runner(p, ort), "correct")
+    ov = Target(backend="openvino", threads=2)
+    if ov.impl.availability() is None:
+        for prec in ov.impl.supported_precisions():
+            t = Target(backend="openvino", precision=prec, threads=2)
+            if prec == "int8":
+                dst = workdir / "m.ov.int8.xml"
+                ov.impl.quantize(fp32, dst, t, calib)
+                out["ov-int8"] = ("int8", lambda p=dst, t=t: t.impl.engine_runner(p, t), "correct")
+            else:
+                out[f"ov-{prec}"] = (prec, lambda t=t: t.impl.onnx_runner(fp32, t), "correct")
+        if "bf16" in ov.impl.supported_precisions():
+            out["ov-unpinned"] = ("fp32", lambda: OpenVinoRunner(fp32, 2, None), "precision hint left at default")
     return out
 
 
 def gate_all(name, model, shape, loader_fn, calib, workdir: Path, smoke: bool, log) -> list[dict]:
     from vitrim.export.parity import Tolerances, check_parity
     from vitrim.export.planted import FAULTS, Planted
-    from vitrim.export.backends.ort_cpu import OrtCpuRunner
     from vitrim.export.runners import TorchRunner
     from vitrim.pipeline.core.config import ExportConfig
 
     rows = []
     workdir.mkdir(parents=True, exist_ok=True)
     engines = engines_for(model, shape, calib, workdir, smoke)
-    for eng_name, (precision, path) in engines.items():
-        if smoke and eng_name not in ("fp32", "int8-static"):
+    for eng_name, (precision, make_runner, kind) in engines.items():
+        if smoke and eng_name not in ("fp32", "int8-static", "ov-int8", "ov-unpinned"):
             continue
         tol = Tolerances.for_precision(ExportConfig(), precision)
-        for fault in (None, *(("scale_1.2", "zero_1_in_64") if smoke else FAULTS)):
+        planted = (("scale_1.2", "zero_1_in_64") if smoke else FAULTS) if kind == "correct" else ()
+        for fault in (None, *planted):
             t0 = time.time()
-            with TorchRunner(model, shape, threads=2) as ref, OrtCpuRunner(path, threads=2) as eng:
+            with TorchRunner(model, shape, threads=2) as ref, make_runner() as eng:
                 run = Planted(eng, fault) if fault else eng
                 rep = check_parity(ref, run, loader_fn(), tol, precision)
-            row = {"model": name, "engine": eng_name, "precision": precision, "fault": fault or "correct",
-                   "images": rep.images, **figures(rep)}
+            row = {"model": name, "engine": eng_name, "precision": precision,
+                   "fault": fault or (kind if kind != "correct" else "correct"), "images": rep.images, **figures(rep)}
             rows.append(row)
             log(f"{name:8s} {eng_name:13s} {row['fault']:14s} {rep.outcome:12s} rel_l2 max {row['max_rel_l2']:.3g} "
                 f"mean {row['mean_rel_l2']:.3g}  js q {row['q_prob_js']:.3g} mean {row['mean_prob_js']:.3g}  "
@@ -91,7 +109,7 @@ def table(rows: list[dict]) -> str:
     e = ExportConfig()
     lines = ["| precision | statistic | threshold | correct engines' worst | planted engines' best (caught by it) |",
              "|---|---|---:|---:|---:|"]
-    for prec in ("fp32", "fp16", "int8"):
+    for prec in ("fp32", "fp16", "bf16", "int8"):
         tol = e.tolerance(prec)
         mine = [r for r in rows if r["precision"] == prec]
         for fig, key, op in STATS:
@@ -101,6 +119,11 @@ def table(rows: list[dict]) -> str:
             caught = [r[fig] for r in mine if r["fault"] != "correct" and (r[fig] > thr if op == "<=" else r[fig] < thr)]
             best = (min(caught) if op == "<=" else max(caught)) if caught else float("nan")
             lines.append(f"| {prec} | {fig} | {op} {thr:g} | {worst:.3g} | {best:.3g} |")
+    unpinned = [r for r in rows if r["fault"] == "precision hint left at default"]
+    for r in unpinned:
+        lines.append(f"\n{r['model']}: OpenVINO with its default precision, judged as fp32: {r['outcome'].upper()} "
+                     f"(max rel L2 {r['max_rel_l2']:.3g}, agreement {r['top1_agreement']:.4f}; "
+                     f"failed: {', '.join(r['failures']) or 'nothing'})")
     return "\n".join(lines)
 
 
