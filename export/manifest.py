@@ -154,19 +154,26 @@ def _hash_tree(base: Path) -> dict:
     return out
 
 
-def seal_manifest(run_dir: str | os.PathLike) -> Optional[Path]:
+def seal_manifest(run_dir: str | os.PathLike, log=print) -> Optional[Path]:
     """Re-hash every file under ``run_dir`` into its manifest's ``files`` (after a stage added some).
 
-    The named ``artifacts`` and every figure stay as they were; a signature is removed (it signed the
-    old manifest: sign again). Returns the manifest's path, or None where the directory has no manifest
-    (a release that failed its gate has none, and gets none here).
+    The named ``artifacts`` and every figure stay as they were. When nothing changed the manifest is left
+    alone, and so is a signature; when files changed, a signature signed the old manifest: it is removed,
+    and ``log`` says so (sign again). Returns the manifest's path, or None where the directory has no
+    manifest (a release that failed its gate has none, and gets none here).
     """
     rd = RunDir(run_dir)
     if not rd.manifest.is_file():
         return None
     m = _load(rd.manifest)
-    m["files"] = _hash_tree(rd.root)
-    rd.manifest_signature.unlink(missing_ok=True)
+    files = _hash_tree(rd.root)
+    if files == m.get("files"):
+        return rd.manifest
+    m["files"] = files
+    if rd.manifest_signature.is_file():
+        rd.manifest_signature.unlink()
+        log(f"[manifest] {rd.root} changed after it was signed: its signature was removed "
+            f"(sign it again: vitrim sign {rd.root} --key KEY)")
     atomic_write_json(rd.manifest, m)
     return rd.manifest
 
@@ -212,9 +219,17 @@ def _load(path: Path) -> dict:
     return _parse(_read_bytes(path), path)
 
 
-def _problems(base: Path, m: dict, prefix: str = "") -> list[str]:
-    """Every way the directory differs from its manifest (nested releases included)."""
+def _problems(base: Path, m: dict, prefix: str = "", digests: Optional[dict] = None) -> list[str]:
+    """Every way the directory differs from its manifest (nested releases included, each file hashed once)."""
     problems = []
+    digests = {} if digests is None else digests
+
+    def digest(p: Path) -> str:  # an artifact is listed in ``files`` too, a nested release's files in both
+        key = p.resolve()
+        if key not in digests:
+            digests[key] = sha256_file(p)
+        return digests[key]
+
     for name, e in m["artifacts"].items():
         rel = e.get("path") if isinstance(e, dict) else None
         why = _path_problem(rel, base)
@@ -224,7 +239,7 @@ def _problems(base: Path, m: dict, prefix: str = "") -> list[str]:
         p = base / rel
         if not p.is_file():
             problems.append(f"{prefix}{name}: '{prefix}{rel}' is missing")
-        elif sha256_file(p) != e.get("sha256"):
+        elif digest(p) != e.get("sha256"):
             problems.append(f"{prefix}{name}: '{prefix}{rel}' has changed (sha256 mismatch)")
     listed = m["files"]
     for rel, e in listed.items():
@@ -235,7 +250,7 @@ def _problems(base: Path, m: dict, prefix: str = "") -> list[str]:
         p = base / rel
         if not p.is_file():
             problems.append(f"{prefix}{rel}: missing")
-        elif not isinstance(e, dict) or sha256_file(p) != e.get("sha256"):
+        elif not isinstance(e, dict) or digest(p) != e.get("sha256"):
             problems.append(f"{prefix}{rel}: has changed (sha256 mismatch)")
     files, escaping = _walk(base)
     problems += [f"{prefix}{rel}: a symlink leaving the release directory" for rel in escaping]
@@ -246,7 +261,7 @@ def _problems(base: Path, m: dict, prefix: str = "") -> list[str]:
     for sub in nested:  # a nested release must also match its own manifest
         sub_prefix = f"{prefix}{sub.as_posix()}/"
         try:
-            problems += _problems(base / sub, _load(RunDir(base / sub).manifest), sub_prefix)
+            problems += _problems(base / sub, _load(RunDir(base / sub).manifest), sub_prefix, digests)
         except UserError as e:
             problems.append(f"{sub_prefix}{RunDir(base / sub).manifest.name}: {e.what}")
     return problems

@@ -286,3 +286,41 @@ def test_a_signed_release_fails_when_any_file_changes_and_checks_the_bytes_it_si
     shutil.copy(rd.manifest, other)
     assert main(["verify-manifest", str(other), "--pubkey", str(pub)]) == 2
     assert "is not a release manifest" in capsys.readouterr().err
+
+
+def test_resealing_keeps_a_valid_signature_and_says_when_it_drops_one(real_release, tmp_path, capsys):
+    """A stage that reseals a signed release without changing it keeps the signature; one that adds a file
+    removes it (it signed the old manifest) and says so, naming the command that signs again."""
+    pytest.importorskip("cryptography")
+    from vitrim.export.manifest import seal_manifest
+    from vitrim.pipeline.cli import main
+
+    rd = _copy(real_release, tmp_path)
+    key, pub, _, _ = _keys(tmp_path)
+    assert main(["sign", str(rd.root), "--key", str(key)]) == 0
+    said = []
+    seal_manifest(rd.root, log=said.append)
+    assert said == [] and rd.manifest_signature.is_file()
+    assert main(["verify-manifest", str(rd.root), "--pubkey", str(pub)]) == 0
+    (rd.root / "compare.json").write_text("{}")
+    seal_manifest(rd.root, log=said.append)
+    assert not rd.manifest_signature.exists() and len(said) == 1
+    assert "signature was removed" in said[0] and f"vitrim sign {rd.root}" in said[0]
+    verify_manifest(rd.root)  # the new file is listed
+    capsys.readouterr()
+    assert main(["verify-manifest", str(rd.root), "--pubkey", str(pub)]) == 2  # unsigned now, and told so
+
+
+def test_verify_hashes_each_file_once(real_release, tmp_path, monkeypatch):
+    import vitrim.export.manifest as manifest
+
+    rd = _copy(real_release, tmp_path)
+    shutil.copytree(rd.root, tmp_path / "inner")
+    shutil.move(tmp_path / "inner", rd.root / "teacher")  # a nested release, as a run holds its teacher's
+    manifest.seal_manifest(rd.root)
+    seen = []
+    real = manifest.sha256_file
+    monkeypatch.setattr(manifest, "sha256_file", lambda p: seen.append(Path(p).resolve()) or real(p))
+    verify_manifest(rd.root)
+    assert any("teacher" in p.parts for p in seen)  # the nested release was checked
+    assert len(seen) == len(set(seen)), [p.name for p in seen]
