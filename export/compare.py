@@ -312,7 +312,7 @@ def compare_releases(baseline: str | os.PathLike, candidate: str | os.PathLike, 
                            confidence)
     acc["test"] = test.to_dict()
     log(f"[compare] top-1 on {acc['images']} test images: baseline {acc['baseline_top1']:.2f}%, candidate "
-        f"{acc['candidate_top1']:.2f}% ({acc['delta_pt']:+.2f} pt; candidate's {test.describe()}): "
+        f"{acc['candidate_top1']:.2f}% ({acc['delta_pt']:+.2f} pt; candidate's {test.describe('the baseline', 'the candidate')}): "
         f"{test.outcome.upper()}")
     lat = time_pair(base, cand, rounds, repeats, warmup, sessions, max_latency_regression, log)
     lat["noise"] = max(abs(r["aa_ratio"] - 1.0) for r in lat["sessions"])  # the largest A/A deviation

@@ -52,11 +52,12 @@ class PairedAccuracy:
         d["discordant"] = self.discordant
         return d
 
-    def describe(self) -> str:
+    def describe(self, a: str = "the reference", b: str = "the engine") -> str:
+        """One line; ``a`` and ``b`` name the two sides (``vitrim compare``: the baseline and the candidate)."""
         lo, hi = self.ci_pt
         return (f"loss {self.loss_pt:+.2f} pt, {100 * self.confidence:g}% interval [{lo:+.2f}, {hi:+.2f}] pt "
                 f"(McNemar exact on {self.discordant} discordant of {self.images} images: {self.only_a_right} only "
-                f"the reference gets right, {self.only_b_right} only the engine; p={self.p_value:.3g}); allowed "
+                f"{a} gets right, {self.only_b_right} only {b}; p={self.p_value:.3g}); allowed "
                 f"loss {self.allowed_loss_pt:g} pt")
 
 

@@ -65,3 +65,11 @@ def test_a_loss_at_the_tolerance_never_passes_and_a_broken_timing_fails():
     observed loss; 30 of 10,000 is exactly 0.3 pt, which must not PASS a 0.3 pt tolerance."""
     assert paired_accuracy(30, 0, 10_000, 0.3).outcome == INCONCLUSIVE
     assert ratio_outcome(float("nan"), 1.03, 0.01) == FAIL and ratio_outcome(1.0, 1.03, float("inf")) == FAIL
+
+
+def test_the_accuracy_line_names_its_two_sides():
+    from vitrim.export.stats import paired_accuracy
+
+    t = paired_accuracy(3, 1, 500, 0.3)
+    assert "3 only the reference gets right, 1 only the engine" in t.describe()
+    assert "3 only the baseline gets right, 1 only the candidate" in t.describe("the baseline", "the candidate")
