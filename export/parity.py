@@ -41,7 +41,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from vitrim.export.stats import FAIL, INCONCLUSIVE, PASS, paired_accuracy
+from vitrim.export.stats import FAIL, INCONCLUSIVE, PASS, paired_accuracy, rate_test, worst_shift
 from vitrim.pipeline.core.errors import AccuracyGateError, InconclusiveError, UserError
 
 
@@ -88,7 +88,8 @@ class ParityReport:
     engine_top1: float = 0.0
     acc_delta: float = 0.0
     accuracy: dict = field(default_factory=dict)  # PairedAccuracy.to_dict: the loss, its interval, the decision
-    class_shift: dict = field(default_factory=dict)  # the predicted class that moved most, and by how much
+    class_shift: dict = field(default_factory=dict)  # the decisive class's shift, its interval and the decision
+    agreement: dict = field(default_factory=dict)  # RateTest.to_dict of the top-1 disagreements
     images: int = 0
     failures: list = field(default_factory=list)
     undecided: list = field(default_factory=list)  # checks that could not decide (INCONCLUSIVE)
@@ -257,13 +258,21 @@ def _np(a) -> np.ndarray:
     return a.numpy() if hasattr(a, "numpy") else np.asarray(a)
 
 
-def class_shift(ref_counts: np.ndarray, eng_counts: np.ndarray, n: int) -> dict:
-    """The predicted class whose share of the images moved most between reference and engine."""
-    diff = (eng_counts - ref_counts) / max(n, 1)
-    k = int(np.argmax(np.abs(diff))) if diff.size else 0
-    return {"class": k, "shift": float(diff[k]) if diff.size else 0.0, "reference": int(ref_counts[k]) if diff.size
-            else 0, "engine": int(eng_counts[k]) if diff.size else 0, "max_abs_shift": float(np.abs(diff).max())
-            if diff.size else 0.0}
+def class_shift(ref_counts: np.ndarray, moved_in: np.ndarray, moved_out: np.ndarray, n: int, limit: float,
+                confidence: float = 0.95) -> dict:
+    """The predicted-class distribution's shift, decided per class on its interval (:func:`worst_shift`).
+
+    ``moved_in[c]``: images the engine puts in class ``c`` and the reference does not; ``moved_out[c]``
+    the reverse. Returns the decisive class (a failing one, else an undecided one, else the one that
+    moved most) with its counts, shift, interval and outcome, and the largest absolute shift of any class.
+    """
+    t = worst_shift(moved_in, moved_out, n, limit, confidence)
+    k = t.cls
+    diff = (np.asarray(moved_in) - np.asarray(moved_out)) / max(n, 1)
+    ref = int(ref_counts[k]) if len(ref_counts) else 0
+    return {"class": k, "shift": t.shift, "reference": ref, "engine": ref + t.moved_in - t.moved_out,
+            "moved_in": t.moved_in, "moved_out": t.moved_out, "interval": list(t.interval),
+            "outcome": t.outcome, "max_abs_shift": float(np.abs(diff).max()) if diff.size else 0.0}
 
 
 def check_parity(reference, engine, batches: Iterable[tuple], tol: Tolerances, precision: str,
@@ -283,7 +292,7 @@ def check_parity(reference, engine, batches: Iterable[tuple], tol: Tolerances, p
     errors = OutputErrors(output_name, tol, worst)
     n = agree = ref_ok = eng_ok = only_ref = only_eng = agree2 = ok2 = 0
     maxdiff2 = 0.0
-    ref_counts = eng_counts = None
+    ref_counts = moved_in = moved_out = None
     for x, y in batches:
         x, y = np.ascontiguousarray(_np(x), dtype=np.float32), _np(y)
         if max_images is not None:
@@ -301,9 +310,11 @@ def check_parity(reference, engine, batches: Iterable[tuple], tol: Tolerances, p
             ep = np.full(len(x), -1)
         classes = ro2.shape[1]
         if ref_counts is None:
-            ref_counts, eng_counts = np.zeros(classes, np.int64), np.zeros(classes, np.int64)
+            ref_counts, moved_in, moved_out = (np.zeros(classes, np.int64) for _ in range(3))
         ref_counts += np.bincount(rp, minlength=classes)[:classes]
-        eng_counts += np.bincount(ep[ep >= 0], minlength=classes)[:classes]
+        moved = rp != ep  # an image without a class (NaN) leaves its reference class and enters none
+        moved_in += np.bincount(ep[moved & (ep >= 0)], minlength=classes)[:classes]
+        moved_out += np.bincount(rp[moved], minlength=classes)[:classes]
         if second is not None:
             so = second.infer(x)
             agree2 += int((so.argmax(1) == ep).sum())
@@ -322,23 +333,35 @@ def check_parity(reference, engine, batches: Iterable[tuple], tol: Tolerances, p
     failures = errors.failures()
     agree_f = agree / n
     t_acc, e_acc = 100.0 * ref_ok / n, 100.0 * eng_ok / n
-    shift = class_shift(ref_counts, eng_counts, n)
-    if shift["max_abs_shift"] > tol.max_class_shift:
-        failures.append(f"output '{output_name}': predicted-class distribution: class {shift['class']} "
-                        f"{'gains' if shift['shift'] > 0 else 'loses'} {100 * abs(shift['shift']):.2f}% of the "
-                        f"{n} images ({shift['reference']} -> {shift['engine']} predictions) > "
-                        f"{100 * tol.max_class_shift:g}%")
-    if agree_f < tol.min_top1_agreement:
-        failures.append(f"output '{output_name}': top-1 agreement {100 * agree_f:.2f}% < "
-                        f"{100 * tol.min_top1_agreement:.2f}% over {n} images")
-    acc = paired_accuracy(only_ref, only_eng, n, tol.max_acc_loss, tol.confidence)
     undecided = []
+    more = "; evaluate more images (data.test_limit, export.parity_images) or allow more"
+    shift = class_shift(ref_counts, moved_in, moved_out, n, tol.max_class_shift, tol.confidence)
+    lo, hi = shift["interval"]
+    said = (f"output '{output_name}': predicted-class distribution: class {shift['class']} "
+            f"{'gains' if shift['shift'] > 0 else 'loses'} {100 * abs(shift['shift']):.2f}% of the {n} images "
+            f"({shift['reference']} -> {shift['engine']} predictions; {shift['moved_in']} moved in, "
+            f"{shift['moved_out']} out; {100 * tol.confidence:g}% interval [{100 * lo:+.2f}, {100 * hi:+.2f}]%), "
+            f"allowed +-{100 * tol.max_class_shift:g}%")
+    if shift["outcome"] == FAIL:
+        failures.append(said)
+    elif shift["outcome"] == INCONCLUSIVE:
+        undecided.append(said + more + " (export.<precision>.max_class_shift)")
+    agreement = rate_test(n - agree, n, 1.0 - tol.min_top1_agreement, tol.confidence)
+    lo, hi = agreement.interval
+    said = (f"output '{output_name}': top-1 agreement {100 * agree_f:.2f}% over {n} images ({n - agree} "
+            f"disagree; {100 * tol.confidence:g}% interval of the disagreement [{100 * lo:.2f}, {100 * hi:.2f}]%), "
+            f"required {100 * tol.min_top1_agreement:.2f}%")
+    if agreement.outcome == FAIL:
+        failures.append(said)
+    elif agreement.outcome == INCONCLUSIVE:
+        undecided.append(said + more + " (export.<precision>.min_top1_agreement)")
+    acc = paired_accuracy(only_ref, only_eng, n, tol.max_acc_loss, tol.confidence)
     if acc.outcome == FAIL:
         failures.append(f"output '{output_name}': accuracy loss above {tol.max_acc_loss:g} pt with confidence: "
                         + acc.describe())
     elif acc.outcome == INCONCLUSIVE:
         undecided.append(f"output '{output_name}': accuracy loss undecided: " + acc.describe()
-                         + "; evaluate more images (data.test_limit, export.parity_images) or allow a larger loss")
+                         + more + " (export.<precision>.max_acc_loss)")
     outcome = FAIL if failures else INCONCLUSIVE if undecided else PASS
     vs = None
     if second is not None:
@@ -347,4 +370,5 @@ def check_parity(reference, engine, batches: Iterable[tuple], tol: Tolerances, p
     return ParityReport(passed=outcome == PASS, precision=precision, tolerances=asdict(tol), outcome=outcome,
                         outputs={output_name: errors.to_dict()}, top1_agreement=agree_f, torch_top1=t_acc,
                         engine_top1=e_acc, acc_delta=e_acc - t_acc, accuracy=acc.to_dict(), class_shift=shift,
+                        agreement=agreement.to_dict(),
                         images=n, failures=failures, undecided=undecided, vs_second=vs)

@@ -13,6 +13,10 @@ Two kinds of claim end a release job, and both are statistical:
   widen for that count's own sampling noise, so when every discordant image goes one way its upper
   end is the observed loss. A loss at the tolerance therefore never passes (PASS needs the upper
   end strictly below it); an unconditional interval (Tango's score interval) would be stricter.
+* **a disagreement rate** (the share of images whose top-1 class the engine changes) and **a shift in
+  the predicted-class distribution** (the share of the images a class gains or loses): proportions
+  with Clopper-Pearson intervals (a class's shift, like the loss, from the images moved into it
+  against those moved out of it). The same three outcomes; no disagreement at all PASSES.
 * **a latency ratio** measured beside an A/A control (the baseline against itself in the same
   session): a ratio within twice the control's deviation of the threshold is INCONCLUSIVE.
 """
@@ -97,6 +101,102 @@ def paired_accuracy(only_a_right: int, only_b_right: int, images: int, allowed_l
     else:
         outcome = INCONCLUSIVE
     return PairedAccuracy(n, b, c, loss, (float(lo), float(hi)), confidence, float(allowed_loss_pt), p, outcome)
+
+
+@dataclass
+class RateTest:
+    """``count`` events in ``images`` (e.g. top-1 disagreements) against a highest allowed rate."""
+
+    count: int
+    images: int
+    rate: float
+    interval: tuple[float, float]
+    limit: float
+    confidence: float
+    outcome: str
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["interval"] = list(self.interval)
+        return d
+
+
+def rate_test(count: int, images: int, limit: float, confidence: float = 0.95) -> RateTest:
+    """The rate ``count / images`` against ``limit``, on its Clopper-Pearson interval at ``confidence``.
+
+    PASS when the interval's upper end is strictly below ``limit`` (or nothing happened at all: no
+    image could have shown a better engine), FAIL when its lower end is above it, INCONCLUSIVE when it
+    straddles it (too few images for the limit).
+    """
+    from scipy.stats import binomtest
+
+    if images <= 0:
+        raise ValueError("rate_test needs at least one image")
+    k, n = int(count), int(images)
+    if k == 0:
+        lo = hi = 0.0
+    else:
+        ci = binomtest(k, n, 0.5).proportion_ci(confidence_level=confidence, method="exact")
+        lo, hi = float(ci.low), float(ci.high)
+    outcome = PASS if k == 0 or hi < limit else FAIL if lo > limit else INCONCLUSIVE
+    return RateTest(k, n, k / n, (lo, hi), float(limit), confidence, outcome)
+
+
+@dataclass
+class ShiftTest:
+    """The share of the images one predicted class gains (positive) or loses between A and B."""
+
+    cls: int
+    moved_in: int  # images B puts in the class and A does not
+    moved_out: int  # images A puts in the class and B does not
+    images: int
+    shift: float
+    interval: tuple[float, float]
+    limit: float
+    confidence: float
+    outcome: str
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["interval"] = list(self.interval)
+        return d
+
+
+def shift_test(cls: int, moved_in: int, moved_out: int, images: int, limit: float,
+               confidence: float = 0.95) -> ShiftTest:
+    """A class's share shift ``(moved_in - moved_out) / images`` against ``+-limit``.
+
+    As for the accuracy loss, only the images that moved say anything: the number moved in is binomial
+    over all that moved, and its exact interval maps to an interval for the shift. PASS when the whole
+    interval lies strictly inside ``(-limit, limit)`` (or no image moved), FAIL when it lies wholly
+    outside, INCONCLUSIVE otherwise.
+    """
+    from scipy.stats import binomtest
+
+    a, b, n = int(moved_in), int(moved_out), int(images)
+    d = a + b
+    if d == 0:
+        lo = hi = 0.0
+    else:
+        ci = binomtest(a, d, 0.5).proportion_ci(confidence_level=confidence, method="exact")
+        lo, hi = (d * (2.0 * q - 1.0) / n for q in (ci.low, ci.high))
+    if d == 0 or (-limit < lo and hi < limit):
+        outcome = PASS
+    elif lo > limit or hi < -limit:
+        outcome = FAIL
+    else:
+        outcome = INCONCLUSIVE
+    return ShiftTest(int(cls), a, b, n, (a - b) / n, (float(lo), float(hi)), float(limit), confidence, outcome)
+
+
+def worst_shift(moved_in, moved_out, images: int, limit: float, confidence: float = 0.95) -> ShiftTest:
+    """Every class's :func:`shift_test`; the decisive one: a failing class (the largest shift among them),
+    else an undecided one, else the class that moved most."""
+    tests = [shift_test(c, i, o, images, limit, confidence) for c, (i, o) in enumerate(zip(moved_in, moved_out))]
+    if not tests:
+        return shift_test(0, 0, 0, max(images, 1), limit, confidence)
+    rank = {FAIL: 2, INCONCLUSIVE: 1, PASS: 0}
+    return max(tests, key=lambda t: (rank[t.outcome], abs(t.shift)))
 
 
 def ratio_outcome(ratio: float, threshold: float, noise: float, k: float = 2.0) -> str:

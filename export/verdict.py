@@ -129,14 +129,18 @@ def parity_gates(rep: dict, subject: str | None = None) -> list[dict]:
                                "between the softmax of engine and reference", **kw))
         out.append(gate("parity", "mean_prob_js", o["mean_prob_js"], tol["max_mean_prob_js"], "<=", EXIT_ACCURACY,
                         unit="bits", detail=f"mean over {o['images']} images of the same divergence", **kw))
-    cs = rep["class_shift"]
-    out.append(gate("parity", "class_shift", cs["max_abs_shift"], tol["max_class_shift"], "<=", EXIT_ACCURACY,
-                    subject=subject, unit="fraction",
+    cs, ag = rep["class_shift"], rep.get("agreement") or {}
+    out.append(gate("parity", "class_shift", abs(cs["shift"]), tol["max_class_shift"], "<=", EXIT_ACCURACY,
+                    subject=subject, unit="fraction", outcome=cs.get("outcome"), interval=cs.get("interval"),
                     detail=f"predicted class {cs['class']}: {cs['reference']} -> {cs['engine']} of {rep['images']} "
-                           "images (the class whose share moved most)"))
+                           f"images ({cs.get('moved_in')} moved in, {cs.get('moved_out')} out; the interval is the "
+                           f"shift's, exact on the images that moved; the largest shift of any class "
+                           f"{cs['max_abs_shift']:.4g})"))
     out.append(gate("parity", "top1_agreement", rep["top1_agreement"], tol["min_top1_agreement"], ">=",
-                    EXIT_ACCURACY, subject=subject, unit="fraction",
-                    detail=f"engine and reference agree on the top-1 class of {rep['images']} images"))
+                    EXIT_ACCURACY, subject=subject, unit="fraction", outcome=ag.get("outcome"),
+                    interval=[1.0 - v for v in reversed(ag["interval"])] if ag.get("interval") else None,
+                    detail=f"engine and reference agree on the top-1 class of {rep['images']} images "
+                           f"({ag.get('count')} disagree; the interval is the agreement's, Clopper-Pearson)"))
     a = rep["accuracy"]
     out.append(gate("parity", "accuracy_loss", a["loss_pt"], tol["max_acc_loss"], "<=", EXIT_ACCURACY,
                     subject=subject, unit="pt", outcome=a["outcome"], interval=a["ci_pt"],

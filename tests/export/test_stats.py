@@ -73,3 +73,35 @@ def test_the_accuracy_line_names_its_two_sides():
     t = paired_accuracy(3, 1, 500, 0.3)
     assert "3 only the reference gets right, 1 only the engine" in t.describe()
     assert "3 only the baseline gets right, 1 only the candidate" in t.describe("the baseline", "the candidate")
+
+
+def test_a_rate_is_decided_on_its_interval_not_its_point():
+    """Top-1 disagreement against int8's 3%: one image of 45 (2.2%) cannot show the rate is under 3%, nor over
+    it; 30 of 10000 (0.3%) can; 60 of 1000 (6%) is over it with confidence. No disagreement passes."""
+    from vitrim.export.stats import FAIL, INCONCLUSIVE, PASS, rate_test
+
+    assert rate_test(1, 45, 0.03).outcome == INCONCLUSIVE
+    assert rate_test(30, 10000, 0.03).outcome == PASS
+    r = rate_test(60, 1000, 0.03)
+    assert r.outcome == FAIL and r.interval[0] > 0.03 and abs(r.rate - 0.06) < 1e-12
+    assert rate_test(0, 45, 0.03).outcome == PASS
+    assert rate_test(3, 100, 0.03).outcome == INCONCLUSIVE  # exactly at the limit never passes
+
+
+def test_a_class_shift_is_decided_on_the_images_that_moved():
+    """The finding: a fixed threshold failed a correct engine on a small test split (one image of 45 moved into
+    a class: a 2.2% shift against int8's 1%). Now that is undecided, while a real collapse (50 of 1000 images
+    moved into one class) fails, and a balanced exchange of many images passes."""
+    from vitrim.export.stats import FAIL, INCONCLUSIVE, PASS, shift_test, worst_shift
+
+    assert shift_test(3, 1, 0, 45, 0.01).outcome == INCONCLUSIVE
+    t = shift_test(3, 50, 0, 1000, 0.01)
+    assert t.outcome == FAIL and t.interval[0] > 0.01 and t.shift == 0.05
+    assert shift_test(3, 0, 50, 1000, 0.01).outcome == FAIL  # losing a class's share fails too
+    assert shift_test(3, 20, 20, 10000, 0.01).outcome == PASS
+    assert shift_test(3, 0, 0, 10, 0.01).outcome == PASS
+    # the decisive class: a failing one over a larger undecided shift elsewhere
+    w = worst_shift([0, 50, 9], [0, 0, 0], 1000, 0.01)
+    assert w.cls == 1 and w.outcome == FAIL
+    w = worst_shift([1, 0], [0, 1], 45, 0.01)
+    assert w.outcome == INCONCLUSIVE
