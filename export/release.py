@@ -31,6 +31,8 @@ from vitrim.pipeline.core.rundir import RunDir
 
 def model_io(model) -> tuple[tuple[int, ...], int]:
     """(per-sample input shape, token count) of a CompactViT or a timm ViT."""
+    from vitrim.pipeline.core.models import input_channels
+
     plan = getattr(model, "plan", None)
     if plan is not None:
         return (plan.spec["in_chans"], *plan.spec["img_size"]), plan.num_tokens
@@ -38,7 +40,7 @@ def model_io(model) -> tuple[tuple[int, ...], int]:
     if pe is None:
         raise UserError("export", f"cannot tell the input shape of a {type(model).__name__}",
                         "pass sample_shape=(C, H, W) to release()")
-    in_chans = pe.proj.in_channels
+    in_chans = input_channels(model)
     return (in_chans, *pe.img_size), pe.num_patches + getattr(model, "num_prefix_tokens", 0)
 
 

@@ -12,6 +12,9 @@ owns this small module. What differs from ``timm.models.vision_transformer``:
   current head dim. With QK == teacher head_dim both are the same number.
 * Skipped blocks are absent, and the embedding dim may be smaller than the
   teacher's (LayerNorms then normalise over the kept channels only).
+* A hybrid ViT's CNN stem (``stem``, timm's own backbone module rebuilt by
+  :func:`~vitrim.pipeline.core.models.build_stem`) is kept whole; ``patch_embed``
+  is then the projection from its feature map.
 * No dropout or drop-path. Register tokens, qk_norm (LayerNorms over each head's
   kept QK dims), QuickGELU / GELU-tanh / gated (GLU) MLPs and SigLIP's attention
   pool (:class:`CompactAttnPool`, kept whole) are the same ops as timm's.
@@ -56,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitrim.pipeline.core.models import build_stem
 from vitrim.pipeline.core.plan import MERGE_TYPES, Plan, merged_grid
 
 
@@ -327,7 +331,10 @@ class CompactViT(nn.Module):
         self.global_pool = s["global_pool"]
         eps = s["norm_eps"]
         ph, pw = s["patch_size"]
-        self.patch_embed = nn.Conv2d(s["in_chans"], E, kernel_size=(ph, pw), stride=(ph, pw), bias=s["patch_bias"])
+        stem = s.get("stem")
+        self.stem = build_stem(stem) if stem else None  # a hybrid ViT's CNN backbone, timm's own module, kept whole
+        C = stem["out_chans"] if stem else s["in_chans"]
+        self.patch_embed = nn.Conv2d(C, E, kernel_size=(ph, pw), stride=(ph, pw), bias=s["patch_bias"])
         self.cls_token = nn.Parameter(torch.zeros(1, 1, E)) if s["class_token"] else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, E)) if s["dist_token"] else None
         R = int(s.get("reg_tokens", 0))
@@ -380,6 +387,10 @@ class CompactViT(nn.Module):
         return gated_layer_norm(ln, x, self._gate_embed)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stem is not None:
+            x = self.stem(x)
+            if isinstance(x, (list, tuple)):  # timm's feature extractors return a list of maps
+                x = x[-1]
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
         # timm's order: class, then distillation (DeiT) or register tokens
         to_cat = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token, self.reg_token)

@@ -7,6 +7,9 @@ on those two, never on timm modules.
 """
 from __future__ import annotations
 
+import copy
+import functools
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -77,8 +80,6 @@ def read_pretrained_cfg(path: str | os.PathLike) -> dict:
     ``.safetensors``: JSON under the metadata key ``pretrained_cfg``. Only the header / the pickle's
     small objects are read (tensors are memory-mapped where the format allows).
     """
-    import json
-
     p = Path(path)
     if not p.is_file():
         return {}
@@ -189,7 +190,8 @@ def save_weights(model_or_sd: nn.Module | dict, path: str | os.PathLike, metadat
 def _refuse(arch: str, what: str) -> None:
     err = UserError("model", f"'{arch}': {what} is not supported by vitrim's slicer",
                     "use a plain ViT variant: cls/avg/map pooling, optional dist or register tokens, LayerScale, "
-                    "qk_norm, GELU/QuickGELU/GELU-tanh or GLU MLPs (docs/timm-coverage.md lists what is refused)")
+                    "qk_norm, GELU/QuickGELU/GELU-tanh or GLU MLPs, a CNN stem timm builds by name "
+                    "(docs/timm-coverage.md lists what is refused)")
     err.reason = what  # the reason alone, for the coverage table
     raise err
 
@@ -228,6 +230,106 @@ def _describe_pool(arch: str, pool: nn.Module, E: int) -> dict:
             "act": _act_name(pool.mlp.act)}
 
 
+def _stem_parts(model: nn.Module) -> tuple[nn.Module | None, nn.Conv2d]:
+    """(CNN stem kept whole or None, the conv that projects to the embedding) of a timm ViT.
+
+    A ``HybridEmbed`` without its own projection (``proj=False``, MobileCLIP's ``ConvStem``) ends its backbone
+    with a plain conv (no norm, no activation) to the embedding width: that conv is the projection.
+    """
+    pe = model.patch_embed
+    if not hasattr(pe, "backbone"):
+        return None, pe.proj
+    if isinstance(pe.proj, nn.Conv2d):
+        return pe.backbone, pe.proj
+    return nn.Sequential(*list(pe.backbone)[:-1]), pe.backbone[-1].conv
+
+
+def input_channels(model: nn.Module) -> int:
+    """The image channels a timm ViT takes (a hybrid's CNN stem reads the image, its projection the features)."""
+    pe = model.patch_embed
+    return int(pe.in_chans) if hasattr(pe, "backbone") else int(pe.proj.in_channels)
+
+
+@functools.lru_cache(maxsize=8)
+def _meta_stem(arch: str, kwargs_json: str, proj_in_backbone: bool) -> nn.Module:
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model(arch, pretrained=False, **json.loads(kwargs_json))
+    backbone = model.patch_embed.backbone
+    return nn.Sequential(*list(backbone)[:-1]) if proj_in_backbone else backbone
+
+
+def build_stem(stem: dict) -> nn.Module:
+    """The CNN stem of a hybrid ViT spec (``spec['stem']``), rebuilt by timm from the teacher's name and kwargs.
+
+    timm's own backbone module (ResNetV2, a ResNet feature extractor, a conv stem), on the ambient default
+    device (meta while shapes are checked), zero weights and reset norm statistics: a student loads its
+    weights after this.
+    """
+    meta = _meta_stem(stem["arch"], json.dumps(stem["kwargs"], sort_keys=True), bool(stem.get("proj_in_backbone")))
+    m = copy.deepcopy(meta).to_empty(device=torch.get_default_device())
+    with torch.no_grad():
+        for t in list(m.parameters()) + list(m.buffers()):
+            t.zero_()
+        for mod in m.modules():
+            if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.track_running_stats:
+                mod.reset_running_stats()
+    return m
+
+
+def _signature(m: nn.Module) -> tuple:
+    """What must agree between a teacher's stem and timm's rebuild of it: module types and settings, shapes."""
+    return repr(m), [(k, tuple(v.shape)) for k, v in m.state_dict().items()]
+
+
+def _describe_stem(arch: str, model: nn.Module, kwargs: dict | None) -> dict:
+    """A hybrid ViT's CNN stem as data: the timm name and kwargs that rebuild it, its output and its cost.
+
+    The stem is kept whole; only the projection after it is sliced (with the embedding).
+    """
+    import timm
+    from timm.layers import ConvNormAct
+    from torch.utils.flop_counter import FlopCounterMode
+
+    pe = model.patch_embed
+    if not pe.flatten:
+        _refuse(arch, f"a hybrid CNN stem with output format {pe.output_fmt}")
+    proj_in_backbone = not isinstance(pe.proj, nn.Conv2d)
+    if proj_in_backbone:  # the backbone's last layer must be a bare conv: ConvNormAct without norm, act or aa
+        bb = pe.backbone
+        last = bb[-1] if isinstance(bb, nn.Sequential) and type(bb).forward is nn.Sequential.forward \
+            and len(bb) > 1 else None
+        if type(last) is not ConvNormAct or type(last.conv) is not nn.Conv2d or type(last.bn) is not nn.Sequential \
+                or len(last.bn) or getattr(last, "aa", None) is not None:
+            _refuse(arch, "a hybrid CNN stem that does not end in a projection conv")
+    stem, proj = _stem_parts(model)
+    if type(proj) is not nn.Conv2d or proj.kernel_size != proj.stride or proj.padding != (0, 0) \
+            or proj.dilation != (1, 1) or proj.groups != 1 or proj.out_channels != model.embed_dim:
+        _refuse(arch, "a hybrid CNN stem whose projection is not a patch conv (kernel = stride, no padding)")
+    name = arch if timm.is_model(arch) else (getattr(model, "pretrained_cfg", None) or {}).get("architecture", "")
+    if not timm.is_model(name):
+        _refuse(arch, "a hybrid CNN stem not built by a timm model name (vitrim rebuilds the stem by name)")
+    kw = {**(kwargs or {}), "in_chans": pe.in_chans}
+    try:
+        json.dumps(kw)
+        rebuilt = _meta_stem(name, json.dumps(kw, sort_keys=True), proj_in_backbone)
+    except (TypeError, ValueError, RuntimeError) as e:
+        _refuse(arch, f"a hybrid CNN stem that timm cannot rebuild from '{name}' and its kwargs ({e})")
+    if _signature(rebuilt) != _signature(stem):
+        _refuse(arch, f"a hybrid CNN stem that timm's '{name}' with these kwargs does not rebuild")
+    with FlopCounterMode(display=False) as flops, torch.device("meta"):
+        out = rebuilt(torch.empty(1, pe.in_chans, *pe.img_size))
+    out = out[-1] if isinstance(out, (list, tuple)) else out
+    C, fh, fw = (int(d) for d in out.shape[1:])
+    ph, pw = proj.kernel_size
+    if C != proj.in_channels or fh % ph or fw % pw:
+        _refuse(arch, f"a hybrid CNN stem whose {fh}x{fw} output does not tile into {ph}x{pw} patches")
+    return {"arch": name, "kwargs": kw, "proj_in_backbone": proj_in_backbone, "out_chans": C,
+            "feature_size": [fh, fw], "params": sum(p.numel() for p in rebuilt.parameters()),
+            "macs": flops.get_total_flops() // 2}
+
+
 def describe(model: nn.Module, arch: str = "", kwargs: dict | None = None) -> dict:
     """Describe a timm VisionTransformer as plain data (the Plan's ``spec``).
 
@@ -237,20 +339,26 @@ def describe(model: nn.Module, arch: str = "", kwargs: dict | None = None) -> di
     (with fc_norm) or 'map' (SigLIP's attention pool, kept whole), pre-norm,
     exact GELU, GELU-tanh, QuickGELU and gated (``GluMlp``) MLPs, and
     ``dynamic_img_size`` (fixed at the configured size).
-    Refused with a clear error (never a crash): other model classes, hybrid
-    (CNN-stem) and parallel blocks, attention gates, norms inside attn/mlp,
-    patch-embed norm, other pools, activations and norms.
+    Hybrid ViTs (timm's ``HybridEmbed``: a CNN backbone, then a conv projection
+    to the embedding) keep the backbone whole (:func:`build_stem` rebuilds it
+    with timm); the projection is sliced like a plain patch embedding.
+    Refused with a clear error (never a crash): other model classes, parallel
+    blocks, attention gates, norms inside attn/mlp, patch-embed norm, other
+    pools, activations and norms.
     """
-    from timm.layers import GluMlp, LayerScale, Mlp, PatchEmbed
+    from timm.layers import GluMlp, HybridEmbed, LayerScale, Mlp, PatchEmbed
     from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
     arch = arch or type(model).__name__
     if not isinstance(model, VisionTransformer):
         _refuse(arch, f"model class {type(model).__name__}")
     pe = model.patch_embed
-    if type(pe) is not PatchEmbed or not isinstance(pe.proj, nn.Conv2d):
-        _refuse(arch, f"patch embedding {type(pe).__name__} (a hybrid CNN stem)")
-    if not isinstance(pe.norm, nn.Identity):
+    stem = None
+    if type(pe) is HybridEmbed:
+        stem = _describe_stem(arch, model, kwargs)
+    elif type(pe) is not PatchEmbed or not isinstance(pe.proj, nn.Conv2d):
+        _refuse(arch, f"patch embedding {type(pe).__name__}")
+    elif not isinstance(pe.norm, nn.Identity):
         _refuse(arch, "a norm inside the patch embedding")
     if getattr(pe, "dynamic_img_pad", False):
         _refuse(arch, "dynamic_img_pad")
@@ -325,12 +433,13 @@ def describe(model: nn.Module, arch: str = "", kwargs: dict | None = None) -> di
     for head in (model.head, getattr(model, "head_dist", None)):  # num_classes=0: a feature extractor
         if head is not None and not isinstance(head, (nn.Linear, nn.Identity)):
             _refuse(arch, f"a classifier head {type(head).__name__}")
+    proj = _stem_parts(model)[1]
     spec = {
         "arch": arch,
         "kwargs": dict(kwargs or {}),
         "img_size": list(pe.img_size),
-        "patch_size": list(pe.patch_size),
-        "in_chans": pe.proj.in_channels,
+        "patch_size": list(proj.kernel_size if stem else pe.patch_size),  # a hybrid's: on the stem's feature map
+        "in_chans": pe.in_chans if stem else proj.in_channels,
         "num_classes": model.num_classes,
         "embed_dim": E,
         "depth": len(blocks),
@@ -339,7 +448,7 @@ def describe(model: nn.Module, arch: str = "", kwargs: dict | None = None) -> di
         "mlp_hidden": M,
         "qkv_bias": first.attn.qkv.bias is not None,
         "proj_bias": first.attn.proj.bias is not None,  # timm's proj_bias: attn.proj, mlp.fc1, mlp.fc2
-        "patch_bias": pe.proj.bias is not None,
+        "patch_bias": proj.bias is not None,
         "class_token": model.cls_token is not None,
         "dist_token": distilled,
         "no_embed_class": bool(model.no_embed_class),
@@ -355,7 +464,7 @@ def describe(model: nn.Module, arch: str = "", kwargs: dict | None = None) -> di
     extra = {"reg_tokens": R, "qk_norm": qk_norm, "mlp_act": act_name if act_name != "gelu" else None,
              "mlp_glu": glu, "attn_pool": spec_pool,
              "pool_include_prefix": bool(getattr(model, "pool_include_prefix", False)),
-             "dynamic_img_size": bool(getattr(model, "dynamic_img_size", False))}
+             "dynamic_img_size": bool(getattr(model, "dynamic_img_size", False)), "stem": stem}
     spec.update({k: v for k, v in extra.items() if v})
     return spec
 
@@ -368,7 +477,9 @@ def canonical_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     describe(model)  # refuse unsupported variants first
     sd: dict[str, torch.Tensor] = {}
-    pe = model.patch_embed.proj
+    stem, pe = _stem_parts(model)
+    if stem is not None:  # kept whole
+        sd.update({"stem." + k: v for k, v in stem.state_dict(keep_vars=True).items()})
     sd["patch_embed.weight"] = pe.weight
     if pe.bias is not None:
         sd["patch_embed.bias"] = pe.bias

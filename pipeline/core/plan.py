@@ -122,7 +122,8 @@ class Plan:
     def grid(self) -> tuple[int, int]:
         """The patch grid (rows, cols) of the input image."""
         s = self.spec
-        return (s["img_size"][0] // s["patch_size"][0], s["img_size"][1] // s["patch_size"][1])
+        fh, fw = s["stem"]["feature_size"] if s.get("stem") else s["img_size"]  # a hybrid's stem feature map
+        return (fh // s["patch_size"][0], fw // s["patch_size"][1])
 
     @property
     def num_tokens(self) -> int:
@@ -169,10 +170,11 @@ class Plan:
     # -- analytic cost ------------------------------------------------------
     def num_params(self) -> int:
         s, E = self.spec, self.embed_dim
-        C, nc = s["in_chans"], s["num_classes"]
+        stem, nc = s.get("stem"), s["num_classes"]
+        C = stem["out_chans"] if stem else s["in_chans"]
         ph, pw = s["patch_size"]
         prefix = self.num_prefix
-        n = E * C * ph * pw + (E if s["patch_bias"] else 0)
+        n = E * C * ph * pw + (E if s["patch_bias"] else 0) + (stem["params"] if stem else 0)
         n += prefix * E
         n += (self.num_tokens - (0 if not s["no_embed_class"] else prefix)) * E
         n += 2 * E * int(s["pre_norm"]) + 2 * E * int(s["final_norm"]) + 2 * E * int(s["fc_norm"])
@@ -200,11 +202,12 @@ class Plan:
         return n
 
     def macs(self) -> int:
-        """Multiply-accumulates per image (matmuls and attention)."""
+        """Multiply-accumulates per image (matmuls and attention; a hybrid's CNN stem as timm's FLOP counter has it)."""
         s, E = self.spec, self.embed_dim
         ph, pw = s["patch_size"]
         grid = self.num_tokens - self.num_prefix
-        n = grid * E * s["in_chans"] * ph * pw
+        stem = s.get("stem")
+        n = grid * E * (stem["out_chans"] if stem else s["in_chans"]) * ph * pw + (stem["macs"] if stem else 0)
         pool = s.get("attn_pool")
         if pool:
             D, L, Np = pool["dim"], pool["latent_len"], self.block_tokens()[-1] - (

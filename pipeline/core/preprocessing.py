@@ -219,13 +219,13 @@ def resolve_preprocessing(data: DataConfig, model_cfg: Optional[ModelConfig] = N
         return FMNIST_PREPROCESSING
     import timm.data
 
-    if model is None:
-        from vitrim.pipeline.core.models import meta_model
+    from vitrim.pipeline.core.models import input_channels, meta_model
 
+    if model is None:
         model = meta_model(model_cfg)
     arch = getattr(model_cfg, "arch", None) or type(model).__name__
     pe = model.patch_embed
-    C = int(pe.proj.in_channels)
+    C = input_channels(model)
     H, W = (int(s) for s in pe.img_size)
     if C not in (1, 3):
         raise UserError("data", f"the teacher takes {C} input channels; image folders give RGB (3) or L (1)",

@@ -8,7 +8,8 @@ all computed from the Plan by :class:`~vitrim.pipeline.core.compact.CompactViT`.
 Embedding pruning selects channels along the whole residual stream: the
 patch-embed conv output, cls/dist tokens, pos_embed, every LayerNorm, every
 residual-side Linear (rows of proj/fc2, columns of qkv/fc1), LayerScale, the
-final norm and the head input.
+final norm and the head input. A hybrid ViT's CNN stem, before the patch-embed
+conv, is kept whole.
 """
 from __future__ import annotations
 
@@ -49,6 +50,9 @@ def slice_state(state: dict[str, torch.Tensor], plan: Plan) -> dict[str, torch.T
             t = t.index_select(int(dim[1:]), idx)
         out[dst or name] = t.clone()
 
+    for name in state:  # a hybrid ViT's CNN stem is kept whole
+        if name.startswith("stem."):
+            take(name)
     take("patch_embed.weight", d0=e)
     take("patch_embed.bias", d0=e)
     for name in ("cls_token", "dist_token", "reg_token", "pos_embed"):
