@@ -158,7 +158,7 @@ def test_every_curve_point_of_a_full_recipe_is_a_valid_run_config():
     budget gate of an uncorrectable plan): one point failing its config checks used to end the whole curve."""
     from vitrim.pipeline.core.config import load_config, validate_search
     from vitrim.pipeline.search import STRATEGIES
-    from vitrim.pipeline.stages.run import curve_point
+    from vitrim.pipeline.stages.curve import curve_point
     from vitrim.pipeline.stages.search import wants_closed_loop
 
     cfg = load_config("configs/fmnist_tokens_cpu.yaml", ["search.merges=[{block: 4, type: hw}]",
