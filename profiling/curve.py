@@ -40,7 +40,7 @@ def write_curve(rows: list[dict], out_dir: str | os.PathLike, title: str = "") -
     w = csv.DictWriter(buf, fieldnames=FIELDS, extrasaction="ignore")
     w.writeheader()
     for r in rows:
-        w.writerow({k: _fmt(v) for k, v in r.items()})
+        w.writerow({k: (f"{v:g}" if k == "budget" else _fmt(v)) for k, v in r.items()})
     atomic_write_text(RunDir(out).curve_csv, buf.getvalue())
     import matplotlib
 

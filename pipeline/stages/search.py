@@ -87,8 +87,11 @@ def search_start(cfg: RunConfig, spec: dict) -> Optional[tuple[Plan, dict]]:
     if lacking:
         raise UserError("search", f"search.start_from='{s.start_from}' lacks {', '.join(lacking)}", fix)
     plan = Plan.load(src.plan)
-    if plan.spec != spec:
-        raise UserError("search", f"search.start_from='{s.start_from}' holds a plan of another teacher", fix)
+    shape = Plan.from_dict(Plan.full(spec).to_dict()).spec  # as a saved plan spells it (lists, not tuples)
+    bad = [k for k in shape if k not in ("arch", "kwargs") and plan.spec.get(k) != shape[k]]
+    if bad:
+        raise UserError("search", f"search.start_from='{s.start_from}' holds a plan of another teacher ({bad[0]}: "
+                        f"plan {plan.spec.get(bad[0])!r}, teacher {shape[bad[0]]!r})", fix)
     state = read_state_dict(src.search_state, "search")
     if s.start_weights == "student":
         state = unslice_state(state, load_compact(prev.root).state_dict(), Plan.load(prev.plan))
