@@ -28,7 +28,7 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def seeded(tmp_path_factory, fmnist_dir, cache):
-    """`vitrim curve --budgets 0.6,0.4 --seeds 2` (the config's strategy only), with every call of the session
+    """`vitrim curve --budgets 0.8,0.6 --seeds 2` (the config's strategy only), with every call of the session
     timing helper recorded."""
     import vitrim.export.runners as runners
 
@@ -43,7 +43,7 @@ def seeded(tmp_path_factory, fmnist_dir, cache):
     mp = pytest.MonkeyPatch()
     mp.setattr(runners, "time_ratio", recording)
     try:
-        rc = main(["curve", "configs/fmnist_cpu.yaml", "--budgets", "0.6,0.4", "--seeds", "2", "--baselines", "",
+        rc = main(["curve", "configs/fmnist_cpu.yaml", "--budgets", "0.8,0.6", "--seeds", "2", "--baselines", "",
                    *sets(tmp, [f"data.root={fmnist_dir}", *FAST], cache)])
     finally:
         mp.undo()
@@ -57,7 +57,7 @@ def test_seeds_give_a_row_each_timed_in_one_session_with_the_teacher(seeded):
     rows = rows_of(run / "curve.csv")
     assert rows[0]["method"] == "teacher" and float(rows[0]["session_speedup"]) == 1.0
     points = rows[1:]
-    assert sorted((r["budget"], r["seed"]) for r in points) == [("0.4", "0"), ("0.4", "1"), ("0.6", "0"), ("0.6", "1")]
+    assert sorted((r["budget"], r["seed"]) for r in points) == [("0.6", "0"), ("0.6", "1"), ("0.8", "0"), ("0.8", "1")]
     # the curve's figures come from one session of all five engines, after every point had run: drop that call
     # and the session columns have nowhere to come from
     assert len(calls) == 1 and calls[0]["runners"] == 1 + len(points)
@@ -73,19 +73,19 @@ def test_seeds_give_a_row_each_timed_in_one_session_with_the_teacher(seeded):
     assert seeds == {0, 1}
     assert (run / "curve.png").stat().st_size > 2000
     md = (run / "curve.md").read_text()
-    assert "one session" in md and "| knapsack | 0.6 | 2 |" in md and "No budget has more than one method" in md
+    assert "one session" in md and "| knapsack | 0.8 | 2 |" in md and "No budget has more than one method" in md
 
 
 @pytest.mark.slow
 def test_points_as_jobs_and_collect_give_the_rows_of_one_run(seeded, tmp_path, fmnist_dir, cache, capsys):
     run, _ = seeded
-    opts = ["configs/fmnist_cpu.yaml", "--budgets", "0.6,0.4", "--seeds", "2", "--baselines", ""]
+    opts = ["configs/fmnist_cpu.yaml", "--budgets", "0.8,0.6", "--seeds", "2", "--baselines", ""]
     jobs = tmp_path / "jobs"
     cfg_sets = sets(tmp_path, [f"data.root={fmnist_dir}", *FAST, f"out_dir={jobs}"], cache)
     assert main(["curve", *opts, "--list", *cfg_sets]) == 0
     listed = [ln for ln in capsys.readouterr().out.splitlines() if ln[:1].isdigit()]
-    assert [ln.split("\t")[1] for ln in listed] == ["knapsack@0.6 seed 0", "knapsack@0.4 seed 0",
-                                                    "knapsack@0.6 seed 1", "knapsack@0.4 seed 1"]
+    assert [ln.split("\t")[1] for ln in listed] == ["knapsack@0.8 seed 0", "knapsack@0.6 seed 0",
+                                                    "knapsack@0.8 seed 1", "knapsack@0.6 seed 1"]
     # the jobs of an array: the points already run by the single run are copied in, as finished jobs' outputs
     # would be; point 3 runs here as a job
     for k in (0, 1, 2):
@@ -155,27 +155,45 @@ def test_report_says_which_method_differences_exceed_the_seed_spread(tmp_path):
 def test_progressive_points_continue_from_the_previous_budgets_plan(seeded, tmp_path, fmnist_dir, cache, capsys):
     run, _ = seeded
     prog = tmp_path / "prog"
-    opts = ["configs/fmnist_cpu.yaml", "--budgets", "0.4,0.6", "--baselines", "", "--progressive"]
+    opts = ["configs/fmnist_cpu.yaml", "--budgets", "0.6,0.8", "--baselines", "", "--progressive"]
     cfg_sets = sets(tmp_path, [f"data.root={fmnist_dir}", *FAST, f"out_dir={prog}"], cache)
-    shutil.copytree(run / "knapsack_0.6", prog / "knapsack_0.6")  # point 0 (0.6, from the teacher) as a finished job
+    shutil.copytree(run / "knapsack_0.8", prog / "knapsack_0.8")  # point 0 (0.8, from the teacher) as a finished job
     (prog / "points").mkdir()
-    shutil.copy(run / "points" / "knapsack_0.6.json", prog / "points")
+    shutil.copy(run / "points" / "knapsack_0.8.json", prog / "points")
     capsys.readouterr()
     assert main(["curve", *opts, "--point", "1", *cfg_sets]) == 0
     out = capsys.readouterr().out
-    assert "continuing from point 0 (knapsack@0.6 seed 0)" in out and "[search] continuing from an earlier plan" in out
-    a = Plan.load(prog / "knapsack_0.6" / "plan.json")
-    b = Plan.load(prog / "knapsack_0.4_from0.6" / "plan.json")
+    assert "continuing from point 0 (knapsack@0.8 seed 0)" in out and "[search] continuing from an earlier plan" in out
+    a = Plan.load(prog / "knapsack_0.8" / "plan.json")
+    b = Plan.load(prog / "knapsack_0.6_from0.8" / "plan.json")
     assert set(b.embed_keep) <= set(a.embed_keep)
     for ba, bb in zip(a.blocks, b.blocks):  # b only removes from a's plan: its kept units are a subset
         assert ba.keep or not bb.keep
         if bb.keep:
             assert all(set(getattr(bb, d)) <= set(getattr(ba, d)) for d in ("heads", "qk", "v", "mlp"))
-    log_a = json.loads((prog / "knapsack_0.6" / "search" / "search_log.json").read_text())
-    log_b = json.loads((prog / "knapsack_0.4_from0.6" / "search" / "search_log.json").read_text())
+    log_a = json.loads((prog / "knapsack_0.8" / "search" / "search_log.json").read_text())
+    log_b = json.loads((prog / "knapsack_0.6_from0.8" / "search" / "search_log.json").read_text())
     assert log_b["steps"][0]["cost"] == pytest.approx(log_a["steps"][-1]["cost"], rel=1e-9)  # fell from a's cost
     assert log_a["steps"][0]["cost"] > log_a["steps"][-1]["cost"]  # a's own search fell from the teacher's
     assert main(["curve", *opts, "--collect", *cfg_sets]) == 0
     rows = rows_of(prog / "curve.csv")
-    assert [r["start_from"] for r in rows[1:]] == ["", "knapsack_0.6"]
+    assert [r["start_from"] for r in rows[1:]] == ["", "knapsack_0.8"]
     assert "Progressive curve (search)" in (prog / "curve.md").read_text()
+
+
+@pytest.mark.slow
+def test_progressive_finetune_continues_from_the_previous_fine_tuned_student(seeded, tmp_path, fmnist_dir, cache,
+                                                                             capsys):
+    run, _ = seeded
+    prog = tmp_path / "prog"
+    opts = ["configs/fmnist_cpu.yaml", "--budgets", "0.6,0.8", "--baselines", "", "--progressive=finetune"]
+    cfg_sets = sets(tmp_path, [f"data.root={fmnist_dir}", *FAST, f"out_dir={prog}"], cache)
+    shutil.copytree(run / "knapsack_0.8", prog / "knapsack_0.8")
+    (prog / "points").mkdir()
+    shutil.copy(run / "points" / "knapsack_0.8.json", prog / "points")
+    capsys.readouterr()
+    assert main(["curve", *opts, "--point", "1", *cfg_sets]) == 0
+    out = capsys.readouterr().out
+    assert "knapsack_0.8's plan and its fine-tuned student" in out.replace(str(prog) + "/", "")
+    resolved = yaml.safe_load((prog / "knapsack_0.6_from0.8ft" / "resolved_config.yaml").read_text())["search"]
+    assert resolved["start_weights"] == "student" and resolved["start_from"].endswith("knapsack_0.8")
