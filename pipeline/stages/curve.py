@@ -192,6 +192,10 @@ def collect_curve(cfg: RunConfig, points: list[CurvePoint], progressive: Optiona
     if not done:
         raise UserError("curve", "no point of the curve reached its budget", "raise the budgets")
     summaries = [json.loads(rd.summary.read_text()) for _, rd, _ in done]
+    teachers = {(s["teacher"]["params"], s["teacher"]["top1"]) for s in summaries}
+    if len(teachers) > 1:  # one teacher engine stands for all: points of another teacher or test set do not mix
+        raise UserError("curve", f"the points were run with different teachers or test sets (teacher params, "
+                        f"test top-1: {sorted(teachers)})", "run every point with the same config and cache_dir")
     timings, ratios = retime(cfg, done[0][1].teacher_dir.root, [rd.root for _, rd, _ in done], log)
     t = summaries[0]["teacher"]
     rows = [{"method": "teacher", "budget": 1.0, "seed": "", "predicted_ms": t["predicted_ms"],
