@@ -266,7 +266,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_curve(args) -> int:
-    from vitrim.pipeline.stages.run import run_curve
+    from vitrim.pipeline.stages.curve import collect_curve, curve_points, run_curve, run_point
 
     cfg = _cfg(args)
     try:
@@ -282,7 +282,23 @@ def cmd_curve(args) -> int:
     for b in baselines:
         if b not in STRATEGIES:
             raise UserError("curve", f"unknown baseline '{b}'", f"use one of {', '.join(STRATEGIES)}")
-    run_curve(cfg, budgets, baselines)
+    if args.seeds < 1:
+        raise UserError("curve", f"--seeds {args.seeds}", "use 1 or more seeds per point")
+    if args.collect:
+        cfg.out_dir = args.collect
+    points = curve_points(cfg, budgets, baselines, args.seeds, args.progressive)
+    if args.list:
+        for p in points:
+            after = f" (continues from point {p.after})" if p.after is not None else ""
+            print(f"{p.index}\t{p.label()}{after}")
+        return 0
+    if args.point is not None:
+        rec = run_point(cfg, points, args.point, args.progressive)
+        print(f"[curve] point {args.point}: {rec['status']}")
+    elif args.collect is not None:
+        collect_curve(cfg, points, args.progressive)
+    else:
+        run_curve(cfg, budgets, baselines, args.seeds, args.progressive)
     return 0
 
 
@@ -328,10 +344,26 @@ def build_parser() -> argparse.ArgumentParser:
     _common(s, config_required=True)
     s.set_defaults(fn=cmd_run)
 
-    s = sub.add_parser("curve", help="latency-accuracy curve: the pipeline per budget, plus baselines")
+    from vitrim.pipeline.stages.curve import PROGRESSIVE
+
+    s = sub.add_parser("curve", help="latency-accuracy curve: the pipeline per budget (and seed), plus baselines, "
+                       "re-timed together in one session")
     _common(s, config_required=True)
     s.add_argument("--budgets", default="0.8,0.6,0.5,0.4", help="latency fractions (default 0.8,0.6,0.5,0.4)")
     s.add_argument("--baselines", default="uniform", help="comma-separated strategies to compare (default uniform)")
+    s.add_argument("--seeds", type=int, default=1, help="seeds per point: search.seed + k and finetune.seed + k for "
+                   "k < N (default 1); the plot shows the mean and the min-max range, the curve's report which "
+                   f"differences between methods exceed it ({NAMES.curve_report.name})")
+    s.add_argument("--progressive", nargs="?", const="search", choices=sorted(PROGRESSIVE),
+                   help="budgets high to low, each search starting from the previous budget's plan and adapted "
+                   "weights (search), or its fine-tuned student (finetune); default: every point from the teacher")
+    s.add_argument("--list", action="store_true", help="print the points (index, strategy, budget, seed) and exit")
+    s.add_argument("--point", type=int, metavar="K", help="run only point K of --list into the curve's directory "
+                   "(one job of a job array); the curve is assembled by --collect")
+    s.add_argument("--collect", nargs="?", const="", metavar="DIR", help="re-time the finished points with the "
+                   "teacher in one session and write "
+                   f"{NAMES.curve_csv.name}, {NAMES.curve_plot.name} and {NAMES.curve_report.name} (DIR: the curve's "
+                   "directory, default out_dir); a point not finished exits 2 naming it")
     s.set_defaults(fn=cmd_curve)
 
     s = sub.add_parser("train-teacher", help="train the teacher on the config's data (from scratch, or from "

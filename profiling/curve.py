@@ -1,32 +1,46 @@
 """Latency-accuracy curves from run results (it receives results; it never runs the pipeline).
 
-``write_curve(rows, out_dir)`` writes ``curve.csv`` and ``curve.png``: measured
-latency relative to the teacher (1 / speedup, each ratio timed in one
-interleaved session, so machine drift between points cancels) against test
-top-1, one line per method, with the teacher point at 1.0.
+``write_curve(rows, out_dir)`` writes ``curve.csv`` (one row per point and seed, the teacher first) and
+``curve.png``: latency relative to the teacher (1 / ``session_speedup``: every point's engine and the teacher's
+timed in one interleaved session, so machine drift between points cancels) against test top-1, one line per
+method through the mean over seeds, with min-max bars over the seeds. ``write_curve_report`` writes ``curve.md``:
+the session, each point over its seeds, and at each budget where several methods ran, which differences between
+methods exceed the spread between seeds.
+
+The rule for "exceeds the spread": the two methods' min-max ranges over their seeds do not overlap. A method
+with one seed has no spread, so a comparison involving it is not decided.
 """
 from __future__ import annotations
 
 import csv
 import io
 import os
+from itertools import combinations
 from pathlib import Path
+from typing import Optional
+
+import numpy as np
 
 from vitrim.pipeline.core.io import atomic_save, atomic_write_text, make_dir
 from vitrim.pipeline.core.rundir import RunDir
 
-FIELDS = ["method", "budget", "predicted_ms", "measured_ms", "p90_ms", "top1", "params", "macs", "speedup",
-          "delta_top1"]
+FIELDS = ["method", "budget", "seed", "predicted_ms", "run_measured_ms", "run_speedup", "session_ms",
+          "session_p90_ms", "session_speedup", "top1", "delta_top1", "params", "macs", "run_dir", "start_from"]
+
+
+def _fmt(v):
+    return f"{v:.4f}" if isinstance(v, float) else v
 
 
 def write_curve(rows: list[dict], out_dir: str | os.PathLike, title: str = "") -> tuple[Path, Path]:
+    """``curve.csv`` and ``curve.png`` from the rows (the teacher's with method ``teacher``)."""
     out = Path(out_dir)
     make_dir(out, "curve")
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=FIELDS, extrasaction="ignore")
     w.writeheader()
     for r in rows:
-        w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
+        w.writerow({k: (f"{v:g}" if k == "budget" else _fmt(v)) for k, v in r.items()})
     atomic_write_text(RunDir(out).curve_csv, buf.getvalue())
     import matplotlib
 
@@ -34,18 +48,19 @@ def write_curve(rows: list[dict], out_dir: str | os.PathLike, title: str = "") -
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    methods = []
-    for r in rows:
-        if r["method"] not in methods:
-            methods.append(r["method"])
-    for i, m in enumerate(methods):
-        pts = sorted((1.0 / float(r["speedup"]), float(r["top1"])) for r in rows if r["method"] == m)
-        xs, ys = zip(*pts)
+    for i, (m, pts) in enumerate(points_by_method(rows).items()):
         if m == "teacher":
-            ax.scatter(xs, ys, marker="*", s=120, color="k", label="teacher", zorder=3)
-        else:
-            ax.plot(xs, ys, marker="o", label=m, color=f"C{i}")
-    ax.set_xlabel("measured latency / teacher latency (same-session ratio)")
+            p = pts[0]
+            ax.scatter([p["x"][0]], [p["y"][0]], marker="*", s=120, color="k", label="teacher", zorder=3)
+            continue
+        pts = sorted(pts, key=lambda p: np.mean(p["x"]))
+        xs, ys = [np.mean(p["x"]) for p in pts], [np.mean(p["y"]) for p in pts]
+        xerr = [[x - min(p["x"]) for x, p in zip(xs, pts)], [max(p["x"]) - x for x, p in zip(xs, pts)]]
+        yerr = [[y - min(p["y"]) for y, p in zip(ys, pts)], [max(p["y"]) - y for y, p in zip(ys, pts)]]
+        n = max(len(p["y"]) for p in pts)
+        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", capsize=3, color=f"C{i}",
+                    label=m + (f" (mean, min-max of {n} seeds)" if n > 1 else ""))
+    ax.set_xlabel("latency / teacher latency (one timing session)")
     ax.set_ylabel("test top-1 (%)")
     ax.grid(alpha=0.3)
     ax.set_title(title or "latency vs accuracy", fontsize=9)
@@ -54,3 +69,88 @@ def write_curve(rows: list[dict], out_dir: str | os.PathLike, title: str = "") -
     atomic_save(RunDir(out).curve_plot, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return RunDir(out).curve_csv, RunDir(out).curve_plot
+
+
+def points_by_method(rows: list[dict]) -> dict[str, list[dict]]:
+    """{method: [{budget, x: latency ratios, y: top-1s} per budget, over its seeds]}, methods in row order."""
+    out: dict[str, dict[float, dict]] = {}
+    for r in rows:
+        b = float(r["budget"])
+        p = out.setdefault(r["method"], {}).setdefault(b, {"budget": b, "x": [], "y": []})
+        p["x"].append(1.0 / float(r["session_speedup"]))
+        p["y"].append(float(r["top1"]))
+    return {m: list(by_b.values()) for m, by_b in out.items()}
+
+
+def separated(a: list[float], b: list[float]) -> Optional[bool]:
+    """Whether two sets of per-seed figures have disjoint min-max ranges; None when either has a single seed."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    return max(a) < min(b) or max(b) < min(a)
+
+
+def _span(v: list[float], digits: int) -> str:
+    m = f"{np.mean(v):.{digits}f}"
+    return m if len(v) < 2 else f"{m} [{min(v):.{digits}f}, {max(v):.{digits}f}]"
+
+
+def method_differences(rows: list[dict]) -> list[dict]:
+    """Every pair of methods at every budget both ran: the difference of their means in top-1 and in latency ratio,
+    and whether it exceeds the spread between seeds (:func:`separated`)."""
+    pts = {m: {p["budget"]: p for p in ps} for m, ps in points_by_method(rows).items() if m != "teacher"}
+    out = []
+    budgets = sorted({b for ps in pts.values() for b in ps}, reverse=True)
+    for b in budgets:
+        here = [m for m in pts if b in pts[m]]
+        for m1, m2 in combinations(here, 2):
+            p1, p2 = pts[m1][b], pts[m2][b]
+            out.append({"budget": b, "a": m1, "b": m2, "seeds": (len(p1["y"]), len(p2["y"])),
+                        "top1_diff": float(np.mean(p1["y"]) - np.mean(p2["y"])),
+                        "top1_exceeds": separated(p1["y"], p2["y"]),
+                        "ratio_diff": float(np.mean(p1["x"]) - np.mean(p2["x"])),
+                        "ratio_exceeds": separated(p1["x"], p2["x"])})
+    return out
+
+
+def _verdict(exceeds: Optional[bool]) -> str:
+    return {True: "**exceeds the seed spread**", False: "within seed spread", None: "not decided (one seed)"}[exceeds]
+
+
+def write_curve_report(rows: list[dict], out_dir: str | os.PathLike, title: str, protocol: str,
+                       skipped: tuple | list = (), progressive: Optional[str] = None) -> Path:
+    """``curve.md``: the timing session, a table of the points (mean and min-max over seeds) and the differences
+    between methods at each budget, each marked as exceeding the spread between seeds or not."""
+    teacher = next(r for r in rows if r["method"] == "teacher")
+    lines = [f"# {title}", "", f"Timing: {protocol}. Teacher {float(teacher['session_ms']):.3f} ms in that session, "
+             f"test top-1 {float(teacher['top1']):.2f}%."]
+    if progressive:
+        lines += ["", f"Progressive curve ({progressive}): each budget's search started from the next higher "
+                  "budget's plan and " + ("fine-tuned student." if progressive == "finetune" else "adapted weights.")]
+    lines += ["", "Each figure is the mean over seeds, with [min, max] where there are several. Latency is the "
+              "point's engine over the teacher's in the one session.", "",
+              "| method | budget | seeds | latency / teacher | speedup | test top-1 (%) |", "|---|---:|---:|---:|---:|---:|"]
+    for m, pts in points_by_method(rows).items():
+        if m == "teacher":
+            continue
+        for p in pts:
+            lines.append(f"| {m} | {p['budget']:g} | {len(p['y'])} | {_span(p['x'], 3)} | "
+                         f"{_span([1 / x for x in p['x']], 2)}x | {_span(p['y'], 2)} |")
+    diffs = method_differences(rows)
+    lines += ["", "## Differences between methods", ""]
+    if not diffs:
+        lines.append("No budget has more than one method.")
+    else:
+        lines += ["Rule: a difference exceeds the seed spread when the two methods' [min, max] ranges over their "
+                  "seeds do not overlap; otherwise it is within seed spread. With one seed there is no spread, "
+                  "and nothing is decided.", "",
+                  "| budget | methods | seeds | top-1 difference (pt) | | latency-ratio difference | |",
+                  "|---:|---|---:|---:|---|---:|---|"]
+        for d in diffs:
+            lines.append(f"| {d['budget']:g} | {d['a']} - {d['b']} | {d['seeds'][0]}, {d['seeds'][1]} | "
+                         f"{d['top1_diff']:+.2f} | {_verdict(d['top1_exceeds'])} | {d['ratio_diff']:+.3f} | "
+                         f"{_verdict(d['ratio_exceeds'])} |")
+    if skipped:
+        lines += ["", "## Points that did not reach their budget", ""] + [f"* {s}" for s in skipped]
+    path = RunDir(out_dir).curve_report
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path

@@ -206,6 +206,7 @@ def pct(fraction: float) -> str:
 
 STRATEGIES = ("knapsack", "nvit", "slim", "uvc", "uniform", "magnitude", "compound")
 STEPWISE = ("knapsack", "nvit", "magnitude")  # the strategies that prune in steps (search.step_epochs)
+START_WEIGHTS = ("search", "student")  # search.start_weights: what a search started from an earlier run continues
 MERGING = ("knapsack", "nvit")  # the strategies that search token merges (search.prune_tokens, search.merges)
 
 
@@ -262,6 +263,11 @@ class SearchConfig:
     # issue 25, NViT's prune-finetune iterations: KD epochs on the training set after every pruning step but the
     # last (0: search.kd_iters steps only); the last step is followed by the fine-tune (finetune.epochs)
     step_epochs: float = 0.0
+    # a progressive curve: the run directory whose searched plan this search starts from instead of the teacher's
+    # widths (strategies that prune in steps); start_weights: which weights it continues from there, "search" (the
+    # adapted weights that search ended with) or "student" (that run's fine-tuned student on the units it kept)
+    start_from: Optional[str] = None
+    start_weights: str = "search"
 
 
 @dataclass
@@ -563,6 +569,8 @@ def validate_search(cfg: SearchConfig, source: str = "<config>") -> None:
     if cfg.step_epochs and cfg.strategy not in STEPWISE:
         bad("search.step_epochs", f"is {cfg.step_epochs} with strategy '{cfg.strategy}', which does not prune in steps",
             f"use it with {', '.join(STEPWISE)}, or set step_epochs: 0")
+    if cfg.start_weights not in START_WEIGHTS:
+        bad("search.start_weights", f"is '{cfg.start_weights}'", f"use one of {', '.join(START_WEIGHTS)}")
     if cfg.merges is not None:
         from vitrim.pipeline.core.plan import MERGE_TYPES
 

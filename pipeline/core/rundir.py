@@ -21,7 +21,8 @@ The layout of a ``vitrim run`` directory::
     MODEL_CARD.md  compare.json                the model card; the regression gate against a baseline
     verdict.json  manifest.json.sig            every gate's figure, threshold, pass/fail and exit code; the
                                                manifest's detached Ed25519 signature (``vitrim sign``)
-    summary.json  report.md  curve.{csv,png}   the run's summary, its report, the latency-accuracy curve
+    summary.json  report.md  curve.{csv,png,md}  the run's summary, its report, the latency-accuracy curve
+    points/<point>.json                        a curve point's outcome (``vitrim curve --point``)
 
 ``vitrim run`` gives some stages a directory of their own inside it, laid out
 the same way: ``search/`` (the search's plan, log, plot, weights and closed
@@ -193,6 +194,17 @@ class RunDir:
     def curve_plot(self) -> Path:
         return self.root / "curve.png"
 
+    @property
+    def curve_report(self) -> Path:
+        """The curve's markdown report: the timing session, each point over its seeds, which differences between
+        methods exceed the spread between seeds."""
+        return self.root / "curve.md"
+
+    def curve_outcome(self, point: str) -> Path:
+        """The record of one finished curve point (done, or its budget unreachable), named by its run directory;
+        kept in ``points/`` of the curve's directory, outside the point's release (its manifest lists every file)."""
+        return self.root / "points" / f"{point}.json"
+
     # a `vitrim run` directory's own sub-directories (each a RunDir)
     @property
     def search_dir(self) -> "RunDir":
@@ -214,9 +226,10 @@ class RunDir:
         """The int8-recovery pass: its trainer state and the recovered student."""
         return RunDir(self.root / "int8_recovery")
 
-    def curve_run(self, method: str, budget: float) -> "RunDir":
-        """The run directory of one point of ``vitrim curve`` (a strategy at a budget)."""
-        return RunDir(self.root / f"{method}_{budget:g}")
+    def curve_run(self, method: str, budget: float, seed: int = 0, tag: str = "") -> "RunDir":
+        """The run directory of one point of ``vitrim curve``: a strategy at a budget, with the ``seed``-th seed
+        (none for the first), ``tag`` naming what a progressive point started from."""
+        return RunDir(self.root / f"{method}_{budget:g}{f'_s{seed}' if seed else ''}{tag}")
 
     def release_claims(self) -> tuple[Path, ...]:
         """The files that make this directory look like a release (and the nested teacher's): an I/O fault

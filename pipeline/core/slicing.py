@@ -35,20 +35,46 @@ def _qkv_rows(H: int, hd: int, heads: list[int], qk: list[int], v: list[int]) ->
     return torch.tensor(q + k + vv, dtype=torch.long)
 
 
+Selection = dict[str, tuple[str, dict[int, torch.Tensor]]]  # compact name -> (canonical name, {dim: kept indices})
+
+
 def slice_state(state: dict[str, torch.Tensor], plan: Plan) -> dict[str, torch.Tensor]:
     """Slice a canonical (teacher-shaped) state dict to the plan's CompactViT state dict."""
+    out: dict[str, torch.Tensor] = {}
+    for dst, (src, dims) in selection(state, plan).items():
+        t = state[src]
+        for dim, idx in dims.items():
+            t = t.index_select(dim, idx)
+        out[dst] = t.clone()
+    return out
+
+
+def unslice_state(state: dict[str, torch.Tensor], compact: dict[str, torch.Tensor], plan: Plan
+                  ) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`slice_state` on the kept units: a copy of the canonical ``state`` with the compact
+    model's weights (``compact``, sliced with ``plan``) written back where ``plan`` keeps them; pruned units keep
+    ``state``'s values. ``slice_state(unslice_state(s, c, plan), plan)`` is ``c``."""
+    out = {k: v.clone() for k, v in state.items()}
+    for dst, (src, dims) in selection(state, plan).items():
+        t = out[src]
+        idx = [torch.arange(n) for n in t.shape]
+        for dim, kept in dims.items():
+            idx[dim] = kept
+        t[torch.meshgrid(*idx, indexing="ij")] = compact[dst].to(t.dtype)
+    return out
+
+
+def selection(state: dict[str, torch.Tensor], plan: Plan) -> Selection:
+    """Which canonical tensor, and which indices along which dims, each compact tensor of ``plan`` takes."""
     s = plan.spec
     H, hd = s["num_heads"], s["head_dim"]
     e = torch.tensor(plan.embed_keep, dtype=torch.long)
-    out: dict[str, torch.Tensor] = {}
+    out: Selection = {}
 
     def take(name: str, dst: str | None = None, **dims: torch.Tensor) -> None:
         if name not in state:
             return
-        t = state[name]
-        for dim, idx in dims.items():
-            t = t.index_select(int(dim[1:]), idx)
-        out[dst or name] = t.clone()
+        out[dst or name] = (name, {int(dim[1:]): idx for dim, idx in dims.items()})
 
     for name in state:  # a hybrid ViT's CNN stem is kept whole
         if name.startswith("stem."):

@@ -25,12 +25,14 @@ corrections).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 from torch import nn
 
 from vitrim.pipeline.core.compact import CompactViT
 from vitrim.pipeline.core.config import SearchConfig, validate_search
+from vitrim.pipeline.core.errors import UserError
+from vitrim.pipeline.core.plan import Plan
 from vitrim.pipeline.search.base import (BatchStream, SearchContext, SearchResult, Strategy, embed_floor,
                                          fixed_merge_plan, kd_adapt)
 from vitrim.pipeline.search.closed_loop import LoopResult, Measure, closed_loop, correct_plan, removed_pool
@@ -87,18 +89,24 @@ def measured_align(cfg: SearchConfig, lut, log: Callable[[str], None] = print) -
 
 def run_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchConfig, train_ds, val_ds,
                batch_size: int = 128, kd_alpha: float = 1.0, kd_T: float = 2.0,
-               log: Callable[[str], None] = print, device: str = "cpu", workers: int = 0) -> SearchResult:
+               log: Callable[[str], None] = print, device: str = "cpu", workers: int = 0,
+               start: Optional[Plan] = None) -> SearchResult:
     """Search a plan for ``student`` (a keep-everything CompactViT of ``teacher``) under the budget, with the
     strategy ``cfg.strategy`` names.
 
     Saliency, the KD steps and the validation run on ``device`` (a GPU when the config has one);
-    the returned weights are on the CPU.
+    the returned weights are on the CPU. ``start``: an earlier search's plan to continue from instead of the
+    teacher's widths (``student`` then holds that search's weights); only strategies that ``continue`` take one.
     """
     validate_search(cfg, "search config")
     cfg = measured_align(cfg, lut, log)
     s = strategy(cfg.strategy)
+    if start is not None and not s.continues:
+        able = ", ".join(n for n, c in STRATEGIES.items() if c.continues)
+        raise UserError("search", f"strategy '{cfg.strategy}' cannot start from an earlier plan (search.start_from)",
+                        f"use one of {able}, or leave search.start_from unset")
     ctx = SearchContext.build(s.searched_config(cfg), teacher, student, lut, train_ds, val_ds, batch_size=batch_size,
-                              kd_alpha=kd_alpha, kd_T=kd_T, device=device, workers=workers, log=log)
+                              kd_alpha=kd_alpha, kd_T=kd_T, device=device, workers=workers, log=log, start=start)
     return s().search(ctx)
 
 

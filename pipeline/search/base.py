@@ -10,6 +10,8 @@ a method or a class attribute here, never a test of the strategy's name:
 * ``merges_tokens``: it searches token merges (``search.prune_tokens``);
 * ``correctable``: the closed loop may correct its plan (it has per-group scores);
 * ``stepwise``: it prunes in ``search.steps`` steps with KD between them (``search.step_epochs``);
+* ``continues``: it can start from an earlier search's plan and weights (``search.start_from``, a
+  progressive curve) instead of the teacher's;
 * :meth:`Strategy.search`: the plan;
 * :meth:`Strategy.correction_scores`: the per-group scores the closed loop
   corrects its plan with.
@@ -134,6 +136,7 @@ class SearchContext:
     workers: int = 0
     log: Callable[[str], None] = print
     t0: float = field(default_factory=time.time)
+    start: Optional[Plan] = None  # an earlier search's plan to continue from (``student`` holds its weights)
 
     @classmethod
     def build(cls, cfg: SearchConfig, teacher: nn.Module, student: CompactViT, lut, train_ds, val_ds, **kw
@@ -160,7 +163,10 @@ class SearchContext:
         return {int(m["block"]): m["type"] for m in self.cfg.merges or []}
 
     def start_plan(self) -> Plan:
-        """Where the search starts: the teacher's widths with the fixed merges (``search.merges``) in place."""
+        """Where the search starts: the teacher's widths with the fixed merges (``search.merges``) in place, or the
+        plan of an earlier search it continues (:attr:`start`: a progressive curve)."""
+        if self.start is not None:
+            return self.start.copy()
         plan = fixed_merge_plan(self.spec, self.cfg)
         if not plan.merges:
             return plan
@@ -252,6 +258,7 @@ class Strategy:
     merges_tokens: ClassVar[bool] = False  # it searches token merges (search.prune_tokens)
     correctable: ClassVar[bool] = True  # the closed loop may correct its plan (it has per-group scores)
     stepwise: ClassVar[bool] = False  # it prunes in steps, with KD between them (search.step_epochs)
+    continues: ClassVar[bool] = False  # it can start from an earlier search's plan and weights (search.start_from)
 
     @classmethod
     def searched_config(cls, cfg: SearchConfig) -> SearchConfig:

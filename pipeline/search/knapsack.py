@@ -51,6 +51,7 @@ class StepwiseSearch(Strategy):
     scores (:meth:`scores`) and the ranking (:meth:`ranking`)."""
 
     stepwise = True
+    continues = True  # the steps' targets fall from the start plan's cost, whatever plan that is
 
     def ranking(self, cfg: SearchConfig) -> Ranking:
         """How :func:`~vitrim.pipeline.search.greedy.prune_to` orders the candidates (one per call)."""
@@ -92,8 +93,11 @@ class StepwiseSearch(Strategy):
     def search(self, ctx: SearchContext) -> SearchResult:
         cfg, cost, budget, student = ctx.cfg, ctx.cost, ctx.budget, ctx.student
         ctx.log_start()
-        plan = ctx.start_plan()  # the teacher, with the fixed merges (search.merges) in place
+        plan = ctx.start_plan()  # the teacher with the fixed merges (search.merges), or an earlier search's plan
         start = cost.predict(plan)  # the steps' targets fall from here
+        if ctx.start is not None:
+            ctx.log(f"[search] continuing from an earlier plan at {start:.3f} {cost.unit} "
+                    f"({ctx.start.meta.get('budget_desc') or 'its budget'}) and its weights")
         history = [{"step": 0, "cost": start, "val_top1": None, "removed": 0, "s": 0.0}]
         kd = ctx.kd
         opt = torch.optim.AdamW([p for p in student.parameters()], lr=cfg.lr, weight_decay=0.0)

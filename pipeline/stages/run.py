@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Callable
 
 from vitrim.pipeline.core.config import RunConfig, config_hash, save_resolved
-from vitrim.pipeline.core.errors import UnreachableBudget
 from vitrim.pipeline.core.io import atomic_write_json
 from vitrim.pipeline.core.rundir import RunDir
 
@@ -68,7 +67,7 @@ def _run_pipeline(cfg: RunConfig, log: Callable[[str], None], progress: bool) ->
     from vitrim.pipeline.core.io import copy_into
     from vitrim.pipeline.report import add_measured_budget, make_summary, prediction_line, write_summary
     from vitrim.pipeline.stages.profile import stage_profile
-    from vitrim.pipeline.stages.search import (PairTimer, anchor_budget, stage_closed_loop, stage_search,
+    from vitrim.pipeline.stages.search import (PairTimer, anchor_budget, stage_closed_loop, stage_search, start_key,
                                                wants_closed_loop)
     from vitrim.pipeline.stages.teacher import load_teacher, teacher_key
 
@@ -147,7 +146,8 @@ def _run_pipeline(cfg: RunConfig, log: Callable[[str], None], progress: bool) ->
         data_key["augment"] = splits.augment
     t_hash = _weights_key(tinfo.get("source")) or cfg.model.checkpoint or teacher_key(cfg)
     h_search = config_hash({"teacher": t_hash, "lut": lut.signature.key(), "lut_created": lut.meta.get("created"),
-                            "search": cfg.search, "data": data_key, "kd": [cfg.finetune.alpha, cfg.finetune.temperature]})
+                            "search": cfg.search, "data": data_key, "kd": [cfg.finetune.alpha, cfg.finetune.temperature],
+                            "start": start_key(cfg)})
     search_rd = rd.search_dir
     t0 = time.time()
     if cache.fresh("search", h_search, [search_rd.plan, search_rd.search_state]):
@@ -286,58 +286,3 @@ def retime_pair(cfg: RunConfig, teacher_onnx: Path, student_onnx: Path, log):
                                 cfg.profile.warmup)
     log(f"[run] interleaved timing at batch {cfg.target.batch}: teacher {t.median_ms:.3f} ms, student {s.median_ms:.3f} ms")
     return t, s
-
-
-def curve_point(cfg: RunConfig, method: str, budget: float) -> RunConfig:
-    """The config of one curve point: ``cfg`` with strategy ``method`` at ``budget`` of the teacher's latency, and
-    what that strategy does not do turned off (token merges, prune-finetune steps, the budget gate of a plan the
-    closed loop cannot correct: that point is timed, not gated)."""
-    import copy
-
-    from vitrim.pipeline.search import for_strategy, strategy
-
-    c = copy.deepcopy(cfg)
-    c.search = for_strategy(cfg.search, method)
-    c.export.require_budget = cfg.export.require_budget and strategy(method).correctable
-    c.search.budget_fraction, c.search.budget_ms = budget, None
-    c.search.flops_fraction = c.search.params_fraction = None
-    return c
-
-
-def run_curve(cfg: RunConfig, budgets: list[float], baselines: list[str], log: Callable[[str], None] = print) -> list[dict]:
-    """Run the pipeline per budget (and per baseline strategy), sharing the teacher and the LUT.
-
-    Writes the curve (CSV and plot) into ``out_dir``.
-    """
-    from vitrim.profiling.curve import write_curve
-
-    from vitrim.pipeline.stages.cache import prepare_cache
-
-    prepare_cache(cfg, lut=True, log=log)  # once: every point shares the teacher and table (a temporary cache too)
-    base = RunDir(cfg.out_dir)
-    rows: list[dict] = []
-    teacher_row = None
-    for method in [cfg.search.strategy] + [b for b in baselines if b != cfg.search.strategy]:
-        for b in budgets:
-            c = curve_point(cfg, method, b)
-            c.out_dir = str(base.curve_run(method, b).root)
-            c.name = f"{cfg.name}/{method}@{b:g}"
-            log(f"[curve] {method} at {b:g} of the teacher's latency -> {c.out_dir}")
-            try:
-                s = run_pipeline(c, log=log)
-            except UnreachableBudget as e:  # one unreachable point (uniform at a tiny budget) must not sink the curve
-                log(f"[curve] skipped {method}@{b:g}: {e}")
-                continue
-            rows.append({"method": method, "budget": b, "predicted_ms": s["student"]["predicted_ms"],
-                         "measured_ms": s["student"]["measured_ms"], "p90_ms": s["student"]["p90_ms"],
-                         "top1": s["student"]["top1"], "params": s["student"]["params"],
-                         "macs": s["student"]["macs"], "speedup": s["speedup"], "delta_top1": s["delta_top1"]})
-            t = s["teacher"]
-            teacher_row = {"method": "teacher", "budget": 1.0, "predicted_ms": t["predicted_ms"],
-                           "measured_ms": t["measured_ms"], "p90_ms": t["p90_ms"], "top1": t["top1"],
-                           "params": t["params"], "macs": t["macs"], "speedup": 1.0, "delta_top1": 0.0}
-    if teacher_row:
-        rows.insert(0, teacher_row)
-    csv_p, png_p = write_curve(rows, base.root, f"{cfg.name}: measured latency vs test top-1")
-    log(f"[curve] wrote {csv_p} and {png_p}")
-    return rows

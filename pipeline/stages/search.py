@@ -43,11 +43,17 @@ def stage_search(cfg: RunConfig, teacher, lut, splits, out_dir: str | os.PathLik
     from vitrim.pipeline.core.slicing import full_size_compact
     from vitrim.pipeline.report import plot_widths
 
+    student, full = full_size_compact(teacher)
+    start = search_start(cfg, full.spec)
+    if start is not None:
+        student.load_state_dict(start[1])
+        log(f"[search] starting from {cfg.search.start_from}'s plan and its "
+            f"{'fine-tuned student' if cfg.search.start_weights == 'student' else 'adapted weights'}")
     rd = RunDir(out_dir).mkdir()
-    student, _ = full_size_compact(teacher)
     res = run_search(teacher, student, lut, cfg.search, splits.train, splits.val, batch_size=cfg.data.batch_size,
                      kd_alpha=cfg.finetune.alpha, kd_T=cfg.finetune.temperature, log=log,
-                     device=resolve_device(cfg.device), workers=cfg.data.workers)
+                     device=resolve_device(cfg.device), workers=cfg.data.workers,
+                     start=start[0] if start is not None else None)
     teacher.cpu()
     res.plan.save(rd.plan)
     atomic_write_json(rd.search_log, search_log(res))
@@ -57,6 +63,52 @@ def stage_search(cfg: RunConfig, teacher, lut, splits, out_dir: str | os.PathLik
     log(f"[search] done in {res.wall_s:.0f}s: predicted {lut.predict(res.plan):.3f} ms, "
         f"{res.plan.num_params() / 1e6:.3f}M params; wrote {rd.plan}")
     return res
+
+
+def search_start(cfg: RunConfig, spec: dict) -> Optional[tuple[Plan, dict]]:
+    """The plan and the full-size weights a search continues from (``search.start_from``, a progressive curve's
+    previous point), or None.
+
+    ``search.start_weights``: ``search``, the adapted weights that run's search (and closed loop) ended with;
+    ``student``, those with its fine-tuned student written back on the units its plan kept.
+    """
+    from vitrim.pipeline.core.errors import UserError
+    from vitrim.pipeline.core.models import read_state_dict
+    from vitrim.pipeline.core.slicing import load_compact, unslice_state
+
+    s = cfg.search
+    if not s.start_from:
+        return None
+    prev = RunDir(s.start_from)
+    src = prev.search_dir
+    fix = "point it at a finished `vitrim run` directory searched on this teacher, or leave search.start_from unset"
+    need = [src.plan, src.search_state] + ([prev.plan, prev.student] if s.start_weights == "student" else [])
+    lacking = [str(p) for p in need if not p.is_file()]
+    if lacking:
+        raise UserError("search", f"search.start_from='{s.start_from}' lacks {', '.join(lacking)}", fix)
+    plan = Plan.load(src.plan)
+    shape = Plan.from_dict(Plan.full(spec).to_dict()).spec  # as a saved plan spells it (lists, not tuples)
+    bad = [k for k in shape if k not in ("arch", "kwargs") and plan.spec.get(k) != shape[k]]
+    if bad:
+        raise UserError("search", f"search.start_from='{s.start_from}' holds a plan of another teacher ({bad[0]}: "
+                        f"plan {plan.spec.get(bad[0])!r}, teacher {shape[bad[0]]!r})", fix)
+    state = read_state_dict(src.search_state, "search")
+    if s.start_weights == "student":
+        state = unslice_state(state, load_compact(prev.root).state_dict(), Plan.load(prev.plan))
+    return plan, state
+
+
+def start_key(cfg: RunConfig) -> Optional[list]:
+    """What a search started from an earlier run depends on: the files it reads (path, size, mtime)."""
+    s = cfg.search
+    if not s.start_from:
+        return None
+    prev = RunDir(s.start_from)
+    files = [prev.search_dir.plan, prev.search_dir.search_state]
+    if s.start_weights == "student":
+        files.append(prev.student)
+    return [f"{os.path.abspath(f)}:{f.stat().st_size}:{f.stat().st_mtime_ns}" if f.is_file() else str(f)
+            for f in files]
 
 
 # ---------------------------------------------------------------------------

@@ -254,3 +254,21 @@ def test_slice_cli_writes_a_loadable_student(tmp_path):
     assert main(["slice", str(tmp_path / "c.yaml"), "--teacher", str(tmp_path / "bad.safetensors"),
                  "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "s2")]) == 2
     assert not (tmp_path / "s2").exists()
+
+
+@pytest.mark.parametrize("arch,kw", [VARIANTS[3], VARIANTS[6]], ids=[IDS[3], IDS[6]])
+def test_unslice_writes_a_students_weights_back_where_its_plan_keeps_them(arch, kw):
+    """A progressive curve continues from a fine-tuned student (search.start_weights: student): its weights go back
+    into the full-size state at the units its plan kept; every other unit keeps the full-size state's value."""
+    from vitrim.pipeline.core.models import canonical_state
+    from vitrim.pipeline.core.slicing import slice_state, unslice_state
+
+    base, other = canonical_state(make(arch, kw, 0)), canonical_state(make(arch, kw, 1))
+    plan = random_plan(describe(make(arch, kw)), random.Random(3), embed=True)
+    student = slice_state(other, plan)
+    back = unslice_state(base, student, plan)
+    again = slice_state(back, plan)
+    assert set(again) == set(student) and all(torch.equal(again[k], student[k]) for k in student)
+    changed = sum(int((back[k] != base[k]).sum()) for k in base)
+    assert 0 < changed < sum(v.numel() for v in base.values())  # pruned units keep the base's values
+    assert all(torch.equal(base[k], canonical_state(make(arch, kw, 0))[k]) for k in base)  # the input is not touched

@@ -117,3 +117,31 @@ def test_step_epochs_fine_tune_between_pruning_steps(data, tiny_lut):
     assert ctx.adapt_iters(last=True) == 3
     assert SearchContext.build(cfg(kd_iters=3), t, full_size_compact(t)[0], lut, data.train, data.val,
                                batch_size=64).adapt_iters(last=False) == 3
+
+
+def test_a_search_continues_from_an_earlier_plan_and_its_weights(data, tiny_lut):
+    """A progressive curve (search.start_from): the steps fall from the earlier plan's cost to the new budget, and
+    the plan only loses units of the earlier one; a strategy that cannot continue a plan refuses (exit 2)."""
+    from vitrim.pipeline.core.errors import UserError
+
+    lut, _ = tiny_lut
+    lo = reachable_fraction(lut, 0.5, skip_blocks=True)
+    hi = max(0.8, round(lo + 0.5 * (1 - lo), 3))
+    t = teacher(seed=2)
+    a = search(t, lut, data, cfg(budget_fraction=hi, refill=False))
+    student, _ = full_size_compact(t)
+    student.load_state_dict(a.state)
+    lines = []
+    b = run_search(t, student, lut, cfg(budget_fraction=lo), data.train, data.val, batch_size=64,
+                   log=lines.append, start=a.plan)
+    check_plan(b, lut, lo)
+    assert any("continuing from an earlier plan" in ln for ln in lines)
+    assert b.log[0]["cost"] == pytest.approx(a.log[-1]["cost"]) and a.log[0]["cost"] > a.log[-1]["cost"]
+    assert set(b.plan.embed_keep) <= set(a.plan.embed_keep)
+    for ba, bb in zip(a.plan.blocks, b.plan.blocks):
+        assert ba.keep or not bb.keep
+        if bb.keep:
+            assert all(set(getattr(bb, d)) <= set(getattr(ba, d)) for d in ("heads", "qk", "v", "mlp"))
+    with pytest.raises(UserError, match="cannot start from an earlier plan"):
+        run_search(t, full_size_compact(t)[0], lut, cfg(strategy="uniform", budget_fraction=lo), data.train,
+                   data.val, batch_size=64, log=lambda m: None, start=a.plan)

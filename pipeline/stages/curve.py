@@ -1,0 +1,233 @@
+"""``vitrim curve CONFIG --budgets ...``: a latency-accuracy curve, one ``vitrim run`` a point, timed in one session.
+
+A point is a strategy at a budget with one seed (``--seeds N``: the seeds ``search.seed + k`` and
+``finetune.seed + k``, k < N). The points form a fixed list (:func:`curve_points`: strategies, then seeds, then
+budgets) that ``--list`` prints, so each can run as an independent job (``--point K``) into the curve's directory;
+the teacher and the LUT are shared files of the cache (:func:`~vitrim.pipeline.stages.cache.prepare_cache`).
+
+The curve is assembled by :func:`collect_curve` (``--collect``, and at the end of a whole ``vitrim curve``): every
+finished point's engine and the teacher's are re-timed together in one round-robin session
+(:func:`vitrim.export.runners.time_ratio`, each point bracketed by teacher visits), because milliseconds measured
+in different sessions of a shared machine move by 10-70%. The plot and the report use that session's ratios; the
+CSV keeps each run's own figures beside them.
+
+A progressive curve (``--progressive``): with budgets a > b > c, the search for b starts from a's searched plan
+and a's adapted weights (``search.start_from``) instead of the teacher; ``--progressive finetune`` starts it from
+a's fine-tuned student instead (``search.start_weights: student``), so b's fine-tune too descends from a's.
+Strategies that cannot continue a plan (``Strategy.continues``) run their points independently.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from vitrim.pipeline.core.config import RunConfig
+from vitrim.pipeline.core.errors import UnreachableBudget, UserError
+from vitrim.pipeline.core.io import atomic_write_json
+from vitrim.pipeline.core.rundir import RunDir
+
+PROGRESSIVE = {"search": "search", "finetune": "student"}  # --progressive mode -> search.start_weights
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """One point of a curve: ``method`` at ``budget`` with the ``seed``-th seed; ``after``: the index of the point
+    a progressive point continues from (None: from the teacher)."""
+
+    index: int
+    method: str
+    budget: float
+    seed: int
+    after: Optional[int] = None
+
+    def label(self) -> str:
+        return f"{self.method}@{self.budget:g} seed {self.seed}"
+
+
+def curve_points(cfg: RunConfig, budgets: list[float], baselines: list[str], seeds: int = 1,
+                 progressive: Optional[str] = None) -> list[CurvePoint]:
+    """The curve's points in their fixed order (``--point K`` is an index into it): the config's strategy then the
+    baselines, each seed, each budget (highest first when progressive: each continues from the one before)."""
+    from vitrim.pipeline.search import strategy
+
+    methods = list(dict.fromkeys([cfg.search.strategy, *baselines]))
+    order = list(dict.fromkeys(sorted(budgets, reverse=True) if progressive else budgets))
+    points: list[CurvePoint] = []
+    for m in methods:
+        chain = bool(progressive) and strategy(m).continues
+        for k in range(max(1, seeds)):
+            prev = None
+            for b in order:
+                points.append(CurvePoint(len(points), m, b, k, prev if chain else None))
+                prev = points[-1].index
+    return points
+
+
+def point_dir(base: RunDir, points: list[CurvePoint], p: CurvePoint, progressive: Optional[str]) -> RunDir:
+    """Where point ``p`` runs: a progressive point's name says which budget it continued from."""
+    tag = ""
+    if p.after is not None:
+        tag = f"_from{points[p.after].budget:g}{'ft' if progressive == 'finetune' else ''}"
+    return base.curve_run(p.method, p.budget, p.seed, tag)
+
+
+def curve_point(cfg: RunConfig, method: str, budget: float, seed: int = 0) -> RunConfig:
+    """The config of one curve point: ``cfg`` with strategy ``method`` at ``budget`` of the teacher's latency, the
+    ``seed``-th seed added to the search's and the fine-tune's, and what that strategy does not do turned off
+    (token merges, prune-finetune steps, the budget gate of a plan the closed loop cannot correct: that point is
+    timed, not gated)."""
+    from vitrim.pipeline.search import for_strategy, strategy
+
+    c = copy.deepcopy(cfg)
+    c.search = for_strategy(cfg.search, method)
+    c.export.require_budget = cfg.export.require_budget and strategy(method).correctable
+    c.search.budget_fraction, c.search.budget_ms = budget, None
+    c.search.flops_fraction = c.search.params_fraction = None
+    c.search.seed, c.finetune.seed = cfg.search.seed + seed, cfg.finetune.seed + seed
+    return c
+
+
+def _outcome(base: RunDir, rd: RunDir) -> Optional[dict]:
+    path = base.curve_outcome(rd.root.name)
+    if not path.is_file():
+        return None
+    rec = json.loads(path.read_text())
+    return rec if rec.get("status") != "done" or rd.summary.is_file() else None
+
+
+def run_point(cfg: RunConfig, points: list[CurvePoint], k: int, progressive: Optional[str] = None,
+              log: Callable[[str], None] = print) -> dict:
+    """Run point ``k`` (``vitrim run`` into its directory) and record its outcome; returns that record.
+
+    A progressive point needs the point it continues from finished (exit 2 naming it otherwise); a budget its
+    strategy cannot reach is recorded as unreachable, not raised (one such point must not sink the curve).
+    """
+    from vitrim.pipeline.stages.run import run_pipeline
+
+    if not 0 <= k < len(points):
+        raise UserError("curve", f"--point {k}: this curve has points 0..{len(points) - 1}",
+                        "list them with `vitrim curve CONFIG --budgets ... --list` (the same options)")
+    base = RunDir(cfg.out_dir)
+    p = points[k]
+    rd = point_dir(base, points, p, progressive)
+    c = curve_point(cfg, p.method, p.budget, p.seed)
+    c.out_dir, c.name = str(rd.root), f"{cfg.name}/{p.method}@{p.budget:g}" + (f"/s{p.seed}" if p.seed else "")
+    start = ""
+    if p.after is not None:
+        prev = point_dir(base, points, points[p.after], progressive)
+        rec = _outcome(base, prev)
+        if rec is None:
+            raise UserError("curve", f"point {k} ({p.label()}) continues from point {p.after} "
+                            f"({points[p.after].label()}), which has not finished (no outcome for {prev.root})",
+                            f"run `--point {p.after}` first (in a job array: make point {k} depend on it)")
+        if rec["status"] == "done":
+            c.search.start_from, c.search.start_weights = str(prev.root), PROGRESSIVE[progressive]
+            start = f", continuing from point {p.after} ({points[p.after].label()})"
+        else:
+            log(f"[curve] point {p.after} did not reach its budget: point {k} starts from the teacher")
+    outcome = base.curve_outcome(rd.root.name)
+    outcome.unlink(missing_ok=True)
+    log(f"[curve] point {k}/{len(points) - 1}: {p.label()}{start} -> {rd.root}")
+    rec = {"index": k, "method": p.method, "budget": p.budget, "seed": p.seed, "dir": rd.root.name,
+           "start_from": c.search.start_from and Path(c.search.start_from).name}
+    try:
+        run_pipeline(c, log=log)
+        rec["status"] = "done"
+    except UnreachableBudget as e:
+        log(f"[curve] skipped {p.label()}: {e}")
+        rec.update(status="unreachable", reason=str(e))
+    atomic_write_json(outcome, rec)
+    return rec
+
+
+def retime(cfg: RunConfig, teacher: Path, engines: list[Path], log: Callable[[str], None] = print):
+    """Time the teacher's release and every point's release round-robin in one session.
+
+    Returns (timings: the teacher's then each point's, ratios: each point's latency over the teacher visits
+    around it). Every release's manifest is verified first, and every one must be for the teacher's target.
+    """
+    from vitrim.export.compare import Release, check_same_target
+    from vitrim.export.runners import interleaved, time_ratio
+
+    ref = Release.load(teacher, "teacher")
+    rels = [Release.load(e, "curve point") for e in engines]
+    for r in rels:
+        check_same_target(ref, r)
+    p = cfg.profile
+    rounds, repeats = max(12, p.rounds), max(60, p.repeats)
+    log(f"[curve] re-timing the teacher and {len(rels)} point engines in one round-robin session "
+        f"({rounds} rounds, batch {ref.signature.batch})")
+    with interleaved([ref.timing_runner(), *[r.timing_runner() for r in rels]]) as runners:
+        timings, ratios = time_ratio(runners, ref.signature.batch, repeats, rounds, p.warmup)
+    return timings, ratios
+
+
+def collect_curve(cfg: RunConfig, points: list[CurvePoint], progressive: Optional[str] = None,
+                  log: Callable[[str], None] = print) -> list[dict]:
+    """Re-time every finished point with the teacher in one session and write the CSV, the plot and the report.
+
+    A point without an outcome is a UserError naming each (index, label, directory); points whose budget was
+    unreachable are left out and named in the report.
+    """
+    from vitrim.profiling.curve import write_curve, write_curve_report
+
+    base = RunDir(cfg.out_dir)
+    done, skipped, missing = [], [], []
+    for p in points:
+        rd = point_dir(base, points, p, progressive)
+        rec = _outcome(base, rd)
+        if rec is None:
+            missing.append(f"{p.index} ({p.label()}, {rd.root})")
+        elif rec["status"] == "done":
+            done.append((p, rd, rec))
+        else:
+            skipped.append((p, rec.get("reason", "")))
+    if missing:
+        raise UserError("curve", f"{len(missing)} of {len(points)} points have not finished: point "
+                        + "; ".join(missing), "run each with `vitrim curve CONFIG --point K` and the same options, "
+                        "then --collect again")
+    if not done:
+        raise UserError("curve", "no point of the curve reached its budget", "raise the budgets")
+    summaries = [json.loads(rd.summary.read_text()) for _, rd, _ in done]
+    teachers = {(s["teacher"]["params"], s["teacher"]["top1"]) for s in summaries}
+    if len(teachers) > 1:  # one teacher engine stands for all: points of another teacher or test set do not mix
+        raise UserError("curve", f"the points were run with different teachers or test sets (teacher params, "
+                        f"test top-1: {sorted(teachers)})", "run every point with the same config and cache_dir")
+    timings, ratios = retime(cfg, done[0][1].teacher_dir.root, [rd.root for _, rd, _ in done], log)
+    t = summaries[0]["teacher"]
+    rows = [{"method": "teacher", "budget": 1.0, "seed": "", "predicted_ms": t["predicted_ms"],
+             "run_measured_ms": t["measured_ms"], "run_speedup": 1.0, "session_ms": timings[0].median_ms,
+             "session_p90_ms": timings[0].p90_ms, "session_speedup": 1.0, "top1": t["top1"], "delta_top1": 0.0,
+             "params": t["params"], "macs": t["macs"], "run_dir": done[0][1].teacher_dir.root.relative_to(base.root),
+             "start_from": ""}]
+    for (p, rd, rec), s, tm, r in zip(done, summaries, timings[1:], ratios):
+        st = s["student"]
+        rows.append({"method": p.method, "budget": p.budget, "seed": p.seed, "predicted_ms": st["predicted_ms"],
+                     "run_measured_ms": st["measured_ms"], "run_speedup": s["speedup"], "session_ms": tm.median_ms,
+                     "session_p90_ms": tm.p90_ms, "session_speedup": 1.0 / r, "top1": st["top1"],
+                     "delta_top1": s["delta_top1"], "params": st["params"], "macs": st["macs"],
+                     "run_dir": rd.root.name, "start_from": rec.get("start_from") or ""})
+    title = f"{cfg.name}: latency vs test top-1 (one timing session)"
+    csv_p, png_p = write_curve(rows, base.root, title)
+    md = write_curve_report(rows, base.root, title, protocol=(
+        f"the teacher and {len(done)} point engines re-timed round-robin in one session after every point had run "
+        f"({max(12, cfg.profile.rounds)} rounds; each point visit over the teacher visits around it), "
+        f"{cfg.target.backend} {cfg.target.precision}, batch {cfg.target.batch}"),
+        skipped=[f"{p.label()}: {why}" for p, why in skipped], progressive=progressive)
+    log(f"[curve] wrote {csv_p}, {png_p} and {md}")
+    return rows
+
+
+def run_curve(cfg: RunConfig, budgets: list[float], baselines: list[str], seeds: int = 1,
+              progressive: Optional[str] = None, log: Callable[[str], None] = print) -> list[dict]:
+    """Run every point of the curve (sharing the teacher and the LUT), then :func:`collect_curve`."""
+    from vitrim.pipeline.stages.cache import prepare_cache
+
+    prepare_cache(cfg, lut=True, log=log)  # once: every point shares the teacher and table (a temporary cache too)
+    points = curve_points(cfg, budgets, baselines, seeds, progressive)
+    for p in points:
+        run_point(cfg, points, p.index, progressive, log)
+    return collect_curve(cfg, points, progressive, log)

@@ -1,0 +1,199 @@
+"""`vitrim curve`: points over seeds, re-timed together in one session, run as jobs (--point/--collect), progressive."""
+import csv
+import json
+import shutil
+
+import pytest
+import yaml
+
+from vitrim.pipeline.cli import main
+from vitrim.pipeline.core.config import load_config
+from vitrim.pipeline.core.errors import UserError
+from vitrim.pipeline.core.plan import Plan
+from vitrim.pipeline.stages.curve import collect_curve, curve_points
+from vitrim.profiling.curve import method_differences, write_curve, write_curve_report
+from tests.pipeline.stages.test_run import sets
+
+FAST = ["finetune.epochs=1", "search.steps=1", "search.measured_rounds=0"]  # the closed loop measures, corrects none
+
+
+def rows_of(path):
+    return list(csv.DictReader(open(path)))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("vitrim-curve-cache")
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory, fmnist_dir, cache):
+    """`vitrim curve --budgets 0.8,0.6 --seeds 2` (the config's strategy only), with every call of the session
+    timing helper recorded."""
+    import vitrim.export.runners as runners
+
+    tmp = tmp_path_factory.mktemp("curve")
+    calls, real = [], runners.time_ratio
+
+    def recording(rs, *a, **kw):
+        out = real(rs, *a, **kw)
+        calls.append({"runners": len(rs), "timings": out[0], "ratios": out[1]})
+        return out
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(runners, "time_ratio", recording)
+    try:
+        rc = main(["curve", "configs/fmnist_cpu.yaml", "--budgets", "0.8,0.6", "--seeds", "2", "--baselines", "",
+                   *sets(tmp, [f"data.root={fmnist_dir}", *FAST], cache)])
+    finally:
+        mp.undo()
+    assert rc == 0
+    return tmp / "run", calls
+
+
+@pytest.mark.slow
+def test_seeds_give_a_row_each_timed_in_one_session_with_the_teacher(seeded):
+    run, calls = seeded
+    rows = rows_of(run / "curve.csv")
+    assert rows[0]["method"] == "teacher" and float(rows[0]["session_speedup"]) == 1.0
+    points = rows[1:]
+    assert sorted((r["budget"], r["seed"]) for r in points) == [("0.6", "0"), ("0.6", "1"), ("0.8", "0"), ("0.8", "1")]
+    # the curve's figures come from one session of all five engines, after every point had run: drop that call
+    # and the session columns have nowhere to come from
+    assert len(calls) == 1 and calls[0]["runners"] == 1 + len(points)
+    t = calls[0]["timings"]
+    assert float(rows[0]["session_ms"]) == pytest.approx(t[0].median_ms, abs=1e-4)
+    for r, tm, ratio in zip(points, t[1:], calls[0]["ratios"]):
+        assert float(r["session_ms"]) == pytest.approx(tm.median_ms, abs=1e-4)
+        assert float(r["session_speedup"]) == pytest.approx(1 / ratio, abs=1e-4)
+        assert float(r["run_measured_ms"]) > 0 and float(r["run_speedup"]) > 0  # each run's own figures beside
+    # two seeds are two runs: the search and the fine-tune seeded apart
+    assert len({r["run_dir"] for r in points}) == 4
+    seeds = {yaml.safe_load((run / r["run_dir"] / "resolved_config.yaml").read_text())["search"]["seed"] for r in points}
+    assert seeds == {0, 1}
+    assert (run / "curve.png").stat().st_size > 2000
+    md = (run / "curve.md").read_text()
+    assert "one session" in md and "| knapsack | 0.8 | 2 |" in md and "No budget has more than one method" in md
+
+
+@pytest.mark.slow
+def test_points_as_jobs_and_collect_give_the_rows_of_one_run(seeded, tmp_path, fmnist_dir, cache, capsys):
+    run, _ = seeded
+    opts = ["configs/fmnist_cpu.yaml", "--budgets", "0.8,0.6", "--seeds", "2", "--baselines", ""]
+    jobs = tmp_path / "jobs"
+    cfg_sets = sets(tmp_path, [f"data.root={fmnist_dir}", *FAST, f"out_dir={jobs}"], cache)
+    assert main(["curve", *opts, "--list", *cfg_sets]) == 0
+    listed = [ln for ln in capsys.readouterr().out.splitlines() if ln[:1].isdigit()]
+    assert [ln.split("\t")[1] for ln in listed] == ["knapsack@0.8 seed 0", "knapsack@0.6 seed 0",
+                                                    "knapsack@0.8 seed 1", "knapsack@0.6 seed 1"]
+    # the jobs of an array: the points already run by the single run are copied in, as finished jobs' outputs
+    # would be; point 3 runs here as a job
+    for k in (0, 1, 2):
+        d = rows_of(run / "curve.csv")[1:][k]["run_dir"]
+        shutil.copytree(run / d, jobs / d)
+    assert main(["curve", *opts, "--collect", str(jobs), *cfg_sets]) == 2  # nothing recorded as finished yet
+    assert main(["curve", *opts, "--point", "3", *cfg_sets]) == 0
+    for k in (0, 1, 2):
+        shutil.copy(run / "points" / f"{rows_of(run / 'curve.csv')[1:][k]['run_dir']}.json", jobs / "points")
+    assert main(["curve", *opts, "--collect", str(jobs), *cfg_sets]) == 0
+    key = lambda rows: sorted((r["method"], r["budget"], r["seed"], r["run_dir"]) for r in rows)  # noqa: E731
+    assert key(rows_of(jobs / "curve.csv")) == key(rows_of(run / "curve.csv"))
+    assert (jobs / "curve.png").is_file() and (jobs / "curve.md").is_file()
+
+
+def test_a_missing_point_is_named(tmp_path):
+    cfg = load_config("configs/fmnist_cpu.yaml", [f"out_dir={tmp_path}"])
+    points = curve_points(cfg, [0.6, 0.3], ["uniform"], seeds=2)
+    (tmp_path / "points").mkdir()
+    for p in points[:-1]:  # every point but the last recorded as unreachable: no engine to time
+        (tmp_path / "points" / f"{p.method}_{p.budget:g}{f'_s{p.seed}' if p.seed else ''}.json").write_text(
+            json.dumps({"status": "unreachable", "reason": "test"}))
+    with pytest.raises(UserError) as e:  # exit 2
+        collect_curve(cfg, points, log=lambda s: None)
+    msg = str(e.value) + str(e.value.fix)
+    assert "1 of 8 points" in msg and "7 (uniform@0.3 seed 1" in msg and "uniform_0.3_s1" in msg and "--point" in msg
+
+
+def test_points_are_listed_in_a_fixed_order_and_progressive_ones_chain():
+    cfg = load_config("configs/fmnist_cpu.yaml")
+    pts = curve_points(cfg, [0.3, 0.6, 0.45], ["uniform"], seeds=2, progressive="search")
+    assert [(p.method, p.budget, p.seed) for p in pts[:3]] == [("knapsack", 0.6, 0), ("knapsack", 0.45, 0),
+                                                              ("knapsack", 0.3, 0)]
+    assert [p.after for p in pts[:6]] == [None, 0, 1, None, 3, 4]
+    assert all(p.after is None for p in pts if p.method == "uniform")  # uniform cannot continue a plan
+    independent = curve_points(cfg, [0.3, 0.6], ["uniform"], seeds=1)
+    assert [(p.method, p.budget) for p in independent] == [("knapsack", 0.3), ("knapsack", 0.6), ("uniform", 0.3),
+                                                          ("uniform", 0.6)]
+
+
+def _row(method, budget, seed, ratio, top1):
+    return {"method": method, "budget": budget, "seed": seed, "session_speedup": 1 / ratio, "top1": top1,
+            "session_ms": 2.0 * ratio}
+
+
+def test_report_says_which_method_differences_exceed_the_seed_spread(tmp_path):
+    rows = [_row("teacher", 1.0, "", 1.0, 90.0),
+            _row("knapsack", 0.5, 0, 0.50, 89.0), _row("knapsack", 0.5, 1, 0.52, 89.4),
+            _row("uniform", 0.5, 0, 0.51, 87.0), _row("uniform", 0.5, 1, 0.50, 88.0),  # top-1 apart; latency overlaps
+            _row("knapsack", 0.3, 0, 0.30, 88.0), _row("knapsack", 0.3, 1, 0.31, 86.0),
+            _row("uniform", 0.3, 0, 0.33, 87.0), _row("uniform", 0.3, 1, 0.34, 85.0)]  # top-1 overlaps
+    d = {dd["budget"]: dd for dd in method_differences(rows)}
+    assert d[0.5]["top1_exceeds"] is True and d[0.5]["ratio_exceeds"] is False
+    assert d[0.3]["top1_exceeds"] is False and d[0.3]["ratio_exceeds"] is True
+    assert d[0.5]["top1_diff"] == pytest.approx(1.7)
+    md = write_curve_report(rows, tmp_path, "t", protocol="one session").read_text()
+    assert "ranges over their seeds do not overlap" in md
+    assert "| 0.5 | knapsack - uniform | 2, 2 | +1.70 | **exceeds the seed spread** | +0.005 | within seed spread |" in md
+    assert "| 0.3 | knapsack - uniform | 2, 2 | +1.00 | within seed spread |" in md
+    one = method_differences([r for r in rows if r["seed"] in ("", 0)])
+    assert all(dd["top1_exceeds"] is None for dd in one)  # one seed: no spread, nothing decided
+    _, png = write_curve(rows, tmp_path, "t")
+    assert png.stat().st_size > 2000
+
+
+@pytest.mark.slow
+def test_progressive_points_continue_from_the_previous_budgets_plan(seeded, tmp_path, fmnist_dir, cache, capsys):
+    run, _ = seeded
+    prog = tmp_path / "prog"
+    opts = ["configs/fmnist_cpu.yaml", "--budgets", "0.6,0.8", "--baselines", "", "--progressive"]
+    cfg_sets = sets(tmp_path, [f"data.root={fmnist_dir}", *FAST, f"out_dir={prog}"], cache)
+    shutil.copytree(run / "knapsack_0.8", prog / "knapsack_0.8")  # point 0 (0.8, from the teacher) as a finished job
+    (prog / "points").mkdir()
+    shutil.copy(run / "points" / "knapsack_0.8.json", prog / "points")
+    capsys.readouterr()
+    assert main(["curve", *opts, "--point", "1", *cfg_sets]) == 0
+    out = capsys.readouterr().out
+    assert "continuing from point 0 (knapsack@0.8 seed 0)" in out and "[search] continuing from an earlier plan" in out
+    a = Plan.load(prog / "knapsack_0.8" / "plan.json")
+    b = Plan.load(prog / "knapsack_0.6_from0.8" / "plan.json")
+    assert set(b.embed_keep) <= set(a.embed_keep)
+    for ba, bb in zip(a.blocks, b.blocks):  # b only removes from a's plan: its kept units are a subset
+        assert ba.keep or not bb.keep
+        if bb.keep:
+            assert all(set(getattr(bb, d)) <= set(getattr(ba, d)) for d in ("heads", "qk", "v", "mlp"))
+    log_a = json.loads((prog / "knapsack_0.8" / "search" / "search_log.json").read_text())
+    log_b = json.loads((prog / "knapsack_0.6_from0.8" / "search" / "search_log.json").read_text())
+    assert log_b["steps"][0]["cost"] == pytest.approx(log_a["steps"][-1]["cost"], rel=1e-9)  # fell from a's cost
+    assert log_a["steps"][0]["cost"] > log_a["steps"][-1]["cost"]  # a's own search fell from the teacher's
+    assert main(["curve", *opts, "--collect", *cfg_sets]) == 0
+    rows = rows_of(prog / "curve.csv")
+    assert [r["start_from"] for r in rows[1:]] == ["", "knapsack_0.8"]
+    assert "Progressive curve (search)" in (prog / "curve.md").read_text()
+
+
+@pytest.mark.slow
+def test_progressive_finetune_continues_from_the_previous_fine_tuned_student(seeded, tmp_path, fmnist_dir, cache,
+                                                                             capsys):
+    run, _ = seeded
+    prog = tmp_path / "prog"
+    opts = ["configs/fmnist_cpu.yaml", "--budgets", "0.6,0.8", "--baselines", "", "--progressive=finetune"]
+    cfg_sets = sets(tmp_path, [f"data.root={fmnist_dir}", *FAST, f"out_dir={prog}"], cache)
+    shutil.copytree(run / "knapsack_0.8", prog / "knapsack_0.8")
+    (prog / "points").mkdir()
+    shutil.copy(run / "points" / "knapsack_0.8.json", prog / "points")
+    capsys.readouterr()
+    assert main(["curve", *opts, "--point", "1", *cfg_sets]) == 0
+    out = capsys.readouterr().out
+    assert "knapsack_0.8's plan and its fine-tuned student" in out.replace(str(prog) + "/", "")
+    resolved = yaml.safe_load((prog / "knapsack_0.6_from0.8ft" / "resolved_config.yaml").read_text())["search"]
+    assert resolved["start_weights"] == "student" and resolved["start_from"].endswith("knapsack_0.8")
