@@ -60,6 +60,10 @@ EXPECTED = {"scale_1.2": "mean relative L2 error", "scale_0.8": "mean relative L
             "zero_1_in_64": "relative L2 error of the worst image", "swap_classes": "top-1 agreement",
             "collapse_5pct": "predicted-class distribution"}
 assert set(EXPECTED) == set(FAULTS)
+# images each planted gate sees (batch 1 is slow): a class collapsed for 5% of the images moves ~6 of 128, which
+# cannot show a shift beyond 0.2-1% with confidence (the check is undecided there, and other checks fail the
+# engine); on the 1000 images it fails on its own
+IMAGES = {"collapse_5pct": (1000, 1000)}  # fault -> (at batch 1, at batch 8 and 64)
 
 
 def _gate(teacher, images, path, precision, fault=None, batch=64, tol=None, max_images=None):
@@ -94,7 +98,8 @@ def test_correct_engine_passes_each_precision_at_every_batch(engines, fmnist_tes
 def test_planted_engine_fails_each_precision_at_every_batch_naming_the_check(engines, fmnist_test_1000, precision, fault,
                                                                                batch):
     teacher, _, paths = engines
-    rep = _gate(teacher, fmnist_test_1000, paths[precision], precision, fault, batch, max_images=128 if batch == 1 else 256)
+    n1, n = IMAGES.get(fault, (128, 256))
+    rep = _gate(teacher, fmnist_test_1000, paths[precision], precision, fault, batch, max_images=n1 if batch == 1 else n)
     assert rep.outcome == "fail" and not rep.passed
     assert any(EXPECTED[fault] in f for f in rep.failures), rep.failures
     assert all(f.startswith("output 'logits': ") for f in rep.failures), rep.failures
