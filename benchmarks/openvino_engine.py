@@ -22,7 +22,8 @@ shadow the ``openvino`` package.)
     .venv/bin/python benchmarks/openvino_engine.py --parts deit --out runs/openvino_bench
     .venv/bin/python benchmarks/openvino_engine.py --smoke --out /tmp/ov_smoke         # tiny sizes: the code path
 
-Writes ``<out>/openvino_bench.json`` (after every part) and prints markdown tables.
+Writes ``<out>/openvino_bench.json`` (after every part; a part run again keeps its earlier results under
+``history``, so re-timing the cross part adds a session) and prints markdown tables.
 """
 from __future__ import annotations
 
@@ -223,7 +224,8 @@ def deit_part(a, out: Path) -> dict:
 
 
 def deit_table(res: dict) -> str:
-    lines = ["| model | engine / precision | median (ms) | p90 (ms) | speedup vs the ORT fp32 teacher |",
+    lines = ["| model | engine / precision | median (ms) | p90 (ms) | speedup vs the ORT fp32 teacher (median of "
+             "the per-round ratios) |",
              "|---|---|---:|---:|---:|"]
     for r in res["rows"]:
         best = " (fastest)" if res["fastest"][r["model"]] == f"{r['backend']}/{r['precision']}" else ""
@@ -257,14 +259,24 @@ def main(argv=None) -> int:
     result = {"command": "python benchmarks/openvino_engine.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": {"cpu": cpu_name(), "features": sorted(f for f in flags if f.startswith(("avx", "amx")))},
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "args": vars(a)}
+    import json
+
+    prev = out / "openvino_bench.json"
+    if prev.is_file():  # earlier parts stay; a part run again moves its earlier result into history
+        old = json.loads(prev.read_text())
+        result = {**old, **result, "history": old.get("history", {})}
     parts = [s.strip() for s in a.parts.split(",") if s.strip()]
     for part, fn, fmt in (("lut", lut_part, lut_table), ("cross", cross_part, cross_table),
                           ("deit", deit_part, deit_table)):
         if part not in parts:
             continue
         t0 = time.time()
+        if part in result:
+            result.setdefault("history", {}).setdefault(part, []).append(
+                {"date": result.get(f"{part}_date"), "result": result[part]})
         result[part] = fn(a, out)
         result[f"{part}_s"] = round(time.time() - t0)
+        result[f"{part}_date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         atomic_write_json(out / "openvino_bench.json", result)
         print(f"\n## {part}\n\n{fmt(result[part])}\n", flush=True)
     return 0

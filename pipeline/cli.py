@@ -177,8 +177,11 @@ def cmd_search(args) -> int:
 
     from vitrim.pipeline.stages.cache import prepare_cache
 
+    from vitrim.pipeline.search import check_start
+
     cfg = _cfg(args)
     _check_target(cfg)
+    check_start(cfg.search)
     out = _out(args, cfg)
     prepare_cache(cfg, lut=True)  # a read-only cache: refused before any training or measuring
     splits = _splits(cfg)
@@ -357,10 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--progressive", nargs="?", const="search", choices=sorted(PROGRESSIVE),
                    help="budgets high to low, each search starting from the previous budget's plan and adapted "
                    "weights (search), or its fine-tuned student (finetune); default: every point from the teacher")
-    s.add_argument("--list", action="store_true", help="print the points (index, strategy, budget, seed) and exit")
-    s.add_argument("--point", type=int, metavar="K", help="run only point K of --list into the curve's directory "
+    jobs = s.add_mutually_exclusive_group()  # one of: list the points, run one, assemble the curve
+    jobs.add_argument("--list", action="store_true", help="print the points (index, strategy, budget, seed) and exit")
+    jobs.add_argument("--point", type=int, metavar="K", help="run only point K of --list into the curve's directory "
                    "(one job of a job array); the curve is assembled by --collect")
-    s.add_argument("--collect", nargs="?", const="", metavar="DIR", help="re-time the finished points with the "
+    jobs.add_argument("--collect", nargs="?", const="", metavar="DIR", help="re-time the finished points with the "
                    "teacher in one session and write "
                    f"{NAMES.curve_csv.name}, {NAMES.curve_plot.name} and {NAMES.curve_report.name} (DIR: the curve's "
                    "directory, default out_dir); a point not finished exits 2 naming it")

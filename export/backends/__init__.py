@@ -2,7 +2,10 @@
 
 Adding a backend is one module here (a :class:`Backend` subclass, registered when the module is imported) plus
 its tests: every module of this package is imported below, so no list of backends exists anywhere else, and
-nothing outside this package tests a backend's name (``tests/test_layout.py``).
+nothing outside this package tests a backend's name (``tests/test_layout.py``). A backend module imports its
+engine's library lazily, inside its methods (``availability`` says when it is missing): every ``vitrim`` command
+imports every backend module. A new engine's libraries also go into ``pyproject.toml`` (an extra) and
+``constraints.txt``.
 """
 import importlib
 import pkgutil

@@ -90,11 +90,22 @@ def curve_point(cfg: RunConfig, method: str, budget: float, seed: int = 0) -> Ru
     return c
 
 
+def _read_json(path: Path, fix: str) -> dict:
+    """A point's record or summary; a truncated or hand-edited file is a user error naming it."""
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError("curve", f"'{path}' cannot be read as JSON ({e})", fix) from None
+    if not isinstance(rec, dict):
+        raise UserError("curve", f"'{path}' is not a JSON object", fix)
+    return rec
+
+
 def _outcome(base: RunDir, rd: RunDir) -> Optional[dict]:
     path = base.curve_outcome(rd.root.name)
     if not path.is_file():
         return None
-    rec = json.loads(path.read_text())
+    rec = _read_json(path, "delete it and run that point again (`vitrim curve CONFIG --point K`)")
     return rec if rec.get("status") != "done" or rd.summary.is_file() else None
 
 
@@ -191,7 +202,7 @@ def collect_curve(cfg: RunConfig, points: list[CurvePoint], progressive: Optiona
                         "then --collect again")
     if not done:
         raise UserError("curve", "no point of the curve reached its budget", "raise the budgets")
-    summaries = [json.loads(rd.summary.read_text()) for _, rd, _ in done]
+    summaries = [_read_json(rd.summary, "run that point again (`vitrim curve CONFIG --point K`)") for _, rd, _ in done]
     teachers = {(s["teacher"]["params"], s["teacher"]["top1"]) for s in summaries}
     if len(teachers) > 1:  # one teacher engine stands for all: points of another teacher or test set do not mix
         raise UserError("curve", f"the points were run with different teachers or test sets (teacher params, "

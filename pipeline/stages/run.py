@@ -80,6 +80,9 @@ def _run_pipeline(cfg: RunConfig, log: Callable[[str], None], progress: bool) ->
 
     target = Target.from_config(cfg.target)
     target.check_available()
+    from vitrim.pipeline.search import check_start
+
+    check_start(cfg.search)  # a strategy that cannot continue search.start_from: refused before any training
     from vitrim.pipeline.stages.cache import prepare_cache
 
     prepare_cache(cfg, lut=True, log=log)  # a read-only cache lacking the teacher or table: refused before any work

@@ -132,19 +132,21 @@ def _row(method, budget, seed, ratio, top1):
 
 
 def test_report_says_which_method_differences_exceed_the_seed_spread(tmp_path):
-    rows = [_row("teacher", 1.0, "", 1.0, 90.0),
-            _row("knapsack", 0.5, 0, 0.50, 89.0), _row("knapsack", 0.5, 1, 0.52, 89.4),
-            _row("uniform", 0.5, 0, 0.51, 87.0), _row("uniform", 0.5, 1, 0.50, 88.0),  # top-1 apart; latency overlaps
-            _row("knapsack", 0.3, 0, 0.30, 88.0), _row("knapsack", 0.3, 1, 0.31, 86.0),
-            _row("uniform", 0.3, 0, 0.33, 87.0), _row("uniform", 0.3, 1, 0.34, 85.0)]  # top-1 overlaps
+    rows = [_row("teacher", 1.0, "", 1.0, 90.0),  # 3 seeds a point
+            _row("knapsack", 0.5, 0, 0.50, 89.0), _row("knapsack", 0.5, 1, 0.52, 89.4), _row("knapsack", 0.5, 2, 0.51, 89.2),
+            _row("uniform", 0.5, 0, 0.51, 87.0), _row("uniform", 0.5, 1, 0.50, 87.3), _row("uniform", 0.5, 2, 0.52, 87.1),
+            # 0.3: ranges that do not overlap by a hair, with a spread as large as the difference: not decided
+            _row("knapsack", 0.3, 0, 0.30, 88.0), _row("knapsack", 0.3, 1, 0.31, 86.0), _row("knapsack", 0.3, 2, 0.30, 87.0),
+            _row("uniform", 0.3, 0, 0.33, 85.9), _row("uniform", 0.3, 1, 0.34, 84.0), _row("uniform", 0.3, 2, 0.335, 85.0)]
     d = {dd["budget"]: dd for dd in method_differences(rows)}
-    assert d[0.5]["top1_exceeds"] is True and d[0.5]["ratio_exceeds"] is False
+    assert d[0.5]["top1_exceeds"] is True and d[0.5]["top1_p"] < 0.05 and d[0.5]["ratio_exceeds"] is False
+    assert min(r["top1"] for r in rows[7:10]) > max(r["top1"] for r in rows[10:])  # 0.3: disjoint ranges, yet
     assert d[0.3]["top1_exceeds"] is False and d[0.3]["ratio_exceeds"] is True
-    assert d[0.5]["top1_diff"] == pytest.approx(1.7)
+    assert d[0.5]["top1_diff"] == pytest.approx(2.0667, abs=1e-3)
     md = write_curve_report(rows, tmp_path, "t", protocol="one session").read_text()
-    assert "ranges over their seeds do not overlap" in md
-    assert "| 0.5 | knapsack - uniform | 2, 2 | +1.70 | **exceeds the seed spread** | +0.005 | within seed spread |" in md
-    assert "| 0.3 | knapsack - uniform | 2, 2 | +1.00 | within seed spread |" in md
+    assert "Welch's t-test" in md and "1 in 10 with 3" in md
+    assert "| 0.5 | knapsack - uniform | 3, 3 | +2.07 | **exceeds the seed spread** (p=" in md
+    assert "| 0.3 | knapsack - uniform | 3, 3 | +2.03 | within seed spread (p=" in md
     one = method_differences([r for r in rows if r["seed"] in ("", 0)])
     assert all(dd["top1_exceeds"] is None for dd in one)  # one seed: no spread, nothing decided
     _, png = write_curve(rows, tmp_path, "t")
@@ -197,3 +199,21 @@ def test_progressive_finetune_continues_from_the_previous_fine_tuned_student(see
     assert "knapsack_0.8's plan and its fine-tuned student" in out.replace(str(prog) + "/", "")
     resolved = yaml.safe_load((prog / "knapsack_0.6_from0.8ft" / "resolved_config.yaml").read_text())["search"]
     assert resolved["start_weights"] == "student" and resolved["start_from"].endswith("knapsack_0.8")
+
+
+def test_a_strategy_that_cannot_continue_is_refused_before_any_training(tmp_path, capsys):
+    """search.start_from with `uniform`: exit 2 at once (no teacher trained, no table built), naming the strategies
+    that can continue a plan."""
+    for cmd in ("run", "search"):
+        code = main([cmd, "configs/fmnist_cpu.yaml", "--set", f"search.start_from={tmp_path}", "--set",
+                     "search.strategy=uniform", "--set", f"cache_dir={tmp_path / 'cache'}", "--set",
+                     f"out_dir={tmp_path / 'out'}"])
+        err = capsys.readouterr().err
+        assert code == 2 and "cannot start from an earlier plan" in err and "knapsack" in err, err
+        assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_point_and_collect_are_one_or_the_other(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["curve", "configs/fmnist_cpu.yaml", "--point", "0", "--collect", str(tmp_path)])
+    assert e.value.code == 2 and "not allowed with" in capsys.readouterr().err
