@@ -21,7 +21,10 @@ SETS = ["data.train_limit=256", "data.val_limit=64", "data.test_limit=64", "data
         "search.steps=1", "search.kd_iters=2", "search.saliency_batches=1", "search.measured_rounds=0",
         "search.mask_iters=4", "search.merge_adapt_iters=1", "search.step_epochs=0",
         "finetune.epochs=1", "export.int8_recovery_steps=0", "export.parity_worst=1",
-        "export.compare_rounds=2", "export.compare_repeats=4", "export.compare_sessions=1"]
+        "export.compare_rounds=2", "export.compare_repeats=4", "export.compare_sessions=1",
+        # 64 test images cannot decide an int8 engine's decisions (one flip is a 1.6% shift): the smoke checks the
+        # code path, so the int8 decision checks are left wide (the logit checks stay)
+        "export.int8.min_top1_agreement=0.0", "export.int8.max_class_shift=1.0", "export.int8.max_acc_loss=100.0"]
 
 DEIT_KW = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
 
