@@ -3,7 +3,12 @@
 The commands are read from the docs themselves (README.md, benchmarks/README.md, docs/*.md: code blocks and inline
 code that start with ``python`` or ``.venv/bin/python``), so a refactor that breaks one, or a doc that names a flag
 the script lacks, fails here. Each runs in this process (one interpreter start less) with ``--out`` in tmp_path and
-a shared cache; a ``--baseline-dir`` that names another command's ``--out`` reads that command's smoke output.
+a shared cache (``--set cache_dir=`` for a config-driven script, ``--cache-dir`` for one that takes it); a
+``--baseline-dir`` that names another command's ``--out`` reads that command's smoke output.
+
+The commands export the same module again and again (the shared teacher, released by every pipeline run):
+:func:`export_onnx` runs once per distinct module in this file (keyed by :func:`vitrim.export.engine._module_key`,
+the profiler's own export cache key, and the export's arguments) and a repeat gets a copy of that file.
 """
 from __future__ import annotations
 
@@ -73,7 +78,31 @@ def test_the_docs_name_every_benchmark_script_and_mark_old_commands():
 
 @pytest.fixture(scope="module")
 def outs(tmp_path_factory):
-    return {"_root": tmp_path_factory.mktemp("bench"), "_cache": tmp_path_factory.mktemp("bench_cache")}
+    return {"_root": tmp_path_factory.mktemp("bench"), "_cache": tmp_path_factory.mktemp("bench_cache"),
+            "_exports": {"_dir": tmp_path_factory.mktemp("bench_exports")}}
+
+
+def _export_once(real, done: dict):
+    """``export_onnx`` that exports each distinct module once (``done``: key -> its first file) and copies it after."""
+    import shutil
+
+    from vitrim.export.engine import _module_key
+    from vitrim.pipeline.core.io import atomic_save
+
+    def export_onnx(model, path, input_shape, *args, **kwargs):
+        key = _module_key(model.eval(), tuple(input_shape))
+        key = key and (key, args, tuple(sorted(kwargs.items())))
+        first = done.get(key) if key else None
+        if first is not None and first.is_file():
+            atomic_save(path, lambda tmp: shutil.copyfile(first, tmp))
+            return Path(path)
+        out = real(model, path, input_shape, *args, **kwargs)
+        if key:
+            keep = done["_dir"] / f"{len(done)}.onnx"
+            shutil.copyfile(out, keep)
+            done[key] = keep
+        return out
+    return export_onnx
 
 
 @pytest.mark.slow
@@ -93,6 +122,12 @@ def test_documented_benchmark_command_runs_in_smoke_mode(cmd, outs, fmnist_dir, 
     src = script.read_text()
     if 'add_argument("--set"' in src:  # a config-driven script: the shared cache and the installed Fashion-MNIST
         args += ["--set", f"cache_dir={outs['_cache']}", "--set", f"data.root={fmnist_dir}"]
+    elif 'add_argument("--cache-dir"' in src and "--cache-dir" not in args:  # the same shared cache
+        args += ["--cache-dir", str(outs["_cache"])]
+    import vitrim.export.onnx
+
+    monkeypatch.setattr(vitrim.export.onnx, "export_onnx", _export_once(vitrim.export.onnx.export_onnx,
+                                                                         outs["_exports"]))
     monkeypatch.setenv("VITRIM_FMNIST_DIR", fmnist_dir)
     monkeypatch.syspath_prepend(str(script.parent))
     monkeypatch.setattr(sys, "argv", [str(script), *args, "--smoke"])

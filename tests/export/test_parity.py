@@ -5,7 +5,13 @@ Each engine is a real ONNX Runtime session over the trained tiny ViT exported in
 that precision (fp32 ONNX, fp16 ONNX, static-int8 QDQ ONNX); a planted engine
 (:mod:`vitrim.export.planted`) is that real runner with its output damaged. The
 thresholds are ExportConfig's defaults.
+
+Each real runner (the torch reference, each precision's engine) runs each distinct input batch once per module:
+:class:`Recorded` keeps its outputs, keyed by the batch's bytes, and a planted fault damages those real outputs
+(a fresh :class:`Planted` per gate, so image-indexed faults still count images from the first). Every fault x
+precision x batch case is still gated on its own stream of batches.
 """
+import hashlib
 import json
 
 import numpy as np
@@ -66,18 +72,87 @@ assert set(EXPECTED) == set(FAULTS)
 IMAGES = {"collapse_5pct": (1000, 1000)}  # fault -> (at batch 1, at batch 8 and 64)
 
 
-def _gate(teacher, images, path, precision, fault=None, batch=64, tol=None, max_images=None):
+class Recorded(Runner):
+    """A real runner, activated on the first batch it has not run yet; its outputs are kept in ``memo`` (shared by
+    the module's tests), keyed by the input batch's shape and bytes, and a batch seen before returns a copy."""
+
+    def __init__(self, make, memo: dict):
+        self.make, self.memo, self.live = make, memo, None
+
+    def sample_shape(self):
+        return SHAPE
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        key = (x.shape, hashlib.sha1(x.tobytes()).hexdigest())
+        if key not in self.memo:
+            if self.live is None:
+                self.live = self.make().__enter__()
+            self.memo[key] = np.array(self.live.infer(x), copy=True)
+        return self.memo[key].copy()
+
+    def deactivate(self) -> None:
+        if self.live is not None:
+            self.live.__exit__(None, None, None)
+            self.live = None
+
+
+@pytest.fixture(scope="module")
+def memo():
+    """Outputs per runner ('reference', or an engine path) and input batch, for the whole module."""
+    return {}
+
+
+def _runners(memo, teacher, path):
+    """The torch reference and the ONNX Runtime engine at ``path``, each recorded in ``memo``."""
+    return (Recorded(lambda: TorchRunner(teacher, SHAPE, threads=1), memo.setdefault("reference", {})),
+            Recorded(lambda: OrtCpuRunner(path, threads=1), memo.setdefault(str(path), {})))
+
+
+def _gate(memo, teacher, images, path, precision, fault=None, batch=64, tol=None, max_images=None):
     tol = tol or Tolerances.for_precision(ExportConfig(), precision)
-    with TorchRunner(teacher, SHAPE, threads=1) as ref, OrtCpuRunner(path, threads=1) as eng:
+    ref, eng = _runners(memo, teacher, path)
+    with ref, eng:
         run = Planted(eng, fault) if fault else eng
         return check_parity(ref, run, make_loader(images, batch), tol, precision, max_images=max_images)
 
 
+def test_recorded_runner_replays_the_real_engine_per_batch(engines, fmnist_test_1000):
+    """The memo is keyed by the batch itself: the same images at another batch size, or other images, run again."""
+    teacher, _, paths = engines
+    memo, calls = {}, []
+
+    class Counting(Runner):
+        def __init__(self):
+            self.inner = OrtCpuRunner(paths["fp32"], threads=1)
+
+        def activate(self):
+            self.inner.activate()
+
+        def deactivate(self):
+            self.inner.deactivate()
+
+        def infer(self, x):
+            calls.append(len(x))
+            return self.inner.infer(x)
+
+    x = np.stack([fmnist_test_1000[i][0].numpy() for i in range(16)])
+    with Recorded(Counting, memo) as r:
+        first = r.infer(x)
+        first[:] = 0  # a caller damaging its copy leaves the record intact
+        again, halves = r.infer(x), [r.infer(x[:8]), r.infer(x[8:])]
+    with OrtCpuRunner(paths["fp32"], threads=1) as real:
+        want = real.infer(x)
+    assert calls == [16, 8, 8]
+    np.testing.assert_array_equal(again, want)
+    np.testing.assert_allclose(np.concatenate(halves), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
-def test_correct_engine_passes_each_precision_at_every_batch(engines, fmnist_test_1000, precision):
+def test_correct_engine_passes_each_precision_at_every_batch(engines, fmnist_test_1000, memo, precision):
     """Per-image statistics: the verdict and every figure but rounding are the same at batch 1, 8 and 64."""
     teacher, _, paths = engines
-    reps = {b: _gate(teacher, fmnist_test_1000, paths[precision], precision, batch=b) for b in (1, 8, 64)}
+    reps = {b: _gate(memo, teacher, fmnist_test_1000, paths[precision], precision, batch=b) for b in (1, 8, 64)}
     tol = Tolerances.for_precision(ExportConfig(), precision)
     for b, rep in reps.items():
         o = rep.outputs["logits"]
@@ -95,17 +170,18 @@ def test_correct_engine_passes_each_precision_at_every_batch(engines, fmnist_tes
 @pytest.mark.parametrize("batch", [1, 8, 64])
 @pytest.mark.parametrize("fault", list(EXPECTED))
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
-def test_planted_engine_fails_each_precision_at_every_batch_naming_the_check(engines, fmnist_test_1000, precision, fault,
-                                                                               batch):
+def test_planted_engine_fails_each_precision_at_every_batch_naming_the_check(engines, fmnist_test_1000, memo, precision,
+                                                                               fault, batch):
     teacher, _, paths = engines
     n1, n = IMAGES.get(fault, (128, 256))
-    rep = _gate(teacher, fmnist_test_1000, paths[precision], precision, fault, batch, max_images=n1 if batch == 1 else n)
+    rep = _gate(memo, teacher, fmnist_test_1000, paths[precision], precision, fault, batch,
+                max_images=n1 if batch == 1 else n)
     assert rep.outcome == "fail" and not rep.passed
     assert any(EXPECTED[fault] in f for f in rep.failures), rep.failures
     assert all(f.startswith("output 'logits': ") for f in rep.failures), rep.failures
 
 
-def test_int8_logits_scaled_by_1_3_fail(engines, fmnist_test_1000):
+def test_int8_logits_scaled_by_1_3_fail(engines, fmnist_test_1000, memo):
     """The finding: with atol = rtol = 1.0 and a worst-batch relative L2 of 0.3, logits x1.3 passed int8."""
     teacher, _, paths = engines
 
@@ -116,13 +192,14 @@ def test_int8_logits_scaled_by_1_3_fail(engines, fmnist_test_1000):
         def infer(self, x):
             return 1.3 * self.inner.infer(x)
 
-    with TorchRunner(teacher, SHAPE, threads=1) as ref, OrtCpuRunner(paths["int8"], threads=1) as eng:
+    ref, eng = _runners(memo, teacher, paths["int8"])
+    with ref, eng:
         rep = check_parity(ref, Scaled(eng), make_loader(fmnist_test_1000, 64),
                            Tolerances.for_precision(ExportConfig(), "int8"), "int8")
     assert not rep.passed and any("mean relative L2" in f for f in rep.failures), rep.failures
 
 
-def test_the_verdict_does_not_depend_on_the_latency_batch(engines, fmnist_test_1000):
+def test_the_verdict_does_not_depend_on_the_latency_batch(engines, fmnist_test_1000, memo):
     """The finding: 1 image in 16 with its logits x1.9 (top-1 unchanged) failed at batch 1 and 8 and passed at 64,
     because the relative L2 error was taken per loader batch. Per image, it fails the same way at every batch."""
     teacher, _, paths = engines
@@ -140,7 +217,8 @@ def test_the_verdict_does_not_depend_on_the_latency_batch(engines, fmnist_test_1
 
     reps = {}
     for b in (1, 8, 64):
-        with TorchRunner(teacher, SHAPE, threads=1) as ref, OrtCpuRunner(paths["int8"], threads=1) as eng:
+        ref, eng = _runners(memo, teacher, paths["int8"])
+        with ref, eng:
             reps[b] = check_parity(ref, OneIn16(eng), make_loader(fmnist_test_1000, b),
                                    Tolerances.for_precision(ExportConfig(), "int8"), "int8", max_images=128)
     assert {r.outcome for r in reps.values()} == {"fail"}
@@ -149,7 +227,7 @@ def test_the_verdict_does_not_depend_on_the_latency_batch(engines, fmnist_test_1
     assert max(worst) - min(worst) < 0.02 and min(worst) > 0.85  # ~0.9 at every batch
 
 
-def test_accuracy_loss_is_undecided_on_too_few_images(engines, fmnist_test_1000):
+def test_accuracy_loss_is_undecided_on_too_few_images(engines, fmnist_test_1000, memo):
     """3 net flips on 64 images: the interval straddles the allowed loss, so the gate says INCONCLUSIVE."""
     teacher, _, paths = engines
     loose = dict(atol=1e9, rtol=1e9, max_rel_l2=1e9, max_mean_rel_l2=1e9, max_prob_js=1, max_mean_prob_js=1,
@@ -168,7 +246,8 @@ def test_accuracy_loss_is_undecided_on_too_few_images(engines, fmnist_test_1000)
                     self.flipped += 1
             return out
 
-    with TorchRunner(teacher, SHAPE, threads=1) as ref, OrtCpuRunner(paths["fp32"], threads=1) as eng:
+    ref, eng = _runners(memo, teacher, paths["fp32"])
+    with ref, eng:
         rep = check_parity(ref, FlipThree(eng, ref), make_loader(fmnist_test_1000, 64), Tolerances(**loose), "fp32",
                            max_images=64)
     assert rep.outcome == "inconclusive" and not rep.passed and not rep.failures
@@ -176,7 +255,7 @@ def test_accuracy_loss_is_undecided_on_too_few_images(engines, fmnist_test_1000)
     assert "evaluate more images" in rep.undecided[0]
 
 
-def test_elementwise_check_uses_the_reference_as_denominator(engines, fmnist_test_1000):
+def test_elementwise_check_uses_the_reference_as_denominator(engines, fmnist_test_1000, memo):
     """|e - r| <= atol + rtol*|r|: an engine at 2x the reference fails rtol 0.6.
 
     Polygraphy's rule divides by the engine's output: |2r - r| / |2r| = 0.5 <= 0.6 passed.
@@ -184,7 +263,8 @@ def test_elementwise_check_uses_the_reference_as_denominator(engines, fmnist_tes
     teacher, _, paths = engines
     tol = Tolerances(atol=1e-3, rtol=0.6, max_rel_l2=10.0, max_mean_rel_l2=10.0, max_prob_js=1.0,
                      max_mean_prob_js=1.0, max_class_shift=1.0, min_top1_agreement=0.0, max_acc_loss=100.0)
-    with TorchRunner(teacher, SHAPE, threads=1) as ref, OrtCpuRunner(paths["fp32"], threads=1) as eng:
+    ref, eng = _runners(memo, teacher, paths["fp32"])
+    with ref, eng:
         rep = check_parity(ref, _Doubled(eng), make_loader(fmnist_test_1000, 64), tol, "fp32", max_images=256)
     assert not rep.passed and len(rep.failures) == 1 and "elementwise" in rep.failures[0], rep.failures
     assert rep.outputs["logits"]["max_over_allowed"] > 1.5  # |2r - r| / (0.6|r|) -> 1.67
@@ -198,10 +278,11 @@ class _Doubled(Runner):
         return 2.0 * self.inner.infer(x)
 
 
-def test_report_details_only_the_worst_images(engines, fmnist_test_1000):
+def test_report_details_only_the_worst_images(engines, fmnist_test_1000, memo):
     teacher, _, paths = engines
     tol = Tolerances.for_precision(ExportConfig(), "fp32")
-    with TorchRunner(teacher, SHAPE, threads=1) as ref, OrtCpuRunner(paths["fp32"], threads=1) as eng:
+    ref, eng = _runners(memo, teacher, paths["fp32"])
+    with ref, eng:
         rep = check_parity(ref, Planted(eng, "nan"), make_loader(fmnist_test_1000, 32), tol, "fp32", worst=3,
                            max_images=384)
     o = rep.outputs["logits"]
