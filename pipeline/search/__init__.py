@@ -87,10 +87,10 @@ def measured_align(cfg: SearchConfig, lut, log: Callable[[str], None] = print) -
     return dataclasses.replace(cfg, align=int(want))
 
 
-def check_start(cfg) -> None:
-    """``search.start_from`` with a strategy that cannot continue a plan: exit 2, before any training (the CLI and
-    ``run_pipeline`` call this with their other fail-fast checks)."""
-    if cfg.start_from and not strategy(cfg.strategy).continues:
+def check_start(cfg, start=None) -> None:
+    """``search.start_from`` (or a ``start`` plan given directly) with a strategy that cannot continue a plan:
+    exit 2, before any training (the CLI and ``run_pipeline`` call this with their other fail-fast checks)."""
+    if (cfg.start_from or start is not None) and not strategy(cfg.strategy).continues:
         able = ", ".join(n for n, c in STRATEGIES.items() if c.continues)
         raise UserError("search", f"strategy '{cfg.strategy}' cannot start from an earlier plan (search.start_from)",
                         f"use one of {able}, or leave search.start_from unset")
@@ -110,8 +110,7 @@ def run_search(teacher: nn.Module, student: CompactViT, lut, cfg: SearchConfig, 
     validate_search(cfg, "search config")
     cfg = measured_align(cfg, lut, log)
     s = strategy(cfg.strategy)
-    if start is not None:
-        check_start(cfg)
+    check_start(cfg, start)
     ctx = SearchContext.build(s.searched_config(cfg), teacher, student, lut, train_ds, val_ds, batch_size=batch_size,
                               kd_alpha=kd_alpha, kd_T=kd_T, device=device, workers=workers, log=log, start=start)
     return s().search(ctx)
