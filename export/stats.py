@@ -28,6 +28,28 @@ PASS, FAIL, INCONCLUSIVE = "pass", "fail", "inconclusive"
 OUTCOMES = (PASS, FAIL, INCONCLUSIVE)
 
 
+def _as_dict(decision) -> dict:
+    """A decision dataclass as JSON-ready data (intervals as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(decision).items()}
+
+
+def _split_interval(first: int, moved: int, images: int, confidence: float) -> tuple[float, float, float]:
+    """How unevenly ``moved`` images split between two directions, as a share of all ``images``.
+
+    ``first`` of the ``moved`` went the first way: binomial over the moved images (only they say anything), its
+    exact Clopper-Pearson interval for q mapped to ``moved * (2 q - 1) / images``. Returns (low, high, two-sided
+    p-value of an even split); (0, 0, 1) when nothing moved.
+    """
+    from scipy.stats import binomtest
+
+    if moved == 0:
+        return 0.0, 0.0, 1.0
+    t = binomtest(first, moved, 0.5)
+    ci = t.proportion_ci(confidence_level=confidence, method="exact")
+    lo, hi = (moved * (2.0 * q - 1.0) / images for q in (ci.low, ci.high))
+    return float(lo), float(hi), float(t.pvalue)
+
+
 @dataclass
 class PairedAccuracy:
     """The accuracy loss of B against A on the same images, with its interval and the decision.
@@ -51,10 +73,7 @@ class PairedAccuracy:
         return self.only_a_right + self.only_b_right
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["ci_pt"] = list(self.ci_pt)
-        d["discordant"] = self.discordant
-        return d
+        return {**_as_dict(self), "discordant": self.discordant}
 
     def describe(self, a: str = "the reference", b: str = "the engine") -> str:
         """One line; ``a`` and ``b`` name the two sides (``vitrim compare``: the baseline and the candidate)."""
@@ -76,8 +95,6 @@ def paired_accuracy(only_a_right: int, only_b_right: int, images: int, allowed_l
         allowed_loss_pt: the loss (points of top-1) B may have.
         confidence: two-sided confidence of the interval (0.95: each decision is one-sided at 97.5%).
     """
-    from scipy.stats import binomtest
-
     if images <= 0:
         raise ValueError("paired_accuracy needs at least one image")
     if not 0.5 <= confidence < 1.0:
@@ -85,15 +102,9 @@ def paired_accuracy(only_a_right: int, only_b_right: int, images: int, allowed_l
     b, c, n = int(only_a_right), int(only_b_right), int(images)
     nd = b + c
     loss = 100.0 * (b - c) / n
-    if nd == 0:  # identical decisions: the loss is exactly zero, no interval to speak of
-        lo = hi = 0.0
-        p = 1.0
-    else:
-        t = binomtest(b, nd, 0.5)
-        ci = t.proportion_ci(confidence_level=confidence, method="exact")
-        # loss = (b - c) / n = nd * (2 q - 1) / n, with q the chance a discordant image is one A alone gets right
-        lo, hi = (100.0 * nd * (2.0 * q - 1.0) / n for q in (ci.low, ci.high))
-        p = float(t.pvalue)
+    # loss = (b - c) / n = nd * (2 q - 1) / n, with q the chance a discordant image is one A alone gets right
+    lo, hi, p = _split_interval(b, nd, n, confidence)
+    lo, hi = 100.0 * lo, 100.0 * hi
     if nd == 0 or hi < allowed_loss_pt:  # strictly below: a loss at the tolerance never passes
         outcome = PASS
     elif lo > allowed_loss_pt:
@@ -116,9 +127,7 @@ class RateTest:
     outcome: str
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["interval"] = list(self.interval)
-        return d
+        return _as_dict(self)
 
 
 def rate_test(count: int, images: int, limit: float, confidence: float = 0.95) -> RateTest:
@@ -157,9 +166,7 @@ class ShiftTest:
     outcome: str
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["interval"] = list(self.interval)
-        return d
+        return _as_dict(self)
 
 
 def shift_test(cls: int, moved_in: int, moved_out: int, images: int, limit: float,
@@ -171,15 +178,11 @@ def shift_test(cls: int, moved_in: int, moved_out: int, images: int, limit: floa
     interval lies strictly inside ``(-limit, limit)`` (or no image moved), FAIL when it lies wholly
     outside, INCONCLUSIVE otherwise.
     """
-    from scipy.stats import binomtest
-
+    if images <= 0:
+        raise ValueError("shift_test needs at least one image")
     a, b, n = int(moved_in), int(moved_out), int(images)
     d = a + b
-    if d == 0:
-        lo = hi = 0.0
-    else:
-        ci = binomtest(a, d, 0.5).proportion_ci(confidence_level=confidence, method="exact")
-        lo, hi = (d * (2.0 * q - 1.0) / n for q in (ci.low, ci.high))
+    lo, hi, _ = _split_interval(a, d, n, confidence)
     if d == 0 or (-limit < lo and hi < limit):
         outcome = PASS
     elif lo > limit or hi < -limit:

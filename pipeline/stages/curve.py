@@ -19,14 +19,13 @@ Strategies that cannot continue a plan (``Strategy.continues``) run their points
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 from vitrim.pipeline.core.config import RunConfig
 from vitrim.pipeline.core.errors import UnreachableBudget, UserError
-from vitrim.pipeline.core.io import atomic_write_json
+from vitrim.pipeline.core.io import atomic_write_json, read_json
 from vitrim.pipeline.core.rundir import RunDir
 
 PROGRESSIVE = {"search": "search", "finetune": "student"}  # --progressive mode -> search.start_weights
@@ -92,10 +91,7 @@ def curve_point(cfg: RunConfig, method: str, budget: float, seed: int = 0) -> Ru
 
 def _read_json(path: Path, fix: str) -> dict:
     """A point's record or summary; a truncated or hand-edited file is a user error naming it."""
-    try:
-        rec = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError("curve", f"'{path}' cannot be read as JSON ({e})", fix) from None
+    rec = read_json(path, "curve", "the point's record", fix)
     if not isinstance(rec, dict):
         raise UserError("curve", f"'{path}' is not a JSON object", fix)
     return rec

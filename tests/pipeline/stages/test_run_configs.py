@@ -5,13 +5,11 @@ import json
 import pytest
 
 from tests.pipeline.stages.test_run import TINY
+from tests.test_release_workflow import GATE  # vitrim compare on tiny engines: room for sub-millisecond noise
 from vitrim.export.backends import BACKENDS
 from vitrim.export.manifest import verify_manifest
 from vitrim.pipeline.cli import main
 from vitrim.pipeline.core.rundir import RunDir
-
-# vitrim compare on tiny engines: room for the noise of sub-millisecond timings (as tests/test_release_workflow.py)
-GATE = ["export.max_latency_regression=0.15", "export.compare_rounds=10", "export.compare_repeats=60"]
 
 
 def _sets(*extra):
