@@ -34,9 +34,10 @@ def _failed(v: dict) -> list:
 @pytest.mark.slow
 def test_ci_release_workflow(tmp_path, fmnist_dir, capsys):
     last = tmp_path / "releases" / "last"
-    # 1. the last release: a run at half the teacher's latency, published (copied) where the next job finds it
+    # 1. the last release: a run at 65% of the teacher's latency (a tiny table's smallest plan measured 30-53% of
+    # the teacher between builds: 50% was unreachable once), published (copied) where the next job finds it
     assert main(["run", "configs/fmnist_cpu.yaml",
-                 *_sets(tmp_path, fmnist_dir, tmp_path / "build" / "b", "search.budget_fraction=0.5")]) == 0
+                 *_sets(tmp_path, fmnist_dir, tmp_path / "build" / "b", "search.budget_fraction=0.65")]) == 0
     shutil.copytree(tmp_path / "build" / "b", last)
     verify_manifest(last)  # relocated, it still verifies
     assert json.loads(RunDir(last).verdict.read_text())["passed"]
@@ -59,7 +60,7 @@ def test_ci_release_workflow(tmp_path, fmnist_dir, capsys):
     b = RunDir(tmp_path / "build" / "b")
     triton = tmp_path / "triton"
     assert main(["run", "configs/fmnist_cpu.yaml",
-                 *_sets(tmp_path, fmnist_dir, b.root, "search.budget_fraction=0.5", f"export.baseline={last}",
+                 *_sets(tmp_path, fmnist_dir, b.root, "search.budget_fraction=0.65", f"export.baseline={last}",
                         f"export.triton={triton}", "export.triton_name=fmnist_tiny")]) == 0
     out = capsys.readouterr().out
     assert "[export] inputs unchanged" in out  # the release-workflow keys do not rebuild the engine
