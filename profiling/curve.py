@@ -4,11 +4,10 @@
 ``curve.png``: latency relative to the teacher (1 / ``session_speedup``: every point's engine and the teacher's
 timed in one interleaved session, so machine drift between points cancels) against test top-1, one line per
 method through the mean over seeds, with min-max bars over the seeds. ``write_curve_report`` writes ``curve.md``:
-the session, each point over its seeds, and at each budget where several methods ran, which differences between
-methods exceed the spread between seeds.
-
-The rule for "exceeds the spread": the two methods' min-max ranges over their seeds do not overlap. A method
-with one seed has no spread, so a comparison involving it is not decided.
+the session, each point over its seeds, at each budget where several methods ran, which differences between
+methods exceed the spread between seeds (:func:`seed_test`: Welch's t-test; with one seed nothing is decided),
+and each curve's wall time. A "method" is a series of the curve: a strategy, or a strategy's progressive chain
+(``knapsack progressive``).
 """
 from __future__ import annotations
 
@@ -25,7 +24,8 @@ from vitrim.pipeline.core.io import atomic_save, atomic_write_text, make_dir
 from vitrim.pipeline.core.rundir import RunDir
 
 FIELDS = ["method", "budget", "seed", "predicted_ms", "run_measured_ms", "run_speedup", "session_ms",
-          "session_p90_ms", "session_speedup", "top1", "delta_top1", "params", "macs", "run_dir", "start_from"]
+          "session_p90_ms", "session_speedup", "top1", "delta_top1", "params", "macs", "run_dir", "start_from",
+          "wall_s"]
 
 
 def _fmt(v):
@@ -72,13 +72,15 @@ def write_curve(rows: list[dict], out_dir: str | os.PathLike, title: str = "") -
 
 
 def points_by_method(rows: list[dict]) -> dict[str, list[dict]]:
-    """{method: [{budget, x: latency ratios, y: top-1s} per budget, over its seeds]}, methods in row order."""
+    """{method: [{budget, x: latency ratios, y: top-1s, runs: run directories} per budget, over its seeds]},
+    methods in row order."""
     out: dict[str, dict[float, dict]] = {}
     for r in rows:
         b = float(r["budget"])
-        p = out.setdefault(r["method"], {}).setdefault(b, {"budget": b, "x": [], "y": []})
+        p = out.setdefault(r["method"], {}).setdefault(b, {"budget": b, "x": [], "y": [], "runs": []})
         p["x"].append(1.0 / float(r["session_speedup"]))
         p["y"].append(float(r["top1"]))
+        p["runs"].append(r.get("run_dir"))
     return {m: list(by_b.values()) for m, by_b in out.items()}
 
 
@@ -120,6 +122,8 @@ def method_differences(rows: list[dict]) -> list[dict]:
         here = [m for m in pts if b in pts[m]]
         for m1, m2 in combinations(here, 2):
             p1, p2 = pts[m1][b], pts[m2][b]
+            if p1["runs"] == p2["runs"] and None not in p1["runs"]:
+                continue  # the same runs (the head of a progressive curve): nothing to compare
             (t_ok, t_p), (r_ok, r_p) = seed_test(p1["y"], p2["y"]), seed_test(p1["x"], p2["x"])
             out.append({"budget": b, "a": m1, "b": m2, "seeds": (len(p1["y"]), len(p2["y"])),
                         "top1_diff": float(np.mean(p1["y"]) - np.mean(p2["y"])), "top1_exceeds": t_ok, "top1_p": t_p,
@@ -134,16 +138,48 @@ def _verdict(exceeds: Optional[bool], p: Optional[float] = None) -> str:
     return ("**exceeds the seed spread**" if exceeds else "within seed spread") + f" (p={p:.2g})"
 
 
+def wall_times(rows: list[dict]) -> dict[str, dict[int, float]]:
+    """{series: {seed: the wall seconds of its runs, summed}} (a run shared by two series counts in each)."""
+    out: dict[str, dict[int, float]] = {}
+    for r in rows:
+        w = r.get("wall_s")
+        if r["method"] == "teacher" or w in (None, "") or not np.isfinite(float(w)):
+            continue
+        by_seed = out.setdefault(r["method"], {})
+        by_seed[int(r["seed"])] = by_seed.get(int(r["seed"]), 0.0) + float(w)
+    return out
+
+
+def wall_time_lines(rows: list[dict]) -> list[str]:
+    """The report's section on each curve's wall time (its runs' ``wall_s``, summed per seed), and a progressive
+    curve's over the independent curve of the same strategy, seed by seed."""
+    walls = wall_times(rows)
+    if not walls:
+        return []
+    lines = ["", "## Wall time per curve", "", "Each curve's runs, summed per seed (the teacher and the latency table "
+             "are shared, built before; the final re-timing is not counted).", "",
+             "| curve | seeds | wall time (min) | over the independent curve's, per seed |", "|---|---:|---:|---:|"]
+    for name, by_seed in walls.items():
+        base = walls.get(name.split(" ")[0]) if " " in name else None
+        rel = [by_seed[k] / base[k] for k in by_seed if base and k in base and base[k] > 0]
+        lines.append(f"| {name} | {len(by_seed)} | {_span([v / 60 for v in by_seed.values()], 1)} | "
+                     f"{_span(rel, 2) + 'x' if rel else ''} |")
+    return lines
+
+
 def write_curve_report(rows: list[dict], out_dir: str | os.PathLike, title: str, protocol: str,
-                       skipped: tuple | list = (), progressive: Optional[str] = None) -> Path:
+                       skipped: tuple | list = (), progressive: tuple | list = ()) -> Path:
     """``curve.md``: the timing session, a table of the points (mean and min-max over seeds) and the differences
     between methods at each budget, each marked as exceeding the spread between seeds or not."""
     teacher = next(r for r in rows if r["method"] == "teacher")
     lines = [f"# {title}", "", f"Timing: {protocol}. Teacher {float(teacher['session_ms']):.3f} ms in that session, "
              f"test top-1 {float(teacher['top1']):.2f}%."]
+    what = {"search": "`progressive`: each budget's search started from the next higher budget's plan and adapted "
+            "weights", "finetune": "`progressive-ft`: from the next higher budget's plan and fine-tuned student"}
     if progressive:
-        lines += ["", f"Progressive curve ({progressive}): each budget's search started from the next higher "
-                  "budget's plan and " + ("fine-tuned student." if progressive == "finetune" else "adapted weights.")]
+        lines += ["", f"Progressive curve ({', '.join(progressive)}): " + "; ".join(what[m] for m in progressive)
+                  + ". The highest budget's point starts from the teacher and heads every curve of its strategy "
+                  "(one run, a row in each)."]
     lines += ["", "Each figure is the mean over seeds, with [min, max] where there are several. Latency is the "
               "point's engine over the teacher's in the one session.", "",
               "| method | budget | seeds | latency / teacher | speedup | test top-1 (%) |", "|---|---:|---:|---:|---:|---:|"]
@@ -169,6 +205,7 @@ def write_curve_report(rows: list[dict], out_dir: str | os.PathLike, title: str,
             lines.append(f"| {d['budget']:g} | {d['a']} - {d['b']} | {d['seeds'][0]}, {d['seeds'][1]} | "
                          f"{d['top1_diff']:+.2f} | {_verdict(d['top1_exceeds'], d['top1_p'])} | "
                          f"{d['ratio_diff']:+.3f} | {_verdict(d['ratio_exceeds'], d['ratio_p'])} |")
+    lines += wall_time_lines(rows)
     if skipped:
         lines += ["", "## Points that did not reach their budget", ""] + [f"* {s}" for s in skipped]
     path = RunDir(out_dir).curve_report

@@ -14,14 +14,18 @@ CSV keeps each run's own figures beside them.
 A progressive curve (``--progressive``): with budgets a > b > c, the search for b starts from a's searched plan
 and a's adapted weights (``search.start_from``) instead of the teacher; ``--progressive finetune`` starts it from
 a's fine-tuned student instead (``search.start_weights: student``), so b's fine-tune too descends from a's.
-Strategies that cannot continue a plan (``Strategy.continues``) run their points independently.
+Strategies that cannot continue a plan (``Strategy.continues``) run their points independently. Several modes
+(``--progressive search,finetune``) and ``--independent`` put several curves of one strategy in one directory: each
+point belongs to one or more *series* (the independent curve, or a progressive mode's chain), the highest budget's
+point heads every chain and is run once, and the collect re-times them all in the one session, so the series
+compare at equal measured latency, and by their wall time.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from vitrim.pipeline.core.config import RunConfig
 from vitrim.pipeline.core.errors import UnreachableBudget, UserError
@@ -29,47 +33,78 @@ from vitrim.pipeline.core.io import atomic_write_json, read_json
 from vitrim.pipeline.core.rundir import RunDir
 
 PROGRESSIVE = {"search": "search", "finetune": "student"}  # --progressive mode -> search.start_weights
+SERIES = {None: "", "search": " progressive", "finetune": " progressive-ft"}  # a series' suffix to the strategy
+
+
+def series_name(method: str, mode: Optional[str]) -> str:
+    """The name of a curve in the plot and the report: ``knapsack``, ``knapsack progressive``, ..."""
+    return method + SERIES[mode]
 
 
 @dataclass(frozen=True)
 class CurvePoint:
     """One point of a curve: ``method`` at ``budget`` with the ``seed``-th seed; ``after``: the index of the point
-    a progressive point continues from (None: from the teacher)."""
+    a progressive point continues from (None: from the teacher), ``mode`` its progressive mode (a key of
+    :data:`PROGRESSIVE`); ``series``: the curves the point belongs to (None: the independent one, else a mode; the
+    head of the chains belongs to each)."""
 
     index: int
     method: str
     budget: float
     seed: int
     after: Optional[int] = None
+    mode: Optional[str] = None
+    series: tuple = (None,)
 
     def label(self) -> str:
         return f"{self.method}@{self.budget:g} seed {self.seed}"
 
+    def names(self) -> list[str]:
+        return [series_name(self.method, s) for s in self.series]
+
 
 def curve_points(cfg: RunConfig, budgets: list[float], baselines: list[str], seeds: int = 1,
-                 progressive: Optional[str] = None) -> list[CurvePoint]:
+                 progressive: Sequence[str] = (), independent: bool = False) -> list[CurvePoint]:
     """The curve's points in their fixed order (``--point K`` is an index into it): the config's strategy then the
-    baselines, each seed, each budget (highest first when progressive: each continues from the one before)."""
+    baselines, each seed; per seed the independent points (when ``independent`` or no ``progressive`` mode), then
+    each progressive mode's chain, highest budget first, each point continuing from the one before. The highest
+    budget's point starts from the teacher and heads every chain (one run). A strategy that cannot continue a plan
+    gets independent points only."""
     from vitrim.pipeline.search import strategy
 
+    modes = list(dict.fromkeys([progressive] if isinstance(progressive, str) else progressive or ()))
     methods = list(dict.fromkeys([cfg.search.strategy, *baselines]))
-    order = list(dict.fromkeys(sorted(budgets, reverse=True) if progressive else budgets))
+    order = list(dict.fromkeys(sorted(budgets, reverse=True) if modes else budgets))
     points: list[CurvePoint] = []
+
+    def add(*a, **kw) -> int:
+        points.append(CurvePoint(len(points), *a, **kw))
+        return points[-1].index
+
     for m in methods:
-        chain = bool(progressive) and strategy(m).continues
+        chains = tuple(md for md in modes if strategy(m).continues)
+        own = independent or not chains
         for k in range(max(1, seeds)):
-            prev = None
-            for b in order:
-                points.append(CurvePoint(len(points), m, b, k, prev if chain else None))
-                prev = points[-1].index
+            head = None
+            if own:
+                for b in order:
+                    i = add(m, b, k, series=(None, *chains) if chains and b == order[0] else (None,))
+                    head = i if b == order[0] else head
+            elif chains:
+                head = add(m, order[0], k, series=chains)
+            for md in chains:
+                prev = head
+                for b in order[1:]:
+                    prev = add(m, b, k, prev, md, (md,))
     return points
 
 
-def point_dir(base: RunDir, points: list[CurvePoint], p: CurvePoint, progressive: Optional[str]) -> RunDir:
-    """Where point ``p`` runs: a progressive point's name says which budget it continued from."""
+def point_dir(base: RunDir, points: list[CurvePoint], p: CurvePoint) -> RunDir:
+    """Where point ``p`` runs: a progressive point's name says which budget it continued from (``ft``: from its
+    fine-tuned student)."""
     tag = ""
     if p.after is not None:
-        tag = f"_from{points[p.after].budget:g}{'ft' if progressive == 'finetune' else ''}"
+        tag = f"_from{points[p.after].budget:g}{'ft' if p.mode == 'finetune' else ''}"
     return base.curve_run(p.method, p.budget, p.seed, tag)
 
 
@@ -105,8 +140,7 @@ def _outcome(base: RunDir, rd: RunDir) -> Optional[dict]:
     return rec if rec.get("status") != "done" or rd.summary.is_file() else None
 
 
-def run_point(cfg: RunConfig, points: list[CurvePoint], k: int, progressive: Optional[str] = None,
-              log: Callable[[str], None] = print) -> dict:
+def run_point(cfg: RunConfig, points: list[CurvePoint], k: int, log: Callable[[str], None] = print) -> dict:
     """Run point ``k`` (``vitrim run`` into its directory) and record its outcome; returns that record.
 
     A progressive point needs the point it continues from finished (exit 2 naming it otherwise); a budget its
@@ -119,19 +153,19 @@ def run_point(cfg: RunConfig, points: list[CurvePoint], k: int, progressive: Opt
                         "list them with `vitrim curve CONFIG --budgets ... --list` (the same options)")
     base = RunDir(cfg.out_dir)
     p = points[k]
-    rd = point_dir(base, points, p, progressive)
+    rd = point_dir(base, points, p)
     c = curve_point(cfg, p.method, p.budget, p.seed)
     c.out_dir, c.name = str(rd.root), f"{cfg.name}/{p.method}@{p.budget:g}" + (f"/s{p.seed}" if p.seed else "")
     start = ""
     if p.after is not None:
-        prev = point_dir(base, points, points[p.after], progressive)
+        prev = point_dir(base, points, points[p.after])
         rec = _outcome(base, prev)
         if rec is None:
             raise UserError("curve", f"point {k} ({p.label()}) continues from point {p.after} "
                             f"({points[p.after].label()}), which has not finished (no outcome for {prev.root})",
                             f"run `--point {p.after}` first (in a job array: make point {k} depend on it)")
         if rec["status"] == "done":
-            c.search.start_from, c.search.start_weights = str(prev.root), PROGRESSIVE[progressive]
+            c.search.start_from, c.search.start_weights = str(prev.root), PROGRESSIVE[p.mode]
             start = f", continuing from point {p.after} ({points[p.after].label()})"
         else:
             log(f"[curve] point {p.after} did not reach its budget: point {k} starts from the teacher")
@@ -172,19 +206,19 @@ def retime(cfg: RunConfig, teacher: Path, engines: list[Path], log: Callable[[st
     return timings, ratios
 
 
-def collect_curve(cfg: RunConfig, points: list[CurvePoint], progressive: Optional[str] = None,
-                  log: Callable[[str], None] = print) -> list[dict]:
+def collect_curve(cfg: RunConfig, points: list[CurvePoint], log: Callable[[str], None] = print) -> list[dict]:
     """Re-time every finished point with the teacher in one session and write the CSV, the plot and the report.
 
     A point without an outcome is a UserError naming each (index, label, directory); points whose budget was
-    unreachable are left out and named in the report.
+    unreachable are left out and named in the report. A point in several series (the head of the chains) is timed
+    once and has a row in each.
     """
     from vitrim.profiling.curve import write_curve, write_curve_report
 
     base = RunDir(cfg.out_dir)
     done, skipped, missing = [], [], []
     for p in points:
-        rd = point_dir(base, points, p, progressive)
+        rd = point_dir(base, points, p)
         rec = _outcome(base, rd)
         if rec is None:
             missing.append(f"{p.index} ({p.label()}, {rd.root})")
@@ -209,32 +243,36 @@ def collect_curve(cfg: RunConfig, points: list[CurvePoint], progressive: Optiona
              "run_measured_ms": t["measured_ms"], "run_speedup": 1.0, "session_ms": timings[0].median_ms,
              "session_p90_ms": timings[0].p90_ms, "session_speedup": 1.0, "top1": t["top1"], "delta_top1": 0.0,
              "params": t["params"], "macs": t["macs"], "run_dir": done[0][1].teacher_dir.root.relative_to(base.root),
-             "start_from": ""}]
+             "start_from": "", "wall_s": ""}]
     for (p, rd, rec), s, tm, r in zip(done, summaries, timings[1:], ratios):
         st = s["student"]
-        rows.append({"method": p.method, "budget": p.budget, "seed": p.seed, "predicted_ms": st["predicted_ms"],
-                     "run_measured_ms": st["measured_ms"], "run_speedup": s["speedup"], "session_ms": tm.median_ms,
-                     "session_p90_ms": tm.p90_ms, "session_speedup": 1.0 / r, "top1": st["top1"],
-                     "delta_top1": s["delta_top1"], "params": st["params"], "macs": st["macs"],
-                     "run_dir": rd.root.name, "start_from": rec.get("start_from") or ""})
+        for name in p.names():
+            rows.append({"method": name, "budget": p.budget, "seed": p.seed, "predicted_ms": st["predicted_ms"],
+                         "run_measured_ms": st["measured_ms"], "run_speedup": s["speedup"],
+                         "session_ms": tm.median_ms, "session_p90_ms": tm.p90_ms, "session_speedup": 1.0 / r,
+                         "top1": st["top1"], "delta_top1": s["delta_top1"], "params": st["params"],
+                         "macs": st["macs"], "run_dir": rd.root.name, "start_from": rec.get("start_from") or "",
+                         "wall_s": float(s.get("wall_s", float("nan")))})
     title = f"{cfg.name}: latency vs test top-1 (one timing session)"
     csv_p, png_p = write_curve(rows, base.root, title)
     md = write_curve_report(rows, base.root, title, protocol=(
         f"the teacher and {len(done)} point engines re-timed round-robin in one session after every point had run "
         f"({max(12, cfg.profile.rounds)} rounds; each point visit over the teacher visits around it), "
         f"{cfg.target.backend} {cfg.target.precision}, batch {cfg.target.batch}"),
-        skipped=[f"{p.label()}: {why}" for p, why in skipped], progressive=progressive)
+        skipped=[f"{p.label()}: {why}" for p, why in skipped],
+        progressive=list(dict.fromkeys(p.mode for p in points if p.mode)))
     log(f"[curve] wrote {csv_p}, {png_p} and {md}")
     return rows
 
 
 def run_curve(cfg: RunConfig, budgets: list[float], baselines: list[str], seeds: int = 1,
-              progressive: Optional[str] = None, log: Callable[[str], None] = print) -> list[dict]:
+              progressive: Sequence[str] = (), independent: bool = False,
+              log: Callable[[str], None] = print) -> list[dict]:
     """Run every point of the curve (sharing the teacher and the LUT), then :func:`collect_curve`."""
     from vitrim.pipeline.stages.cache import prepare_cache
 
     prepare_cache(cfg, lut=True, log=log)  # once: every point shares the teacher and table (a temporary cache too)
-    points = curve_points(cfg, budgets, baselines, seeds, progressive)
+    points = curve_points(cfg, budgets, baselines, seeds, progressive, independent)
     for p in points:
-        run_point(cfg, points, p.index, progressive, log)
-    return collect_curve(cfg, points, progressive, log)
+        run_point(cfg, points, p.index, log)
+    return collect_curve(cfg, points, log)

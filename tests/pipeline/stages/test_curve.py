@@ -1,7 +1,9 @@
 """`vitrim curve`: points over seeds, re-timed together in one session, run as jobs (--point/--collect), progressive."""
 import csv
+import io
 import json
 import shutil
+from contextlib import redirect_stdout
 
 import pytest
 import yaml
@@ -11,7 +13,7 @@ from vitrim.pipeline.core.config import load_config
 from vitrim.pipeline.core.errors import UserError
 from vitrim.pipeline.core.plan import Plan
 from vitrim.pipeline.stages.curve import collect_curve, curve_points
-from vitrim.profiling.curve import method_differences, write_curve, write_curve_report
+from vitrim.profiling.curve import method_differences, wall_times, write_curve, write_curve_report
 from tests.pipeline.stages.test_run import sets
 
 FAST = ["finetune.epochs=1", "search.steps=1", "search.measured_rounds=0"]  # the closed loop measures, corrects none
@@ -153,19 +155,36 @@ def test_report_says_which_method_differences_exceed_the_seed_spread(tmp_path):
     assert png.stat().st_size > 2000
 
 
-@pytest.mark.slow
-def test_progressive_points_continue_from_the_previous_budgets_plan(seeded, tmp_path, fmnist_dir, cache, capsys):
+@pytest.fixture(scope="module")
+def progressive(seeded, tmp_path_factory, fmnist_dir, cache):
+    """One directory holding the independent curve (0.8 and 0.6, copied in from `seeded` as finished jobs), and
+    both progressive chains from its 0.8 point: `--progressive search,finetune --independent`, points 2 and 3 run
+    as jobs, each one's output kept, then collected."""
     run, _ = seeded
-    prog = tmp_path / "prog"
-    opts = ["configs/fmnist_cpu.yaml", "--budgets", "0.6,0.8", "--baselines", "", "--progressive"]
-    cfg_sets = sets(tmp_path, [f"data.root={fmnist_dir}", *FAST, f"out_dir={prog}"], cache)
-    shutil.copytree(run / "knapsack_0.8", prog / "knapsack_0.8")  # point 0 (0.8, from the teacher) as a finished job
-    (prog / "points").mkdir()
-    shutil.copy(run / "points" / "knapsack_0.8.json", prog / "points")
-    capsys.readouterr()
-    assert main(["curve", *opts, "--point", "1", *cfg_sets]) == 0
-    out = capsys.readouterr().out
-    assert "continuing from point 0 (knapsack@0.8 seed 0)" in out and "[search] continuing from an earlier plan" in out
+    tmp = tmp_path_factory.mktemp("prog")
+    prog = tmp / "prog"
+    opts = ["configs/fmnist_cpu.yaml", "--budgets", "0.6,0.8", "--baselines", "", "--progressive", "search,finetune",
+            "--independent"]
+    cfg_sets = sets(tmp, [f"data.root={fmnist_dir}", *FAST, f"out_dir={prog}"], cache)
+    (prog / "points").mkdir(parents=True)
+    for d in ("knapsack_0.8", "knapsack_0.6"):  # points 0 and 1: from the teacher, finished jobs
+        shutil.copytree(run / d, prog / d)
+        shutil.copy(run / "points" / f"{d}.json", prog / "points")
+    outs = {}
+    for k in (2, 3):
+        buf = io.StringIO()
+        with redirect_stdout(buf):
+            assert main(["curve", *opts, "--point", str(k), *cfg_sets]) == 0
+        outs[k] = buf.getvalue().replace(str(prog) + "/", "")
+    assert main(["curve", *opts, "--collect", *cfg_sets]) == 0
+    return prog, outs
+
+
+@pytest.mark.slow
+def test_progressive_points_continue_from_the_previous_budgets_plan(progressive):
+    prog, outs = progressive
+    assert "continuing from point 0 (knapsack@0.8 seed 0)" in outs[2]
+    assert "[search] continuing from an earlier plan" in outs[2]
     a = Plan.load(prog / "knapsack_0.8" / "plan.json")
     b = Plan.load(prog / "knapsack_0.6_from0.8" / "plan.json")
     assert set(b.embed_keep) <= set(a.embed_keep)
@@ -177,28 +196,66 @@ def test_progressive_points_continue_from_the_previous_budgets_plan(seeded, tmp_
     log_b = json.loads((prog / "knapsack_0.6_from0.8" / "search" / "search_log.json").read_text())
     assert log_b["steps"][0]["cost"] == pytest.approx(log_a["steps"][-1]["cost"], rel=1e-9)  # fell from a's cost
     assert log_a["steps"][0]["cost"] > log_a["steps"][-1]["cost"]  # a's own search fell from the teacher's
-    assert main(["curve", *opts, "--collect", *cfg_sets]) == 0
-    rows = rows_of(prog / "curve.csv")
-    assert [r["start_from"] for r in rows[1:]] == ["", "knapsack_0.8"]
-    assert "Progressive curve (search)" in (prog / "curve.md").read_text()
 
 
 @pytest.mark.slow
-def test_progressive_finetune_continues_from_the_previous_fine_tuned_student(seeded, tmp_path, fmnist_dir, cache,
-                                                                             capsys):
-    run, _ = seeded
-    prog = tmp_path / "prog"
-    opts = ["configs/fmnist_cpu.yaml", "--budgets", "0.6,0.8", "--baselines", "", "--progressive=finetune"]
-    cfg_sets = sets(tmp_path, [f"data.root={fmnist_dir}", *FAST, f"out_dir={prog}"], cache)
-    shutil.copytree(run / "knapsack_0.8", prog / "knapsack_0.8")
-    (prog / "points").mkdir()
-    shutil.copy(run / "points" / "knapsack_0.8.json", prog / "points")
-    capsys.readouterr()
-    assert main(["curve", *opts, "--point", "1", *cfg_sets]) == 0
-    out = capsys.readouterr().out
-    assert "knapsack_0.8's plan and its fine-tuned student" in out.replace(str(prog) + "/", "")
+def test_progressive_finetune_continues_from_the_previous_fine_tuned_student(progressive):
+    prog, outs = progressive
+    assert "knapsack_0.8's plan and its fine-tuned student" in outs[3]
     resolved = yaml.safe_load((prog / "knapsack_0.6_from0.8ft" / "resolved_config.yaml").read_text())["search"]
     assert resolved["start_weights"] == "student" and resolved["start_from"].endswith("knapsack_0.8")
+
+
+@pytest.mark.slow
+def test_progressive_and_independent_curves_are_timed_in_one_session_and_compared(progressive):
+    """The head (0.8, from the teacher) is one run with a row in each curve; the three 0.6 points are three runs;
+    every curve's wall time is reported, a progressive one's over the independent one's."""
+    prog, _ = progressive
+    rows = rows_of(prog / "curve.csv")[1:]
+    by = {(r["method"], r["budget"]): r for r in rows}
+    assert sorted(by) == sorted((m, b) for m in ("knapsack", "knapsack progressive", "knapsack progressive-ft")
+                                for b in ("0.8", "0.6"))
+    heads = [by[m, "0.8"] for m in ("knapsack", "knapsack progressive", "knapsack progressive-ft")]
+    assert {r["run_dir"] for r in heads} == {"knapsack_0.8"} and len({r["session_ms"] for r in heads}) == 1
+    assert [by[m, "0.6"]["run_dir"] for m in ("knapsack", "knapsack progressive", "knapsack progressive-ft")] == \
+        ["knapsack_0.6", "knapsack_0.6_from0.8", "knapsack_0.6_from0.8ft"]
+    assert by["knapsack progressive", "0.6"]["start_from"] == "knapsack_0.8"
+    assert all(float(r["wall_s"]) > 0 for r in rows)
+    md = (prog / "curve.md").read_text()
+    assert "Progressive curve (search, finetune)" in md and "## Wall time per curve" in md
+    walls = wall_times(rows)
+    ratio = walls["knapsack progressive"][0] / walls["knapsack"][0]
+    assert f"| knapsack progressive | 1 | {walls['knapsack progressive'][0] / 60:.1f} | {ratio:.2f}x |" in md
+    assert "| knapsack - knapsack progressive |" in md  # compared at each budget (one seed: not decided)
+
+
+def test_a_progressive_curve_lists_each_chain_from_one_head():
+    cfg = load_config("configs/fmnist_cpu.yaml")
+    pts = curve_points(cfg, [0.3, 0.6, 0.45], ["uniform"], seeds=2, progressive=["search", "finetune"],
+                       independent=True)
+    s0 = [p for p in pts if p.method == "knapsack" and p.seed == 0]
+    assert [(p.budget, p.after, p.mode) for p in s0] == [
+        (0.6, None, None), (0.45, None, None), (0.3, None, None),  # the independent curve, its 0.6 the head
+        (0.45, 0, "search"), (0.3, 3, "search"), (0.45, 0, "finetune"), (0.3, 5, "finetune")]
+    assert s0[0].names() == ["knapsack", "knapsack progressive", "knapsack progressive-ft"]
+    assert all(p.after is None and p.names() == ["uniform"] for p in pts if p.method == "uniform")
+    alone = curve_points(cfg, [0.3, 0.6], [], seeds=1, progressive="finetune")  # the head in the chain only
+    assert [(p.budget, p.after, p.names()) for p in alone] == [(0.6, None, ["knapsack progressive-ft"]),
+                                                                (0.3, 0, ["knapsack progressive-ft"])]
+
+
+def test_wall_time_per_curve_is_summed_per_seed_and_compared_seed_by_seed(tmp_path):
+    rows = [_row("teacher", 1.0, "", 1.0, 90.0)]
+    for seed, (a, b, c) in enumerate([(100.0, 60.0, 50.0), (120.0, 60.0, 70.0)]):
+        rows += [dict(_row("knapsack", 0.6, seed, 0.6, 89.0), wall_s=a),
+                 dict(_row("knapsack", 0.3, seed, 0.3, 88.0), wall_s=b),
+                 dict(_row("knapsack progressive", 0.6, seed, 0.6, 89.0), wall_s=a),  # the head: in each curve
+                 dict(_row("knapsack progressive", 0.3, seed, 0.31, 88.1), wall_s=c)]
+    assert wall_times(rows) == {"knapsack": {0: 160.0, 1: 180.0}, "knapsack progressive": {0: 150.0, 1: 190.0}}
+    md = write_curve_report(rows, tmp_path, "t", protocol="one session", progressive=["search"]).read_text()
+    # 150/160 = 0.9375, 190/180 = 1.0556: mean 0.996
+    assert "| knapsack progressive | 2 | 2.8 [2.5, 3.2] | 1.00 [0.94, 1.06]x |" in md
+    assert "| knapsack | 2 | 2.8 [2.7, 3.0] |  |" in md
 
 
 def test_a_strategy_that_cannot_continue_is_refused_before_any_training(tmp_path, capsys):
