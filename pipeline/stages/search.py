@@ -106,7 +106,7 @@ def start_key(cfg: RunConfig) -> Optional[list]:
     prev = RunDir(s.start_from)
     files = [prev.search_dir.plan, prev.search_dir.search_state]
     if s.start_weights == "student":
-        files.append(prev.student)
+        files += [prev.plan, prev.student]  # what search_start reads: the student and the plan it was sliced by
     return [f"{os.path.abspath(f)}:{f.stat().st_size}:{f.stat().st_mtime_ns}" if f.is_file() else str(f)
             for f in files]
 

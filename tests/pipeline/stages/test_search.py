@@ -140,3 +140,23 @@ def test_fixed_merges_give_the_lut_a_token_axis():
     axis = lut_tokens(fixed, spec)
     assert axis[-1] == 16 and 4 in axis  # the input's 4x4 grid and the hw merge's 2x2
     assert lut_path(fixed, spec, Target.from_config(fixed.target)) != lut_path(plain, spec, Target.from_config(plain.target))
+
+
+def test_a_continued_search_is_redone_when_a_file_it_reads_changes(tmp_path):
+    """search.start_from's stage key: the earlier search's plan and weights, and in `student` mode the student and
+    the plan it was sliced by (the closed loop may rewrite that plan): change any, and the key changes."""
+    import os
+
+    from vitrim.pipeline.stages.search import start_key
+
+    prev = RunDir(tmp_path / "prev")
+    files = [prev.search_dir.plan, prev.search_dir.search_state, prev.plan, prev.student]
+    for f in files:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("x")
+    cfg = load_config("configs/fmnist_cpu.yaml", [f"search.start_from={prev.root}", "search.start_weights=student"])
+    for f in files:
+        before = start_key(cfg)
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+        assert start_key(cfg) != before, f
+    assert start_key(load_config("configs/fmnist_cpu.yaml")) is None
