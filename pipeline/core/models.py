@@ -314,7 +314,7 @@ def _describe_stem(arch: str, model: nn.Module, kwargs: dict | None) -> dict:
     try:
         json.dumps(kw)
         rebuilt = _meta_stem(name, json.dumps(kw, sort_keys=True), proj_in_backbone)
-    except (TypeError, ValueError, RuntimeError) as e:
+    except (TypeError, ValueError, RuntimeError, AssertionError) as e:  # timm asserts on some kwargs
         _refuse(arch, f"a hybrid CNN stem that timm cannot rebuild from '{name}' and its kwargs ({e})")
     if _signature(rebuilt) != _signature(stem):
         _refuse(arch, f"a hybrid CNN stem that timm's '{name}' with these kwargs does not rebuild")
