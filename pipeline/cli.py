@@ -269,7 +269,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_curve(args) -> int:
-    from vitrim.pipeline.stages.curve import PROGRESSIVE, collect_curve, curve_points, run_curve, run_point
+    from vitrim.pipeline.stages.curve import collect_curve, curve_points, run_curve, run_point
 
     cfg = _cfg(args)
     try:
@@ -287,17 +287,9 @@ def cmd_curve(args) -> int:
             raise UserError("curve", f"unknown baseline '{b}'", f"use one of {', '.join(STRATEGIES)}")
     if args.seeds < 1:
         raise UserError("curve", f"--seeds {args.seeds}", "use 1 or more seeds per point")
-    modes = [m for m in (args.progressive or "").split(",") if m]
-    for m in modes:
-        if m not in PROGRESSIVE:
-            raise UserError("curve", f"--progressive {args.progressive}: unknown mode '{m}'",
-                            f"use one or more of {', '.join(PROGRESSIVE)}, comma-separated")
-    if args.independent and not modes:
-        raise UserError("curve", "--independent adds the independent points to a progressive curve",
-                        "add --progressive (the independent points alone are the default curve)")
     if args.collect:
         cfg.out_dir = args.collect
-    points = curve_points(cfg, budgets, baselines, args.seeds, modes, args.independent)
+    points = curve_points(cfg, budgets, baselines, args.seeds, [c for c in args.curves.split(",") if c])
     if args.list:
         for p in points:
             after = f" (continues from point {p.after}: {', '.join(p.names())})" if p.after is not None else ""
@@ -309,7 +301,7 @@ def cmd_curve(args) -> int:
     elif args.collect is not None:
         collect_curve(cfg, points)
     else:
-        run_curve(cfg, budgets, baselines, args.seeds, modes, args.independent)
+        run_curve(cfg, budgets, baselines, args.seeds, [c for c in args.curves.split(",") if c])
     return 0
 
 
@@ -355,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(s, config_required=True)
     s.set_defaults(fn=cmd_run)
 
+    from vitrim.pipeline.stages.curve import DEFAULT_CURVES
+
     s = sub.add_parser("curve", help="latency-accuracy curve: the pipeline per budget (and seed), plus baselines, "
                        "re-timed together in one session")
     _common(s, config_required=True)
@@ -363,12 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", type=int, default=1, help="seeds per point: search.seed + k and finetune.seed + k for "
                    "k < N (default 1); the plot shows the mean and the min-max range, the curve's report which "
                    f"differences between methods exceed it ({NAMES.curve_report.name})")
-    s.add_argument("--progressive", nargs="?", const="search", metavar="MODES",
-                   help="budgets high to low, each search starting from the previous budget's plan and adapted "
-                   "weights (search, the default mode), or its fine-tuned student (finetune); several modes, "
-                   "comma-separated, are several curves in one; default: every point from the teacher")
-    s.add_argument("--independent", action="store_true", help="with --progressive: the independent points too, "
-                   "so the curves are re-timed in one session and compared (top-1, latency, wall time)")
+    s.add_argument("--curves", default=",".join(DEFAULT_CURVES), metavar="LIST",
+                   help="which curves of each strategy, comma-separated: independent (every budget from the "
+                   "teacher), progressive (budgets high to low, each search continuing the previous budget's plan and "
+                   "adapted weights), progressive-ft (continuing its fine-tuned student); several share their first "
+                   f"point and are compared in one session (default {','.join(DEFAULT_CURVES)})")
     jobs = s.add_mutually_exclusive_group()  # one of: list the points, run one, assemble the curve
     jobs.add_argument("--list", action="store_true", help="print the points (index, strategy, budget, seed) and exit")
     jobs.add_argument("--point", type=int, metavar="K", help="run only point K of --list into the curve's directory "

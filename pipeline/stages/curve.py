@@ -11,14 +11,15 @@ finished point's engine and the teacher's are re-timed together in one round-rob
 in different sessions of a shared machine move by 10-70%. The plot and the report use that session's ratios; the
 CSV keeps each run's own figures beside them.
 
-A progressive curve (``--progressive``): with budgets a > b > c, the search for b starts from a's searched plan
-and a's adapted weights (``search.start_from``) instead of the teacher; ``--progressive finetune`` starts it from
-a's fine-tuned student instead (``search.start_weights: student``), so b's fine-tune too descends from a's.
-Strategies that cannot continue a plan (``Strategy.continues``) run their points independently. Several modes
-(``--progressive search,finetune``) and ``--independent`` put several curves of one strategy in one directory: each
-point belongs to one or more *series* (the independent curve, or a progressive mode's chain), the highest budget's
-point heads every chain and is run once, and the collect re-times them all in the one session, so the series
-compare at equal measured latency, and by their wall time.
+Three curves per strategy (``--curves``, :data:`CURVES`): ``independent`` runs every budget from the teacher;
+``progressive`` runs the budgets high to low, the search for b starting from a's searched plan and adapted weights
+(``search.start_from``); ``progressive-ft``, the default, starts it from a's fine-tuned student
+(``search.start_weights: student``), so b's search and fine-tune descend from a's student. It is the default
+because it was measured no worse at equal measured latency (better at 30% of the teacher, beyond the seed
+spread; benchmarks/README.md, issue 36). Strategies that cannot continue a plan (``Strategy.continues``) run
+their points independently. Several curves in one directory share their head (the highest budget's point, run
+once, from the teacher): each point belongs to one or more *series*, and the collect re-times them all in the one
+session, so they compare at equal measured latency, and by their wall time.
 """
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ from vitrim.pipeline.core.errors import UnreachableBudget, UserError
 from vitrim.pipeline.core.io import atomic_write_json, read_json
 from vitrim.pipeline.core.rundir import RunDir
 
-PROGRESSIVE = {"search": "search", "finetune": "student"}  # --progressive mode -> search.start_weights
+PROGRESSIVE = {"search": "search", "finetune": "student"}  # progressive mode -> search.start_weights
+CURVES = {"independent": None, "progressive": "search", "progressive-ft": "finetune"}  # --curves -> mode
+DEFAULT_CURVES = ("progressive-ft",)  # no worse at equal measured latency than independent points (issue 36)
 SERIES = {None: "", "search": " progressive", "finetune": " progressive-ft"}  # a series' suffix to the strategy
 
 
@@ -64,15 +67,21 @@ class CurvePoint:
 
 
 def curve_points(cfg: RunConfig, budgets: list[float], baselines: list[str], seeds: int = 1,
-                 progressive: Sequence[str] = (), independent: bool = False) -> list[CurvePoint]:
+                 curves: Sequence[str] = DEFAULT_CURVES) -> list[CurvePoint]:
     """The curve's points in their fixed order (``--point K`` is an index into it): the config's strategy then the
-    baselines, each seed; per seed the independent points (when ``independent`` or no ``progressive`` mode), then
-    each progressive mode's chain, highest budget first, each point continuing from the one before. The highest
+    baselines, each seed; per seed the independent points (``curves`` naming ``independent``), then each
+    progressive curve's chain, highest budget first, each point continuing from the one before. The highest
     budget's point starts from the teacher and heads every chain (one run). A strategy that cannot continue a plan
-    gets independent points only."""
+    gets independent points only. An unknown curve name is a UserError."""
     from vitrim.pipeline.search import strategy
 
-    modes = list(dict.fromkeys([progressive] if isinstance(progressive, str) else progressive or ()))
+    curves = [curves] if isinstance(curves, str) else list(curves)
+    bad = [c for c in curves if c not in CURVES]
+    if bad or not curves:
+        raise UserError("curve", f"--curves {','.join(curves)}: " + (f"unknown curve '{bad[0]}'" if bad else "none"),
+                        f"use one or more of {', '.join(CURVES)}, comma-separated")
+    modes = list(dict.fromkeys(CURVES[c] for c in curves if CURVES[c]))
+    independent = "independent" in curves
     methods = list(dict.fromkeys([cfg.search.strategy, *baselines]))
     order = list(dict.fromkeys(sorted(budgets, reverse=True) if modes else budgets))
     points: list[CurvePoint] = []
@@ -266,13 +275,12 @@ def collect_curve(cfg: RunConfig, points: list[CurvePoint], log: Callable[[str],
 
 
 def run_curve(cfg: RunConfig, budgets: list[float], baselines: list[str], seeds: int = 1,
-              progressive: Sequence[str] = (), independent: bool = False,
-              log: Callable[[str], None] = print) -> list[dict]:
+              curves: Sequence[str] = DEFAULT_CURVES, log: Callable[[str], None] = print) -> list[dict]:
     """Run every point of the curve (sharing the teacher and the LUT), then :func:`collect_curve`."""
     from vitrim.pipeline.stages.cache import prepare_cache
 
     prepare_cache(cfg, lut=True, log=log)  # once: every point shares the teacher and table (a temporary cache too)
-    points = curve_points(cfg, budgets, baselines, seeds, progressive, independent)
+    points = curve_points(cfg, budgets, baselines, seeds, curves)
     for p in points:
         run_point(cfg, points, p.index, log)
     return collect_curve(cfg, points, log)

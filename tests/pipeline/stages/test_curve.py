@@ -46,7 +46,7 @@ def seeded(tmp_path_factory, fmnist_dir, cache):
     mp.setattr(runners, "time_ratio", recording)
     try:
         rc = main(["curve", "configs/fmnist_cpu.yaml", "--budgets", "0.8,0.6", "--seeds", "2", "--baselines", "",
-                   *sets(tmp, [f"data.root={fmnist_dir}", *FAST], cache)])
+                   "--curves", "independent", *sets(tmp, [f"data.root={fmnist_dir}", *FAST], cache)])
     finally:
         mp.undo()
     assert rc == 0
@@ -81,7 +81,8 @@ def test_seeds_give_a_row_each_timed_in_one_session_with_the_teacher(seeded):
 @pytest.mark.slow
 def test_points_as_jobs_and_collect_give_the_rows_of_one_run(seeded, tmp_path, fmnist_dir, cache, capsys):
     run, _ = seeded
-    opts = ["configs/fmnist_cpu.yaml", "--budgets", "0.8,0.6", "--seeds", "2", "--baselines", ""]
+    opts = ["configs/fmnist_cpu.yaml", "--budgets", "0.8,0.6", "--seeds", "2", "--baselines", "", "--curves",
+            "independent"]
     jobs = tmp_path / "jobs"
     cfg_sets = sets(tmp_path, [f"data.root={fmnist_dir}", *FAST, f"out_dir={jobs}"], cache)
     assert main(["curve", *opts, "--list", *cfg_sets]) == 0
@@ -105,7 +106,7 @@ def test_points_as_jobs_and_collect_give_the_rows_of_one_run(seeded, tmp_path, f
 
 def test_a_missing_point_is_named(tmp_path):
     cfg = load_config("configs/fmnist_cpu.yaml", [f"out_dir={tmp_path}"])
-    points = curve_points(cfg, [0.6, 0.3], ["uniform"], seeds=2)
+    points = curve_points(cfg, [0.6, 0.3], ["uniform"], seeds=2, curves=["independent"])
     (tmp_path / "points").mkdir()
     for p in points[:-1]:  # every point but the last recorded as unreachable: no engine to time
         (tmp_path / "points" / f"{p.method}_{p.budget:g}{f'_s{p.seed}' if p.seed else ''}.json").write_text(
@@ -118,12 +119,12 @@ def test_a_missing_point_is_named(tmp_path):
 
 def test_points_are_listed_in_a_fixed_order_and_progressive_ones_chain():
     cfg = load_config("configs/fmnist_cpu.yaml")
-    pts = curve_points(cfg, [0.3, 0.6, 0.45], ["uniform"], seeds=2, progressive="search")
+    pts = curve_points(cfg, [0.3, 0.6, 0.45], ["uniform"], seeds=2, curves="progressive")
     assert [(p.method, p.budget, p.seed) for p in pts[:3]] == [("knapsack", 0.6, 0), ("knapsack", 0.45, 0),
                                                               ("knapsack", 0.3, 0)]
     assert [p.after for p in pts[:6]] == [None, 0, 1, None, 3, 4]
     assert all(p.after is None for p in pts if p.method == "uniform")  # uniform cannot continue a plan
-    independent = curve_points(cfg, [0.3, 0.6], ["uniform"], seeds=1)
+    independent = curve_points(cfg, [0.3, 0.6], ["uniform"], seeds=1, curves=["independent"])
     assert [(p.method, p.budget) for p in independent] == [("knapsack", 0.3), ("knapsack", 0.6), ("uniform", 0.3),
                                                           ("uniform", 0.6)]
 
@@ -158,13 +159,13 @@ def test_report_says_which_method_differences_exceed_the_seed_spread(tmp_path):
 @pytest.fixture(scope="module")
 def progressive(seeded, tmp_path_factory, fmnist_dir, cache):
     """One directory holding the independent curve (0.8 and 0.6, copied in from `seeded` as finished jobs), and
-    both progressive chains from its 0.8 point: `--progressive search,finetune --independent`, points 2 and 3 run
+    both progressive chains from its 0.8 point: `--curves independent,progressive,progressive-ft`, points 2 and 3 run
     as jobs, each one's output kept, then collected."""
     run, _ = seeded
     tmp = tmp_path_factory.mktemp("prog")
     prog = tmp / "prog"
-    opts = ["configs/fmnist_cpu.yaml", "--budgets", "0.6,0.8", "--baselines", "", "--progressive", "search,finetune",
-            "--independent"]
+    opts = ["configs/fmnist_cpu.yaml", "--budgets", "0.6,0.8", "--baselines", "", "--curves",
+            "independent,progressive,progressive-ft"]
     cfg_sets = sets(tmp, [f"data.root={fmnist_dir}", *FAST, f"out_dir={prog}"], cache)
     (prog / "points").mkdir(parents=True)
     for d in ("knapsack_0.8", "knapsack_0.6"):  # points 0 and 1: from the teacher, finished jobs
@@ -231,17 +232,24 @@ def test_progressive_and_independent_curves_are_timed_in_one_session_and_compare
 
 def test_a_progressive_curve_lists_each_chain_from_one_head():
     cfg = load_config("configs/fmnist_cpu.yaml")
-    pts = curve_points(cfg, [0.3, 0.6, 0.45], ["uniform"], seeds=2, progressive=["search", "finetune"],
-                       independent=True)
+    pts = curve_points(cfg, [0.3, 0.6, 0.45], ["uniform"], seeds=2,
+                       curves=["independent", "progressive", "progressive-ft"])
     s0 = [p for p in pts if p.method == "knapsack" and p.seed == 0]
     assert [(p.budget, p.after, p.mode) for p in s0] == [
         (0.6, None, None), (0.45, None, None), (0.3, None, None),  # the independent curve, its 0.6 the head
         (0.45, 0, "search"), (0.3, 3, "search"), (0.45, 0, "finetune"), (0.3, 5, "finetune")]
     assert s0[0].names() == ["knapsack", "knapsack progressive", "knapsack progressive-ft"]
     assert all(p.after is None and p.names() == ["uniform"] for p in pts if p.method == "uniform")
-    alone = curve_points(cfg, [0.3, 0.6], [], seeds=1, progressive="finetune")  # the head in the chain only
+    alone = curve_points(cfg, [0.3, 0.6], [], seeds=1)  # the default, progressive-ft: the head in its chain only
     assert [(p.budget, p.after, p.names()) for p in alone] == [(0.6, None, ["knapsack progressive-ft"]),
                                                                 (0.3, 0, ["knapsack progressive-ft"])]
+
+
+def test_an_unknown_curve_is_refused_naming_the_curves(capsys):
+    for bad in ("independent,progresive", ""):
+        assert main(["curve", "configs/fmnist_cpu.yaml", "--curves", bad, "--list"]) == 2
+        err = capsys.readouterr().err
+        assert "--curves" in err and "independent, progressive, progressive-ft" in err, err
 
 
 def test_wall_time_per_curve_is_summed_per_seed_and_compared_seed_by_seed(tmp_path):
