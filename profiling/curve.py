@@ -156,8 +156,9 @@ def wall_time_lines(rows: list[dict]) -> list[str]:
     walls = wall_times(rows)
     if not walls:
         return []
-    lines = ["", "## Wall time per curve", "", "Each curve's runs, summed per seed (the teacher and the latency table "
-             "are shared, built before; the final re-timing is not counted).", "",
+    lines = ["", "## Wall time per curve", "", "Each curve's runs, summed per seed (each run's `work_s`: a rerun counts "
+             "the time its reused stages took when they ran; the teacher and the latency table are shared, built "
+             "before; the final re-timing is not counted).", "",
              "| curve | seeds | wall time (min) | over the independent curve's, per seed |", "|---|---:|---:|---:|"]
     for name, by_seed in walls.items():
         base = walls.get(name.split(" ")[0]) if " " in name else None

@@ -261,7 +261,7 @@ def collect_curve(cfg: RunConfig, points: list[CurvePoint], log: Callable[[str],
                          "session_ms": tm.median_ms, "session_p90_ms": tm.p90_ms, "session_speedup": 1.0 / r,
                          "top1": st["top1"], "delta_top1": s["delta_top1"], "params": st["params"],
                          "macs": st["macs"], "run_dir": rd.root.name, "start_from": rec.get("start_from") or "",
-                         "wall_s": float(s.get("wall_s", float("nan")))})
+                         "wall_s": float(s.get("work_s", s.get("wall_s", float("nan"))))})
     title = f"{cfg.name}: latency vs test top-1 (one timing session)"
     csv_p, png_p = write_curve(rows, base.root, title)
     md = write_curve_report(rows, base.root, title, protocol=(

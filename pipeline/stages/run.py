@@ -168,7 +168,7 @@ def _run_pipeline(cfg: RunConfig, log: Callable[[str], None], progress: bool) ->
             plan = res.plan
             if wants_closed_loop(cfg):  # (a strategy without per-group scores keeps the search's plan)
                 plan = stage_closed_loop(scfg, teacher, lut, res, splits, search_rd.root, anchor, timer, log).plan
-        cache.done("search", h_search, wall_s=round(res.wall_s, 1))
+        cache.done("search", h_search, wall_s=round(res.wall_s, 1), took_s=round(time.time() - t0, 1))
     timings["search_s"] = round(time.time() - t0, 1) if t0 else "cached"
 
     h_ft = config_hash({"search": h_search, "finetune": cfg.finetune, "data": data_key})
@@ -188,7 +188,8 @@ def _run_pipeline(cfg: RunConfig, log: Callable[[str], None], progress: bool) ->
         resume = ckpt.is_file() and cache.data.get("finetune_started") == h_ft
         cache.mark("finetune_started", h_ft)
         res = finetune(cfg, teacher, student, plan, splits, rd.root, resume=resume, log=log)
-        cache.done("finetune", h_ft, wall_s=round(res.wall_s, 1), sliced_val_top1=sliced_acc)
+        cache.done("finetune", h_ft, wall_s=round(res.wall_s, 1), sliced_val_top1=sliced_acc,
+                   took_s=round(time.time() - t0, 1))
         ckpt.unlink(missing_ok=True)
     timings["finetune_s"] = round(time.time() - t0, 1) if t0 else "cached"
 
@@ -222,7 +223,7 @@ def _run_pipeline(cfg: RunConfig, log: Callable[[str], None], progress: bool) ->
             write_run_verdict(rd.verdict, teacher_exp["parity"] if teacher_exp else e.report,
                               e.report if teacher_exp else None, error=str(e))
             raise
-        cache.done("export", h_exp)
+        cache.done("export", h_exp, took_s=round(time.time() - t0, 1))
     timings["export_s"] = round(time.time() - t0, 1) if t0 else "cached"
     p = cfg.target.precision  # the graph each engine was built from (export.release names it)
     graph = (lambda d: target.impl.quantized_path(d, p)) if target.quantized else (lambda d: d.engine_onnx(p))
@@ -255,6 +256,11 @@ def _run_pipeline(cfg: RunConfig, log: Callable[[str], None], progress: bool) ->
         rd.manifest.unlink(missing_ok=True)  # nor a release that lists it
         raise
     summary["wall_s"] = round(time.time() - t_start, 1)
+    # what the run cost, a rerun that reused stages included: this call's time plus the time each reused stage took
+    # when it ran (its stage record; the search's own time where an older record lacks it)
+    summary["work_s"] = round(summary["wall_s"] + sum(
+        float(cache.data.get(st, {}).get("took_s", cache.data.get(st, {}).get("wall_s", 0.0)))
+        for st in ("search", "finetune", "export") if timings.get(f"{st}_s") == "cached"), 1)
     write_summary(rd, summary)
     seal_manifest(rd.root)  # the report, summary, card and Triton files written after the release are listed too
     log(f"[run] teacher {summary['teacher']['measured_ms']:.2f} ms / {summary['teacher']['top1']:.2f}%  ->  "

@@ -70,13 +70,20 @@ def test_readme_run_end_to_end(tmp_path, fmnist_dir, cache):
     assert f"test top-1 {m['accuracy']['torch_top1']:.2f}%" in buf.getvalue()
     resolved = yaml.safe_load((run / "resolved_config.yaml").read_text())
     assert resolved["search"]["budget_fraction"] == 0.7
-    # a rerun with unchanged inputs skips every stage
+    # a rerun with unchanged inputs skips every stage, and its cost (work_s) still counts what they took to run
+    first = json.loads((run / "summary.json").read_text())
+    took = json.loads((run / "stages.json").read_text())
+    assert first["work_s"] == first["wall_s"]  # nothing reused the first time
     p = subprocess.run([sys.executable, "-m", "vitrim.pipeline.cli", "run", "configs/fmnist_cpu.yaml",
                         *sets(tmp_path, [f"data.root={fmnist_dir}"], cache)], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     for stage in ("search", "finetune", "export"):
         assert f"[{stage}] inputs unchanged" in p.stdout
+    again = json.loads((run / "summary.json").read_text())
+    assert again["work_s"] == pytest.approx(again["wall_s"] + sum(took[st]["took_s"] for st in
+                                                                  ("search", "finetune", "export")), abs=0.11)
+    assert took["search"]["took_s"] >= took["search"]["wall_s"]  # the stage's time: its closed loop included
     # a failing gate on a rerun leaves no verdict of the previous run behind
     assert main(["run", "configs/fmnist_cpu.yaml", *sets(tmp_path, [f"data.root={fmnist_dir}", "export.fp32.atol=1e-12",
                                                                    "export.fp32.rtol=0"], cache)]) == 3
@@ -143,7 +150,8 @@ def test_curve_writes_csv_and_png(tmp_path, fmnist_dir, cache):
     assert rc == 0
     rows = list(csv.DictReader(open(tmp_path / "run" / "curve.csv")))
     methods = [r["method"] for r in rows]
-    assert methods[0] == "teacher" and methods.count("knapsack") == 1 and methods.count("uniform") >= 1
+    # the default curve is progressive-ft (its one point here starts from the teacher); uniform cannot continue a plan
+    assert methods[0] == "teacher" and methods.count("knapsack progressive-ft") == 1 and methods.count("uniform") >= 1
     for r in rows[1:]:
         # a pruned model (fewer params and MACs), its top-1 counted on the 512 test images
         assert float(r["session_ms"]) > 0 and float(r["run_measured_ms"]) > 0
