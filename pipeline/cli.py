@@ -269,7 +269,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_curve(args) -> int:
-    from vitrim.pipeline.stages.curve import collect_curve, curve_points, run_curve, run_point
+    from vitrim.pipeline.stages.curve import collect_curve, curve_chains, curve_points, run_curve, run_point
 
     cfg = _cfg(args)
     try:
@@ -290,10 +290,21 @@ def cmd_curve(args) -> int:
     if args.collect:
         cfg.out_dir = args.collect
     points = curve_points(cfg, budgets, baselines, args.seeds, [c for c in args.curves.split(",") if c])
+    chains = curve_chains(points)
     if args.list:
+        chain_of = {k: j for j, ks in enumerate(chains) for k in ks}
         for p in points:
             after = f" (continues from point {p.after}: {', '.join(p.names())})" if p.after is not None else ""
-            print(f"{p.index}\t{p.label()}{after}")
+            print(f"{p.index}\t{p.label()}{after}\tchain {chain_of[p.index]}")
+        print(f"chains: {len(chains)} (--chain 0..{len(chains) - 1}: one job each, its points in order)")
+        return 0
+    if args.chain is not None:
+        if not 0 <= args.chain < len(chains):
+            raise UserError("curve", f"--chain {args.chain}: this curve has chains 0..{len(chains) - 1}",
+                            "list them with `vitrim curve CONFIG --budgets ... --list` (the same options)")
+        for k in chains[args.chain]:
+            rec = run_point(cfg, points, k)
+            print(f"[curve] point {k}: {rec['status']}")
         return 0
     if args.point is not None:
         rec = run_point(cfg, points, args.point)
@@ -366,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--list", action="store_true", help="print the points (index, strategy, budget, seed) and exit")
     jobs.add_argument("--point", type=int, metavar="K", help="run only point K of --list into the curve's directory "
                    "(one job of a job array); the curve is assembled by --collect")
+    jobs.add_argument("--chain", type=int, metavar="J", help="run chain J of --list (a point and the points that "
+                      "continue from it, in order): one job of a job array for a progressive curve")
     jobs.add_argument("--collect", nargs="?", const="", metavar="DIR", help="re-time the finished points with the "
                    "teacher in one session and write "
                    f"{NAMES.curve_csv.name}, {NAMES.curve_plot.name} and {NAMES.curve_report.name} (DIR: the curve's "

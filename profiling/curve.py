@@ -142,12 +142,14 @@ def wall_times(rows: list[dict]) -> dict[str, dict[int, float]]:
     """{series: {seed: the wall seconds of its runs, summed}} (a run shared by two series counts in each)."""
     out: dict[str, dict[int, float]] = {}
     for r in rows:
-        w = r.get("wall_s")
-        if r["method"] == "teacher" or w in (None, "") or not np.isfinite(float(w)):
+        if r["method"] == "teacher" or "wall_s" not in r:
             continue
+        w = r["wall_s"]
+        w = float("nan") if w in (None, "") else float(w)
         by_seed = out.setdefault(r["method"], {})
-        by_seed[int(r["seed"])] = by_seed.get(int(r["seed"]), 0.0) + float(w)
-    return out
+        by_seed[int(r["seed"])] = by_seed.get(int(r["seed"]), 0.0) + w
+    # a seed with a run of unknown cost has no total
+    return {m: kept for m, by in out.items() if (kept := {k: v for k, v in by.items() if np.isfinite(v)})}
 
 
 def wall_time_lines(rows: list[dict]) -> list[str]:
@@ -157,8 +159,8 @@ def wall_time_lines(rows: list[dict]) -> list[str]:
     if not walls:
         return []
     lines = ["", "## Wall time per curve", "", "Each curve's runs, summed per seed (each run's `work_s`: a rerun counts "
-             "the time its reused stages took when they ran; the teacher and the latency table are shared, built "
-             "before; the final re-timing is not counted).", "",
+             "the time its reused stages took when they ran; a seed with a run of unknown cost is left out; the "
+             "teacher and the latency table are shared, built before; the final re-timing is not counted).", "",
              "| curve | seeds | wall time (min) | over the independent curve's, per seed |", "|---|---:|---:|---:|"]
     for name, by_seed in walls.items():
         base = walls.get(name.split(" ")[0]) if " " in name else None
@@ -178,7 +180,8 @@ def write_curve_report(rows: list[dict], out_dir: str | os.PathLike, title: str,
     what = {"search": "`progressive`: each budget's search started from the next higher budget's plan and adapted "
             "weights", "finetune": "`progressive-ft`: from the next higher budget's plan and fine-tuned student"}
     if progressive:
-        lines += ["", f"Progressive curve ({', '.join(progressive)}): " + "; ".join(what[m] for m in progressive)
+        names = {"search": "progressive", "finetune": "progressive-ft"}
+        lines += ["", f"Progressive curves ({', '.join(names[m] for m in progressive)}): " + "; ".join(what[m] for m in progressive)
                   + ". The highest budget's point starts from the teacher and heads every curve of its strategy "
                   "(one run, a row in each)."]
     lines += ["", "Each figure is the mean over seeds, with [min, max] where there are several. Latency is the "

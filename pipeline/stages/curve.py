@@ -91,7 +91,7 @@ def curve_points(cfg: RunConfig, budgets: list[float], baselines: list[str], see
         return points[-1].index
 
     for m in methods:
-        chains = tuple(md for md in modes if strategy(m).continues)
+        chains = tuple(md for md in modes if strategy(m).continues) if len(order) > 1 else ()  # one budget: no chain
         own = independent or not chains
         for k in range(max(1, seeds)):
             head = None
@@ -106,6 +106,18 @@ def curve_points(cfg: RunConfig, budgets: list[float], baselines: list[str], see
                 for b in order[1:]:
                     prev = add(m, b, k, prev, md, (md,))
     return points
+
+
+def curve_chains(points: list[CurvePoint]) -> list[list[int]]:
+    """The points grouped into jobs that can run in parallel (``--chain J``): a point that continues another runs in
+    the same job, after it; every other point is a job of its own. Jobs are ordered by their first point."""
+    root = {}
+    for p in points:  # a point's predecessor comes before it in the list
+        root[p.index] = root[p.after] if p.after is not None else p.index
+    chains: dict[int, list[int]] = {}
+    for p in points:
+        chains.setdefault(root[p.index], []).append(p.index)
+    return list(chains.values())
 
 
 def point_dir(base: RunDir, points: list[CurvePoint], p: CurvePoint) -> RunDir:
@@ -139,6 +151,15 @@ def _read_json(path: Path, fix: str) -> dict:
     if not isinstance(rec, dict):
         raise UserError("curve", f"'{path}' is not a JSON object", fix)
     return rec
+
+
+def _work_s(summary: dict) -> float:
+    """A point's cost in seconds (its summary's ``work_s``; NaN when unknown: a rerun of stages whose time was not
+    recorded, or a summary older than ``work_s`` that reused any stage)."""
+    if "work_s" in summary:
+        return float("nan") if summary["work_s"] is None else float(summary["work_s"])
+    reused = any(v == "cached" for v in summary.get("timings", {}).values())
+    return float("nan") if reused or "wall_s" not in summary else float(summary["wall_s"])
 
 
 def _outcome(base: RunDir, rd: RunDir) -> Optional[dict]:
@@ -238,7 +259,8 @@ def collect_curve(cfg: RunConfig, points: list[CurvePoint], log: Callable[[str],
     if missing:
         raise UserError("curve", f"{len(missing)} of {len(points)} points have not finished: point "
                         + "; ".join(missing), "run each with `vitrim curve CONFIG --point K` and the same options, "
-                        "then --collect again")
+                        "then --collect again (points run with other --curves: pass the same --curves; an older "
+                        "curve's independent points: --curves independent)")
     if not done:
         raise UserError("curve", "no point of the curve reached its budget", "raise the budgets")
     summaries = [_read_json(rd.summary, "run that point again (`vitrim curve CONFIG --point K`)") for _, rd, _ in done]
@@ -261,7 +283,7 @@ def collect_curve(cfg: RunConfig, points: list[CurvePoint], log: Callable[[str],
                          "session_ms": tm.median_ms, "session_p90_ms": tm.p90_ms, "session_speedup": 1.0 / r,
                          "top1": st["top1"], "delta_top1": s["delta_top1"], "params": st["params"],
                          "macs": st["macs"], "run_dir": rd.root.name, "start_from": rec.get("start_from") or "",
-                         "wall_s": float(s.get("work_s", s.get("wall_s", float("nan"))))})
+                         "wall_s": _work_s(s)})
     title = f"{cfg.name}: latency vs test top-1 (one timing session)"
     csv_p, png_p = write_curve(rows, base.root, title)
     md = write_curve_report(rows, base.root, title, protocol=(

@@ -257,10 +257,10 @@ def _run_pipeline(cfg: RunConfig, log: Callable[[str], None], progress: bool) ->
         raise
     summary["wall_s"] = round(time.time() - t_start, 1)
     # what the run cost, a rerun that reused stages included: this call's time plus the time each reused stage took
-    # when it ran (its stage record; the search's own time where an older record lacks it)
-    summary["work_s"] = round(summary["wall_s"] + sum(
-        float(cache.data.get(st, {}).get("took_s", cache.data.get(st, {}).get("wall_s", 0.0)))
-        for st in ("search", "finetune", "export") if timings.get(f"{st}_s") == "cached"), 1)
+    # when it ran (its stage record); unknown (None) when a reused stage's record predates took_s
+    took = [cache.data.get(st, {}).get("took_s") for st in ("search", "finetune", "export")
+            if timings.get(f"{st}_s") == "cached"]
+    summary["work_s"] = None if None in took else round(summary["wall_s"] + sum(took), 1)
     write_summary(rd, summary)
     seal_manifest(rd.root)  # the report, summary, card and Triton files written after the release are listed too
     log(f"[run] teacher {summary['teacher']['measured_ms']:.2f} ms / {summary['teacher']['top1']:.2f}%  ->  "

@@ -223,7 +223,7 @@ def test_progressive_and_independent_curves_are_timed_in_one_session_and_compare
     assert by["knapsack progressive", "0.6"]["start_from"] == "knapsack_0.8"
     assert all(float(r["wall_s"]) > 0 for r in rows)
     md = (prog / "curve.md").read_text()
-    assert "Progressive curve (search, finetune)" in md and "## Wall time per curve" in md
+    assert "Progressive curves (progressive, progressive-ft)" in md and "## Wall time per curve" in md
     walls = wall_times(rows)
     ratio = walls["knapsack progressive"][0] / walls["knapsack"][0]
     assert f"| knapsack progressive | 1 | {walls['knapsack progressive'][0] / 60:.1f} | {ratio:.2f}x |" in md
@@ -245,6 +245,28 @@ def test_a_progressive_curve_lists_each_chain_from_one_head():
                                                                 (0.3, 0, ["knapsack progressive-ft"])]
 
 
+def test_a_progressive_curve_runs_as_one_job_per_chain(capsys):
+    """`--chain J`: a point and the points that continue from it are one job; independent points one job each."""
+    from vitrim.pipeline.stages.curve import curve_chains
+
+    cfg = load_config("configs/fmnist_cpu.yaml")
+    pts = curve_points(cfg, [0.6, 0.3, 0.45], ["uniform"], seeds=2, curves=["independent", "progressive-ft"])
+    chains = curve_chains(pts)
+    assert sorted(k for c in chains for k in c) == list(range(len(pts)))  # every point in exactly one job
+    for c in chains:  # each job runs a point after the point it continues from
+        assert all(pts[k].after is None or pts[k].after in c[:c.index(k)] for k in c)
+    s0 = [p.index for p in pts if p.method == "knapsack" and p.seed == 0]
+    assert chains[0] == [s0[0], s0[3], s0[4]] and [s0[1]] in chains and [s0[2]] in chains  # head + its chain
+    assert main(["curve", "configs/fmnist_cpu.yaml", "--budgets", "0.6,0.3", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "1\tknapsack@0.3 seed 0 (continues from point 0: knapsack progressive-ft)\tchain 0" in out
+    assert "chains: 3 (--chain 0..2" in out
+    assert main(["curve", "configs/fmnist_cpu.yaml", "--budgets", "0.6,0.3", "--chain", "3"]) == 2
+    assert "this curve has chains 0..2" in capsys.readouterr().err
+    one = curve_points(cfg, [0.6], [], seeds=1)  # one budget: nothing to continue, the plain strategy's curve
+    assert [(p.after, p.names()) for p in one] == [(None, ["knapsack"])]
+
+
 def test_an_unknown_curve_is_refused_naming_the_curves(capsys):
     for bad in ("independent,progresive", ""):
         assert main(["curve", "configs/fmnist_cpu.yaml", "--curves", bad, "--list"]) == 2
@@ -260,6 +282,9 @@ def test_wall_time_per_curve_is_summed_per_seed_and_compared_seed_by_seed(tmp_pa
                  dict(_row("knapsack progressive", 0.6, seed, 0.6, 89.0), wall_s=a),  # the head: in each curve
                  dict(_row("knapsack progressive", 0.3, seed, 0.31, 88.1), wall_s=c)]
     assert wall_times(rows) == {"knapsack": {0: 160.0, 1: 180.0}, "knapsack progressive": {0: 150.0, 1: 190.0}}
+    unknown = rows + [dict(_row("knapsack", 0.6, 2, 0.6, 89.0), wall_s=90.0),  # a seed with a run of unknown cost
+                      dict(_row("knapsack", 0.3, 2, 0.3, 88.0), wall_s=float("nan"))]
+    assert wall_times(unknown)["knapsack"] == {0: 160.0, 1: 180.0}
     md = write_curve_report(rows, tmp_path, "t", protocol="one session", progressive=["search"]).read_text()
     # 150/160 = 0.9375, 190/180 = 1.0556: mean 0.996
     assert "| knapsack progressive | 2 | 2.8 [2.5, 3.2] | 1.00 [0.94, 1.06]x |" in md
