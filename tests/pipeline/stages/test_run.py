@@ -150,8 +150,8 @@ def test_curve_writes_csv_and_png(tmp_path, fmnist_dir, cache):
     assert rc == 0
     rows = list(csv.DictReader(open(tmp_path / "run" / "curve.csv")))
     methods = [r["method"] for r in rows]
-    # the default curve is progressive-ft (its one point here starts from the teacher); uniform cannot continue a plan
-    assert methods[0] == "teacher" and methods.count("knapsack progressive-ft") == 1 and methods.count("uniform") >= 1
+    # one budget: nothing continues, so the default progressive-ft curve is the plain strategy's
+    assert methods[0] == "teacher" and methods.count("knapsack") == 1 and methods.count("uniform") >= 1
     for r in rows[1:]:
         # a pruned model (fewer params and MACs), its top-1 counted on the 512 test images
         assert float(r["session_ms"]) > 0 and float(r["run_measured_ms"]) > 0
