@@ -173,15 +173,14 @@ def wall_time_lines(rows: list[dict]) -> list[str]:
 def write_curve_report(rows: list[dict], out_dir: str | os.PathLike, title: str, protocol: str,
                        skipped: tuple | list = (), progressive: tuple | list = ()) -> Path:
     """``curve.md``: the timing session, a table of the points (mean and min-max over seeds) and the differences
-    between methods at each budget, each marked as exceeding the spread between seeds or not."""
+    between methods at each budget, each marked as exceeding the spread between seeds or not. ``progressive``:
+    (name, what its points start from) for each progressive curve among the rows."""
     teacher = next(r for r in rows if r["method"] == "teacher")
     lines = [f"# {title}", "", f"Timing: {protocol}. Teacher {float(teacher['session_ms']):.3f} ms in that session, "
              f"test top-1 {float(teacher['top1']):.2f}%."]
-    what = {"search": "`progressive`: each budget's search started from the next higher budget's plan and adapted "
-            "weights", "finetune": "`progressive-ft`: from the next higher budget's plan and fine-tuned student"}
     if progressive:
-        names = {"search": "progressive", "finetune": "progressive-ft"}
-        lines += ["", f"Progressive curves ({', '.join(names[m] for m in progressive)}): " + "; ".join(what[m] for m in progressive)
+        lines += ["", f"Progressive curves ({', '.join(n for n, _ in progressive)}): "
+                  + "; ".join(f"`{n}`: {what}" for n, what in progressive)
                   + ". The highest budget's point starts from the teacher and heads every curve of its strategy "
                   "(one run, a row in each)."]
     lines += ["", "Each figure is the mean over seeds, with [min, max] where there are several. Latency is the "

@@ -33,23 +33,25 @@ from vitrim.pipeline.core.errors import UnreachableBudget, UserError
 from vitrim.pipeline.core.io import atomic_write_json, read_json
 from vitrim.pipeline.core.rundir import RunDir
 
-PROGRESSIVE = {"search": "search", "finetune": "student"}  # progressive mode -> search.start_weights
-CURVES = {"independent": None, "progressive": "search", "progressive-ft": "finetune"}  # --curves -> mode
+INDEPENDENT = "independent"
+CURVES = {  # --curves: what each point starts from (its search.start_weights; None: the teacher), as curve.md says it
+    INDEPENDENT: (None, "every budget from the teacher"),
+    "progressive": ("search", "each budget's search started from the next higher budget's plan and adapted weights"),
+    "progressive-ft": ("student", "from the next higher budget's plan and fine-tuned student"),
+}
 DEFAULT_CURVES = ("progressive-ft",)  # no worse at equal measured latency than independent points (issue 36)
-SERIES = {None: "", "search": " progressive", "finetune": " progressive-ft"}  # a series' suffix to the strategy
 
 
-def series_name(method: str, mode: Optional[str]) -> str:
+def series_name(method: str, curve: str) -> str:
     """The name of a curve in the plot and the report: ``knapsack``, ``knapsack progressive``, ..."""
-    return method + SERIES[mode]
+    return method if curve == INDEPENDENT else f"{method} {curve}"
 
 
 @dataclass(frozen=True)
 class CurvePoint:
     """One point of a curve: ``method`` at ``budget`` with the ``seed``-th seed; ``after``: the index of the point
-    a progressive point continues from (None: from the teacher), ``mode`` its progressive mode (a key of
-    :data:`PROGRESSIVE`); ``series``: the curves the point belongs to (None: the independent one, else a mode; the
-    head of the chains belongs to each)."""
+    a progressive point continues from (None: from the teacher), ``mode`` the progressive curve it continues in (a
+    key of :data:`CURVES`); ``series``: the curves the point belongs to (the head of the chains belongs to each)."""
 
     index: int
     method: str
@@ -57,7 +59,7 @@ class CurvePoint:
     seed: int
     after: Optional[int] = None
     mode: Optional[str] = None
-    series: tuple = (None,)
+    series: tuple = (INDEPENDENT,)
 
     def label(self) -> str:
         return f"{self.method}@{self.budget:g} seed {self.seed}"
@@ -80,8 +82,8 @@ def curve_points(cfg: RunConfig, budgets: list[float], baselines: list[str], see
     if bad or not curves:
         raise UserError("curve", f"--curves {','.join(curves)}: " + (f"unknown curve '{bad[0]}'" if bad else "none"),
                         f"use one or more of {', '.join(CURVES)}, comma-separated")
-    modes = list(dict.fromkeys(CURVES[c] for c in curves if CURVES[c]))
-    independent = "independent" in curves
+    modes = [c for c in dict.fromkeys(curves) if CURVES[c][0]]
+    independent = INDEPENDENT in curves
     methods = list(dict.fromkeys([cfg.search.strategy, *baselines]))
     order = list(dict.fromkeys(sorted(budgets, reverse=True) if modes else budgets))
     points: list[CurvePoint] = []
@@ -97,7 +99,7 @@ def curve_points(cfg: RunConfig, budgets: list[float], baselines: list[str], see
             head = None
             if own:
                 for b in order:
-                    i = add(m, b, k, series=(None, *chains) if chains and b == order[0] else (None,))
+                    i = add(m, b, k, series=(INDEPENDENT, *chains) if chains and b == order[0] else (INDEPENDENT,))
                     head = i if b == order[0] else head
             elif chains:
                 head = add(m, order[0], k, series=chains)
@@ -121,11 +123,12 @@ def curve_chains(points: list[CurvePoint]) -> list[list[int]]:
 
 
 def point_dir(base: RunDir, points: list[CurvePoint], p: CurvePoint) -> RunDir:
-    """Where point ``p`` runs: a progressive point's name says which budget it continued from (``ft``: from its
-    fine-tuned student)."""
+    """Where point ``p`` runs: a progressive point's name says which budget it follows in its chain (``ft``: from
+    its fine-tuned student; its outcome's ``start_from`` says which point it continued from, higher up when that
+    one's budget was unreachable)."""
     tag = ""
     if p.after is not None:
-        tag = f"_from{points[p.after].budget:g}{'ft' if p.mode == 'finetune' else ''}"
+        tag = f"_from{points[p.after].budget:g}{'ft' if CURVES[p.mode][0] == 'student' else ''}"
     return base.curve_run(p.method, p.budget, p.seed, tag)
 
 
@@ -170,10 +173,32 @@ def _outcome(base: RunDir, rd: RunDir) -> Optional[dict]:
     return rec if rec.get("status") != "done" or rd.summary.is_file() else None
 
 
+def continue_from(base: RunDir, points: list[CurvePoint], p: CurvePoint,
+                  log: Callable[[str], None] = print) -> Optional[CurvePoint]:
+    """The point a progressive point ``p`` continues from: the nearest point above it in its chain that reached its
+    budget (one whose budget was unreachable is passed over); None for an independent point, or when none did.
+    A point above it that has not finished is a UserError naming it."""
+    j = p.after
+    while j is not None:
+        q = points[j]
+        rd = point_dir(base, points, q)
+        rec = _outcome(base, rd)
+        if rec is None:
+            raise UserError("curve", f"point {p.index} ({p.label()}) continues from point {j} ({q.label()}), which "
+                            f"has not finished (no outcome for {rd.root})",
+                            f"run `--point {j}` first (in a job array: make point {p.index} depend on it)")
+        if rec["status"] == "done":
+            return q
+        log(f"[curve] point {j} ({q.label()}) did not reach its budget: point {p.index} looks further up its chain")
+        j = q.after
+    return None
+
+
 def run_point(cfg: RunConfig, points: list[CurvePoint], k: int, log: Callable[[str], None] = print) -> dict:
     """Run point ``k`` (``vitrim run`` into its directory) and record its outcome; returns that record.
 
-    A progressive point needs the point it continues from finished (exit 2 naming it otherwise); a budget its
+    A progressive point needs the points above it finished (exit 2 naming one otherwise) and continues from the
+    nearest that reached its budget (:func:`continue_from`); a budget its
     strategy cannot reach is recorded as unreachable, not raised (one such point must not sink the curve).
     """
     from vitrim.pipeline.stages.run import run_pipeline
@@ -187,18 +212,12 @@ def run_point(cfg: RunConfig, points: list[CurvePoint], k: int, log: Callable[[s
     c = curve_point(cfg, p.method, p.budget, p.seed)
     c.out_dir, c.name = str(rd.root), f"{cfg.name}/{p.method}@{p.budget:g}" + (f"/s{p.seed}" if p.seed else "")
     start = ""
-    if p.after is not None:
-        prev = point_dir(base, points, points[p.after])
-        rec = _outcome(base, prev)
-        if rec is None:
-            raise UserError("curve", f"point {k} ({p.label()}) continues from point {p.after} "
-                            f"({points[p.after].label()}), which has not finished (no outcome for {prev.root})",
-                            f"run `--point {p.after}` first (in a job array: make point {k} depend on it)")
-        if rec["status"] == "done":
-            c.search.start_from, c.search.start_weights = str(prev.root), PROGRESSIVE[p.mode]
-            start = f", continuing from point {p.after} ({points[p.after].label()})"
-        else:
-            log(f"[curve] point {p.after} did not reach its budget: point {k} starts from the teacher")
+    prev = continue_from(base, points, p, log)
+    if prev is not None:
+        c.search.start_from, c.search.start_weights = str(point_dir(base, points, prev).root), CURVES[p.mode][0]
+        start = f", continuing from point {prev.index} ({prev.label()})"
+    elif p.after is not None:
+        log(f"[curve] no point above point {k} in its chain reached its budget: it starts from the teacher")
     outcome = base.curve_outcome(rd.root.name)
     outcome.unlink(missing_ok=True)
     log(f"[curve] point {k}/{len(points) - 1}: {p.label()}{start} -> {rd.root}")
@@ -291,7 +310,7 @@ def collect_curve(cfg: RunConfig, points: list[CurvePoint], log: Callable[[str],
         f"({max(12, cfg.profile.rounds)} rounds; each point visit over the teacher visits around it), "
         f"{cfg.target.backend} {cfg.target.precision}, batch {cfg.target.batch}"),
         skipped=[f"{p.label()}: {why}" for p, why in skipped],
-        progressive=list(dict.fromkeys(p.mode for p in points if p.mode)))
+        progressive=[(m, CURVES[m][1]) for m in dict.fromkeys(p.mode for p in points if p.mode)])
     log(f"[curve] wrote {csv_p}, {png_p} and {md}")
     return rows
 

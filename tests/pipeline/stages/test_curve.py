@@ -117,6 +117,32 @@ def test_a_missing_point_is_named(tmp_path):
     assert "1 of 8 points" in msg and "7 (uniform@0.3 seed 1" in msg and "uniform_0.3_s1" in msg and "--point" in msg
 
 
+def test_a_progressive_point_passes_over_an_unreachable_point_above_it(tmp_path):
+    """A chain 0.6 -> 0.45 -> 0.3 whose 0.45 point could not reach its budget: the 0.3 point continues from the 0.6
+    point's student, not from the teacher; with no point above finished it exits 2 naming the one to run first."""
+    from vitrim.pipeline.core.rundir import RunDir
+    from vitrim.pipeline.stages.curve import continue_from, point_dir
+
+    cfg = load_config("configs/fmnist_cpu.yaml", [f"out_dir={tmp_path}"])
+    pts = curve_points(cfg, [0.6, 0.45, 0.3], [], seeds=1)  # the default curve, progressive-ft: one chain
+    assert [p.after for p in pts] == [None, 0, 1]
+    base = RunDir(tmp_path)
+    with pytest.raises(UserError) as e:
+        continue_from(base, pts, pts[2])
+    assert "continues from point 1" in str(e.value) and "--point 1" in e.value.fix
+    head = point_dir(base, pts, pts[0]).mkdir()
+    (head.root / "summary.json").write_text("{}")
+    (tmp_path / "points").mkdir()
+    for p, status in ((pts[0], "done"), (pts[1], "unreachable")):
+        base.curve_outcome(point_dir(base, pts, p).root.name).write_text(json.dumps({"status": status}))
+    said = []
+    assert continue_from(base, pts, pts[2], said.append) == pts[0]
+    assert continue_from(base, pts, pts[1]) == pts[0] and continue_from(base, pts, pts[0]) is None
+    assert said and "point 1 (knapsack@0.45 seed 0) did not reach its budget" in said[0]
+    base.curve_outcome(head.root.name).write_text(json.dumps({"status": "unreachable"}))
+    assert continue_from(base, pts, pts[2]) is None  # none above reached its budget: from the teacher
+
+
 def test_points_are_listed_in_a_fixed_order_and_progressive_ones_chain():
     cfg = load_config("configs/fmnist_cpu.yaml")
     pts = curve_points(cfg, [0.3, 0.6, 0.45], ["uniform"], seeds=2, curves="progressive")
@@ -237,7 +263,7 @@ def test_a_progressive_curve_lists_each_chain_from_one_head():
     s0 = [p for p in pts if p.method == "knapsack" and p.seed == 0]
     assert [(p.budget, p.after, p.mode) for p in s0] == [
         (0.6, None, None), (0.45, None, None), (0.3, None, None),  # the independent curve, its 0.6 the head
-        (0.45, 0, "search"), (0.3, 3, "search"), (0.45, 0, "finetune"), (0.3, 5, "finetune")]
+        (0.45, 0, "progressive"), (0.3, 3, "progressive"), (0.45, 0, "progressive-ft"), (0.3, 5, "progressive-ft")]
     assert s0[0].names() == ["knapsack", "knapsack progressive", "knapsack progressive-ft"]
     assert all(p.after is None and p.names() == ["uniform"] for p in pts if p.method == "uniform")
     alone = curve_points(cfg, [0.3, 0.6], [], seeds=1)  # the default, progressive-ft: the head in its chain only
@@ -285,7 +311,7 @@ def test_wall_time_per_curve_is_summed_per_seed_and_compared_seed_by_seed(tmp_pa
     unknown = rows + [dict(_row("knapsack", 0.6, 2, 0.6, 89.0), wall_s=90.0),  # a seed with a run of unknown cost
                       dict(_row("knapsack", 0.3, 2, 0.3, 88.0), wall_s=float("nan"))]
     assert wall_times(unknown)["knapsack"] == {0: 160.0, 1: 180.0}
-    md = write_curve_report(rows, tmp_path, "t", protocol="one session", progressive=["search"]).read_text()
+    md = write_curve_report(rows, tmp_path, "t", protocol="one session", progressive=[("progressive", "from the plan above")]).read_text()
     # 150/160 = 0.9375, 190/180 = 1.0556: mean 0.996
     assert "| knapsack progressive | 2 | 2.8 [2.5, 3.2] | 1.00 [0.94, 1.06]x |" in md
     assert "| knapsack | 2 | 2.8 [2.7, 3.0] |  |" in md
