@@ -72,8 +72,9 @@ class DeviceSignature:
         mb = f", profile max batch {self.max_batch}" if self.max_batch else ""
         qt = f", quant {self.quant}" if self.quant else ""
         op = f", {self.options}" if self.options else ""
+        tok = f", {self.tokens} tokens" if self.tokens else ""  # 0: not keyed by a token count (timing whole graphs)
         return (f"{self.backend}/{self.precision} on '{self.device}' ({self.engine_version}), "
-                f"batch {self.batch}, {self.tokens} tokens{thr}{opt}{mb}{qt}{op}")
+                f"batch {self.batch}{tok}{thr}{opt}{mb}{qt}{op}")
 
 
 @dataclass

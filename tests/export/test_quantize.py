@@ -148,3 +148,10 @@ def test_tensorrt_int8_engine_from_modelopt_qdq(trained, tmp_path):
                 calib_data=make_loader(splits.val, 32), log=lambda m: None)
     assert r["parity"]["passed"] and r["engine"].endswith("model.plan")
     assert json.loads((tmp_path / "trt8" / "manifest.json").read_text())["quantization"]["tool"].startswith("modelopt")
+
+
+def test_a_signature_names_its_token_count_only_when_it_has_one():
+    """A LUT's signature is keyed by a token count; a whole-graph timing's (tokens 0) does not claim '0 tokens'."""
+    assert ", 16 tokens," in str(Target(threads=2).signature(16))
+    whole = str(Target(threads=2).signature(0))
+    assert "tokens" not in whole and "batch 64, 2 threads" in whole
