@@ -286,7 +286,7 @@ def compare_releases(baseline: str | os.PathLike, candidate: str | os.PathLike, 
     base, cand = Release.load(baseline, "baseline"), Release.load(candidate, "candidate")
     if out_rd.compare.is_file():  # never leave an earlier comparison beside a refused one
         out_rd.compare.unlink()
-        seal_manifest(out_rd.root)
+        seal_manifest(out_rd.root, log=log)
     check_same_target(base, cand)
     pb, pc = base.preprocessing_key(), cand.preprocessing_key()
     if pb is not None and pc is not None and pb != pc:
@@ -346,7 +346,7 @@ def compare_releases(baseline: str | os.PathLike, candidate: str | os.PathLike, 
     atomic_write_json(out_rd.compare, result)
     merge_gates(out_rd.root, gates, kind=None if out_rd.verdict.is_file() else "compare",
                 info={"regression_baseline": str(base.root)})
-    seal_manifest(out_rd.root)  # compare.json and the merged verdict are part of the release now
+    seal_manifest(out_rd.root, log=log)  # compare.json and the merged verdict are part of the release now
     table = markdown_table(result)
     log(table)
     if result["noisy"]:

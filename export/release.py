@@ -329,7 +329,7 @@ def release(out_dir: str | os.PathLike, target: Target, data: Iterable[tuple], *
     write_verdict(rd.verdict, gates, "export", info=v_info)
     from vitrim.export.manifest import seal_manifest
 
-    seal_manifest(out)  # the card and the verdict were written after the manifest: it lists every file
+    seal_manifest(out, log=log)  # the card and the verdict were written after the manifest: it lists every file
     return {"parity": rep, "latency": latency, "manifest": str(manifest), "params": n_params,
             "onnx": str(onnx_path), "engine": str(engine.path) if engine.path else None, "verdict": str(rd.verdict)}
 

@@ -58,7 +58,7 @@ def finish_release(cfg: RunConfig, rd: RunDir, summary: dict, verdict: dict,
     log(f"[run] model card {write_model_card(rd.root, dataset=dataset_info(cfg.data), speedup=speedup)}")
     from vitrim.export.manifest import seal_manifest
 
-    seal_manifest(rd.root)  # the card is part of the release that compare verifies
+    seal_manifest(rd.root, log=log)  # the card is part of the release that compare verifies
     if cfg.export.baseline:
         try:
             stage_compare(cfg, cfg.export.baseline, rd.root, log=log)

@@ -248,7 +248,7 @@ def _run_pipeline(cfg: RunConfig, log: Callable[[str], None], progress: bool) ->
                                 require_budget=cfg.export.require_budget)
     from vitrim.export.manifest import seal_manifest
 
-    seal_manifest(rd.root)  # the run's verdict (and a rerun's rewritten files): Triton and compare verify the release
+    seal_manifest(rd.root, log=log)  # the run's verdict (and a rerun's rewritten files): Triton and compare verify the release
     try:
         verdict = finish_release(cfg, rd, summary, verdict, log)  # the card with the speedup, export.triton, .baseline
     except UserError:
@@ -262,7 +262,7 @@ def _run_pipeline(cfg: RunConfig, log: Callable[[str], None], progress: bool) ->
             if timings.get(f"{st}_s") == "cached"]
     summary["work_s"] = None if None in took else round(summary["wall_s"] + sum(took), 1)
     write_summary(rd, summary)
-    seal_manifest(rd.root)  # the report, summary, card and Triton files written after the release are listed too
+    seal_manifest(rd.root, log=log)  # the report, summary, card and Triton files written after the release are listed too
     log(f"[run] teacher {summary['teacher']['measured_ms']:.2f} ms / {summary['teacher']['top1']:.2f}%  ->  "
         f"student {summary['student']['measured_ms']:.2f} ms / {summary['student']['top1']:.2f}%  "
         f"(measured speedup {summary['speedup']:.2f}x, {summary['delta_top1']:+.2f} pt); report: {rd.report}")
