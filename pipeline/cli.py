@@ -289,7 +289,8 @@ def cmd_curve(args) -> int:
         raise UserError("curve", f"--seeds {args.seeds}", "use 1 or more seeds per point")
     if args.collect:
         cfg.out_dir = args.collect
-    points = curve_points(cfg, budgets, baselines, args.seeds, [c for c in args.curves.split(",") if c])
+    curves = [c for c in args.curves.split(",") if c]
+    points = curve_points(cfg, budgets, baselines, args.seeds, curves)
     chains = curve_chains(points)
     if args.list:
         chain_of = {k: j for j, ks in enumerate(chains) for k in ks}
@@ -312,7 +313,7 @@ def cmd_curve(args) -> int:
     elif args.collect is not None:
         collect_curve(cfg, points)
     else:
-        run_curve(cfg, budgets, baselines, args.seeds, [c for c in args.curves.split(",") if c])
+        run_curve(cfg, budgets, baselines, args.seeds, curves)
     return 0
 
 
