@@ -295,7 +295,8 @@ def cmd_curve(args) -> int:
     if args.list:
         chain_of = {k: j for j, ks in enumerate(chains) for k in ks}
         for p in points:
-            after = f" (continues from point {p.after}: {', '.join(p.names())})" if p.after is not None else ""
+            after = (f" (continues from point {p.after}, or the nearest point above it that reaches its budget: "
+                     f"{', '.join(p.names())})" if p.after is not None else "")
             print(f"{p.index}\t{p.label()}{after}\tchain {chain_of[p.index]}")
         print(f"chains: {len(chains)} (--chain 0..{len(chains) - 1}: one job each, its points in order)")
         return 0

@@ -285,7 +285,8 @@ def test_a_progressive_curve_runs_as_one_job_per_chain(capsys):
     assert chains[0] == [s0[0], s0[3], s0[4]] and [s0[1]] in chains and [s0[2]] in chains  # head + its chain
     assert main(["curve", "configs/fmnist_cpu.yaml", "--budgets", "0.6,0.3", "--list"]) == 0
     out = capsys.readouterr().out
-    assert "1\tknapsack@0.3 seed 0 (continues from point 0: knapsack progressive-ft)\tchain 0" in out
+    assert ("1\tknapsack@0.3 seed 0 (continues from point 0, or the nearest point above it that reaches its budget: "
+            "knapsack progressive-ft)\tchain 0") in out
     assert "chains: 3 (--chain 0..2" in out
     assert main(["curve", "configs/fmnist_cpu.yaml", "--budgets", "0.6,0.3", "--chain", "3"]) == 2
     assert "this curve has chains 0..2" in capsys.readouterr().err
