@@ -2,6 +2,7 @@
 import csv
 import io
 import json
+import math
 import shutil
 from contextlib import redirect_stdout
 
@@ -334,3 +335,13 @@ def test_point_and_collect_are_one_or_the_other(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["curve", "configs/fmnist_cpu.yaml", "--point", "0", "--collect", str(tmp_path)])
     assert e.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+
+def test_a_points_cost_is_its_work_s_and_unknown_when_an_older_summary_reused_a_stage():
+    from vitrim.pipeline.stages.curve import _work_s
+    assert _work_s({"work_s": 120.5, "wall_s": 3.0}) == 120.5  # a rerun counts what its reused stages took
+    assert math.isnan(_work_s({"work_s": None, "wall_s": 3.0}))  # a stage's time was not recorded
+    # summaries older than work_s: their wall time when every stage ran, unknown when any was reused
+    assert _work_s({"wall_s": 80.0, "timings": {"search_s": 40.0, "finetune_s": 30.0}}) == 80.0
+    assert math.isnan(_work_s({"wall_s": 5.0, "timings": {"search_s": "cached", "finetune_s": 3.0}}))
+    assert math.isnan(_work_s({"timings": {}}))
