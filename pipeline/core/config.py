@@ -735,6 +735,8 @@ def validate_config(cfg: RunConfig, source: str = "<config>") -> None:
         bad("export.triton_max_batch", f"is {cfg.export.triton_max_batch}", "use a positive batch, or null")
     if cfg.export.parity_images is not None and cfg.export.parity_images < 1:
         bad("export.parity_images", f"is {cfg.export.parity_images}", "use a positive image count, or null for all")
+    if cfg.finetune.epochs < 0:
+        bad("finetune.epochs", f"is {cfg.finetune.epochs}", "use 0 (no fine-tune) or a number of KD epochs")
     if not cfg.finetune.hidden_weight >= 0:
         bad("finetune.hidden_weight", f"is {cfg.finetune.hidden_weight}", "use 0 (logits only) or a positive weight")
     if cfg.finetune.amp not in ("auto", "bf16", "fp16", "off"):

@@ -122,7 +122,8 @@ def test_the_recipe_and_merge_keys_are_checked():
                      ("search.merges=[{block: 2, type: diag}]", r"search.merges\[0\]"),
                      ("search.merges=[{block: 2, type: hw}, {block: 2, type: w}]", "search.merges"),
                      ("search.step_epochs=-1", "search.step_epochs"),
-                     ("finetune.hidden_weight=-0.5", "finetune.hidden_weight")):
+                     ("finetune.hidden_weight=-0.5", "finetune.hidden_weight"),
+                     ("finetune.epochs=-1", "finetune.epochs")):
         with pytest.raises(UserError, match=key.replace(".", r"\.")):
             load_config(None, [bad])
     with pytest.raises(UserError, match="search.merges"):
