@@ -269,7 +269,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_curve(args) -> int:
-    from vitrim.pipeline.stages.curve import collect_curve, curve_chains, curve_points, run_curve, run_point
+    from vitrim.pipeline.stages.curve import (collect_curve, continue_config, curve_chains, curve_points, run_curve,
+                                              run_point)
 
     cfg = _cfg(args)
     try:
@@ -290,6 +291,7 @@ def cmd_curve(args) -> int:
     if args.collect:
         cfg.out_dir = args.collect
     curves = [c for c in args.curves.split(",") if c]
+    cont = continue_config(args.config, args.set, args.continue_set)
     points = curve_points(cfg, budgets, baselines, args.seeds, curves)
     chains = curve_chains(points)
     if args.list:
@@ -305,16 +307,16 @@ def cmd_curve(args) -> int:
             raise UserError("curve", f"--chain {args.chain}: this curve has chains 0..{len(chains) - 1}",
                             "list them with `vitrim curve CONFIG --budgets ... --list` (the same options)")
         for k in chains[args.chain]:
-            rec = run_point(cfg, points, k)
+            rec = run_point(cfg, points, k, cont=cont)
             print(f"[curve] point {k}: {rec['status']}")
         return 0
     if args.point is not None:
-        rec = run_point(cfg, points, args.point)
+        rec = run_point(cfg, points, args.point, cont=cont)
         print(f"[curve] point {args.point}: {rec['status']}")
     elif args.collect is not None:
         collect_curve(cfg, points)
     else:
-        run_curve(cfg, budgets, baselines, args.seeds, curves)
+        run_curve(cfg, budgets, baselines, args.seeds, curves, cont=cont)
     return 0
 
 
@@ -375,6 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "teacher), progressive (budgets high to low, each search continuing the previous budget's plan and "
                    "adapted weights), progressive-ft (continuing its fine-tuned student); several share their first "
                    f"point and are compared in one session (default {','.join(DEFAULT_CURVES)})")
+    s.add_argument("--continue-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a finetune.* or search.* key for the points that continue from another (a "
+                   "progressive curve's points below its first), e.g. --continue-set finetune.epochs=1: a shorter "
+                   "fine-tune for a point that starts from a fine-tuned student (repeatable)")
     jobs = s.add_mutually_exclusive_group()  # one of: list the points, run one, assemble the curve
     jobs.add_argument("--list", action="store_true", help="print the points (index, strategy, budget, seed) and exit")
     jobs.add_argument("--point", type=int, metavar="K", help="run only point K of --list into the curve's directory "

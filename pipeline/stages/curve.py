@@ -194,12 +194,31 @@ def continue_from(base: RunDir, points: list[CurvePoint], p: CurvePoint,
     return None
 
 
-def run_point(cfg: RunConfig, points: list[CurvePoint], k: int, log: Callable[[str], None] = print) -> dict:
+CONTINUE_SECTIONS = ("finetune", "search")  # what --continue-set may change: a continued point's recipe only
+
+
+def continue_config(path, sets: list[str], continue_sets: list[str]) -> Optional[RunConfig]:
+    """The config of the points that continue from another (``--continue-set``, applied after ``--set``); None when
+    there is none. Checked before any point runs: a key outside finetune.* and search.* is a UserError naming it."""
+    from vitrim.pipeline.core.config import load_config
+
+    for item in continue_sets:
+        key = item.partition("=")[0].strip()
+        if key.split(".")[0] not in CONTINUE_SECTIONS or "=" not in item:
+            raise UserError("curve", f"--continue-set '{item}': a continued point may change only its recipe",
+                            f"use KEY=VALUE with a key under {' or '.join(s + '.' for s in CONTINUE_SECTIONS)}, "
+                            "e.g. --continue-set finetune.epochs=1")
+    return load_config(path, [*sets, *continue_sets]) if continue_sets else None
+
+
+def run_point(cfg: RunConfig, points: list[CurvePoint], k: int, log: Callable[[str], None] = print,
+              cont: Optional[RunConfig] = None) -> dict:
     """Run point ``k`` (``vitrim run`` into its directory) and record its outcome; returns that record.
 
     A progressive point needs the points above it finished (exit 2 naming one otherwise) and continues from the
     nearest that reached its budget (:func:`continue_from`); a budget its
-    strategy cannot reach is recorded as unreachable, not raised (one such point must not sink the curve).
+    strategy cannot reach is recorded as unreachable, not raised (one such point must not sink the curve). ``cont``
+    (:func:`continue_config`): the config of a point that continues, in place of ``cfg``.
     """
     from vitrim.pipeline.stages.run import run_pipeline
 
@@ -209,10 +228,10 @@ def run_point(cfg: RunConfig, points: list[CurvePoint], k: int, log: Callable[[s
     base = RunDir(cfg.out_dir)
     p = points[k]
     rd = point_dir(base, points, p)
-    c = curve_point(cfg, p.method, p.budget, p.seed)
+    prev = continue_from(base, points, p, log)
+    c = curve_point(cont if cont is not None and prev is not None else cfg, p.method, p.budget, p.seed)
     c.out_dir, c.name = str(rd.root), f"{cfg.name}/{p.method}@{p.budget:g}" + (f"/s{p.seed}" if p.seed else "")
     start = ""
-    prev = continue_from(base, points, p, log)
     if prev is not None:
         c.search.start_from, c.search.start_weights = str(point_dir(base, points, prev).root), CURVES[p.mode][0]
         start = f", continuing from point {prev.index} ({prev.label()})"
@@ -316,12 +335,13 @@ def collect_curve(cfg: RunConfig, points: list[CurvePoint], log: Callable[[str],
 
 
 def run_curve(cfg: RunConfig, budgets: list[float], baselines: list[str], seeds: int = 1,
-              curves: Sequence[str] = DEFAULT_CURVES, log: Callable[[str], None] = print) -> list[dict]:
+              curves: Sequence[str] = DEFAULT_CURVES, log: Callable[[str], None] = print,
+              cont: Optional[RunConfig] = None) -> list[dict]:
     """Run every point of the curve (sharing the teacher and the LUT), then :func:`collect_curve`."""
     from vitrim.pipeline.stages.cache import prepare_cache
 
     prepare_cache(cfg, lut=True, log=log)  # once: every point shares the teacher and table (a temporary cache too)
     points = curve_points(cfg, budgets, baselines, seeds, curves)
     for p in points:
-        run_point(cfg, points, p.index, log)
+        run_point(cfg, points, p.index, log, cont=cont)
     return collect_curve(cfg, points, log)

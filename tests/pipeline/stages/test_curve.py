@@ -202,7 +202,8 @@ def progressive(seeded, tmp_path_factory, fmnist_dir, cache):
     for k in (2, 3):
         buf = io.StringIO()
         with redirect_stdout(buf):
-            assert main(["curve", *opts, "--point", str(k), *cfg_sets]) == 0
+            assert main(["curve", *opts, "--point", str(k), *cfg_sets,  # a continued point's own recipe
+                         "--continue-set", "finetune.warmup_epochs=0.2"]) == 0
         outs[k] = buf.getvalue().replace(str(prog) + "/", "")
     assert main(["curve", *opts, "--collect", *cfg_sets]) == 0
     return prog, outs
@@ -230,8 +231,24 @@ def test_progressive_points_continue_from_the_previous_budgets_plan(progressive)
 def test_progressive_finetune_continues_from_the_previous_fine_tuned_student(progressive):
     prog, outs = progressive
     assert "knapsack_0.8's plan and its fine-tuned student" in outs[3]
-    resolved = yaml.safe_load((prog / "knapsack_0.6_from0.8ft" / "resolved_config.yaml").read_text())["search"]
-    assert resolved["start_weights"] == "student" and resolved["start_from"].endswith("knapsack_0.8")
+    resolved = yaml.safe_load((prog / "knapsack_0.6_from0.8ft" / "resolved_config.yaml").read_text())
+    assert resolved["search"]["start_weights"] == "student" and resolved["search"]["start_from"].endswith("knapsack_0.8")
+    assert resolved["finetune"]["warmup_epochs"] == 0.2  # --continue-set: the continued point's recipe
+
+
+def test_continue_set_changes_only_a_continued_points_recipe(capsys):
+    from vitrim.pipeline.stages.curve import continue_config
+    assert continue_config("configs/fmnist_cpu.yaml", [], []) is None
+    cont = continue_config("configs/fmnist_cpu.yaml", ["finetune.epochs=5"], ["finetune.epochs=1", "search.steps=2"])
+    assert (cont.finetune.epochs, cont.search.steps) == (1, 2)  # after --set
+    for bad in ("model.arch=vit_small_patch16_224", "out_dir=x", "finetune.epochs"):
+        with pytest.raises(UserError) as e:
+            continue_config("configs/fmnist_cpu.yaml", [], [bad])
+        assert bad in str(e.value) and "finetune." in e.value.fix
+    # checked before any point runs: a bad value is the config's error, exit 2
+    assert main(["curve", "configs/fmnist_cpu.yaml", "--budgets", "0.6,0.3", "--continue-set", "finetune.epochs=-1",
+                 "--point", "1"]) == 2
+    assert "finetune.epochs" in capsys.readouterr().err
 
 
 @pytest.mark.slow
