@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from vitrim.pipeline.core.config import RunConfig
 from vitrim.pipeline.core.errors import UnreachableBudget, UserError
@@ -194,25 +194,56 @@ def continue_from(base: RunDir, points: list[CurvePoint], p: CurvePoint,
     return None
 
 
-CONTINUE_SECTIONS = ("finetune", "search")  # what --continue-set may change: a continued point's recipe only
+# --continue-set: the search keys a continued point may change, its recipe only (the strategy, budget, seed, floors,
+# alignment and token grid are the curve's: they name the point or key the shared latency table)
+CONTINUE_SEARCH_KEYS = ("steps", "kd_iters", "saliency_batches", "lr", "eta", "step_epochs", "refill",
+                        "measured_tolerance", "measured_rounds", "mask_iters", "mask_lr", "slim_l1", "dual_lr",
+                        "merge_scoring", "merge_adapt_iters")
 
 
-def continue_config(path, sets: list[str], continue_sets: list[str]) -> Optional[RunConfig]:
-    """The config of the points that continue from another (``--continue-set``, applied after ``--set``); None when
-    there is none. Checked before any point runs: a key outside finetune.* and search.* is a UserError naming it."""
+@dataclass(frozen=True)
+class Continued:
+    """``--continue-set``: the recipe of the points that continue from another (:func:`continue_config`)."""
+
+    sets: tuple[str, ...]  # as given, recorded in each such point's outcome and in curve.md
+    finetune: Any  # the whole FinetuneConfig (--set, then --continue-set)
+    search: dict  # the CONTINUE_SEARCH_KEYS it sets, and their values
+
+    def apply(self, cfg: RunConfig) -> RunConfig:
+        c = copy.deepcopy(cfg)
+        c.finetune = copy.deepcopy(self.finetune)
+        for k, v in self.search.items():
+            setattr(c.search, k, v)
+        return c
+
+
+def continue_config(path, sets: list[str], continue_sets: list[str]) -> Optional[Continued]:
+    """The recipe of the points that continue from another (``--continue-set``, applied after ``--set``); None when
+    there is none. Checked before any point runs: a key outside finetune.* and the search's recipe keys, or a bad
+    value, is a UserError naming it."""
     from vitrim.pipeline.core.config import load_config
 
+    fix = (f"use KEY=VALUE with a finetune.* key or one of search.{', search.'.join(CONTINUE_SEARCH_KEYS)}, "
+           "e.g. --continue-set finetune.epochs=1")
+    keys = []
     for item in continue_sets:
-        key = item.partition("=")[0].strip()
-        if key.split(".")[0] not in CONTINUE_SECTIONS or "=" not in item:
-            raise UserError("curve", f"--continue-set '{item}': a continued point may change only its recipe",
-                            f"use KEY=VALUE with a key under {' or '.join(s + '.' for s in CONTINUE_SECTIONS)}, "
-                            "e.g. --continue-set finetune.epochs=1")
-    return load_config(path, [*sets, *continue_sets]) if continue_sets else None
+        section, _, key = item.partition("=")[0].strip().partition(".")
+        if "=" not in item or not (section == "finetune" and key or section == "search" and key in CONTINUE_SEARCH_KEYS):
+            raise UserError("curve", f"--continue-set '{item}': a continued point may change only its recipe "
+                            "(the strategy, budget, seed, floors and token grid are the curve's)", fix)
+        keys.append((section, key))
+    if not continue_sets:
+        return None
+    try:
+        full = load_config(path, [*sets, *continue_sets])
+    except UserError as e:
+        raise UserError("curve", f"--continue-set {' '.join(continue_sets)}: {e.what}", e.fix or fix) from None
+    return Continued(tuple(continue_sets), full.finetune,
+                     {k: getattr(full.search, k) for sec, k in keys if sec == "search"})
 
 
 def run_point(cfg: RunConfig, points: list[CurvePoint], k: int, log: Callable[[str], None] = print,
-              cont: Optional[RunConfig] = None) -> dict:
+              cont: Optional[Continued] = None) -> dict:
     """Run point ``k`` (``vitrim run`` into its directory) and record its outcome; returns that record.
 
     A progressive point needs the points above it finished (exit 2 naming one otherwise) and continues from the
@@ -229,12 +260,14 @@ def run_point(cfg: RunConfig, points: list[CurvePoint], k: int, log: Callable[[s
     p = points[k]
     rd = point_dir(base, points, p)
     prev = continue_from(base, points, p, log)
-    c = curve_point(cont if cont is not None and prev is not None else cfg, p.method, p.budget, p.seed)
+    recipe = cont if cont is not None and prev is not None else None  # --continue-set: continued points only
+    c = curve_point(recipe.apply(cfg) if recipe else cfg, p.method, p.budget, p.seed)
     c.out_dir, c.name = str(rd.root), f"{cfg.name}/{p.method}@{p.budget:g}" + (f"/s{p.seed}" if p.seed else "")
     start = ""
     if prev is not None:
         c.search.start_from, c.search.start_weights = str(point_dir(base, points, prev).root), CURVES[p.mode][0]
-        start = f", continuing from point {prev.index} ({prev.label()})"
+        start = f", continuing from point {prev.index} ({prev.label()})" + (
+            f" with --continue-set {' '.join(recipe.sets)}" if recipe else "")
     elif p.after is not None:
         log(f"[curve] no point above point {k} in its chain reached its budget: it starts from the teacher")
     outcome = base.curve_outcome(rd.root.name)
@@ -242,6 +275,8 @@ def run_point(cfg: RunConfig, points: list[CurvePoint], k: int, log: Callable[[s
     log(f"[curve] point {k}/{len(points) - 1}: {p.label()}{start} -> {rd.root}")
     rec = {"index": k, "method": p.method, "budget": p.budget, "seed": p.seed, "dir": rd.root.name,
            "start_from": c.search.start_from and Path(c.search.start_from).name}
+    if recipe:
+        rec["continue_set"] = list(recipe.sets)
     try:
         run_pipeline(c, log=log)
         rec["status"] = "done"
@@ -322,12 +357,14 @@ def collect_curve(cfg: RunConfig, points: list[CurvePoint], log: Callable[[str],
                          "top1": st["top1"], "delta_top1": s["delta_top1"], "params": st["params"],
                          "macs": st["macs"], "run_dir": rd.root.name, "start_from": rec.get("start_from") or "",
                          "wall_s": _work_s(s)})
+    recipes = sorted({" ".join(rec["continue_set"]) for _, _, rec in done if rec.get("continue_set")})
     title = f"{cfg.name}: latency vs test top-1 (one timing session)"
     csv_p, png_p = write_curve(rows, base.root, title)
     md = write_curve_report(rows, base.root, title, protocol=(
         f"the teacher and {len(done)} point engines re-timed round-robin in one session after every point had run "
         f"({max(12, cfg.profile.rounds)} rounds; each point visit over the teacher visits around it), "
-        f"{cfg.target.backend} {cfg.target.precision}, batch {cfg.target.batch}"),
+        f"{cfg.target.backend} {cfg.target.precision}, batch {cfg.target.batch}"
+        + "".join(f"; points that continued from another ran with --continue-set {r}" for r in recipes)),
         skipped=[f"{p.label()}: {why}" for p, why in skipped],
         progressive=[(m, CURVES[m][1]) for m in dict.fromkeys(p.mode for p in points if p.mode)])
     log(f"[curve] wrote {csv_p}, {png_p} and {md}")
@@ -336,7 +373,7 @@ def collect_curve(cfg: RunConfig, points: list[CurvePoint], log: Callable[[str],
 
 def run_curve(cfg: RunConfig, budgets: list[float], baselines: list[str], seeds: int = 1,
               curves: Sequence[str] = DEFAULT_CURVES, log: Callable[[str], None] = print,
-              cont: Optional[RunConfig] = None) -> list[dict]:
+              cont: Optional[Continued] = None) -> list[dict]:
     """Run every point of the curve (sharing the teacher and the LUT), then :func:`collect_curve`."""
     from vitrim.pipeline.stages.cache import prepare_cache
 

@@ -236,19 +236,46 @@ def test_progressive_finetune_continues_from_the_previous_fine_tuned_student(pro
     assert resolved["finetune"]["warmup_epochs"] == 0.2  # --continue-set: the continued point's recipe
 
 
-def test_continue_set_changes_only_a_continued_points_recipe(capsys):
-    from vitrim.pipeline.stages.curve import continue_config
+def test_continue_set_changes_only_a_continued_points_recipe(tmp_path, monkeypatch, capsys):
+    """--continue-set: the recipe of the points that continue from another; the head, an independent point and a
+    point whose chain has no finished point above it keep the config's. Checked before any point runs."""
+    import vitrim.pipeline.stages.run as run_stage
+    from vitrim.pipeline.core.rundir import RunDir
+    from vitrim.pipeline.stages.curve import continue_config, point_dir, run_point
+
     assert continue_config("configs/fmnist_cpu.yaml", [], []) is None
     cont = continue_config("configs/fmnist_cpu.yaml", ["finetune.epochs=5"], ["finetune.epochs=1", "search.steps=2"])
-    assert (cont.finetune.epochs, cont.search.steps) == (1, 2)  # after --set
-    for bad in ("model.arch=vit_small_patch16_224", "out_dir=x", "finetune.epochs"):
+    assert (cont.finetune.epochs, cont.search) == (1, {"steps": 2})  # after --set
+    for bad in ("model.arch=vit_small_patch16_224", "out_dir=x", "finetune.epochs", "search.prune_tokens=true",
+                "search.align=16", "search.strategy=uniform", "search.seed=3", "search.budget_fraction=0.1"):
         with pytest.raises(UserError) as e:
             continue_config("configs/fmnist_cpu.yaml", [], [bad])
         assert bad in str(e.value) and "finetune." in e.value.fix
-    # checked before any point runs: a bad value is the config's error, exit 2
-    assert main(["curve", "configs/fmnist_cpu.yaml", "--budgets", "0.6,0.3", "--continue-set", "finetune.epochs=-1",
-                 "--point", "1"]) == 2
-    assert "finetune.epochs" in capsys.readouterr().err
+    for mode in (["--point", "1"], ["--list"], ["--chain", "0"], ["--collect"]):  # before any point runs
+        assert main(["curve", "configs/fmnist_cpu.yaml", "--budgets", "0.6,0.3", "--continue-set",
+                     "finetune.epochs=-1", *mode]) == 2
+        err = capsys.readouterr().err
+        assert "--continue-set finetune.epochs=-1" in err and "'finetune.epochs' is -1" in err
+
+    ran = {}  # the config each point's run would get (the pipeline itself is not what this test is about)
+    monkeypatch.setattr(run_stage, "run_pipeline", lambda c, log=print: ran.__setitem__(c.out_dir, c))
+    cfg = load_config("configs/fmnist_cpu.yaml", [f"out_dir={tmp_path}", "finetune.epochs=3"])
+    pts = curve_points(cfg, [0.6, 0.3], [], seeds=1, curves=["independent", "progressive-ft"])
+    assert [(p.budget, p.after) for p in pts] == [(0.6, None), (0.3, None), (0.3, 0)]
+    base = RunDir(tmp_path)
+    (tmp_path / "points").mkdir()
+    for k in (0, 1):
+        assert "continue_set" not in run_point(cfg, pts, k, cont=cont)  # the head and the independent point
+    for k, epochs in ((0, 3), (1, 3)):
+        assert ran[str(point_dir(base, pts, pts[k]).root)].finetune.epochs == epochs
+    (point_dir(base, pts, pts[0]).mkdir().root / "summary.json").write_text("{}")
+    rec = run_point(cfg, pts, 2, cont=cont)
+    c = ran[str(point_dir(base, pts, pts[2]).root)]
+    assert (c.finetune.epochs, c.search.steps, c.search.start_weights) == (1, 2, "student")
+    assert c.finetune.seed == cfg.finetune.seed and rec["continue_set"] == ["finetune.epochs=1", "search.steps=2"]
+    base.curve_outcome(point_dir(base, pts, pts[0]).root.name).write_text(json.dumps({"status": "unreachable"}))
+    run_point(cfg, pts, 2, cont=cont)  # nothing above it reached its budget: from the teacher, the config's recipe
+    assert ran[str(point_dir(base, pts, pts[2]).root)].finetune.epochs == 3
 
 
 @pytest.mark.slow
