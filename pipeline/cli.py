@@ -378,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "adapted weights), progressive-ft (continuing its fine-tuned student); several share their first "
                    f"point and are compared in one session (default {','.join(DEFAULT_CURVES)})")
     s.add_argument("--continue-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a finetune.* or search.* key for the points that continue from another (a "
+                   help="override a finetune.* key or a search recipe key (steps, kd_iters, measured_rounds, ...: "
+                   "docs/curves.md) for the points that continue from another (a "
                    "progressive curve's points below its first), e.g. --continue-set finetune.epochs=1: a shorter "
                    "fine-tune for a point that starts from a fine-tuned student (repeatable)")
     jobs = s.add_mutually_exclusive_group()  # one of: list the points, run one, assemble the curve

@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from vitrim.pipeline.core.config import RunConfig
 from vitrim.pipeline.core.errors import UnreachableBudget, UserError
@@ -206,14 +206,12 @@ class Continued:
     """``--continue-set``: the recipe of the points that continue from another (:func:`continue_config`)."""
 
     sets: tuple[str, ...]  # as given, recorded in each such point's outcome and in curve.md
-    finetune: Any  # the whole FinetuneConfig (--set, then --continue-set)
-    search: dict  # the CONTINUE_SEARCH_KEYS it sets, and their values
+    keys: dict  # {(section, key): value}: the keys it sets, as the config parsed them
 
     def apply(self, cfg: RunConfig) -> RunConfig:
         c = copy.deepcopy(cfg)
-        c.finetune = copy.deepcopy(self.finetune)
-        for k, v in self.search.items():
-            setattr(c.search, k, v)
+        for (section, key), v in self.keys.items():
+            setattr(getattr(c, section), key, copy.deepcopy(v))
         return c
 
 
@@ -223,12 +221,13 @@ def continue_config(path, sets: list[str], continue_sets: list[str]) -> Optional
     value, is a UserError naming it."""
     from vitrim.pipeline.core.config import load_config
 
-    fix = (f"use KEY=VALUE with a finetune.* key or one of search.{', search.'.join(CONTINUE_SEARCH_KEYS)}, "
+    fix = (f"use KEY=VALUE with a finetune.* key (not seed) or one of search.{', search.'.join(CONTINUE_SEARCH_KEYS)}, "
            "e.g. --continue-set finetune.epochs=1")
     keys = []
     for item in continue_sets:
         section, _, key = item.partition("=")[0].strip().partition(".")
-        if "=" not in item or not (section == "finetune" and key or section == "search" and key in CONTINUE_SEARCH_KEYS):
+        if "=" not in item or not (section == "finetune" and key and key != "seed"
+                                   or section == "search" and key in CONTINUE_SEARCH_KEYS):
             raise UserError("curve", f"--continue-set '{item}': a continued point may change only its recipe "
                             "(the strategy, budget, seed, floors and token grid are the curve's)", fix)
         keys.append((section, key))
@@ -238,8 +237,7 @@ def continue_config(path, sets: list[str], continue_sets: list[str]) -> Optional
         full = load_config(path, [*sets, *continue_sets])
     except UserError as e:
         raise UserError("curve", f"--continue-set {' '.join(continue_sets)}: {e.what}", e.fix or fix) from None
-    return Continued(tuple(continue_sets), full.finetune,
-                     {k: getattr(full.search, k) for sec, k in keys if sec == "search"})
+    return Continued(tuple(continue_sets), {(sec, k): getattr(getattr(full, sec), k) for sec, k in keys})
 
 
 def run_point(cfg: RunConfig, points: list[CurvePoint], k: int, log: Callable[[str], None] = print,

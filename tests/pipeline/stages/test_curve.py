@@ -1,5 +1,6 @@
 """`vitrim curve`: points over seeds, re-timed together in one session, run as jobs (--point/--collect), progressive."""
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -238,16 +239,18 @@ def test_progressive_finetune_continues_from_the_previous_fine_tuned_student(pro
 
 def test_continue_set_changes_only_a_continued_points_recipe(tmp_path, monkeypatch, capsys):
     """--continue-set: the recipe of the points that continue from another; the head, an independent point and a
-    point whose chain has no finished point above it keep the config's. Checked before any point runs."""
+    point none of whose points above reached its budget (it starts from the teacher) keep the config's, and the
+    seed offset still applies. Checked before any point runs."""
     import vitrim.pipeline.stages.run as run_stage
     from vitrim.pipeline.core.rundir import RunDir
     from vitrim.pipeline.stages.curve import continue_config, point_dir, run_point
 
     assert continue_config("configs/fmnist_cpu.yaml", [], []) is None
     cont = continue_config("configs/fmnist_cpu.yaml", ["finetune.epochs=5"], ["finetune.epochs=1", "search.steps=2"])
-    assert (cont.finetune.epochs, cont.search) == (1, {"steps": 2})  # after --set
+    assert cont.keys == {("finetune", "epochs"): 1, ("search", "steps"): 2}  # after --set
     for bad in ("model.arch=vit_small_patch16_224", "out_dir=x", "finetune.epochs", "search.prune_tokens=true",
-                "search.align=16", "search.strategy=uniform", "search.seed=3", "search.budget_fraction=0.1"):
+                "search.align=16", "search.strategy=uniform", "search.seed=3", "search.budget_fraction=0.1",
+                "finetune.seed=4"):
         with pytest.raises(UserError) as e:
             continue_config("configs/fmnist_cpu.yaml", [], [bad])
         assert bad in str(e.value) and "finetune." in e.value.fix
@@ -259,9 +262,10 @@ def test_continue_set_changes_only_a_continued_points_recipe(tmp_path, monkeypat
 
     ran = {}  # the config each point's run would get (the pipeline itself is not what this test is about)
     monkeypatch.setattr(run_stage, "run_pipeline", lambda c, log=print: ran.__setitem__(c.out_dir, c))
-    cfg = load_config("configs/fmnist_cpu.yaml", [f"out_dir={tmp_path}", "finetune.epochs=3"])
-    pts = curve_points(cfg, [0.6, 0.3], [], seeds=1, curves=["independent", "progressive-ft"])
-    assert [(p.budget, p.after) for p in pts] == [(0.6, None), (0.3, None), (0.3, 0)]
+    cfg = load_config("configs/fmnist_cpu.yaml", [f"out_dir={tmp_path}", "finetune.epochs=3", "finetune.lr=0.002"])
+    pts = curve_points(cfg, [0.6, 0.3], [], seeds=2, curves=["independent", "progressive-ft"])[3:]  # seed 1's
+    pts = [dataclasses.replace(p, index=i, after=p.after and p.after - 3) for i, p in enumerate(pts)]
+    assert [(p.budget, p.seed, p.after) for p in pts] == [(0.6, 1, None), (0.3, 1, None), (0.3, 1, 0)]
     base = RunDir(tmp_path)
     (tmp_path / "points").mkdir()
     for k in (0, 1):
@@ -272,7 +276,8 @@ def test_continue_set_changes_only_a_continued_points_recipe(tmp_path, monkeypat
     rec = run_point(cfg, pts, 2, cont=cont)
     c = ran[str(point_dir(base, pts, pts[2]).root)]
     assert (c.finetune.epochs, c.search.steps, c.search.start_weights) == (1, 2, "student")
-    assert c.finetune.seed == cfg.finetune.seed and rec["continue_set"] == ["finetune.epochs=1", "search.steps=2"]
+    assert c.finetune.lr == 0.002  # the curve's other keys stay (the recipe is laid over them)
+    assert c.finetune.seed == cfg.finetune.seed + 1 and rec["continue_set"] == ["finetune.epochs=1", "search.steps=2"]
     base.curve_outcome(point_dir(base, pts, pts[0]).root.name).write_text(json.dumps({"status": "unreachable"}))
     run_point(cfg, pts, 2, cont=cont)  # nothing above it reached its budget: from the teacher, the config's recipe
     assert ran[str(point_dir(base, pts, pts[2]).root)].finetune.epochs == 3
