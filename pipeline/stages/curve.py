@@ -247,7 +247,7 @@ def run_point(cfg: RunConfig, points: list[CurvePoint], k: int, log: Callable[[s
     A progressive point needs the points above it finished (exit 2 naming one otherwise) and continues from the
     nearest that reached its budget (:func:`continue_from`); a budget its
     strategy cannot reach is recorded as unreachable, not raised (one such point must not sink the curve). ``cont``
-    (:func:`continue_config`): the config of a point that continues, in place of ``cfg``.
+    (:func:`continue_config`): the recipe laid over ``cfg`` for a point that continues from another.
     """
     from vitrim.pipeline.stages.run import run_pipeline
 

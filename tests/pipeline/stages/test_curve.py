@@ -1,6 +1,5 @@
 """`vitrim curve`: points over seeds, re-timed together in one session, run as jobs (--point/--collect), progressive."""
 import csv
-import dataclasses
 import io
 import json
 import math
@@ -263,24 +262,23 @@ def test_continue_set_changes_only_a_continued_points_recipe(tmp_path, monkeypat
     ran = {}  # the config each point's run would get (the pipeline itself is not what this test is about)
     monkeypatch.setattr(run_stage, "run_pipeline", lambda c, log=print: ran.__setitem__(c.out_dir, c))
     cfg = load_config("configs/fmnist_cpu.yaml", [f"out_dir={tmp_path}", "finetune.epochs=3", "finetune.lr=0.002"])
-    pts = curve_points(cfg, [0.6, 0.3], [], seeds=2, curves=["independent", "progressive-ft"])[3:]  # seed 1's
-    pts = [dataclasses.replace(p, index=i, after=p.after and p.after - 3) for i, p in enumerate(pts)]
-    assert [(p.budget, p.seed, p.after) for p in pts] == [(0.6, 1, None), (0.3, 1, None), (0.3, 1, 0)]
+    pts = curve_points(cfg, [0.6, 0.3], [], seeds=2, curves=["independent", "progressive-ft"])
+    assert [(p.budget, p.seed, p.after) for p in pts[3:]] == [(0.6, 1, None), (0.3, 1, None), (0.3, 1, 3)]  # seed 1
     base = RunDir(tmp_path)
     (tmp_path / "points").mkdir()
-    for k in (0, 1):
+    for k in (3, 4):
         assert "continue_set" not in run_point(cfg, pts, k, cont=cont)  # the head and the independent point
-    for k, epochs in ((0, 3), (1, 3)):
+    for k, epochs in ((3, 3), (4, 3)):
         assert ran[str(point_dir(base, pts, pts[k]).root)].finetune.epochs == epochs
-    (point_dir(base, pts, pts[0]).mkdir().root / "summary.json").write_text("{}")
-    rec = run_point(cfg, pts, 2, cont=cont)
-    c = ran[str(point_dir(base, pts, pts[2]).root)]
+    (point_dir(base, pts, pts[3]).mkdir().root / "summary.json").write_text("{}")
+    rec = run_point(cfg, pts, 5, cont=cont)
+    c = ran[str(point_dir(base, pts, pts[5]).root)]
     assert (c.finetune.epochs, c.search.steps, c.search.start_weights) == (1, 2, "student")
     assert c.finetune.lr == 0.002  # the curve's other keys stay (the recipe is laid over them)
     assert c.finetune.seed == cfg.finetune.seed + 1 and rec["continue_set"] == ["finetune.epochs=1", "search.steps=2"]
-    base.curve_outcome(point_dir(base, pts, pts[0]).root.name).write_text(json.dumps({"status": "unreachable"}))
-    run_point(cfg, pts, 2, cont=cont)  # nothing above it reached its budget: from the teacher, the config's recipe
-    assert ran[str(point_dir(base, pts, pts[2]).root)].finetune.epochs == 3
+    base.curve_outcome(point_dir(base, pts, pts[3]).root.name).write_text(json.dumps({"status": "unreachable"}))
+    run_point(cfg, pts, 5, cont=cont)  # nothing above it reached its budget: from the teacher, the config's recipe
+    assert ran[str(point_dir(base, pts, pts[5]).root)].finetune.epochs == 3
 
 
 @pytest.mark.slow
